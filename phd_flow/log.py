@@ -1,0 +1,114 @@
+"""Logging: loguru sinks per run (output.log + output.jsonl), stdlib logging and warnings capture.
+
+``from phd_flow import logger`` is loguru's logger. Nothing is configured at import time;
+:class:`RunLogging` adds the run's sinks when a run starts and removes them when it ends, so two
+runs in one process never mix their logs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import warnings
+from pathlib import Path
+from types import TracebackType
+
+from loguru import logger
+
+__all__ = ["FILE_FORMAT", "InterceptHandler", "RunLogging", "configure_cli_stderr", "logger"]
+
+#: The seed's line format: ``time | LEVEL | module:function:line - message``.
+FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}"
+STDERR_FORMAT = (
+    "<green>{time:HH:mm:ss.SSS}</green> | <level>{level: <8}</level> | "
+    "<cyan>{name}</cyan>:<cyan>{line}</cyan> - <level>{message}</level>"
+)
+# Loggers that `import mlflow` takes over (own handler, propagate=False): we re-point them.
+MLFLOW_LOGGERS = ("mlflow", "sqlalchemy.engine", "alembic", "huey")
+
+
+class InterceptHandler(logging.Handler):
+    """Forward stdlib ``logging`` records to loguru (loguru's documented recipe)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        frame, depth = inspect.currentframe(), 0
+        while frame and (depth == 0 or frame.f_code.co_filename == logging.__file__):
+            frame = frame.f_back
+            depth += 1
+        logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())
+
+
+def configure_cli_stderr(level: str = "INFO") -> None:
+    """Replace loguru's default stderr sink with phd_flow's (CLI only; libraries keep theirs)."""
+    logger.remove()
+    logger.add(sys.stderr, level=level, format=STDERR_FORMAT, colorize=None)
+
+
+def repoint_mlflow_loggers() -> None:
+    """Undo what ``import mlflow`` does to its loggers so their records reach the run's logs."""
+    for name in MLFLOW_LOGGERS:
+        std = logging.getLogger(name)
+        if any(isinstance(h, InterceptHandler) for h in std.handlers):
+            continue
+        std.handlers = [InterceptHandler()]
+        std.propagate = False
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+class RunLogging:
+    """Context manager: while active, every log record of this process reaches the run's files.
+
+    That covers ``phd_flow.logger`` calls, stdlib ``logging`` from libraries (at INFO and above)
+    and Python warnings.
+    """
+
+    def __init__(self, run_dir: Path, level: str = "DEBUG") -> None:
+        self.run_dir = run_dir
+        self.level = level
+        self._sinks: list[int] = []
+        self._saved_root: tuple[list[logging.Handler], int] | None = None
+        self._saved_showwarning = warnings.showwarning
+
+    def __enter__(self) -> RunLogging:
+        self._sinks = [
+            logger.add(self.run_dir / "output.log", level=self.level, format=FILE_FORMAT, encoding="utf-8"),
+            logger.add(self.run_dir / "output.jsonl", level=self.level, serialize=True, encoding="utf-8"),
+        ]
+        root = logging.getLogger()
+        self._saved_root = (list(root.handlers), root.level)
+        root.handlers = [InterceptHandler()]
+        root.setLevel(logging.INFO)
+        self._saved_showwarning = warnings.showwarning
+        warnings.showwarning = _show_warning
+        if "mlflow" in sys.modules:
+            repoint_mlflow_loggers()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        warnings.showwarning = self._saved_showwarning
+        if self._saved_root is not None:
+            root = logging.getLogger()
+            root.handlers, level = self._saved_root
+            root.setLevel(level)
+        for sink in self._sinks:
+            logger.remove(sink)
+        self._sinks = []
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    logger.opt(depth=2).warning(f"{filename}:{lineno}: {category.__name__}: {message}")

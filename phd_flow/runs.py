@@ -1,0 +1,138 @@
+"""Run records (``run.json``): written atomically at every state change, with a heartbeat."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from phd_flow._io import atomic_write_json, read_json
+from phd_flow.errors import CorruptRunError
+
+RUN_FILE = "run.json"
+RUNNING, COMPLETED, FAILED, KILLED = "running", "completed", "failed", "killed"
+STATUSES = (RUNNING, COMPLETED, FAILED, KILLED)
+
+
+def utcnow() -> str:
+    """The current UTC time as ISO 8601 with microseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def slurm_ids() -> dict[str, str]:
+    """SLURM job ids of this process, when it runs in a SLURM job."""
+    names = {
+        "job_id": "SLURM_JOB_ID",
+        "array_job_id": "SLURM_ARRAY_JOB_ID",
+        "array_task_id": "SLURM_ARRAY_TASK_ID",
+        "restart_count": "SLURM_RESTART_COUNT",
+        "node": "SLURMD_NODENAME",
+    }
+    return {k: os.environ[v] for k, v in names.items() if os.environ.get(v)}
+
+
+class RunRecord:
+    """The ``run.json`` of one run. Mutate ``data`` through :meth:`update`, which saves."""
+
+    def __init__(self, run_dir: Path, data: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.data = data
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, run_dir: Path, **fields: Any) -> RunRecord:
+        """Start a record with status ``running`` and this process's host, pid and SLURM ids."""
+        from phd_flow import __version__
+
+        now = utcnow()
+        data: dict[str, Any] = {
+            "key": None,
+            "node": None,
+            "status": RUNNING,
+            "started_at": now,
+            "ended_at": None,
+            "heartbeat_at": now,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm": slurm_ids(),
+            "phd_flow_version": __version__,
+            "sync": {"state": "pending"},
+            "mlflow": {},
+            "stages": {},
+        }
+        data.update(fields)
+        record = cls(run_dir, data)
+        record.save()
+        return record
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunRecord:
+        """Read ``run_dir/run.json``; raises :class:`CorruptRunError` naming the file."""
+        path = run_dir / RUN_FILE
+        try:
+            data = read_json(path)
+        except FileNotFoundError:
+            raise CorruptRunError(f"{path} does not exist: {run_dir.name} is not a run.") from None
+        except (OSError, ValueError) as exc:
+            raise CorruptRunError(f"{path} is unreadable or not valid JSON ({exc}).") from None
+        if not isinstance(data, dict) or "status" not in data:
+            raise CorruptRunError(f"{path} is not a phd_flow run record.")
+        return cls(run_dir, data)
+
+    @property
+    def key(self) -> str:
+        return str(self.data.get("key") or self.run_dir.name)
+
+    @property
+    def status(self) -> str:
+        return str(self.data.get("status"))
+
+    def update(self, **fields: Any) -> None:
+        """Set top-level fields and save atomically."""
+        with self._lock:
+            self.data.update(fields)
+            self._save_locked()
+
+    def update_section(self, section: str, **fields: Any) -> None:
+        """Update one nested section (``sync``, ``mlflow``, ``stages``...) and save."""
+        with self._lock:
+            self.data.setdefault(section, {}).update(fields)
+            self._save_locked()
+
+    def save(self) -> None:
+        with self._lock:
+            self._save_locked()
+
+    def _save_locked(self) -> None:
+        atomic_write_json(self.run_dir / RUN_FILE, self.data)
+
+
+class Heartbeat:
+    """A daemon thread that refreshes ``heartbeat_at`` in run.json every ``interval`` seconds.
+
+    A run whose heartbeat is older than ``[runs] stale_after_seconds`` was lost (SIGKILL, OOM,
+    machine gone) and is listed as ``stale``.
+    """
+
+    def __init__(self, record: RunRecord, interval: float) -> None:
+        self.record = record
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="phd_flow-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.record.update(heartbeat_at=utcnow())
+            except OSError:
+                continue  # a full disk must not kill the run; the next beat tries again

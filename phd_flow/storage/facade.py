@@ -1,0 +1,186 @@
+"""The :class:`Storage` a node sees as ``self.storage``: local paths plus sync to the remote."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any
+
+from phd_flow import keys
+from phd_flow.errors import StorageNotFoundError
+from phd_flow.storage import sync
+from phd_flow.storage.base import Remote
+
+if TYPE_CHECKING:
+    from phd_flow.config import Config
+
+KeyLike = str | PurePosixPath
+
+
+class Storage:
+    """Files below ``local_path``, mirrored to a remote (S3, B2, MLflow, shared directory).
+
+    Keys are relative paths such as ``"datasets" / self.key / "data.pickle"``.
+
+    >>> with self.storage.open("datasets" / self.key / "d.pickle", "wb") as f:  # doctest: +SKIP
+    ...     pickle.dump(data, f)
+    >>> self.storage.upload("datasets" / self.key)                            # doctest: +SKIP
+    """
+
+    def __init__(self, config: Config, remote: Remote | None = None) -> None:
+        self.config = config
+        self.local_path = config.local_path
+        self._remote = remote
+        self._remote_built = remote is not None
+
+    # --- local side ---------------------------------------------------------------------------
+
+    def path(self, key: KeyLike) -> Path:
+        """The local path of ``key`` (validated: never outside ``local_path``)."""
+        return self.local_path / keys.normalize(key)
+
+    def __truediv__(self, key: KeyLike) -> Path:
+        return self.path(key)
+
+    def open(self, key: KeyLike, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+        """Open ``key`` below ``local_path``. Reading a file that only exists remotely downloads
+        it first; writing creates the parent directories."""
+        path = self.path(key)
+        if any(m in mode for m in "wax"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.exists() and self.remote is not None:
+            self.download(key)
+        return open(path, mode, **kwargs)  # noqa: SIM115 - returned to the caller
+
+    # --- remote side --------------------------------------------------------------------------
+
+    @property
+    def remote(self) -> Remote | None:
+        """The configured remote (built on first access), or None for local-only storage."""
+        if not self._remote_built:
+            from phd_flow.storage import make_remote
+
+            self._remote = make_remote(self.config)
+            self._remote_built = True
+        return self._remote
+
+    def upload(self, key: KeyLike, exclude: list[str] | None = None) -> sync.SyncReport:
+        """Push ``key`` (a file or a directory tree) to the remote; only changes are sent.
+
+        A run directory's ``skip_log`` stages (recorded in its run.json) are left out.
+        Raises a :class:`~phd_flow.errors.StorageError` after the last retry.
+        """
+        rel = keys.normalize(key)
+        path = self.local_path / rel
+        remote = self.remote
+        if remote is None:
+            return sync.SyncReport()
+        if not path.exists():
+            raise StorageNotFoundError(f"Cannot upload {rel!r}: {path} does not exist.")
+        retries, workers = self.config.storage.retries, self.config.storage.workers
+        if path.is_file():
+            sync._retry(lambda: remote.put(path, rel), retries)
+            return sync.SyncReport(transferred=[rel], bytes=path.stat().st_size)
+        excluded = list(exclude or []) + _run_excludes(path)
+        return sync.push(remote, path, rel, exclude=excluded, retries=retries, workers=workers, label=rel)
+
+    def download(self, key: KeyLike) -> sync.SyncReport:
+        """Pull ``key`` (a run, a subdirectory or one file) from the remote, verified."""
+        rel = keys.normalize(key)
+        remote = self._require_remote(rel)
+        retries, workers = self.config.storage.retries, self.config.storage.workers
+        if _is_single_file(remote, rel):
+            return self._download_file(remote, rel)
+        return sync.pull(remote, rel, self.local_path / rel, retries=retries, workers=workers, label=rel)
+
+    def _download_file(self, remote: Remote, rel: str) -> sync.SyncReport:
+        parent, _, name = rel.rpartition("/")
+        # A file inside a synced tree is verified against the nearest manifest above it.
+        entry = _manifest_entry(remote, parent, name, self.config.storage.retries)
+        target = self.local_path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + ".phd_flow-part")
+
+        def fetch() -> None:
+            try:
+                remote.get(rel, part)
+                if entry is not None:
+                    sync._verify(part, entry, f"{remote.describe()}/{rel}")
+                part.replace(target)
+            finally:
+                part.unlink(missing_ok=True)
+
+        sync._retry(fetch, self.config.storage.retries)
+        return sync.SyncReport(transferred=[rel], bytes=target.stat().st_size)
+
+    def remote_ls(self, prefix: KeyLike = "") -> list[str]:
+        """Keys of every remote file below ``prefix`` (manifests left out)."""
+        remote = self._require_remote(str(prefix))
+        rel = keys.normalize(prefix) if str(prefix) else ""
+        return sorted(f.key for f in remote.list(rel) if not f.key.endswith(sync.MANIFEST))
+
+    def exists(self, key: KeyLike) -> bool:
+        """True if ``key`` exists locally or in the remote."""
+        rel = keys.normalize(key)
+        if (self.local_path / rel).exists():
+            return True
+        remote = self.remote
+        if remote is None:
+            return False
+        return _is_single_file(remote, rel) or any(True for _ in remote.list(rel))
+
+    def remove(self, key: KeyLike, local: bool = True, remote: bool = False) -> None:
+        """Delete ``key`` locally and/or in the remote (a file or a whole tree)."""
+        rel = keys.normalize(key)
+        if remote and self.remote is not None:
+            target = self.remote
+            names = [f.key for f in target.list(rel)] or ([rel] if _is_single_file(target, rel) else [])
+            target.delete(names)
+        if local:
+            path = self.local_path / rel
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+    def _require_remote(self, what: str) -> Remote:
+        remote = self.remote
+        if remote is None:
+            raise StorageNotFoundError(
+                f"No remote storage is configured, so {what!r} cannot be fetched or listed "
+                "remotely. Configure [storage] (see README 'Storage')."
+            )
+        return remote
+
+    def __repr__(self) -> str:
+        remote = self._remote.describe() if self._remote is not None else "not built"
+        return f"Storage(local_path={str(self.local_path)!r}, remote={remote})"
+
+
+def _is_single_file(remote: Remote, rel: str) -> bool:
+    return remote.stat(rel) is not None
+
+
+def _manifest_entry(remote: Remote, parent: str, name: str, retries: int) -> sync.Entry | None:
+    parts = parent.split("/") if parent else []
+    for depth in range(len(parts), -1, -1):
+        prefix = "/".join(parts[:depth])
+        manifest = sync._remote_manifest(remote, prefix, retries) if prefix else {}
+        rel = "/".join([*parts[depth:], name])
+        if rel in manifest:
+            return manifest[rel]
+    return None
+
+
+def _run_excludes(path: Path) -> list[str]:
+    record = path / "run.json"
+    if not record.is_file():
+        return []
+    try:
+        from phd_flow._io import read_json
+
+        data = read_json(record)
+    except (OSError, ValueError):
+        return []
+    stages = data.get("stages", {}) if isinstance(data, dict) else {}
+    return [name for name, info in stages.items() if isinstance(info, dict) and info.get("skip_log")]

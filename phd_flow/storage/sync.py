@@ -1,0 +1,323 @@
+"""The sync engine shared by every backend: manifests, diffing, parallel verified transfers.
+
+A synced tree carries a manifest (``.phd_flow-manifest.json``) with size, mtime and sha256 of
+every file. Pushing compares the local manifest with the remote's manifest and listing and
+sends only what differs; the remote manifest is written last, so it never claims a file that
+did not arrive. Pulling verifies every downloaded file against the manifest's sha256 and
+retries a mismatch; a file is only renamed into place once verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from phd_flow._io import atomic_write_bytes, sha256_file
+from phd_flow.errors import (
+    ChecksumMismatchError,
+    StorageError,
+    StorageNotFoundError,
+    StorageUnavailableError,
+    UserError,
+)
+from phd_flow.storage.base import Remote
+
+MANIFEST = ".phd_flow-manifest.json"
+_T = TypeVar("_T")
+
+
+@dataclass
+class Entry:
+    """One file of a manifest."""
+
+    size: int
+    sha256: str
+    mtime_ns: int = 0
+
+
+@dataclass
+class SyncReport:
+    """What one push or pull did."""
+
+    transferred: list[str] = field(default_factory=list)
+    skipped: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{len(self.transferred)} files ({self.bytes / 1e6:.1f} MB) transferred, "
+            f"{self.skipped} unchanged, in {self.seconds:.2f} s"
+        )
+
+
+# --- manifests --------------------------------------------------------------------------------
+
+
+def scan(root: Path, exclude: Iterable[str] = ()) -> dict[str, Entry]:
+    """Hash every file below ``root``, reusing the stored manifest for unchanged size+mtime."""
+    previous = load_manifest(root)
+    skip = tuple(e.rstrip("/") + "/" for e in exclude)
+    entries: dict[str, Entry] = {}
+    for path, rel in _walk(root):
+        if rel.startswith(skip) or rel + "/" in skip:
+            continue
+        st = path.stat()
+        old = previous.get(rel)
+        if old and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+            entries[rel] = old
+        else:
+            entries[rel] = Entry(st.st_size, sha256_file(path), st.st_mtime_ns)
+    return entries
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, str]]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in sorted(filenames):
+            if name == MANIFEST or name.endswith(".phd_flow-part"):
+                continue
+            path = base / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            yield path, path.relative_to(root).as_posix()
+
+
+def load_manifest(root: Path) -> dict[str, Entry]:
+    """The manifest stored in ``root`` (empty when absent or unreadable)."""
+    try:
+        return parse_manifest((root / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return {}
+
+
+def parse_manifest(raw: bytes | None) -> dict[str, Entry]:
+    """Decode manifest JSON; raises ValueError on garbage."""
+    if not raw:
+        return {}
+    data = json.loads(raw)
+    return {k: Entry(int(v["size"]), str(v["sha256"]), int(v.get("mtime_ns", 0))) for k, v in data["files"].items()}
+
+
+def dump_manifest(entries: dict[str, Entry]) -> bytes:
+    """Encode a manifest as JSON."""
+    files = {k: {"size": e.size, "sha256": e.sha256, "mtime_ns": e.mtime_ns} for k, e in sorted(entries.items())}
+    return json.dumps({"version": 1, "files": files}, indent=1).encode()
+
+
+# --- push / pull ------------------------------------------------------------------------------
+
+
+def push(
+    remote: Remote,
+    local_root: Path,
+    remote_prefix: str,
+    *,
+    exclude: Iterable[str] = (),
+    retries: int = 4,
+    workers: int | None = None,
+    label: str = "",
+) -> SyncReport:
+    """Upload what differs between ``local_root`` and ``remote_prefix``, verified by sha256."""
+    started = time.perf_counter()
+    entries = scan(local_root, exclude)
+    atomic_write_bytes(local_root / MANIFEST, dump_manifest(entries))
+    remote_entries = _remote_manifest(remote, remote_prefix, retries)
+    listed = {f.key: f.size for f in _retry(lambda: list(remote.list(remote_prefix)), retries)}
+    todo = [
+        rel
+        for rel, entry in entries.items()
+        if not (
+            rel in remote_entries
+            and remote_entries[rel].sha256 == entry.sha256
+            and listed.get(_join(remote_prefix, rel)) == entry.size
+        )
+    ]
+    report = SyncReport(skipped=len(entries) - len(todo))
+
+    def upload(rel: str) -> None:
+        path = local_root / rel
+        if path.stat().st_size != entries[rel].size:
+            raise StorageError(f"{path} changed while it was being uploaded; sync again.")
+        remote.put(path, _join(remote_prefix, rel))
+
+    _run_parallel(todo, upload, entries, report, retries, workers or remote.max_workers, label)
+    merged = {**remote_entries, **entries}
+    _retry(lambda: remote.write_bytes(_join(remote_prefix, MANIFEST), dump_manifest(merged)), retries)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def pull(
+    remote: Remote,
+    remote_prefix: str,
+    local_root: Path,
+    *,
+    retries: int = 4,
+    workers: int | None = None,
+    label: str = "",
+) -> SyncReport:
+    """Download what differs from ``remote_prefix`` into ``local_root``, verified by sha256."""
+    started = time.perf_counter()
+    manifest = _remote_manifest(remote, remote_prefix, retries)
+    listed = {
+        f.key[len(remote_prefix) :].lstrip("/") if remote_prefix else f.key: f.size
+        for f in _retry(lambda: list(remote.list(remote_prefix)), retries)
+    }
+    listed.pop(MANIFEST, None)
+    if not listed:
+        raise StorageNotFoundError(f"Nothing found at {remote.describe()}/{remote_prefix}.")
+    local = load_manifest(local_root)
+    todo = []
+    for rel, size in listed.items():
+        target = local_root / rel
+        expected = manifest.get(rel)
+        if target.is_file() and target.stat().st_size == size:
+            known = local.get(rel)
+            if expected is None or (known and known.sha256 == expected.sha256):
+                continue
+            if sha256_file(target) == expected.sha256:
+                continue
+        todo.append(rel)
+    entries = {rel: manifest.get(rel) or Entry(size, "") for rel, size in listed.items()}
+    report = SyncReport(skipped=len(listed) - len(todo))
+
+    def download(rel: str) -> None:
+        target = local_root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + ".phd_flow-part")
+        try:
+            remote.get(_join(remote_prefix, rel), part)
+            _verify(part, entries[rel], f"{remote.describe()}/{_join(remote_prefix, rel)}")
+            os.replace(part, target)
+        finally:
+            part.unlink(missing_ok=True)
+
+    _run_parallel(todo, download, entries, report, retries, workers or remote.max_workers, label)
+    if manifest:
+        fresh = {
+            rel: Entry(e.size, e.sha256, (local_root / rel).stat().st_mtime_ns)
+            for rel, e in manifest.items()
+            if (local_root / rel).is_file()
+        }
+        atomic_write_bytes(local_root / MANIFEST, dump_manifest(fresh))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _verify(path: Path, expected: Entry, where: str) -> None:
+    size = path.stat().st_size
+    if size != expected.size:
+        raise ChecksumMismatchError(f"{where}: got {size} bytes, expected {expected.size}.")
+    if expected.sha256 and sha256_file(path) != expected.sha256:
+        raise ChecksumMismatchError(f"{where}: sha256 does not match the manifest.")
+
+
+def _remote_manifest(remote: Remote, prefix: str, retries: int) -> dict[str, Entry]:
+    raw = _retry(lambda: remote.read_bytes(_join(prefix, MANIFEST)), retries)
+    try:
+        return parse_manifest(raw)
+    except (ValueError, KeyError, TypeError):
+        return {}  # a damaged remote manifest only costs a full re-transfer
+
+
+def _join(prefix: str, rel: str) -> str:
+    return f"{prefix.rstrip('/')}/{rel}" if prefix else rel
+
+
+# --- retries and parallelism ------------------------------------------------------------------
+
+RETRYABLE: tuple[type[BaseException], ...] = (
+    StorageUnavailableError,
+    ChecksumMismatchError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def _retry(fn: Callable[[], _T], retries: int, base_delay: float = 0.2) -> _T:
+    """Call ``fn``; retry transient errors with exponential backoff (0.2 s, 0.4 s, ...)."""
+    for attempt in range(max(1, retries)):
+        try:
+            return fn()
+        except UserError:
+            raise
+        except RETRYABLE:
+            if attempt + 1 >= max(1, retries):
+                raise
+            time.sleep(min(base_delay * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
+
+
+def _run_parallel(
+    items: list[str],
+    action: Callable[[str], None],
+    entries: dict[str, Any],
+    report: SyncReport,
+    retries: int,
+    workers: int,
+    label: str,
+) -> None:
+    if not items:
+        return
+    progress = _Progress(len(items), sum(entries[i].size for i in items), label)
+    lock = threading.Lock()
+
+    def one(rel: str) -> None:
+        _retry(lambda: action(rel), retries)
+        with lock:
+            report.transferred.append(rel)
+            report.bytes += entries[rel].size
+            progress.advance(entries[rel].size)
+
+    try:
+        if workers <= 1 or len(items) == 1:
+            for rel in items:
+                one(rel)
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phd_flow-sync") as pool:
+            futures: list[Future[None]] = [pool.submit(one, rel) for rel in items]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()
+            for future in done:
+                future.result()
+    finally:
+        progress.close()
+
+
+class _Progress:
+    """A tqdm bar on a TTY, a log line every 10 s otherwise, nothing for tiny transfers."""
+
+    def __init__(self, files: int, size: int, label: str) -> None:
+        self.files, self.done, self.label = files, 0, label
+        self.last = time.monotonic()
+        self.bar: Any = None
+        if files >= 20 or size >= 50 << 20:
+            if sys.stderr.isatty():
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=size, unit="B", unit_scale=True, desc=label or "sync", leave=False)
+
+    def advance(self, size: int) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(size)
+        elif time.monotonic() - self.last > 10:
+            from phd_flow.log import logger
+
+            self.last = time.monotonic()
+            logger.info(f"{self.label or 'sync'}: {self.done}/{self.files} files")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,355 @@
+"""MLflow tracking, fed from the run directory.
+
+Every metric is first appended to the run's ``metrics.jsonl`` (the offline record) and queued;
+a background thread sends the queue to MLflow with ``MlflowClient.log_batch`` (up to 1,000
+metrics a call), in order. A call to :meth:`Tracker.log_metric` costs the training loop
+microseconds, not the 5-10 ms of ``mlflow.log_metric`` on sqlite.
+
+If MLflow cannot be opened or stops answering, the run goes on: metrics stay in metrics.jsonl,
+run.json says how many reached MLflow, and ``sync`` replays the rest later.
+
+mlflow is imported only here, and only when a run starts.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from phd_flow.log import logger, repoint_mlflow_loggers
+
+METRICS_FILE = "metrics.jsonl"
+MAX_PARAM_LENGTH = 6000
+BATCH = 1000
+STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED", "running": "RUNNING"}
+
+
+def import_mlflow() -> Any:
+    """Import mlflow (≈2 s) with its stdout noise and logger takeover undone."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow's HTTP default (7 retries, exponential backoff) stalls an offline node for minutes;
+    # phd_flow keeps everything locally and `sync` catches up, so fail fast instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    import mlflow
+
+    repoint_mlflow_loggers()
+    return mlflow
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def param_values(args: Mapping[str, Any]) -> dict[str, str]:
+    """Args as MLflow params: flattened, stringified, truncated to 6,000 chars with a warning."""
+    params = {}
+    for name, value in flatten(args).items():
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if len(text) > MAX_PARAM_LENGTH:
+            logger.warning(
+                f"Param {name!r} is {len(text)} characters; MLflow keeps at most {MAX_PARAM_LENGTH}, "
+                "so it is truncated there. The full value is in args.json."
+            )
+            text = text[: MAX_PARAM_LENGTH - 3] + "..."
+        params[name] = text
+    return params
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise creating/upgrading a sqlite MLflow DB across processes.
+
+    Two processes migrating a fresh sqlite DB at once break alembic; once the DB is ready (a
+    marker records its inode) the lock is skipped.
+    """
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        yield
+        return
+    marker = db.with_name(db.name + ".phd_flow-ready")
+    if _marker_valid(marker, db):
+        yield
+        return
+    from filelock import FileLock
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=600):
+        yield
+        if db.exists():
+            marker.write_text(str(db.stat().st_ino))
+
+
+def _marker_valid(marker: Path, db: Path) -> bool:
+    try:
+        return db.exists() and marker.read_text().strip() == str(db.stat().st_ino)
+    except OSError:
+        return False
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The DB file of a ``sqlite:///`` URI, else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI when the tracking store is a server."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+class MetricLog:
+    """Appends metrics to metrics.jsonl and queues them for MLflow. Thread-safe, cheap per call."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / METRICS_FILE
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
+        self.queue: collections.deque[tuple[str, float, int, int]] = collections.deque()
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def log(self, name: str, value: float, step: int | None, timestamp: int | None) -> None:
+        value = float(value)
+        ts = timestamp if timestamp is not None else int(time.time() * 1000)
+        item = (name, value, ts, step or 0)
+        line = json.dumps({"name": name, "value": value if math.isfinite(value) else str(value), "step": item[3], "timestamp": ts})
+        with self._lock:
+            self._file.write(line + "\n")
+            self.queue.append(item)
+            self.count += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def read_metrics(run_dir: Path, start: int = 0) -> list[tuple[str, float, int, int]]:
+    """Metrics from metrics.jsonl, from line ``start`` on (for replay)."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle):
+            if number < start or not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                break  # a torn last line after a crash
+            items.append((rec["name"], float(rec["value"]), int(rec["timestamp"]), int(rec["step"])))
+    return items
+
+
+class MlflowRun:
+    """One MLflow run mirrored from a phd_flow run: params, tags, batched metrics, status."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.mlflow: Any = None
+        self.client: Any = None
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.sent = 0
+        self.error: str | None = None
+        self._fluent = False
+        self._previous_uri: str | None = None
+        self._flusher: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._metrics: MetricLog | None = None
+
+    # --- opening ----------------------------------------------------------------------------
+
+    def open(
+        self,
+        run_name: str,
+        tags: dict[str, str],
+        params: dict[str, str],
+        parent_run_id: str | None = None,
+        existing_run_id: str | None = None,
+        activate: bool = True,
+    ) -> None:
+        """Create (or reopen) the MLflow run; ``activate`` makes it the active fluent run so
+        that plain ``mlflow.*`` calls in user code land in it."""
+        mlflow = self.mlflow = import_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        with store_lock(self.tracking_uri):
+            self.client = MlflowClient(self.tracking_uri)
+            self.experiment_id = self._experiment_id()
+        self.run_id = existing_run_id or self._find_by_key(tags.get("phd_flow.key"))
+        if self.run_id is None:
+            if parent_run_id:
+                tags = {**tags, "mlflow.parentRunId": parent_run_id}
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+        else:
+            self.set_tags(tags)
+        self.log_params(params)
+        if activate:
+            self._previous_uri = mlflow.get_tracking_uri()
+            mlflow.set_tracking_uri(self.tracking_uri)
+            mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None)
+            self._fluent = True
+
+    def _find_by_key(self, key: str | None) -> str | None:
+        """The MLflow run already tagged with this phd_flow key (a `sync` after a crash)."""
+        if not key:
+            return None
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`phd_flow.key` = '{key}'", max_results=1
+        )
+        return str(found[0].info.run_id) if found else None
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return str(found.experiment_id)
+        return str(self.client.create_experiment(self.experiment))
+
+    def log_params(self, params: dict[str, str]) -> None:
+        """Log params, skipping ones already logged with the same value; warn on a change."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        todo = []
+        for name, value in params.items():
+            if name not in existing:
+                todo.append(Param(name, value))
+            elif existing[name] != value:
+                logger.warning(
+                    f"MLflow param {name!r} is already {existing[name]!r} in run {self.run_id}; "
+                    f"MLflow refuses to change it to {value!r}. The value in args.json is the one used."
+                )
+        for i in range(0, len(todo), 100):
+            self.client.log_batch(self.run_id, params=todo[i : i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i : i + 100])
+
+    # --- metrics ----------------------------------------------------------------------------
+
+    def start_metrics(self, metrics: MetricLog, start_at: int = 0) -> None:
+        """Send ``metrics``' queue to MLflow from a background thread."""
+        self._metrics = metrics
+        self.sent = start_at
+        self._flusher = threading.Thread(target=self._flush_loop, name="phd_flow-metrics", daemon=True)
+        self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(0.25):
+            self._flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        metrics = self._metrics
+        if metrics is None or self.error is not None:
+            return
+        from mlflow.entities import Metric
+
+        while metrics.queue:
+            count = min(BATCH, len(metrics.queue))
+            batch = [metrics.queue[i] for i in range(count)]
+            try:
+                self.client.log_batch(self.run_id, metrics=[Metric(n, v, t, s) for n, v, t, s in batch])
+            except Exception as exc:  # any MLflow failure: keep the rest for `sync`
+                self.error = f"{type(exc).__name__}: {exc}"
+                logger.warning(
+                    f"MLflow stopped accepting metrics ({self.error}); they stay in metrics.jsonl "
+                    "and `sync` sends the rest later."
+                )
+                return
+            for _ in range(count):
+                metrics.queue.popleft()
+            self.sent += count
+
+    def replay(self, run_dir: Path, start: int) -> int:
+        """Send metrics.jsonl from line ``start`` on; returns the new count sent."""
+        from mlflow.entities import Metric
+
+        items = read_metrics(run_dir, start)
+        for i in range(0, len(items), BATCH):
+            chunk = items[i : i + BATCH]
+            self.client.log_batch(self.run_id, metrics=[Metric(n, v, t, s) for n, v, t, s in chunk])
+            start += len(chunk)
+        return start
+
+    # --- closing ----------------------------------------------------------------------------
+
+    def close(self, status: str) -> None:
+        """Flush metrics, set the final status and deactivate the fluent run."""
+        if self._flusher is not None:
+            self._stop.set()
+            self._flusher.join()
+        mlflow_status = STATUS.get(status, "FAILED")
+        try:
+            if self._fluent:
+                active = self.mlflow.active_run()
+                while active is not None and active.info.run_id != self.run_id:
+                    self.mlflow.end_run()  # a run the user started and forgot to end
+                    active = self.mlflow.active_run()
+                self.mlflow.end_run(status=mlflow_status)
+            else:
+                self.client.set_terminated(self.run_id, mlflow_status)
+        finally:
+            self._fluent = False
+            if self._previous_uri is not None:
+                self.mlflow.set_tracking_uri(self._previous_uri)
+
+
+
+def catch_up(run_dir: Path, data: dict[str, Any], tracking_uri: str, experiment: str) -> dict[str, Any]:
+    """Bring a run's MLflow record up to date from its run directory (``sync``).
+
+    Reuses the MLflow run tagged with the key (no duplicate runs), logs missing params and tags,
+    replays metrics.jsonl from the last line MLflow confirmed (no duplicate points) and sets
+    the final status. Returns the new ``mlflow`` section of run.json.
+    """
+    section = dict(data.get("mlflow", {}))
+    tags = {
+        "phd_flow.key": str(data["key"]),
+        "phd_flow.node": str(data.get("node")),
+        "host": str(data.get("host")),
+        **{k: str(v) for k, v in data.get("tags", {}).items()},
+    }
+    commit = (data.get("git") or {}).get("commit")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run = MlflowRun(tracking_uri, experiment)
+    run.open(str(data["key"]), tags, param_values(data.get("args", {})), None, section.get("run_id"), activate=False)
+    sent = run.replay(run_dir, int(section.get("metrics_sent", 0)))
+    status = str(data.get("status"))
+    if status != "running":
+        run.client.set_terminated(run.run_id, STATUS.get(status, "FAILED"))
+    section.update(
+        state="synced" if status != "running" else "open", run_id=run.run_id,
+        experiment_id=run.experiment_id, experiment=experiment, tracking_uri=tracking_uri,
+        metrics_sent=sent, status_sent=status,
+    )
+    return section
