@@ -92,7 +92,7 @@ def _run_logged(node: Node[Any, Any], run_dir: Path, record: RunRecord, args: di
         status, error = _save_result(run_dir, record, result, name)
     _finish(node, record, status, error)
     if status == FAILED:
-        raise RunFailedError(f"{name} {node.key} failed: {error}. See {run_dir / 'output.log'}.") from (
+        raise RunFailedError(f"{name} {node.key} failed: {_describe(error)}. See {run_dir / 'output.log'}.") from (
             error if isinstance(error, BaseException) else None
         )
     if status == KILLED:
@@ -144,11 +144,15 @@ def _finish(node: Node[Any, Any], record: RunRecord, status: str, error: Any) ->
         status = KILLED
     fields: dict[str, Any] = {"status": status, "ended_at": utcnow()}
     if error is not None:
-        fields["error"] = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+        fields["error"] = _describe(error)
     record.update(**fields)
     logger.info(f"Run {node.key} {status}.")
     _close_mlflow(node, record, status)
     _sync(node, record)
+
+
+def _describe(error: Any) -> str:
+    return f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
 
 
 # --- MLflow -------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class InterceptHandler(logging.Handler):
 def configure_cli_stderr(level: str = "INFO") -> None:
     """Replace loguru's default stderr sink with phd_flow's (CLI only; libraries keep theirs)."""
     logger.remove()
-    logger.add(sys.stderr, level=level, format=STDERR_FORMAT, colorize=None)
+    logger.add(sys.stderr, level=level, format=STDERR_FORMAT, colorize=None, diagnose=False)
 
 
 def repoint_mlflow_loggers() -> None:
@@ -77,8 +77,11 @@ class RunLogging:
 
     def __enter__(self) -> RunLogging:
         self._sinks = [
-            logger.add(self.run_dir / "output.log", level=self.level, format=FILE_FORMAT, encoding="utf-8"),
-            logger.add(self.run_dir / "output.jsonl", level=self.level, serialize=True, encoding="utf-8"),
+            # diagnose=False: tracebacks must not print local variables (they may hold secrets)
+            logger.add(self.run_dir / "output.log", level=self.level, format=FILE_FORMAT,
+                       encoding="utf-8", diagnose=False),
+            logger.add(self.run_dir / "output.jsonl", level=self.level, serialize=True,
+                       encoding="utf-8", diagnose=False),
         ]
         root = logging.getLogger()
         self._saved_root = (list(root.handlers), root.level)

@@ -1,0 +1,164 @@
+"""Failure semantics through the real CLI: exceptions, SIGTERM (scancel), Ctrl-C, parallel starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli, run_dirs
+
+EXTRA_NODES = '''
+import dataclasses, time
+from phd_flow import Node, logger, node
+
+
+@dataclasses.dataclass
+class SleepArgs(node.Args):
+    seconds: float = 60.0
+    marker: str = ""  # file created once _run started
+
+
+class Sleep(Node[SleepArgs, float]):
+    """Sleep, for signal tests."""
+
+    def _run(self) -> float:
+        logger.info("sleeping")
+        self.log_metric("started", 1)
+        open(self.args.marker, "w").close()
+        end = time.time() + self.args.seconds
+        while time.time() < end:
+            time.sleep(0.02)
+        return self.args.seconds
+
+
+@dataclasses.dataclass
+class CrashArgs(node.Args):
+    message: str = "boom"
+
+
+class Crash(Node[CrashArgs, int]):
+    """Raise."""
+
+    def _run(self) -> int:
+        raise RuntimeError(self.args.message)
+
+
+class Quick(Node[CrashArgs, str]):
+    """Return at once."""
+
+    def _run(self) -> str:
+        self.log_metric("m", 1.0)
+        return self.args.message
+'''
+
+
+@pytest.fixture
+def sproject(project: Path) -> Path:
+    (project / "my_project" / "extra.py").write_text(EXTRA_NODES)
+    return project
+
+
+def _mlflow_status(project: Path, run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return str(MlflowClient(f"sqlite:///{project / 'data_storage' / 'mlflow.db'}").get_run(run_id).info.status)
+
+
+def test_exception_in_run_exits_1_with_one_paragraph(sproject: Path) -> None:
+    proc = cli(sproject, "run", "Crash", "--message", "exploded")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "RuntimeError: exploded" in last and "output.log" in last
+    (run_dir,) = run_dirs(sproject / "data_storage")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed"
+    assert "Traceback" in (run_dir / "output.log").read_text()
+    assert _mlflow_status(sproject, record["mlflow"]["run_id"]) == "FAILED"
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_run_marks_killed_everywhere(sproject: Path, tmp_path: Path, sig: int, code: int) -> None:
+    marker = tmp_path / "started"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "my_project", "run", "Sleep", "--marker", str(marker)],
+        cwd=sproject, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    (run_dir,) = run_dirs(sproject / "data_storage")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "killed" and record["ended_at"]
+    assert "sleeping" in (run_dir / "output.log").read_text()
+    assert "killed" in (run_dir / "output.log").read_text()
+    assert _mlflow_status(sproject, record["mlflow"]["run_id"]) == "KILLED"
+    assert (run_dir / "metrics.jsonl").read_text().count("started") == 1
+
+
+@pytest.mark.slow
+def test_twenty_processes_at_once_on_a_fresh_local_path(sproject: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST"))}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "my_project", "run", "Quick", "--message", str(i)],
+            cwd=sproject, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(20)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    failures = [(p.returncode, err[-2000:]) for p, (_, err) in zip(procs, outputs, strict=True) if p.returncode != 0]
+    assert not failures
+    dirs = run_dirs(sproject / "data_storage")
+    assert len({d.name for d in dirs}) == 20
+    records = [json.loads((d / "run.json").read_text()) for d in dirs]
+    assert all(r["status"] == "completed" and r["mlflow"]["state"] == "synced" for r in records)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{sproject / 'data_storage' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id], max_results=100)
+    assert len(runs) == 20 and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.data.params["message"] for r in runs) == sorted(str(i) for i in range(20))
+
+
+def test_mlflow_unreachable_run_completes_and_sync_catches_up(sproject: Path) -> None:
+    from tests.conftest import write_config
+
+    write_config(sproject, '[mlflow]\nexperiment = "test"\ntracking_uri = "http://127.0.0.1:9"\n')
+    proc = cli(sproject, "run", "Quick", "--message", "offline")
+    assert proc.returncode == 0, proc.stderr
+    assert "could not be opened" in proc.stderr
+    (run_dir,) = run_dirs(sproject / "data_storage")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["mlflow"]["state"] == "not_synced"
+    write_config(sproject, '[mlflow]\nexperiment = "test"\n')
+    for _ in range(2):  # a second sync must not duplicate anything
+        proc = cli(sproject, "sync")
+        assert proc.returncode == 0, proc.stderr
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["mlflow"]["state"] == "synced"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{sproject / 'data_storage' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.params["message"] == "offline"
+    assert run.data.tags["phd_flow.key"] == run_dir.name
+    assert len(client.get_metric_history(run.info.run_id, "m")) == 1
+    proc = cli(sproject, "sync", run_dir.name[:12])
+    assert proc.returncode == 0, proc.stderr
+    assert len(client.get_metric_history(run.info.run_id, "m")) == 1
