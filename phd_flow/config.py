@@ -294,9 +294,9 @@ def _reject_unknown(data: dict[str, Any], allowed: set[str], section: str, sourc
     for key in data:
         if key not in allowed:
             dotted = f"{section}.{key}" if section else key
-            where = f"[{section}]" if section else "the top level"
+            where = f"in [{section}]" if section else "at the top level"
             raise ConfigError(
-                f"{_locate(source, dotted)}: unknown key {key!r} in {where}.{closest(key, allowed)}"
+                f"{_locate(source, dotted)}: unknown key {key!r} {where}.{closest(key, allowed)}"
                 f" Valid keys: {', '.join(sorted(allowed))}."
             )
 
