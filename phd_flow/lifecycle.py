@@ -86,6 +86,7 @@ def _run_logged(node: Node[Any, Any], run_dir: Path, record: RunRecord, args: di
 
     node._metrics = MetricLog(run_dir)
     _open_mlflow(node, record, args, git.get("commit"))
+    node._metrics.start(node._mlflow.send_metrics if node._mlflow is not None else None)
     status, error, result = _call_user_code(node)
     node._metrics.close()
     if status == COMPLETED:
@@ -200,8 +201,6 @@ def _open_mlflow(node: Node[Any, Any], record: RunRecord, args: dict[str, Any], 
         logger.info(f"MLflow run: {url}")
     if config.mlflow.autolog:
         mlflow_run.mlflow.autolog(silent=True)
-    assert node._metrics is not None
-    mlflow_run.start_metrics(node._metrics)
 
 
 def _close_mlflow(node: Node[Any, Any], record: RunRecord, status: str) -> None:

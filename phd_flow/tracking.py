@@ -20,7 +20,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,28 +118,61 @@ def ui_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
 
 
 class MetricLog:
-    """Appends metrics to metrics.jsonl and queues them for MLflow. Thread-safe, cheap per call."""
+    """The run's metrics: queued by the training loop, written to metrics.jsonl and handed to
+    MLflow in batches by one background thread.
 
-    def __init__(self, run_dir: Path) -> None:
+    :meth:`log` only appends a tuple to a deque (well under a microsecond of work), so the
+    training loop never waits for JSON, disk or SQL. Points reach metrics.jsonl within
+    ``interval`` seconds; :meth:`close` drains everything.
+    """
+
+    def __init__(self, run_dir: Path, interval: float = 0.2) -> None:
         self.path = run_dir / METRICS_FILE
-        self._file = open(self.path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
         self.queue: collections.deque[tuple[str, float, int, int]] = collections.deque()
-        self._lock = threading.Lock()
-        self.count = 0
+        self.written = 0
+        self._interval = interval
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._sender: Callable[[list[tuple[str, float, int, int]]], None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def log(self, name: str, value: float, step: int | None, timestamp: int | None) -> None:
-        value = float(value)
-        ts = timestamp if timestamp is not None else int(time.time() * 1000)
-        item = (name, value, ts, step or 0)
-        line = json.dumps({"name": name, "value": value if math.isfinite(value) else str(value), "step": item[3], "timestamp": ts})
-        with self._lock:
-            self._file.write(line + "\n")
-            self.queue.append(item)
-            self.count += 1
+    def log(self, name: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
+        """Queue one point (MLflow's conventions: step 0 and "now" in ms by default)."""
+        self.queue.append((name, float(value), timestamp or int(time.time() * 1000), step or 0))
+
+    def start(self, sender: Callable[[list[tuple[str, float, int, int]]], None] | None) -> None:
+        """Start the writer thread; ``sender`` (MLflow) gets every batch after it is on disk."""
+        self._sender = sender
+        self._thread = threading.Thread(target=self._loop, name="phd_flow-metrics", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
-        with self._lock:
-            self._file.close()
+        """Stop the thread and drain what is queued (to disk and to the sender)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._drain()
+        self._file.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._drain()
+
+    def _drain(self) -> None:
+        queue = self.queue
+        while queue:
+            batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
+            self._file.write("".join(_metric_line(item) for item in batch))
+            self._file.flush()
+            self.written += len(batch)
+            if self._sender is not None:
+                self._sender(batch)
+
+
+def _metric_line(item: tuple[str, float, int, int]) -> str:
+    name, value, timestamp, step = item
+    number = value if math.isfinite(value) else str(value)
+    return json.dumps({"name": name, "value": number, "step": step, "timestamp": timestamp}) + "\n"
 
 
 def read_metrics(run_dir: Path, start: int = 0) -> list[tuple[str, float, int, int]]:
@@ -174,9 +207,6 @@ class MlflowRun:
         self.error: str | None = None
         self._fluent = False
         self._previous_uri: str | None = None
-        self._flusher: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._metrics: MetricLog | None = None
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -207,7 +237,8 @@ class MlflowRun:
             self.set_tags(tags)
         self.log_params(params)
         if activate:
-            self._previous_uri = mlflow.get_tracking_uri()
+            # set_tracking_uri also exports $MLFLOW_TRACKING_URI; close() puts both back.
+            self._previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
             mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None)
             self._fluent = True
@@ -255,39 +286,23 @@ class MlflowRun:
 
     # --- metrics ----------------------------------------------------------------------------
 
-    def start_metrics(self, metrics: MetricLog, start_at: int = 0) -> None:
-        """Send ``metrics``' queue to MLflow from a background thread."""
-        self._metrics = metrics
-        self.sent = start_at
-        self._flusher = threading.Thread(target=self._flush_loop, name="phd_flow-metrics", daemon=True)
-        self._flusher.start()
-
-    def _flush_loop(self) -> None:
-        while not self._stop.wait(0.25):
-            self._flush()
-        self._flush()
-
-    def _flush(self) -> None:
-        metrics = self._metrics
-        if metrics is None or self.error is not None:
+    def send_metrics(self, batch: list[tuple[str, float, int, int]]) -> None:
+        """Log one batch (<= 1,000 points) with log_batch. After the first failure nothing more is
+        sent, so ``sent`` is exactly the number of metrics.jsonl lines MLflow has."""
+        if self.error is not None:
             return
         from mlflow.entities import Metric
 
-        while metrics.queue:
-            count = min(BATCH, len(metrics.queue))
-            batch = [metrics.queue[i] for i in range(count)]
-            try:
-                self.client.log_batch(self.run_id, metrics=[Metric(n, v, t, s) for n, v, t, s in batch])
-            except Exception as exc:  # any MLflow failure: keep the rest for `sync`
-                self.error = f"{type(exc).__name__}: {exc}"
-                logger.warning(
-                    f"MLflow stopped accepting metrics ({self.error}); they stay in metrics.jsonl "
-                    "and `sync` sends the rest later."
-                )
-                return
-            for _ in range(count):
-                metrics.queue.popleft()
-            self.sent += count
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(n, v, t, s) for n, v, t, s in batch])
+        except Exception as exc:  # any MLflow failure: keep the rest for `sync`
+            self.error = f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                f"MLflow stopped accepting metrics ({self.error}); they stay in metrics.jsonl "
+                "and `sync` sends the rest later."
+            )
+            return
+        self.sent += len(batch)
 
     def replay(self, run_dir: Path, start: int) -> int:
         """Send metrics.jsonl from line ``start`` on; returns the new count sent."""
@@ -303,10 +318,7 @@ class MlflowRun:
     # --- closing ----------------------------------------------------------------------------
 
     def close(self, status: str) -> None:
-        """Flush metrics, set the final status and deactivate the fluent run."""
-        if self._flusher is not None:
-            self._stop.set()
-            self._flusher.join()
+        """Set the final status and deactivate the fluent run."""
         mlflow_status = STATUS.get(status, "FAILED")
         try:
             if self._fluent:
@@ -318,9 +330,9 @@ class MlflowRun:
             else:
                 self.client.set_terminated(self.run_id, mlflow_status)
         finally:
-            self._fluent = False
-            if self._previous_uri is not None:
-                self.mlflow.set_tracking_uri(self._previous_uri)
+            if self._fluent:
+                self._fluent = False
+                self.mlflow.set_tracking_uri(self._previous_uri)  # None unsets it again
 
 
 

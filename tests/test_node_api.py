@@ -148,3 +148,16 @@ def test_storage_open_upload_and_path_work_as_in_the_seed(tmp_path: Path) -> Non
     path = n.run()
     assert Path(path).read_bytes() == b"data"
     assert Path(path) == tmp_path / "store" / "datasets" / n.key / "datasets.pickle"
+
+
+def test_a_run_leaves_mlflow_global_state_as_it_found_it(tmp_path: Path) -> None:
+    import os
+
+    Add(AddArgs(a=1), config=local_config(tmp_path, mlflow=True)).run()
+    import mlflow
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.active_run() is None
+    second = Add(AddArgs(a=2), config=local_config(tmp_path, mlflow=True))
+    second.run()
+    assert second.record.data["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
