@@ -159,6 +159,8 @@ def _add_run_options(parser: Any) -> None:
                        help="reuse stages whose fingerprint matches an earlier run")
     cache.add_argument("--no-cache", dest="cache", action="store_const", const=False,
                        help="recompute every stage")
+    group.add_argument("--rerun", action="append", default=[], metavar="NODE",
+                       help="run NODE again even where require() could reuse an earlier run")
     group.add_argument("--key", dest="run_key", default=None, help="use this run key (resume)")
 
 
@@ -172,7 +174,10 @@ def _run_options(parsed: argparse.Namespace) -> Any:
         if not sep or not stage or not source:
             raise ArgsError(f"--load {item!r}: write it as STAGE=KEY, e.g. --load load_data=latest.")
         load[stage] = source
-    return RunOptions(key=parsed.run_key, load=load, skip_log=list(parsed.skip_log), cache=parsed.cache)
+    return RunOptions(
+        key=parsed.run_key, load=load, skip_log=list(parsed.skip_log), cache=parsed.cache,
+        rerun=list(parsed.rerun),
+    )
 
 
 # --- nodes --------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ def execute(node: Node[Any, Any]) -> Any:
     config = node.config
     name = type(node).__name__
     key = keys.RunKey(node.options.key) if node.options.key else keys.new_key(name)
-    run_dir = _make_run_dir(config.local_path, key, config.where("local_path"))
     node._key = key
+    run_dir = _make_run_dir(config.local_path, node.run_path, config.where("local_path"))
     args = args_to_dict(node.args)
     atomic_write_json(run_dir / ARGS_FILE, args)
     parent = node.options.parent
@@ -45,7 +45,8 @@ def execute(node: Node[Any, Any]) -> Any:
         node_class=f"{type(node).__module__}.{type(node).__qualname__}",
         package=type(node).package,
         args=args,
-        parent=str(parent.key) if parent is not None else None,
+        parent=parent.run_path if parent is not None else None,
+        path=node.run_path,
         tags=dict(node.options.tags),
     )
     saved_signals = node._install_signal_handlers()
@@ -80,6 +81,9 @@ def _run_logged(node: Node[Any, Any], run_dir: Path, record: RunRecord, args: di
     name = type(node).__name__
     logger.info(f"Run node {name} {node.key} in {run_dir}")
     git = repro.git_info(config.project_root)
+    from phd_flow.pipeline import fingerprint
+
+    record.update(fingerprint=fingerprint(type(node), args))
     atomic_write_json(run_dir / "reproducible.json", repro.snapshot(config.project_root, git))
     record.update(git={k: git.get(k) for k in ("commit", "branch", "dirty")} if git else {})
     from phd_flow.tracking import MetricLog
@@ -91,6 +95,10 @@ def _run_logged(node: Node[Any, Any], run_dir: Path, record: RunRecord, args: di
     node._metrics.close()
     if status == COMPLETED:
         status, error = _save_result(run_dir, record, result, name)
+    if status == COMPLETED:
+        from phd_flow.pipeline import remember
+
+        remember(node)
     _finish(node, record, status, error)
     if status == FAILED:
         raise RunFailedError(f"{name} {node.key} failed: {_describe(error)}. See {run_dir / 'output.log'}.") from (
@@ -234,10 +242,10 @@ def _sync(node: Node[Any, Any], record: RunRecord) -> None:
         record.update_section("sync", state="local", at=utcnow())
         return
     try:
-        report = storage.upload(str(node.key))
+        report = storage.upload(node.run_path)
         logger.info(f"Synced {node.key} to {remote.describe()}: {report}")
         record.update_section("sync", state="synced", error=None, at=utcnow(), remote=remote.describe())
-        storage.upload(str(node.key))  # sends only run.json, the log files and the manifest
+        storage.upload(node.run_path)  # sends only run.json, the log files and the manifest
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
         logger.error(

@@ -51,6 +51,8 @@ class Args:
 
 ArgsT = TypeVar("ArgsT", bound=Args)
 ResultT = TypeVar("ResultT")
+ArgsU = TypeVar("ArgsU", bound=Args)
+ResultU = TypeVar("ResultU")
 
 
 @dataclass
@@ -62,6 +64,7 @@ class RunOptions:
     skip_log: list[str] = field(default_factory=list)  # stages kept local only
     cache: bool | None = None  # None: per-stage config; True/False: force for every stage
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (e.g. the sweep)
+    rerun: list[str] = field(default_factory=list)  # node names that require() must not reuse
     parent: Node[Any, Any] | None = None  # set by Node.require for child runs
 
 
@@ -189,9 +192,34 @@ class Node(Generic[ArgsT, ResultT]):
         return self._key
 
     @property
+    def run_path(self) -> str:
+        """This run's directory relative to ``local_path``: the key, or
+        ``<parent key>/<key>`` for a node run by :meth:`require`."""
+        parent = self.options.parent
+        return f"{parent.run_path}/{self.key}" if parent is not None else str(self.key)
+
+    @property
     def output_dir(self) -> Path:
-        """This run's directory: ``<local_path>/<key>``."""
-        return self.config.local_path / self.key
+        """This run's directory: ``<local_path>/<key>`` (nested under the parent's for children)."""
+        return self.config.local_path / self.run_path
+
+    def require(
+        self,
+        node: type[Node[ArgsU, ResultU]],
+        args: ArgsU | Mapping[str, Any] | Sequence[str] | None = None,
+        *,
+        rerun: bool = False,
+    ) -> ResultU:
+        """Run another node as part of this one and return its Result (typed).
+
+        The child runs in ``<this run dir>/<child key>/`` as a nested MLflow run, unless a
+        completed run of the same node with the same args and source code exists: then its
+        result is reused (the log says which run and why). ``rerun=True`` (or ``--rerun Node``
+        on the command line) forces a new run. A failing child fails this run too.
+        """
+        from phd_flow.pipeline import require
+
+        return typing.cast(ResultU, require(self, node, args, rerun))
 
     @property
     def storage(self) -> Storage:
