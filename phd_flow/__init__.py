@@ -9,6 +9,14 @@ from __future__ import annotations
 
 from phd_flow import node
 from phd_flow.cli import run_main
+from phd_flow.compat import (
+    MlflowDict,
+    log_vars,
+    managed_artifact,
+    managed_artifact_dir,
+    set_load,
+    set_skip_log,
+)
 from phd_flow.config import Config, load_config
 from phd_flow.errors import (
     ConfigError,
@@ -22,6 +30,8 @@ from phd_flow.errors import (
 from phd_flow.keys import RunKey
 from phd_flow.log import logger
 from phd_flow.node import Args, Node, RunOptions
+from phd_flow.optuna_study import optimize
+from phd_flow.query import Run, Runs, find_runs, load_args, load_result
 from phd_flow.storage import Storage
 
 __version__ = "0.2.0"
@@ -30,19 +40,31 @@ __all__ = [
     "Args",
     "Config",
     "ConfigError",
+    "MlflowDict",
     "Node",
     "NodeNotFoundError",
     "PhdFlowError",
+    "Run",
     "RunFailedError",
     "RunKey",
     "RunOptions",
+    "Runs",
     "StageError",
     "Storage",
     "StorageError",
     "UserError",
     "__version__",
+    "find_runs",
+    "load_args",
     "load_config",
+    "load_result",
+    "log_vars",
     "logger",
+    "managed_artifact",
+    "managed_artifact_dir",
     "node",
+    "optimize",
     "run_main",
+    "set_load",
+    "set_skip_log",
 ]

@@ -22,6 +22,13 @@ COMMANDS: dict[str, str] = {
     "nodes": "phd_flow.cli:_register_nodes",
     "sync": "phd_flow.cli_storage:register_sync",
     "download": "phd_flow.cli_storage:register_download",
+    "ls": "phd_flow.cli_runs:register_ls",
+    "show": "phd_flow.cli_runs:register_show",
+    "compare": "phd_flow.cli_runs:register_compare",
+    "rm": "phd_flow.cli_runs:register_rm",
+    "result": "phd_flow.cli_runs:register_result",
+    "ui": "phd_flow.cli_runs:register_ui",
+    "sweep": "phd_flow.cli_sweep:register_sweep",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_SYNCED = 0, 1, 2, 3
@@ -161,7 +168,9 @@ def _add_run_options(parser: Any) -> None:
                        help="recompute every stage")
     group.add_argument("--rerun", action="append", default=[], metavar="NODE",
                        help="run NODE again even where require() could reuse an earlier run")
-    group.add_argument("--key", dest="run_key", default=None, help="use this run key (resume)")
+    group.add_argument("--key", dest="run_key", default=None, metavar="KEY", help="use this run key (resume)")
+    group.add_argument("--sweep", dest="sweep_key", default=None, metavar="SWEEP",
+                       help="record this run as a point of sweep SWEEP (set by the sweep command)")
 
 
 def _run_options(parsed: argparse.Namespace) -> Any:
@@ -176,7 +185,8 @@ def _run_options(parsed: argparse.Namespace) -> Any:
         load[stage] = source
     return RunOptions(
         key=parsed.run_key, load=load, skip_log=list(parsed.skip_log), cache=parsed.cache,
-        rerun=list(parsed.rerun),
+        rerun=list(parsed.rerun), sweep=parsed.sweep_key,
+        tags={"phd_flow.sweep": parsed.sweep_key} if parsed.sweep_key else {},
     )
 
 

@@ -49,8 +49,12 @@ class StorageConfig:
 
     @property
     def has_remote(self) -> bool:
-        """True when runs are mirrored somewhere besides ``local_path``."""
-        return bool(self.uri or self.remote or self.bucket or self.backend == "mlflow")
+        """True when runs are mirrored somewhere besides ``local_path``.
+
+        Naming a backend other than ``local`` asks for a remote, even if its settings are
+        incomplete: the backend then reports what is missing instead of syncing nowhere.
+        """
+        return bool(self.uri or self.remote or self.bucket or self.backend != "local")
 
 
 @dataclass

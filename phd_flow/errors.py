@@ -44,6 +44,10 @@ class CorruptRunError(UserError):
     """A run's record (run.json) or result (results.pickle) cannot be read."""
 
 
+class NoResultError(UserError):
+    """A run has no result to load (it failed, was killed or is still running)."""
+
+
 class InvalidKeyError(UserError):
     """A storage key is not a safe relative path (``..``, absolute, forbidden characters)."""
 

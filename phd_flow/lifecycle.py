@@ -32,8 +32,12 @@ def execute(node: Node[Any, Any]) -> Any:
 
     config = node.config
     name = type(node).__name__
+    from phd_flow.stages import prepare
+
+    node._stages = prepare(node)  # stage rules are checked before anything is created
     key = keys.RunKey(node.options.key) if node.options.key else keys.new_key(name)
     node._key = key
+    node.resumed = (config.local_path / node.run_path / "run.json").exists()  # requeue, --resume
     run_dir = _make_run_dir(config.local_path, node.run_path, config.where("local_path"))
     args = args_to_dict(node.args)
     atomic_write_json(run_dir / ARGS_FILE, args)
@@ -48,6 +52,8 @@ def execute(node: Node[Any, Any]) -> Any:
         parent=parent.run_path if parent is not None else None,
         path=node.run_path,
         tags=dict(node.options.tags),
+        sweep=node.options.sweep,
+        resumed=node.resumed,
     )
     saved_signals = node._install_signal_handlers()
     heartbeat = Heartbeat(record, config.runs.heartbeat_seconds)
@@ -99,7 +105,9 @@ def _run_logged(node: Node[Any, Any], run_dir: Path, record: RunRecord, args: di
         from phd_flow.pipeline import remember
 
         remember(node)
-    _finish(node, record, status, error)
+        if node._stages is not None:
+            node._stages.finish()  # index the computed stages, warn about unused stage rules
+    status = _finish(node, record, status, error)
     if status == FAILED:
         raise RunFailedError(f"{name} {node.key} failed: {_describe(error)}. See {run_dir / 'output.log'}.") from (
             error if isinstance(error, BaseException) else None
@@ -148,7 +156,8 @@ def _save_result(run_dir: Path, record: RunRecord, result: Any, name: str) -> tu
     return COMPLETED, None
 
 
-def _finish(node: Node[Any, Any], record: RunRecord, status: str, error: Any) -> None:
+def _finish(node: Node[Any, Any], record: RunRecord, status: str, error: Any) -> str:
+    """Record the final status everywhere (a signal during saving turns completed into killed)."""
     if node._kill_pending is not None and status == COMPLETED:
         status = KILLED
     fields: dict[str, Any] = {"status": status, "ended_at": utcnow()}
@@ -158,6 +167,7 @@ def _finish(node: Node[Any, Any], record: RunRecord, status: str, error: Any) ->
     logger.info(f"Run {node.key} {status}.")
     _close_mlflow(node, record, status)
     _sync(node, record)
+    return status
 
 
 def _describe(error: Any) -> str:
@@ -232,19 +242,23 @@ def _close_mlflow(node: Node[Any, Any], record: RunRecord, status: str) -> None:
 
 def _sync(node: Node[Any, Any], record: RunRecord) -> None:
     storage = node.storage
+    storage.defer_failed_uploads = False
+    pending = list(storage.deferred)  # keys the node uploaded while the storage was failing
     try:
         remote = storage.remote
     except UserError as exc:
         logger.error(f"Storage is not usable, so run {node.key} was not synced: {exc}")
-        record.update_section("sync", state="not_synced", error=str(exc), at=utcnow())
+        record.update_section("sync", state="not_synced", error=str(exc), at=utcnow(), pending=pending)
         return
     if remote is None:
         record.update_section("sync", state="local", at=utcnow())
         return
     try:
+        for key in pending:
+            storage.upload(key)
         report = storage.upload(node.run_path)
         logger.info(f"Synced {node.key} to {remote.describe()}: {report}")
-        record.update_section("sync", state="synced", error=None, at=utcnow(), remote=remote.describe())
+        record.update_section("sync", state="synced", error=None, at=utcnow(), remote=remote.describe(), pending=[])
         storage.upload(node.run_path)  # sends only run.json, the log files and the manifest
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
@@ -252,4 +266,4 @@ def _sync(node: Node[Any, Any], record: RunRecord) -> None:
             f"Run {node.key} was not synced to {remote.describe()} ({message}). Its files are "
             f"safe in {node.output_dir}; run `sync {node.key}` once the storage is reachable."
         )
-        record.update_section("sync", state="not_synced", error=message, at=utcnow())
+        record.update_section("sync", state="not_synced", error=message, at=utcnow(), pending=pending)

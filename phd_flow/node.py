@@ -34,6 +34,7 @@ from phd_flow.runs import RunRecord
 if typing.TYPE_CHECKING:
     from loguru import Logger
 
+    from phd_flow.stages import ManagedArtifact, Stage, StageManager
     from phd_flow.storage import Storage
     from phd_flow.tracking import MetricLog, MlflowRun
 
@@ -66,6 +67,7 @@ class RunOptions:
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (e.g. the sweep)
     rerun: list[str] = field(default_factory=list)  # node names that require() must not reuse
     parent: Node[Any, Any] | None = None  # set by Node.require for child runs
+    sweep: str | None = None  # the sweep this run is a point of (recorded in run.json)
 
 
 class Node(Generic[ArgsT, ResultT]):
@@ -121,6 +123,10 @@ class Node(Generic[ArgsT, ResultT]):
         self._metrics: MetricLog | None = None
         self._kill_pending: int | None = None
         self._in_user_code = False
+        #: True when this run continues an earlier attempt with the same key (a SLURM requeue
+        #: after a time limit or preemption, ``sweep --resume``, ``run --key``): see checkpoint_dir.
+        self.resumed = False
+        self._stages: StageManager | None = None
 
     @classmethod
     def args_type(cls) -> type[ArgsT]:
@@ -203,6 +209,15 @@ class Node(Generic[ArgsT, ResultT]):
         """This run's directory: ``<local_path>/<key>`` (nested under the parent's for children)."""
         return self.config.local_path / self.run_path
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``<run dir>/checkpoint/``: save state there while running; when ``self.resumed`` is
+        True (requeued or resumed under the same key), load it back and continue. Created on
+        first access; synced with the run like any other file."""
+        path = self.output_dir / "checkpoint"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def require(
         self,
         node: type[Node[ArgsU, ResultU]],
@@ -228,6 +243,9 @@ class Node(Generic[ArgsT, ResultT]):
             from phd_flow.storage import make_storage
 
             self._storage = make_storage(self.config)
+            # A storage outage must not kill the experiment: failed uploads are retried at
+            # the end of the run and by `sync` (see lifecycle._sync).
+            self._storage.defer_failed_uploads = True
         return self._storage
 
     @property
@@ -277,6 +295,31 @@ class Node(Generic[ArgsT, ResultT]):
         else:
             shutil.copy2(source, target)
         return target
+
+    # --- stages -----------------------------------------------------------------------------
+
+    def stage(self, name: str, depends_on: Sequence[str] | None = None) -> Stage:
+        """A folder ``<run dir>/<name>/`` that can be loaded from an earlier run (README "Stages").
+
+        ``with self.stage("load_data", depends_on=["dataset"]) as st:`` gives ``st.path`` and
+        ``st.loaded``; ``depends_on`` (Args fields and earlier stages; default: all Args)
+        makes up the fingerprint used by ``cache = true``. Raises :class:`StageError` when a
+        loaded stage fails verification (nothing of it is used).
+        """
+        return self._stage_manager().stage(name, depends_on)
+
+    def managed_artifact(self, name: str, stage: str | None = None) -> ManagedArtifact:
+        """One file of this run (in ``stage``'s folder when given): ``.get_path()``, ``.loaded``."""
+        return self._stage_manager().artifact(name, stage, is_dir=False)
+
+    def managed_artifact_dir(self, name: str, stage: str | None = None) -> ManagedArtifact:
+        """A folder of this run (in ``stage``'s folder when given): ``.get_path("f.png")``, ``.loaded``."""
+        return self._stage_manager().artifact(name, stage, is_dir=True)
+
+    def _stage_manager(self) -> StageManager:
+        if self._stages is None or self._record is None:
+            raise PhdFlowError("Stages and managed artifacts work inside _run().")
+        return self._stages
 
     # --- running ----------------------------------------------------------------------------
 

@@ -1,42 +1,219 @@
-"""Finding runs: local run directories (and the remote's run prefixes), key prefixes."""
+"""Finding runs: local run directories, the remote's run prefixes, key prefixes.
+
+Listing reads one small record per run and never every file:
+
+* locally, one ``os.scandir`` of ``local_path`` and one ``run.json`` per run directory;
+* remotely, one delimiter listing of the run prefixes, then one ``<key>/run.json`` per run,
+  fetched in parallel, except for finished runs (completed, failed, killed) already in the
+  index: a gzipped ``{key: record}`` kept in ``<local_path>/.phd_flow/remote_index/`` and shared
+  through the remote as ``.phd_flow/runs_index.json.gz``. The prefix listing is always fresh, so
+  runs added from other machines appear and runs deleted remotely drop out; the index only
+  saves fetches. (A finished run resumed elsewhere: ``ls --remote --refresh``.)
+"""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import hashlib
+import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from phd_flow.errors import CorruptRunError, RunNotFoundError
-from phd_flow.runs import RUN_FILE, RunRecord
+from phd_flow._io import atomic_write_bytes
+from phd_flow.errors import CorruptRunError, RunNotFoundError, StorageError
+from phd_flow.runs import COMPLETED, FAILED, KILLED, RUN_FILE, RunRecord
 
 if TYPE_CHECKING:
     from phd_flow.config import Config
+    from phd_flow.storage.base import Remote
+
+REMOTE_INDEX = ".phd_flow/remote_index"
+SHARED_INDEX = ".phd_flow/runs_index.json.gz"
+FINISHED = (COMPLETED, FAILED, KILLED)
+FETCH_WORKERS = 32
 
 
 def local_run_dirs(local_path: Path) -> Iterator[Path]:
-    """Every directory directly below ``local_path`` that holds a run.json."""
-    try:
-        entries = list(os.scandir(local_path))
-    except FileNotFoundError:
-        return
-    for entry in sorted(entries, key=lambda e: e.name):
-        if entry.is_dir() and os.path.exists(os.path.join(entry.path, RUN_FILE)):
-            yield Path(entry.path)
+    """Every directory directly below ``local_path`` that holds a run.json, sorted by name."""
+    for name in _subdirs(local_path):
+        if os.path.exists(os.path.join(local_path, name, RUN_FILE)):
+            yield local_path / name
 
 
 def local_records(local_path: Path) -> Iterator[RunRecord | CorruptRunError]:
-    """The run records below ``local_path``; unreadable ones are yielded as their error."""
-    for run_dir in local_run_dirs(local_path):
+    """The run records below ``local_path``; unreadable ones are yielded as their error.
+
+    One read per run directory: directories without a run.json (``datasets/`` ...) are skipped.
+    """
+    for name in _subdirs(local_path):
+        run_dir = local_path / name
         try:
             yield RunRecord.load(run_dir)
         except CorruptRunError as exc:
-            yield exc
+            if (run_dir / RUN_FILE).exists():
+                yield exc
+
+
+def _subdirs(path: Path) -> list[str]:
+    """Names of the non-hidden subdirectories (``d_type`` from scandir: no stat per entry)."""
+    try:
+        with os.scandir(path) as entries:
+            return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+# --- remote -------------------------------------------------------------------------------------
+
+# The fields of run.json that listing needs; the index keeps only these.
+INDEX_FIELDS = (
+    "key",
+    "node",
+    "status",
+    "started_at",
+    "ended_at",
+    "heartbeat_at",
+    "host",
+    "pid",
+    "args",
+    "sync",
+    "mlflow",
+    "error",
+    "sweep",
+    "kind",
+    "path",
+)
+
+
+def remote_records(config: Config, remote: Remote, refresh: bool = False) -> Iterator[RunRecord | CorruptRunError]:
+    """The run records in the remote storage, in key order.
+
+    The delimiter listing of run prefixes is always fresh, so it decides which runs exist.
+    Records of finished runs come from the index (the local copy, else the shared object
+    ``.phd_flow/runs_index.json.gz`` in the remote, which any machine's listing refreshes);
+    every other run's run.json is fetched, in parallel. Prefixes without a run.json
+    (``datasets/`` ...) are skipped. ``refresh`` ignores both indexes.
+    """
+    names = [n for n in _remote_names(remote) if not n.startswith(".")]
+    local_index = _local_index_path(config, remote)
+    index = {} if refresh else _read_index(local_index.read_bytes() if local_index.exists() else None)
+    if not refresh and any(name not in index for name in names):
+        index.update(_read_index(_read_remote_index(remote)))
+    todo = [name for name in names if name not in index]
+    fetched = _fetch_all(remote, todo)
+    learned = 0
+    for name in names:
+        if name in index:
+            yield RunRecord(config.local_path / name, index[name])
+            continue
+        raw = fetched.get(name)
+        if raw is None:
+            continue
+        if isinstance(raw, Exception):
+            yield CorruptRunError(f"{remote.describe()}/{name}/{RUN_FILE}: {raw}")
+            continue
+        try:
+            record = _record_from_bytes(config.local_path / name, raw)
+        except CorruptRunError as exc:
+            yield CorruptRunError(f"{remote.describe()}/{name}/{RUN_FILE}: {exc}")
+            continue
+        if record.status in FINISHED:
+            index[name] = {k: record.data[k] for k in INDEX_FIELDS if k in record.data}
+            learned += 1
+        yield record
+    _save_index(remote, local_index, {n: index[n] for n in names if n in index}, learned)
+
+
+def read_remote_record(config: Config, remote: Remote, key: str) -> RunRecord | None:
+    """The run.json of ``key`` in the remote, or None when the remote has no such run."""
+    raw = remote.read_bytes(f"{key}/{RUN_FILE}")
+    return None if raw is None else _record_from_bytes(config.local_path / key, raw)
+
+
+def _remote_names(remote: Remote) -> list[str]:
+    names: list[str] = remote.list_dirs("")
+    return sorted(names)
+
+
+def _record_from_bytes(run_dir: Path, raw: bytes) -> RunRecord:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise CorruptRunError(f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or "status" not in data:
+        raise CorruptRunError("not a phd_flow run record")
+    return RunRecord(run_dir, data)
+
+
+def _fetch_all(remote: Remote, names: list[str]) -> dict[str, bytes | Exception | None]:
+    def fetch(name: str) -> bytes | Exception | None:
+        try:
+            return remote.read_bytes(f"{name}/{RUN_FILE}")
+        except StorageError as exc:
+            return exc
+
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(FETCH_WORKERS, len(names))) as pool:
+        return dict(zip(names, pool.map(fetch, names), strict=True))
+
+
+def _local_index_path(config: Config, remote: Remote) -> Path:
+    """One local index per remote location, so switching buckets never mixes their runs."""
+    remote_id = hashlib.sha256(remote.describe().encode()).hexdigest()[:16]
+    return config.local_path / REMOTE_INDEX / f"{remote_id}.json.gz"
+
+
+def _read_index(raw: bytes | None) -> dict[str, dict[str, Any]]:
+    """Parse an index (gzipped JSON ``{key: record}``); anything unreadable is an empty index."""
+    if not raw:
+        return {}
+    try:
+        data = json.loads(gzip.decompress(raw))
+    except (OSError, ValueError, EOFError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and v.get("status") in FINISHED}
+
+
+def _read_remote_index(remote: Remote) -> bytes | None:
+    try:
+        return remote.read_bytes(SHARED_INDEX)
+    except StorageError:
+        return None  # the index only saves time: without it every run.json is fetched
+
+
+def _save_index(remote: Remote, local: Path, index: dict[str, dict[str, Any]], learned: int) -> None:
+    """Write the local copy; share it in the remote when this listing learned something."""
+    raw = gzip.compress(json.dumps(index, separators=(",", ":")).encode(), compresslevel=5)
+    try:
+        atomic_write_bytes(local, raw)
+    except OSError:
+        return
+    if learned:
+        # read-only credentials: the listing still works, it just does not share its index
+        with contextlib.suppress(StorageError):
+            remote.write_bytes(SHARED_INDEX, raw)
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+def key_time(key: str) -> str:
+    """The timestamp part of ``<Node>_<time>_<random>`` (sorts keys by start across nodes)."""
+    parts = key.rsplit("_", 2)
+    return parts[1] if len(parts) == 3 else key
 
 
 def resolve_key(config: Config, prefix: str, remote: bool = False) -> str:
     """The one run key that equals or starts with ``prefix`` (like a git hash prefix).
 
+    A prefix of the key's random suffix works too (``show 916y`` for ``..._916ykrf7``).
     Looks in ``local_path`` first, then (with ``remote``) in the storage's run prefixes.
     Raises :class:`RunNotFoundError` listing candidates when there are none or several.
     """
@@ -45,20 +222,32 @@ def resolve_key(config: Config, prefix: str, remote: bool = False) -> str:
     normalize(prefix)
     if "/" not in prefix and (config.local_path / prefix / RUN_FILE).exists():
         return prefix
-    local = [p.name for p in local_run_dirs(config.local_path) if p.name.startswith(prefix)]
-    candidates = sorted(set(local))
+    local = [p.name for p in local_run_dirs(config.local_path)]
+    candidates = _matching(local, prefix)
+    searched = str(config.local_path)
     if not candidates and remote:
         from phd_flow.storage import make_storage
 
         storage_remote = make_storage(config).remote
         if storage_remote is not None:
-            candidates = [d for d in storage_remote.list_dirs("") if d.startswith(prefix)]
+            remote_dirs: list[str] = storage_remote.list_dirs("")
+            candidates = _matching(remote_dirs, prefix)
+            searched += f" or {storage_remote.describe()}"
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        where = f"{config.local_path}" + (" or the remote storage" if remote else "")
-        raise RunNotFoundError(f"No run key starts with {prefix!r} in {where}. `ls` lists the runs.")
+        known = sorted(local, key=key_time)
+        hint = f" Newest runs: {', '.join(known[-3:])}." if known else ""
+        raise RunNotFoundError(
+            f"No run key starts with {prefix!r} in {searched}.{hint} `ls` lists the runs"
+            + ("" if remote else ", `ls --remote` also those in storage")
+            + "."
+        )
     shown = ", ".join(candidates[:10]) + (" ..." if len(candidates) > 10 else "")
-    raise RunNotFoundError(
-        f"{prefix!r} matches {len(candidates)} runs: {shown}. Give more characters of the key."
-    )
+    raise RunNotFoundError(f"{prefix!r} matches {len(candidates)} runs: {shown}. Give more characters of the key.")
+
+
+def _matching(keys: list[str], prefix: str) -> list[str]:
+    """Keys starting with ``prefix``; failing that, keys whose random suffix starts with it."""
+    found = [k for k in keys if k.startswith(prefix)]
+    return found or [k for k in keys if k.rsplit("_", 1)[-1].startswith(prefix)]

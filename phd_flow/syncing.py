@@ -63,8 +63,13 @@ def _sync_files(config: Config, record: RunRecord) -> bool:
         if remote is None:
             record.update_section("sync", state="local", at=utcnow())
             return True
+        for key in record.data.get("sync", {}).get("pending", []):  # uploads that failed in the run
+            if storage.path(key).exists():
+                storage.upload(key)
         report = storage.upload(record.key)
-        record.update_section("sync", state="synced", error=None, at=utcnow(), remote=remote.describe())
+        record.update_section(
+            "sync", state="synced", error=None, at=utcnow(), remote=remote.describe(), pending=[]
+        )
         storage.upload(record.key)
     except PhdFlowError as exc:
         record.update_section("sync", state="not_synced", error=str(exc), at=utcnow())

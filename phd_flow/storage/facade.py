@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
 from phd_flow import keys
-from phd_flow.errors import StorageNotFoundError
+from phd_flow.errors import StorageError, StorageNotFoundError
 from phd_flow.storage import sync
 from phd_flow.storage.base import Remote
 
@@ -32,6 +33,11 @@ class Storage:
         self.local_path = config.local_path
         self._remote = remote
         self._remote_built = remote is not None
+        #: When True (inside a run), a failed :meth:`upload` is logged and its key recorded in
+        #: :attr:`deferred` instead of raising, so the run goes on; the run's final sync and
+        #: ``sync`` push the deferred keys later.
+        self.defer_failed_uploads = False
+        self.deferred: list[str] = []
 
     # --- local side ---------------------------------------------------------------------------
 
@@ -68,10 +74,27 @@ class Storage:
         """Push ``key`` (a file or a directory tree) to the remote; only changes are sent.
 
         A run directory's ``skip_log`` stages (recorded in its run.json) are left out.
-        Raises a :class:`~phd_flow.errors.StorageError` after the last retry.
+        Raises a :class:`~phd_flow.errors.StorageError` after the last retry (unless
+        :attr:`defer_failed_uploads`).
         """
         rel = keys.normalize(key)
         path = self.local_path / rel
+        try:
+            return self._upload(rel, path, exclude)
+        except StorageError as exc:
+            if not self.defer_failed_uploads or not path.exists():
+                raise
+            from phd_flow.log import logger
+
+            logger.error(
+                f"Could not upload {rel!r} ({type(exc).__name__}: {exc}). It stays in "
+                "local_path; the end of the run and `sync` will retry it."
+            )
+            if rel not in self.deferred:
+                self.deferred.append(rel)
+            return sync.SyncReport()
+
+    def _upload(self, rel: str, path: Path, exclude: list[str] | None) -> sync.SyncReport:
         remote = self.remote
         if remote is None:
             return sync.SyncReport()
@@ -136,6 +159,7 @@ class Storage:
             target = self.remote
             names = [f.key for f in target.list(rel)] or ([rel] if _is_single_file(target, rel) else [])
             target.delete(names)
+            _forget(target, set(names), self.config.storage.retries)
         if local:
             path = self.local_path / rel
             if path.is_dir() and not path.is_symlink():
@@ -155,6 +179,18 @@ class Storage:
     def __repr__(self) -> str:
         remote = self._remote.describe() if self._remote is not None else "not built"
         return f"Storage(local_path={str(self.local_path)!r}, remote={remote})"
+
+
+def _forget(remote: Remote, removed: set[str], retries: int) -> None:
+    """Drop removed files from the remote manifests above them, so a manifest never vouches
+    for a file that is gone (uploads trust it; the next upload re-sends what is missing)."""
+    prefixes = {"/".join(n.split("/")[:i]) for n in removed for i in range(1, n.count("/") + 1)}
+    for prefix in sorted(p for p in prefixes if f"{p}/{sync.MANIFEST}" not in removed):
+        manifest = sync._remote_manifest(remote, prefix, retries)
+        kept = {rel: e for rel, e in manifest.items() if f"{prefix}/{rel}" not in removed}
+        if len(kept) != len(manifest):
+            key, data = f"{prefix}/{sync.MANIFEST}", sync.dump_manifest(kept)
+            sync._retry(functools.partial(remote.write_bytes, key, data), retries)
 
 
 def _is_single_file(remote: Remote, rel: str) -> bool:

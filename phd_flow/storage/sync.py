@@ -3,12 +3,15 @@
 A synced tree carries a manifest (``.phd_flow-manifest.json``) with size, mtime and sha256 of
 every file. Pushing compares the local manifest with the remote's manifest and listing and
 sends only what differs; the remote manifest is written last, so it never claims a file that
-did not arrive. Pulling verifies every downloaded file against the manifest's sha256 and
+did not arrive (and ``Storage.remove`` drops removed files from it). When the remote manifest
+already vouches for every local file, the listing is skipped: an unchanged re-sync costs one
+GET. Pulling verifies every downloaded file against the manifest's sha256 and
 retries a mismatch; a file is only renamed into place once verified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -31,6 +34,8 @@ from phd_flow.errors import (
 from phd_flow.storage.base import Remote
 
 MANIFEST = ".phd_flow-manifest.json"
+#: Files up to this size are uploaded from an in-memory snapshot (consistent even while written).
+SNAPSHOT_BYTES = 4 * 1024 * 1024
 _T = TypeVar("_T")
 
 
@@ -132,6 +137,11 @@ def push(
     entries = scan(local_root, exclude)
     atomic_write_bytes(local_root / MANIFEST, dump_manifest(entries))
     remote_entries = _remote_manifest(remote, remote_prefix, retries)
+    if all(_same(remote_entries.get(rel), entry) for rel, entry in entries.items()):
+        # The remote manifest is written after its files and dropped when any of them is
+        # removed (Storage.remove), so it vouches for them: no listing needed (the listing is
+        # most of the cost of an unchanged re-sync).
+        return SyncReport(skipped=len(entries), seconds=time.perf_counter() - started)
     listed = {f.key: f.size for f in _retry(lambda: list(remote.list(remote_prefix)), retries)}
     todo = [
         rel
@@ -144,13 +154,31 @@ def push(
     ]
     report = SyncReport(skipped=len(entries) - len(todo))
 
+    changed: list[str] = []
+
     def upload(rel: str) -> None:
         path = local_root / rel
-        if path.stat().st_size != entries[rel].size:
+        stat = path.stat()
+        if (stat.st_size, stat.st_mtime_ns) == (entries[rel].size, entries[rel].mtime_ns):
+            if stat.st_size > SNAPSHOT_BYTES:
+                remote.put(path, _join(remote_prefix, rel))
+                if path.stat().st_size != entries[rel].size:
+                    raise StorageError(f"{path} changed while it was being uploaded; sync again.")
+                return
+        elif stat.st_size > SNAPSHOT_BYTES:
             raise StorageError(f"{path} changed while it was being uploaded; sync again.")
-        remote.put(path, _join(remote_prefix, rel))
+        # Small files (logs still being appended to, run.json) are sent from one in-memory
+        # snapshot, so the manifest always describes exactly the bytes the remote got.
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entries[rel].sha256:
+            entries[rel] = Entry(len(data), digest, stat.st_mtime_ns)
+            changed.append(rel)
+        remote.write_bytes(_join(remote_prefix, rel), data)
 
     _run_parallel(todo, upload, entries, report, retries, workers or remote.max_workers, label)
+    if changed:
+        atomic_write_bytes(local_root / MANIFEST, dump_manifest(entries))
     merged = {**remote_entries, **entries}
     _retry(lambda: remote.write_bytes(_join(remote_prefix, MANIFEST), dump_manifest(merged)), retries)
     report.seconds = time.perf_counter() - started
@@ -212,6 +240,10 @@ def pull(
         atomic_write_bytes(local_root / MANIFEST, dump_manifest(fresh))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _same(remote: Entry | None, local: Entry) -> bool:
+    return remote is not None and remote.size == local.size and remote.sha256 == local.sha256
 
 
 def _verify(path: Path, expected: Entry, where: str) -> None:

@@ -1,0 +1,189 @@
+"""``rm``: delete runs by key or filter, after showing what goes and asking.
+
+What is deleted per run: the local run directory, its MLflow run (and its child runs' MLflow
+runs), and with ``--remote`` its files in storage. MLflow goes first and the local directory
+last, so a failure never leaves a run whose MLflow id is lost. A run that another run's stage
+was loaded from is named in a loud warning before the question.
+
+Exit codes: 0 done (or a filter matched nothing), 1 answered no, 2 a key matching no run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from phd_flow.errors import ArgsError
+
+if TYPE_CHECKING:
+    from phd_flow.cli import Context
+    from phd_flow.config import Config
+    from phd_flow.query import Run
+
+
+@dataclass
+class Removal:
+    """What deleting one run means."""
+
+    run: Run
+    local_files: int = 0
+    local_bytes: int = 0
+    remote_keys: list[str] = field(default_factory=list)
+    mlflow_run_ids: list[str] = field(default_factory=list)
+
+    def describe(self, remote: str | None, delete_remote: bool) -> str:
+        from phd_flow._runs_view import size_text
+
+        parts = []
+        if self.run.where != "remote":
+            parts.append(f"local dir ({self.local_files} files, {size_text(self.local_bytes)})")
+        if delete_remote and self.remote_keys:
+            parts.append(f"{len(self.remote_keys)} files in {remote}")
+        elif not delete_remote and self.run.data.get("sync", {}).get("state") == "synced":
+            parts.append("(its copy in storage is kept: add --remote to delete it too)")
+        if self.mlflow_run_ids:
+            parts.append(f"MLflow run {', '.join(self.mlflow_run_ids)}")
+        return f"  {self.run.key}  {self.run.state}: " + "; ".join(parts)
+
+
+def remove(context: Context, args: argparse.Namespace) -> int:
+    """The ``rm`` command."""
+    runs = _targets(context, args)
+    if not runs:
+        print("No run matches: nothing deleted.")
+        return 0
+    from phd_flow.query import require_remote
+
+    config = context.config
+    storage_remote = require_remote(config) if args.remote else None
+    plans = [_plan(run, storage_remote) for run in runs]
+    where = storage_remote.describe() if storage_remote is not None else None
+    print(f"This deletes {len(plans)} run(s):")
+    for plan in plans:
+        print(plan.describe(where, args.remote))
+    _warn_dependents(config, [r.key for r in runs])
+    if not args.force and not _confirm(f"Delete {len(plans)} run(s)? [y/N] "):
+        print("Nothing deleted.")
+        return 1
+    failed = sum(not _delete(config, plan, storage_remote) for plan in plans)
+    print(
+        f"Deleted {len(plans) - failed} run(s)."
+        + (f" {failed} could not be deleted fully." if failed else "")
+    )
+    return 1 if failed else 0
+
+
+def _targets(context: Context, args: argparse.Namespace) -> list[Run]:
+    from phd_flow.cli_runs import _select
+    from phd_flow.query import get_run
+
+    has_filter = bool(args.statuses or args.last or args.where or args.sweep or args.prefix)
+    if not args.keys and not has_filter:
+        raise ArgsError(
+            "rm needs run keys or a filter (e.g. `rm --failed`); it never deletes everything."
+        )
+    if not args.keys:
+        return list(_select(context, args))
+    runs = {run.key: run for run in (get_run(context.config, key) for key in args.keys)}
+    if not has_filter:
+        return list(runs.values())
+    selected = {run.key for run in _select(context, args)}
+    return [run for key, run in runs.items() if key in selected]
+
+
+def _plan(run: Run, storage_remote: Any) -> Removal:
+    plan = Removal(run)
+    if run.where != "remote":
+        for path in run.run_dir.rglob("*"):
+            if path.is_file():
+                plan.local_files += 1
+                plan.local_bytes += path.stat().st_size
+        plan.mlflow_run_ids = _mlflow_ids(run.run_dir, run.data)
+    elif run.data.get("mlflow", {}).get("run_id"):
+        plan.mlflow_run_ids = [str(run.data["mlflow"]["run_id"])]
+    if storage_remote is not None:
+        plan.remote_keys = [f.key for f in storage_remote.list(run.key)]
+    return plan
+
+
+def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> list[str]:
+    """The run's MLflow run id and those of the child runs inside its directory."""
+    from phd_flow._io import read_json
+
+    ids = [str(data["mlflow"]["run_id"])] if (data.get("mlflow") or {}).get("run_id") else []
+    for child in sorted(run_dir.rglob("run.json")):
+        if child.parent == run_dir:
+            continue
+        try:
+            run_id = (read_json(child).get("mlflow") or {}).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if run_id:
+            ids.append(str(run_id))
+    return ids
+
+
+def _warn_dependents(config: Config, keys: list[str]) -> None:
+    from phd_flow.query import dependents
+
+    for run, stage, source in dependents(config, keys):
+        print(
+            f"WARNING: run {run} loaded its stage {stage!r} from {source}, which this deletes: "
+            f"{run} stays, but its stage provenance will point to a deleted run.",
+            file=sys.stderr,
+        )
+
+
+def _confirm(question: str) -> bool:
+    print(question, end="", flush=True)
+    answer = sys.stdin.readline()
+    if not answer.endswith("\n"):
+        print()
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _delete(config: Config, plan: Removal, storage_remote: Any) -> bool:
+    """Delete MLflow runs, then remote files, then the local dir; True when all went."""
+    ok = True
+    if plan.mlflow_run_ids:
+        ok = _delete_mlflow(config, plan)
+    if storage_remote is not None and plan.remote_keys:
+        try:
+            storage_remote.delete(plan.remote_keys)
+        except Exception as exc:
+            print(
+                f"error: {plan.run.key}: storage delete failed ({exc}); local files kept.",
+                file=sys.stderr,
+            )
+            return False
+    if plan.run.where != "remote" and ok:
+        shutil.rmtree(plan.run.run_dir)
+    return ok
+
+
+def _delete_mlflow(config: Config, plan: Removal) -> bool:
+    from phd_flow.tracking import import_mlflow
+
+    import_mlflow()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = config.tracking_uri()
+    client = MlflowClient(uri)
+    for run_id in plan.mlflow_run_ids:
+        try:
+            client.delete_run(run_id)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                continue  # already gone: nothing to keep the local dir for
+            print(
+                f"error: {plan.run.key}: MLflow run {run_id} in {uri} was not deleted ({exc}); "
+                "the run directory is kept so you can retry.",
+                file=sys.stderr,
+            )
+            return False
+    return True

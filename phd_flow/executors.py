@@ -1,0 +1,404 @@
+"""Executors for sweeps: local processes, or a SLURM job array through submitit.
+
+* ``local``: one ``python -m <package> run <Node> --key <KEY> --sweep <SWEEP> ...`` process per
+  point (so points are isolated like separate runs), at most ``max_parallel`` at a time.
+  Ctrl-C (or SIGTERM) is forwarded to the running points, which record ``killed``; points not
+  started yet are marked ``killed`` in the sweep so ``--resume`` runs them.
+* ``slurm``: submitit's ``AutoExecutor`` + ``map_array``; each array task runs its point in
+  process through :class:`PointJob`, which follows submitit's checkpoint protocol: on SLURM's
+  timeout/preemption signal the job is requeued with the same point, so the run keeps its key
+  and directory and the node sees ``self.resumed``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import typing
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from phd_flow.errors import ConfigError, RunKilledError, UserError, closest
+from phd_flow.runs import COMPLETED, KILLED, RUNNING, RunRecord, utcnow
+from phd_flow.sweep import FINISHED, LOST, PENDING, STALE, SUBMITTED, Sweep, describe_point
+
+if typing.TYPE_CHECKING:
+    from phd_flow.config import Config, SlurmConfig
+    from phd_flow.node import Node
+
+Printer = Callable[[str], None]
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """Everything a process needs to run one sweep point (picklable, for SLURM jobs)."""
+
+    module: str  # the node's module, e.g. my_project.fit_ols
+    qualname: str  # the node class inside it
+    argv: tuple[str, ...]  # the node's arguments
+    key: str  # the pre-assigned run key
+    sweep: str  # the sweep key
+    project_root: str
+    config_path: str | None = None
+
+    def node_class(self) -> type[Node[Any, Any]]:
+        """Import the node class (the project root goes on sys.path if needed)."""
+        if self.project_root not in sys.path:
+            sys.path.insert(0, self.project_root)
+        module = importlib.import_module(self.module)
+        return typing.cast("type[Node[Any, Any]]", functools.reduce(getattr, self.qualname.split("."), module))
+
+    def build(self) -> Node[Any, Any]:
+        """The node, ready to ``run()`` with the point's key and sweep tag."""
+        from phd_flow.config import load_config
+        from phd_flow.node import RunOptions
+
+        node_cls = self.node_class()
+        config = load_config(Path(self.project_root), self.config_path)
+        options = RunOptions(key=self.key, sweep=self.sweep, tags={"phd_flow.sweep": self.sweep})
+        return node_cls(node_cls.parse_argv(list(self.argv)), config=config, options=options)
+
+
+def point_specs(sweep: Sweep, points: Sequence[dict[str, Any]], project_root: Path) -> list[PointSpec]:
+    """One :class:`PointSpec` per point of ``sweep``."""
+    module, _, qualname = _split_class(sweep.data["node_class"])
+    return [
+        PointSpec(module, qualname, tuple(p["argv"]), p["key"], sweep.key, str(project_root),
+                  sweep.data.get("config_path"))
+        for p in points
+    ]
+
+
+def _split_class(dotted: str) -> tuple[str, str, str]:
+    """``pkg.mod.Class`` -> (``pkg.mod``, ``.``, ``Class``), trying the longest importable module."""
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        return module, ".", ".".join(parts[cut:])
+    raise UserError(f"Cannot import the node class {dotted}: is the package on the Python path?")
+
+
+# --- local --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Started:
+    point: dict[str, Any]
+    proc: subprocess.Popen[bytes]
+    log: Path
+    started: float
+
+
+def run_local(
+    sweep: Sweep,
+    points: Sequence[dict[str, Any]],
+    *,
+    package: str,
+    config: Config,
+    max_parallel: int,
+    config_path: str | None = None,
+    out: Printer = _print,
+) -> dict[str, int]:
+    """Run ``points`` as local processes, ``max_parallel`` at a time; returns status counts.
+
+    Raises ``KeyboardInterrupt`` / :class:`RunKilledError` after stopping the running points
+    (they record ``killed``) and marking the points not started ``killed`` in the sweep.
+    """
+    logs = sweep.run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    todo, running = deque(points), {}
+    total, finished = len(points), 0
+    previous = _raise_on_sigterm()
+    try:
+        while todo or running:
+            while todo and len(running) < max_parallel:
+                point = todo.popleft()
+                running[point["key"]] = _start(point, sweep, package, config_path, logs)
+                sweep.set_status([point["key"]], RUNNING)
+            for key, started in list(running.items()):
+                if started.proc.poll() is None:
+                    continue
+                del running[key]
+                finished += 1
+                status = _finished_status(config, started)
+                sweep.set_status([key], status)
+                out(_progress(finished, total, status, started))
+            time.sleep(0.05)
+    except (KeyboardInterrupt, RunKilledError):
+        _stop(list(running.values()))
+        not_started = [p["key"] for p in todo]
+        sweep.set_status(not_started, KILLED)
+        sweep.refresh(config.local_path, config.runs.stale_after_seconds)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return sweep.refresh(config.local_path, config.runs.stale_after_seconds)
+
+
+def _start(point: dict[str, Any], sweep: Sweep, package: str, config_path: str | None, logs: Path) -> _Started:
+    command = [sys.executable, "-m", package]
+    if config_path:
+        command += ["--config", config_path]
+    command += ["run", sweep.data["node_class"], "--key", point["key"], "--sweep", sweep.key, *point["argv"]]
+    log = logs / f"{point['key']}.log"
+    with open(log, "wb") as handle:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    return _Started(point, proc, log, time.monotonic())
+
+
+def _finished_status(config: Config, started: _Started) -> str:
+    from phd_flow.sweep import point_status
+
+    status = point_status(config.local_path / started.point["key"], LOST, config.runs.stale_after_seconds)
+    if status == RUNNING:  # the process is gone but never wrote its final status (SIGKILL)
+        return KILLED
+    return status
+
+
+def _progress(done: int, total: int, status: str, started: _Started) -> str:
+    seconds = time.monotonic() - started.started
+    line = f"[{done}/{total}] {status:<9} {started.point['key']}  {describe_point(started.point)}  ({seconds:.1f} s)"
+    if status != COMPLETED:
+        line += f"\n    {_last_error(started.log)} (log: {started.log})"
+    return line
+
+
+def _last_error(log: Path) -> str:
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no output"
+    errors = [ln for ln in lines if ln.startswith(("error:", "interrupted"))]
+    return (errors or lines or ["no output"])[-1]
+
+
+def _raise_on_sigterm() -> Any:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise RunKilledError(signal.Signals(signum).name)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _stop(started: list[_Started], grace: float = 20.0) -> None:
+    """SIGINT to every running point (they record ``killed``), SIGKILL after ``grace`` s."""
+    for item in started:
+        if item.proc.poll() is None:
+            item.proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for item in started:
+        try:
+            item.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            item.proc.kill()
+            item.proc.wait()
+
+
+# --- SLURM --------------------------------------------------------------------------------------
+
+
+def check_slurm(config: Config) -> None:
+    """Raise :class:`ConfigError` when a SLURM sweep cannot be submitted: submitit missing, no
+    ``sbatch`` on PATH, or an unknown ``[executor.slurm] partition``."""
+    try:
+        importlib.import_module("submitit")
+    except ImportError:
+        raise ConfigError(
+            "The slurm executor needs submitit: pip install 'phd_flow[slurm]' (or pip install submitit)."
+        ) from None
+    if shutil.which("sbatch") is None:
+        raise ConfigError(
+            "The slurm executor needs SLURM's sbatch, which is not on PATH. Run the sweep on a "
+            "login node of the cluster, or use --executor local."
+        )
+    partition = config.executor.slurm.partition
+    if partition:
+        known = slurm_partitions()
+        if known and partition not in known:
+            raise ConfigError(
+                f"{config.where('executor.slurm.partition')}: [executor.slurm] partition = "
+                f"{partition!r} is not a partition of this SLURM cluster.{closest(partition, known)} "
+                f"Partitions (sinfo): {', '.join(known)}. Nothing was submitted."
+            )
+
+
+def slurm_partitions() -> list[str]:
+    """The cluster's partition names (``sinfo``), or [] when sinfo cannot answer."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted({line.strip().rstrip("*") for line in out.splitlines() if line.strip()})
+
+
+def slurm_parameters(slurm: SlurmConfig, max_parallel: int, name: str) -> dict[str, Any]:
+    """``[executor.slurm]`` as submitit ``update_parameters`` keywords."""
+    params: dict[str, Any] = {
+        "name": name,
+        "timeout_min": slurm.timeout_min,
+        "cpus_per_task": slurm.cpus_per_task,
+        "slurm_array_parallelism": max_parallel,
+        "slurm_signal_delay_s": slurm.signal_delay_s,
+        "slurm_setup": list(slurm.setup),
+    }
+    optional = {
+        "slurm_partition": slurm.partition,
+        "gpus_per_node": slurm.gpus_per_node or None,
+        "mem_gb": slurm.mem_gb,
+        "slurm_account": slurm.account,
+        "slurm_qos": slurm.qos,
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params
+
+
+def submit_slurm(
+    sweep: Sweep, points: Sequence[dict[str, Any]], *, config: Config, max_parallel: int
+) -> list[str]:
+    """Submit ``points`` as one job array; record and return the job ids (``<array>_<index>``)."""
+    import submitit
+
+    slurm = config.executor.slurm
+    folder = Path(slurm.folder) if slurm.folder else config.local_path / ".slurm" / sweep.key
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    executor.update_parameters(**slurm_parameters(slurm, max_parallel, f"{sweep.data['node']}-sweep"))
+    specs = point_specs(sweep, points, config.project_root)
+    jobs = executor.map_array(PointJob(), specs)
+    ids = [str(job.job_id) for job in jobs]
+    for point, job_id in zip(points, ids):
+        point.update(status=SUBMITTED, slurm_job_id=job_id, submitted_at=utcnow())
+    sweep.data["slurm_job_ids"] = sorted({*sweep.data.get("slurm_job_ids", []), *{i.split("_")[0] for i in ids}})
+    sweep.data["status"] = SUBMITTED
+    sweep.data["slurm_folder"] = str(folder)
+    sweep.save()
+    return ids
+
+
+def slurm_queue(job_ids: Sequence[str]) -> dict[str, str] | None:
+    """State of every queued/running array task of these jobs (``{"12_3": "RUNNING"}``), or
+    None when ``squeue`` cannot answer (then nothing is assumed about the queue)."""
+    arrays = sorted({j.split("_")[0] for j in job_ids if j})
+    if not arrays:
+        return {}
+    try:
+        proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(arrays)],
+                              capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        # squeue fails on ids it no longer knows when *all* of them are gone
+        return {} if "Invalid job id" in proc.stderr else None
+    return dict(line.split(None, 1) for line in proc.stdout.splitlines() if " " in line)
+
+
+def active_points(sweep: Sweep) -> set[str]:
+    """Keys of points whose SLURM task is still queued or running."""
+    queue = slurm_queue([p.get("slurm_job_id") or "" for p in sweep.points]) or {}
+    return {p["key"] for p in sweep.points if p.get("slurm_job_id") in queue}
+
+
+def wait_slurm(sweep: Sweep, config: Config, poll: float = 2.0, out: Printer = _print) -> dict[str, int]:
+    """Follow a SLURM sweep until every point has finished; print each change; return counts."""
+    stale_after = config.runs.stale_after_seconds
+    reported: dict[str, str] = {}
+    while True:
+        counts = sweep.refresh(config.local_path, stale_after)
+        queue = slurm_queue([p.get("slurm_job_id") or "" for p in sweep.points])
+        gone = [] if queue is None else [p for p in sweep.points if p.get("slurm_job_id") not in queue]
+        for point in gone:
+            if point["status"] in (SUBMITTED, PENDING):
+                point["status"] = LOST  # ended without ever starting the run: see the submitit log
+            elif point["status"] in (RUNNING, STALE):
+                _mark_dead(config.local_path / point["key"], point.get("slurm_job_id"))
+                point["status"] = KILLED
+        done = [p for p in gone if p["status"] in FINISHED]
+        for point in done:
+            if reported.get(point["key"]) != point["status"]:
+                reported[point["key"]] = point["status"]
+                out(f"[{len(reported)}/{len(sweep.points)}] {point['status']:<9} {point['key']}  "
+                    f"{describe_point(point)}  (job {point.get('slurm_job_id')})")
+        if len(done) == len(sweep.points):
+            return sweep.refresh(config.local_path, stale_after)
+        time.sleep(poll)
+
+
+def _mark_dead(run_dir: Path, job_id: str | None) -> None:
+    """A run whose SLURM job is gone but whose run.json says running was killed hard."""
+    try:
+        record = RunRecord.load(run_dir)
+    except UserError:
+        return
+    if record.status == RUNNING:
+        record.update(status=KILLED, ended_at=utcnow(),
+                      error=f"SLURM job {job_id} ended without the run finishing (SIGKILL, OOM, node failure or time limit)")
+
+
+class PointJob:
+    """What a SLURM array task runs: one sweep point, in process, under its pre-assigned key.
+
+    It speaks submitit's checkpoint protocol (``checkpoint()`` returning a ``DelayedSubmission``),
+    so on SLURM's timeout/preemption signal (USR2, ``signal_delay_s`` before the limit) submitit
+    requeues the same point: the run keeps its key and directory, ``self.resumed`` is True, and
+    ``self.checkpoint_dir`` holds what the node saved. A node may define ``save_checkpoint()``;
+    it is called at that signal, before the requeue.
+    """
+
+    def __init__(self) -> None:
+        self._node: Node[Any, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # the running node never travels with the pickle
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._node = None
+
+    def __call__(self, spec: PointSpec) -> str:
+        from phd_flow.log import configure_cli_stderr
+
+        configure_cli_stderr("INFO")  # no loguru default sink: it would print local variables
+        node = self._node = spec.build()
+        node.run()  # a failure raises, so the SLURM job is FAILED in sacct too
+        return node.record.status
+
+    def checkpoint(self, spec: PointSpec) -> Any:
+        """Called by submitit in the job on USR2: save, mark the attempt, requeue the same point."""
+        from submitit.helpers import DelayedSubmission
+
+        node = self._node
+        if node is not None and node._record is not None:
+            hook = getattr(node, "save_checkpoint", None)
+            if callable(hook):
+                hook()
+            node._record.update(
+                status=KILLED, ended_at=utcnow(), requeued_at=utcnow(),
+                error="SLURM time limit or preemption: checkpointed and requeued with the same key",
+            )
+        return DelayedSubmission(PointJob(), spec)
+
+
+__all__ = [
+    "PointJob",
+    "PointSpec",
+    "active_points",
+    "check_slurm",
+    "run_local",
+    "slurm_parameters",
+    "submit_slurm",
+    "wait_slurm",
+]

@@ -1,0 +1,510 @@
+"""Past runs from Python: :func:`find_runs`, :func:`load_result`, :func:`load_args`.
+
+>>> import phd_flow
+>>> runs = phd_flow.find_runs(node="FitOLS", status="completed", after="2d")   # doctest: +SKIP
+>>> runs.to_frame()[["status", "args.seed"]]                                     # doctest: +SKIP
+>>> phd_flow.load_result(runs[-1].key).mse                                       # doctest: +SKIP
+
+Statuses are honest: a run recorded as ``running`` whose heartbeat is older than
+``[runs] stale_after_seconds`` (or whose process on this host is gone) is ``stale``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from phd_flow.errors import (
+    ArgsError,
+    CorruptRunError,
+    NoResultError,
+    RunNotFoundError,
+    UserError,
+)
+from phd_flow.runs import COMPLETED, KILLED, RUN_FILE, RUNNING, RunRecord
+from phd_flow.runs_index import (
+    local_records,
+    read_remote_record,
+    remote_records,
+    resolve_key,
+)
+
+if TYPE_CHECKING:
+    import pandas
+
+    from phd_flow.config import Config
+    from phd_flow.storage.base import Remote
+
+STALE = "stale"
+STATUS_CHOICES = ("running", "completed", "failed", "killed", STALE)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+TimeBound = datetime | date | timedelta | str
+
+
+class Run(RunRecord):
+    """A run as listed: its run.json plus where it lives and its honest status.
+
+    ``where`` is ``"local"``, ``"remote"`` or ``"local+remote"``; ``state`` is the recorded
+    status, or ``"stale"`` for a ``running`` run that stopped beating.
+    """
+
+    def __init__(
+        self, run_dir: Path, data: dict[str, Any], where: str = "local", stale: bool = False
+    ) -> None:
+        super().__init__(run_dir, data)
+        self.where = where
+        self.stale = stale
+
+    @property
+    def state(self) -> str:
+        return STALE if self.stale else self.status
+
+    @property
+    def node(self) -> str:
+        return str(self.data.get("node") or self.key.rsplit("_", 2)[0])
+
+    @property
+    def args(self) -> dict[str, Any]:
+        args = self.data.get("args")
+        return args if isinstance(args, dict) else {}
+
+    @property
+    def started_at(self) -> datetime | None:
+        return parse_time(self.data.get("started_at"))
+
+    @property
+    def ended_at(self) -> datetime | None:
+        return parse_time(self.data.get("ended_at"))
+
+    @property
+    def duration(self) -> timedelta | None:
+        """Wall time; for a live run, up to now; for a stale one, up to its last heartbeat."""
+        start = self.started_at
+        end = self.ended_at
+        if end is None and self.status == RUNNING:
+            end = parse_time(self.data.get("heartbeat_at")) if self.stale else _now()
+        return end - start if start and end else None
+
+    @property
+    def synced(self) -> bool:
+        """True when the run is finished and nothing of it is waiting for ``sync``."""
+        from phd_flow.syncing import needs_sync
+
+        return self.status != RUNNING and not needs_sync(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON summary ``ls --json`` prints."""
+        return {
+            "key": self.key,
+            "node": self.node,
+            "status": self.state,
+            "started_at": self.data.get("started_at"),
+            "ended_at": self.data.get("ended_at"),
+            "synced": self.synced,
+            "args": self.args,
+            "where": self.where,
+        }
+
+    def __repr__(self) -> str:
+        return f"Run({self.key!r}, {self.state})"
+
+
+class Runs(list[Run]):
+    """A list of :class:`Run`; :meth:`to_frame` makes a pandas DataFrame of it."""
+
+    def to_frame(self) -> pandas.DataFrame:
+        """One row per run, indexed by key: status, times, host, sync, and ``args.<name>``."""
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError("Runs.to_frame() needs pandas: `pip install pandas`.") from None
+        from phd_flow.tracking import flatten
+
+        rows = []
+        for run in self:
+            duration = run.duration
+            rows.append(
+                {
+                    "key": run.key,
+                    "node": run.node,
+                    "status": run.state,
+                    "started_at": run.started_at,
+                    "ended_at": run.ended_at,
+                    "duration_s": duration.total_seconds() if duration else None,
+                    "host": run.data.get("host"),
+                    "synced": run.synced,
+                    "where": run.where,
+                    **{f"args.{k}": v for k, v in flatten(run.args).items()},
+                }
+            )
+        return pandas.DataFrame(rows).set_index("key") if rows else pandas.DataFrame(rows)
+
+    @property
+    def keys(self) -> list[str]:
+        return [run.key for run in self]
+
+
+@dataclass
+class RunFilter:
+    """Which runs to list: every given criterion must hold (statuses: any of them)."""
+
+    prefix: str | None = None
+    node: str | None = None
+    statuses: frozenset[str] = frozenset()
+    after: datetime | None = None
+    before: datetime | None = None
+    where: dict[str, str] = field(default_factory=dict)
+    sweep: str | None = None
+
+    def matches(self, run: Run) -> bool:
+        if self.prefix and not run.key.startswith(self.prefix):
+            return False
+        if self.node and run.node != self.node:
+            return False
+        if self.statuses and run.state not in self.statuses:
+            return False
+        if self.sweep and not str(run.data.get("sweep") or "").startswith(self.sweep):
+            return False
+        if self.after or self.before:
+            started = run.started_at
+            if started is None or (self.after and started < self.after):
+                return False
+            if self.before and started >= self.before:
+                return False
+        return not self.where or matches_where(run.args, self.where)
+
+
+# --- the public API -----------------------------------------------------------------------------
+
+
+def find_runs(
+    node: str | None = None,
+    status: str | Iterable[str] | None = None,
+    after: TimeBound | None = None,
+    before: TimeBound | None = None,
+    where: Mapping[str, Any] | None = None,
+    remote: bool = False,
+    config: Config | None = None,
+    *,
+    prefix: str | None = None,
+    sweep: str | None = None,
+) -> Runs:
+    """The runs that match, oldest first.
+
+    ``status``: one of ``running completed failed killed stale`` or several; ``after`` /
+    ``before``: a datetime, a date, a timedelta or duration string (``"3h"``, ``"2d"``: that long
+    ago) or an ISO date; ``where``: arg values (``{"seed": 0, "optim.lr": 0.1}``, compared as
+    JSON text); ``remote``: include the runs in storage (other machines). ``config`` defaults to
+    the project's (found from the current directory or ``$PHD_FLOW_CONFIG``).
+
+    Raises :class:`~phd_flow.errors.ArgsError` for an unknown status or malformed time.
+    """
+    statuses = {status} if isinstance(status, str) else set(status or ())
+    unknown = statuses - set(STATUS_CHOICES)
+    if unknown:
+        raise ArgsError(f"Unknown status {sorted(unknown)}: use {', '.join(STATUS_CHOICES)}.")
+    run_filter = RunFilter(
+        prefix=prefix,
+        node=node,
+        statuses=frozenset(statuses),
+        after=time_bound(after) if after is not None else None,
+        before=time_bound(before) if before is not None else None,
+        where={k: arg_text(v) for k, v in (where or {}).items()},
+        sweep=sweep,
+    )
+    return list_runs(config or project_config(), run_filter, remote=remote)
+
+
+def load_args(key: str, config: Config | None = None) -> dict[str, Any]:
+    """The args of run ``key`` (or a unique prefix), from args.json, local or in storage."""
+    config = config or project_config()
+    run = get_run(config, key)
+    raw = read_run_file(config, run, "args.json")
+    if raw is not None:
+        args: dict[str, Any] = json.loads(raw)
+        return args
+    return run.args
+
+
+def load_result(key: str, config: Config | None = None) -> Any:
+    """The unpickled result of run ``key`` (or a unique prefix), downloaded when not local.
+
+    The pickle's sha256 is checked against run.json before unpickling (a warning says so when
+    run.json recorded none). Raises :class:`~phd_flow.errors.NoResultError` for a run that did
+    not complete and :class:`~phd_flow.errors.CorruptRunError` when the check fails.
+    """
+    import pickle
+
+    from phd_flow._io import sha256_file
+    from phd_flow.log import logger
+
+    config = config or project_config()
+    run = get_run(config, key)
+    info = run.data.get("result") or {}
+    if run.status != COMPLETED or not info:
+        error = f" ({run.data['error']})" if run.data.get("error") else ""
+        raise NoResultError(f"Run {run.key} is {run.state}{error}, so it has no result to load.")
+    path = run.run_dir / str(info.get("file") or "results.pickle")
+    if not path.exists():
+        _download(config, f"{run.key}/{path.name}")
+    expected = info.get("sha256")
+    if not expected:
+        logger.warning(f"{RUN_FILE} of {run.key} records no sha256: {path} is loaded unverified.")
+    elif sha256_file(path) != expected:
+        raise CorruptRunError(
+            f"{path} does not match the sha256 in run.json of {run.key}; not unpickling it. "
+            f"Delete the file and load again to download it anew."
+        )
+    with open(path, "rb") as handle:
+        try:
+            return pickle.load(handle)
+        except (ImportError, AttributeError) as exc:
+            raise UserError(
+                f"The result of {run.key} ({info.get('type', '?')}) cannot be unpickled here: "
+                f"{exc}. Its class must be importable: run this from the project's root, or "
+                "install the project's package."
+            ) from None
+
+
+# --- building blocks (also used by the CLI) -----------------------------------------------------
+
+
+def project_config() -> Config:
+    """The config of the project around the current directory (``$PHD_FLOW_CONFIG`` wins).
+
+    The project root is the nearest directory, from the cwd upwards, with ``config/default.toml``
+    (else the cwd).
+    """
+    from phd_flow.config import load_config
+
+    cwd = Path.cwd()
+    root = next((p for p in (cwd, *cwd.parents) if (p / "config" / "default.toml").is_file()), cwd)
+    return load_config(root)
+
+
+def list_runs(
+    config: Config,
+    run_filter: RunFilter | None = None,
+    remote: bool = False,
+    refresh: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> Runs:
+    """Local runs (plus, with ``remote``, those in storage) that match ``run_filter``.
+
+    A corrupt run.json is reported through ``warn`` (default: a log warning) and skipped.
+    """
+    run_filter = run_filter or RunFilter()
+    report = warn or _log_warning
+    stale_after, host, now = config.runs.stale_after_seconds, socket.gethostname(), _now()
+    found: dict[str, Run] = {}
+    for item in local_records(config.local_path):
+        if isinstance(item, CorruptRunError):
+            report(str(item))
+            continue
+        stale = is_stale(item.data, stale_after, now, host)
+        found[item.key] = Run(item.run_dir, item.data, "local", stale)
+    if remote:
+        for item in remote_records(config, require_remote(config), refresh=refresh):
+            if isinstance(item, CorruptRunError):
+                report(str(item))
+            elif item.key in found:
+                found[item.key].where = "local+remote"
+            else:
+                stale = is_stale(item.data, stale_after, now, host)
+                found[item.key] = Run(item.run_dir, item.data, "remote", stale)
+    runs = [run for run in found.values() if run_filter.matches(run)]
+    runs.sort(key=lambda r: (str(r.data.get("started_at") or ""), r.key))
+    return Runs(runs)
+
+
+def get_run(config: Config, key: str) -> Run:
+    """The run with this key or unique prefix: local, else from the remote's run.json."""
+    full = resolve_key(config, key, remote=True)
+    host, now = socket.gethostname(), _now()
+    if (config.local_path / full / RUN_FILE).exists():
+        record = RunRecord.load(config.local_path / full)
+        where = "local"
+    else:
+        remote_record = read_remote_record(config, require_remote(config), full)
+        if remote_record is None:
+            raise RunNotFoundError(f"{full} has no {RUN_FILE} in the remote storage: not a run.")
+        record, where = remote_record, "remote"
+    stale = is_stale(record.data, config.runs.stale_after_seconds, now, host)
+    return Run(record.run_dir, record.data, where, stale)
+
+
+def read_run_file(config: Config, run: Run, name: str) -> bytes | None:
+    """A small file of the run (``metrics.jsonl``, ``args.json`` ...), local or from storage."""
+    path = run.run_dir / name
+    if path.is_file():
+        return path.read_bytes()
+    if run.where == "local":
+        return None
+    return require_remote(config).read_bytes(f"{run.key}/{name}")
+
+
+def is_stale(data: Mapping[str, Any], stale_after: float, now: datetime, host: str) -> bool:
+    """True for a ``running`` record whose heartbeat is older than ``stale_after`` seconds, or
+    whose process is gone (same host, pid not alive)."""
+    if data.get("status") != RUNNING:
+        return False
+    pid = data.get("pid")
+    if data.get("host") == host and isinstance(pid, int) and not pid_alive(pid):
+        return True
+    beat = parse_time(data.get("heartbeat_at") or data.get("started_at"))
+    return beat is None or (now - beat).total_seconds() > stale_after
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def mark_killed(config: Config, run: Run) -> str:
+    """Record a stale run as ``killed`` (ended at its last heartbeat) in run.json and MLflow.
+
+    Returns a one-line account. MLflow is imported only here; if it cannot be reached, the
+    MLflow record is left for ``sync`` to catch up.
+    """
+    if run.where == "remote":
+        return f"{run.key}: only in storage; mark it on the machine that has it (or download it)."
+    ended = run.data.get("heartbeat_at") or run.data.get("started_at")
+    run.update(
+        status=KILLED, ended_at=ended, error=f"lost: no heartbeat since {ended} (marked killed)"
+    )
+    run.stale = False
+    if run.data.get("sync", {}).get("state") == "synced":
+        run.update_section("sync", state="pending")
+    run_id = run.data.get("mlflow", {}).get("run_id")
+    if not run_id:
+        return f"{run.key}: marked killed in run.json."
+    try:
+        _terminate_mlflow_run(config.tracking_uri(), str(run_id), ended)
+    except Exception as exc:  # MLflow unreachable: `sync` sets the status later
+        run.update_section("mlflow", state="not_synced")
+        return f"{run.key}: marked killed in run.json; MLflow not reachable ({exc}), `sync` will."
+    run.update_section("mlflow", state="synced", status_sent=KILLED)
+    return f"{run.key}: marked killed in run.json and in MLflow (run {run_id})."
+
+
+def _terminate_mlflow_run(tracking_uri: str, run_id: str, ended: str | None) -> None:
+    from phd_flow.tracking import import_mlflow
+
+    import_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    end = parse_time(ended)
+    end_ms = int(end.timestamp() * 1000) if end else None
+    MlflowClient(tracking_uri).set_terminated(run_id, "KILLED", end_time=end_ms)
+
+
+def dependents(config: Config, keys: Iterable[str]) -> list[tuple[str, str, str]]:
+    """``(run, stage, source)`` for every local run whose stage was loaded from one of ``keys``
+    (or a run inside one of them), the runs in ``keys`` themselves left out."""
+    targets = set(keys)
+    found = []
+    for item in local_records(config.local_path):
+        if isinstance(item, CorruptRunError) or item.key in targets:
+            continue
+        for stage, info in (item.data.get("stages") or {}).items():
+            source = str(info.get("loaded_from") or "") if isinstance(info, dict) else ""
+            if source and source.split("/", 1)[0] in targets:
+                found.append((item.key, str(stage), source))
+    return found
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"90s"``, ``"30m"``, ``"3h"``, ``"2d"``, ``"1w"`` -> timedelta; ArgsError otherwise."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ArgsError(
+            f"{text!r} is not a duration: write a number and a unit, s (seconds), m (minutes), "
+            "h (hours), d (days) or w (weeks), e.g. 30m, 3h, 2d, 1w."
+        )
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def time_bound(value: TimeBound) -> datetime:
+    """A point in time from a datetime, date, timedelta (that long ago), duration or ISO string.
+
+    Naive datetimes and dates are local time.
+    """
+    if isinstance(value, timedelta):
+        return _now() - value
+    if isinstance(value, str):
+        if _DURATION.match(value):
+            return _now() - parse_duration(value)
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ArgsError(
+                f"{value!r} is neither a duration (3h, 2d, 1w) nor an ISO date (2026-11-23 or "
+                "2026-11-23T14:00)."
+            ) from None
+    if not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    return value if value.tzinfo else value.astimezone()
+
+
+def parse_time(text: Any) -> datetime | None:
+    """An ISO timestamp from run.json as an aware datetime (UTC when it has no zone)."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def arg_text(value: Any) -> str:
+    """How ``--where`` compares arg values: strings as they are, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def matches_where(args: Mapping[str, Any], where: Mapping[str, str]) -> bool:
+    """True when every ``name=value`` holds for the (flattened, dotted) args."""
+    from phd_flow.tracking import flatten
+
+    flat = flatten(args)
+    return all(name in flat and arg_text(flat[name]) == value for name, value in where.items())
+
+
+def require_remote(config: Config) -> Remote:
+    """The configured remote; StorageNotFoundError saying how to configure one otherwise."""
+    from phd_flow.storage import make_storage
+
+    return make_storage(config)._require_remote("the runs in storage")
+
+
+def _download(config: Config, key: str) -> None:
+    from phd_flow.storage import make_storage
+
+    make_storage(config).download(key)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _log_warning(message: str) -> None:
+    from phd_flow.log import logger
+
+    logger.warning(message)

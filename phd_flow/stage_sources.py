@@ -1,0 +1,307 @@
+"""Where a stage comes from: a rule's ``load_from`` resolved to a source run, and the source's
+stage folder fetched into the new run, verified against the checksums the source recorded.
+
+A source is a phd_flow run (found by key, key prefix, ``latest``, or an MLflow run id whose
+``phd_flow.key`` tag names it) or a plain MLflow run (its artifacts under ``<stage>/``, as
+:mod:`phd_flow.compat` logs them). Files are taken from the source's local run directory when
+it is on this machine, else from the remote storage, else from MLflow's artifact store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from phd_flow._io import sha256_file
+from phd_flow.errors import CorruptRunError, InvalidKeyError, RunNotFoundError, StageError, closest
+from phd_flow.log import logger
+from phd_flow.runs import COMPLETED, RUN_FILE
+
+if TYPE_CHECKING:
+    from phd_flow.config import Config
+    from phd_flow.storage import Storage
+
+LATEST = "latest"
+#: Checksums of a plain MLflow run's stage, logged by phd_flow.compat next to the artifacts.
+MLFLOW_CHECKSUMS = "phd_flow-stages"
+_MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_REMOTE_LATEST_LIMIT = 50  # run.json files read from the remote when looking for "latest"
+
+
+@dataclass
+class Source:
+    """A run a stage can be loaded from."""
+
+    key: str  # the phd_flow key, or the MLflow run id of a plain MLflow run
+    path: str | None  # its run directory relative to local_path; None for a plain MLflow run
+    info: dict[str, Any] = field(default_factory=dict)  # the source's run.json stages[<name>]
+    mlflow_run_id: str | None = None
+
+    @property
+    def files(self) -> dict[str, str] | None:
+        """``{relative path: sha256}`` of the stage's files, as the source recorded them."""
+        files = self.info.get("files")
+        return dict(files) if isinstance(files, dict) else None
+
+
+def is_complete(info: Any) -> bool:
+    """True for a run.json ``stages`` entry of a stage that closed without error."""
+    return isinstance(info, dict) and info.get("status") == "completed"
+
+
+def digest(files: dict[str, str]) -> str:
+    """One sha256 over a stage's ``{relative path: sha256}`` map."""
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """``{relative posix path: sha256}`` of every regular file below ``root``."""
+    if not root.is_dir():
+        return {}
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and not path.is_symlink()
+    }
+
+
+# --- resolving a rule ---------------------------------------------------------------------------
+
+
+def resolve(config: Config, storage: Storage, node: str, stage: str, value: str, origin: str) -> Source | None:
+    """The source a rule points to; None only for ``latest`` when no run has the stage yet.
+
+    Raises :class:`StageError` naming ``origin`` (the rule) when the run does not exist, did not
+    complete, or lacks the stage.
+    """
+    if value == LATEST:
+        return latest(config, storage, node, stage)
+    try:
+        from phd_flow.runs_index import resolve_key
+
+        key = resolve_key(config, value, remote=storage.remote is not None)
+    except (RunNotFoundError, InvalidKeyError) as exc:
+        if not (_MLFLOW_RUN_ID.match(value) and config.mlflow.enabled):
+            raise StageError(f"{origin}: {exc} Fix the rule or remove it.") from None
+        return _mlflow_source(config, storage, value, stage, origin)
+    return phd_flow_source(config, storage, key, stage, origin)
+
+
+def read_record(config: Config, storage: Storage, path: str) -> dict[str, Any] | None:
+    """A run's run.json: the local copy, else the remote's, else None."""
+    local = config.local_path / path / RUN_FILE
+    try:
+        raw: bytes | None = local.read_bytes()
+    except FileNotFoundError:
+        remote = storage.remote
+        raw = remote.read_bytes(f"{path}/{RUN_FILE}") if remote is not None else None
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise CorruptRunError(f"The run.json of run {path} is not valid JSON.") from None
+    return data if isinstance(data, dict) else None
+
+
+def phd_flow_source(config: Config, storage: Storage, key: str, stage: str, origin: str) -> Source:
+    """Check that run ``key`` completed and has ``stage``; raises :class:`StageError`."""
+    data = read_record(config, storage, key)
+    if data is None:
+        raise StageError(f"{origin}: run {key} has no run.json in {config.local_path} or the remote storage.")
+    path = str(data.get("path") or key)
+    if data.get("status") != COMPLETED:
+        raise StageError(
+            f"{origin}: run {key} is {data.get('status')}, not completed, so its stage {stage!r} "
+            "cannot be trusted. Point the rule at a completed run (`ls` lists them)."
+        )
+    stages = data.get("stages") or {}
+    info = stages.get(stage)
+    if not isinstance(info, dict) or not is_complete(info):
+        having = sorted(name for name, value in stages.items() if is_complete(value))
+        raise StageError(
+            f"{origin}: run {key} ({data.get('node')}) has no completed stage {stage!r}."
+            f"{closest(stage, having)} Its stages: {', '.join(having) or 'none'}."
+        )
+    if info.get("skip_log") and not (config.local_path / path / stage).is_dir():
+        raise StageError(
+            f"{origin}: stage {stage!r} of run {key} was kept local (skip_log) on host "
+            f"{data.get('host')} and is not in {config.local_path}. Load it on that machine, or "
+            "from a run whose stage was synced."
+        )
+    return Source(key=key, path=path, info=dict(info))
+
+
+def latest(config: Config, storage: Storage, node: str, stage: str) -> Source | None:
+    """The newest completed run of ``node`` with ``stage`` (local runs, then newer remote ones)."""
+    from phd_flow.runs_index import local_records
+
+    best: dict[str, Any] | None = None
+    for record in local_records(config.local_path):
+        if isinstance(record, CorruptRunError):
+            continue
+        data = record.data
+        if (
+            data.get("node") == node
+            and data.get("status") == COMPLETED
+            and is_complete((data.get("stages") or {}).get(stage))
+            and (best is None or str(data.get("key")) > str(best.get("key")))
+        ):
+            best = data
+    remote = storage.remote
+    if remote is not None:
+        dirs = typing.cast("list[str]", remote.list_dirs(""))
+        floor = str(best["key"]) if best is not None else ""
+        newer = sorted((d for d in dirs if d.startswith(f"{node}_") and d > floor), reverse=True)
+        for key in newer[:_REMOTE_LATEST_LIMIT]:
+            found = read_record(config, storage, key)
+            stages = (found or {}).get("stages") or {}
+            if found and found.get("status") == COMPLETED and is_complete(stages.get(stage)):
+                best = found
+                break
+    if best is None:
+        return None
+    try:
+        return phd_flow_source(config, storage, str(best["key"]), stage, f"[stages.{stage}] load_from = 'latest'")
+    except StageError as exc:
+        logger.warning(f"{exc} Computing the stage instead.")
+        return None
+
+
+def _mlflow_source(config: Config, storage: Storage, run_id: str, stage: str, origin: str) -> Source:
+    client = _client(config)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise StageError(
+            f"{origin}: {run_id!r} is neither a run key in {config.local_path} nor an MLflow "
+            f"run id in {config.tracking_uri()}. Fix the rule or remove it."
+        ) from None
+    key = run.data.tags.get("phd_flow.key")
+    if key:
+        return phd_flow_source(config, storage, key, stage, f"{origin} (MLflow run {run_id})")
+    if run.info.status != "FINISHED":
+        raise StageError(f"{origin}: MLflow run {run_id} is {run.info.status}, not FINISHED.")
+    if not client.list_artifacts(run_id, stage):
+        raise StageError(f"{origin}: MLflow run {run_id} has no artifacts under {stage}/.")
+    files = mlflow_checksums(config.tracking_uri(), run_id, stage)
+    return Source(key=run_id, path=None, info={"files": files}, mlflow_run_id=run_id)
+
+
+def _client(config: Config) -> Any:
+    from phd_flow.tracking import import_mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm on stderr
+    import_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(config.tracking_uri())
+
+
+def mlflow_checksums(tracking_uri: str, run_id: str, stage: str) -> dict[str, str] | None:
+    """The ``{file: sha256}`` map phd_flow.compat logged for ``stage`` of an MLflow run."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="phd_flow-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path=f"{MLFLOW_CHECKSUMS}/{stage}.json",
+                dst_path=tmp,
+                tracking_uri=tracking_uri,
+            )
+            files = json.loads(Path(path).read_text())
+        except Exception:  # not logged by phd_flow.compat: nothing to verify against
+            return None
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else None
+
+
+# --- fetching -----------------------------------------------------------------------------------
+
+
+def fetch(config: Config, storage: Storage, source: Source, stage: str, dest: Path) -> dict[str, str]:
+    """Copy ``source``'s stage folder into ``dest``, verified; returns ``{file: sha256}``.
+
+    Files land in a hidden folder first and move into ``dest`` only when every checksum
+    matches, so on :class:`StageError` nothing of the source is used.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{stage}.", suffix=".phd_flow-part", dir=dest.parent))
+    try:
+        where = _download(config, storage, source, stage, staging)
+        files = verify(staging, source.files, stage, source.key, where)
+        dest.mkdir(parents=True, exist_ok=True)
+        for rel in files:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).replace(target)
+        return files
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _download(config: Config, storage: Storage, source: Source, stage: str, staging: Path) -> str:
+    if source.path is None:
+        _download_mlflow(config, source, stage, staging)
+        return f"MLflow run {source.key}"
+    local = config.local_path / source.path / stage
+    if local.is_dir():
+        shutil.copytree(local, staging, dirs_exist_ok=True)
+        return str(local)
+    remote = storage.remote
+    if remote is None:
+        raise StageError(f"Stage {stage!r} of run {source.key} is not in {local} and no remote storage is configured.")
+    from phd_flow.storage import sync
+
+    prefix = f"{source.path}/{stage}"
+    sync.pull(
+        remote,
+        prefix,
+        staging,
+        retries=config.storage.retries,
+        workers=config.storage.workers,
+        label=prefix,
+    )
+    (staging / sync.MANIFEST).unlink(missing_ok=True)
+    return f"{remote.describe()}/{prefix}"
+
+
+def _download_mlflow(config: Config, source: Source, stage: str, staging: Path) -> None:
+    import mlflow
+
+    _client(config)
+    with tempfile.TemporaryDirectory(prefix="phd_flow-") as tmp:
+        got = mlflow.artifacts.download_artifacts(
+            run_id=source.key, artifact_path=stage, dst_path=tmp, tracking_uri=config.tracking_uri()
+        )
+        shutil.copytree(got, staging, dirs_exist_ok=True)
+
+
+def verify(root: Path, expected: dict[str, str] | None, stage: str, key: str, where: str) -> dict[str, str]:
+    """Hash ``root`` and compare with ``expected``; raises :class:`StageError` on any difference."""
+    actual = hash_tree(root)
+    if expected is None:
+        logger.warning(f"Stage {stage!r} from {key} has no recorded checksums; it is used unverified.")
+        return actual
+    missing = sorted(set(expected) - set(actual))
+    wrong = sorted(rel for rel in expected if rel in actual and actual[rel] != expected[rel])
+    extra = sorted(set(actual) - set(expected))
+    if missing or wrong or extra:
+        problems = [f"{rel} does not match its recorded sha256" for rel in wrong]
+        problems += [f"{rel} is missing" for rel in missing] + [f"{rel} was not recorded" for rel in extra]
+        raise StageError(
+            f"Stage {stage!r} from run {key} ({where}) failed verification: "
+            f"{'; '.join(problems[:5])}. "
+            "Nothing of it was used. The source copy is damaged: load the stage from another run, "
+            "or drop the rule to compute it."
+        )
+    return actual

@@ -1,0 +1,456 @@
+"""Stages: folders of a run that can be loaded from an earlier run, kept local, or reused by
+fingerprint.
+
+>>> with self.stage("load_data", depends_on=["dataset", "seed"]) as st:   # doctest: +SKIP
+...     if st.loaded:
+...         train = pd.read_csv(st.path / "train.csv")
+...     else:
+...         train = expensive_preprocessing()
+...         train.to_csv(st.path / "train.csv")
+
+Rules come from ``[stages.NAME]`` in the config and from the run options (``--load``,
+``--skip-log``, ``--cache`` / ``--no-cache``, which win). They are checked by :func:`prepare`
+before the run directory exists; a rule that points at nothing is a :class:`StageError` naming
+the rule. Each stage's provenance (loaded, loaded_from, per-file sha256, fingerprint) goes to
+run.json's ``stages`` section when it opens and closes, and to MLflow tags
+``phd_flow.stage.<name>.loaded_from`` / ``.logged``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from phd_flow import stage_sources
+from phd_flow.errors import PhdFlowError, StageError
+from phd_flow.log import logger
+from phd_flow.stage_sources import Source
+
+if typing.TYPE_CHECKING:
+    from phd_flow.config import Config
+    from phd_flow.node import Node
+
+INDEX_DIR = ".phd_flow/stages"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_RESERVED = {
+    "run.json",
+    "args.json",
+    "output.log",
+    "output.jsonl",
+    "metrics.jsonl",
+    "reproducible.json",
+    "results.pickle",
+}
+
+
+@dataclass
+class Rule:
+    """The effective rule for one stage: config ``[stages.NAME]`` merged with run options."""
+
+    stage: str
+    load_from: str | None = None
+    skip_log: bool = False
+    cache: bool = False
+    origins: list[str] = field(default_factory=list)  # where each setting came from (messages)
+    load_origin: str = ""
+
+
+def merge_rules(config: Config, options: Any) -> dict[str, Rule]:
+    """Config rules overlaid with ``--load`` / ``--skip-log`` / ``--cache`` / ``--no-cache``."""
+    rules: dict[str, Rule] = {}
+    for name, configured in config.stages.items():
+        where = config.where(f"stages.{name}")
+        load_where = config.where(f"stages.{name}.load_from")
+        rules[name] = Rule(
+            name,
+            configured.load_from,
+            configured.skip_log,
+            configured.cache,
+            origins=[f"[stages.{name}] ({where})"],
+            load_origin=f"{load_where} [stages.{name}] load_from = {configured.load_from!r}",
+        )
+    for name, value in options.load.items():
+        rule = rules.setdefault(name, Rule(name))
+        rule.load_from, rule.load_origin = value, f"--load {name}={value}"
+        rule.origins.append(f"--load {name}={value}")
+    for name in options.skip_log:
+        rule = rules.setdefault(name, Rule(name))
+        rule.skip_log = True
+        rule.origins.append(f"--skip-log {name}")
+    return rules
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name) or name in _RESERVED:
+        raise StageError(
+            f"Stage name {name!r} is not allowed: use letters, digits, '_', '-' and '.' "
+            "(not first), "
+            f"and none of {', '.join(sorted(_RESERVED))}."
+        )
+
+
+def prepare(node: Node[Any, Any]) -> StageManager:
+    """Check every stage rule before the run starts and resolve what to load.
+
+    Raises :class:`StageError` naming the rule (config file:line or ``--load``) and the run
+    when a rule points to a run that does not exist, did not complete, or lacks the stage.
+    """
+    config, name = node.config, type(node).__name__
+    rules = merge_rules(config, node.options)
+    sources: dict[str, Source | None] = {}
+    for stage, rule in rules.items():
+        _check_name(stage)
+        if rule.load_from:
+            sources[stage] = stage_sources.resolve(config, node.storage, name, stage, rule.load_from, rule.load_origin)
+    return StageManager(node, rules, sources)
+
+
+# --- fingerprints -------------------------------------------------------------------------------
+
+
+def fingerprint(stage: str, inputs: dict[str, Any]) -> str:
+    """sha256 over a stage's name and inputs (arg values, code hash, stage fingerprints)."""
+    blob = json.dumps({"stage": stage, **inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def explain_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """What differs between two stages' inputs, e.g. ``seed changed 1 → 2``."""
+    changes: list[str] = []
+    old_args, new_args = before.get("args", {}), after.get("args", {})
+    if set(old_args) != set(new_args):
+        changes.append(f"depends_on changed {sorted(old_args)} → {sorted(new_args)}")
+    for name in sorted(set(old_args) & set(new_args)):
+        if old_args[name] != new_args[name]:
+            changes.append(f"{name} changed {old_args[name]!r} → {new_args[name]!r}")
+    old_code, new_code = before.get("code", {}), after.get("code", {})
+    if old_code != new_code:
+        changes.append(f"code of {new_code.get('module')} changed")
+    old_stages, new_stages = before.get("stages", {}), after.get("stages", {})
+    for name in sorted(set(old_stages) | set(new_stages)):
+        if old_stages.get(name) != new_stages.get(name):
+            changes.append(f"stage {name} changed")
+    return ", ".join(changes) or "the fingerprint changed"
+
+
+def describe_inputs(inputs: dict[str, Any]) -> str:
+    """``dataset='d.csv', seed=1, same code of my_project.fit`` for the reuse log line."""
+    parts = [f"{k}={v!r}" for k, v in sorted(inputs.get("args", {}).items())]
+    parts += [f"stage {k} unchanged" for k in sorted(inputs.get("stages", {}))]
+    parts.append(f"same code of {inputs.get('code', {}).get('module')}")
+    return ", ".join(parts)
+
+
+def _index_path(local_path: Path, stage: str) -> Path:
+    return local_path / INDEX_DIR / f"{stage}.jsonl"
+
+
+def read_index(local_path: Path, stage: str) -> list[dict[str, Any]]:
+    """The stage index: one line per computed stage of a completed run, oldest first."""
+    try:
+        lines = _index_path(local_path, stage).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue  # a torn line after a crash
+    return entries
+
+
+# --- stages in a run ----------------------------------------------------------------------------
+
+
+class Stage:
+    """A folder of this run, ``<run dir>/<name>/``. Use it as a context manager; see the module
+    docstring. ``path``, ``loaded`` (files came from an earlier run), ``loaded_from`` (that
+    run's key), ``cached`` (reused by fingerprint) and ``fingerprint`` are set on entry."""
+
+    def __init__(self, manager: StageManager, name: str, depends_on: list[str] | None) -> None:
+        self.name = name
+        self.path = manager.run_dir / name
+        self.depends_on = depends_on
+        self.loaded = False
+        self.cached = False
+        self.loaded_from: str | None = None
+        self.fingerprint: str | None = None
+        self.inputs: dict[str, Any] = {}
+        self.sha256: str | None = None
+        self.completed = False
+        self._manager = manager
+        self._depth = 0
+        self._opened = False
+
+    @property
+    def skip_log(self) -> bool:
+        """True when the stage stays local: not synced, not logged to MLflow."""
+        rule = self._manager.rules.get(self.name)
+        return rule.skip_log if rule else False
+
+    def __enter__(self) -> Stage:
+        if self._depth == 0 and not self._opened:
+            self._opened = True
+            try:
+                self._manager.open(self)
+            except BaseException as exc:  # a failed load is recorded, and nothing of it is used
+                self._manager.close(self, exc)
+                raise
+        self._depth += 1
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._manager.close(self, exc)
+
+    def __repr__(self) -> str:
+        return f"Stage({self.name!r}, path={str(self.path)!r}, loaded={self.loaded})"
+
+
+class ManagedArtifact:
+    """One file or folder of this run (mlflowhelper's managed artifacts), optionally inside a
+    stage so it can be loaded from an earlier run. ``get_path()`` is where to write or read."""
+
+    def __init__(self, run_dir: Path, name: str, stage: Stage | None, is_dir: bool) -> None:
+        self.path = (stage.path if stage is not None else run_dir) / name
+        self.stage = stage
+        self.is_dir = is_dir
+
+    @property
+    def loaded(self) -> bool:
+        """True when the artifact came from an earlier run (its stage was loaded)."""
+        return self.stage is not None and self.stage.loaded and self.path.exists()
+
+    def get_path(self, name: str | None = None) -> Path:
+        """The file's path; for a folder, ``get_path("plot1.png")`` is a file inside it."""
+        if name is None:
+            return self.path
+        if not self.is_dir:
+            raise PhdFlowError(f"{self.path.name} is a single file; get_path() takes no name.")
+        return self.path / name
+
+    def __enter__(self) -> ManagedArtifact:
+        if self.stage is not None:
+            self.stage.__enter__()
+        (self.path if self.is_dir else self.path.parent).mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.stage is not None:
+            self.stage.__exit__(exc_type, exc, tb)
+
+
+class StageManager:
+    """The stages of one run: applies rules on open, records provenance on close."""
+
+    def __init__(self, node: Node[Any, Any], rules: dict[str, Rule], sources: dict[str, Source | None]) -> None:
+        self.node = node
+        self.rules = rules
+        self.sources = sources
+        self.stages: dict[str, Stage] = {}
+
+    @property
+    def run_dir(self) -> Path:
+        return self.node.output_dir
+
+    def stage(self, name: str, depends_on: Sequence[str] | None = None) -> Stage:
+        """The stage ``name`` of this run (the same object when opened again)."""
+        _check_name(name)
+        if name not in self.stages:
+            self.stages[name] = Stage(self, name, list(depends_on) if depends_on is not None else None)
+        return self.stages[name]
+
+    def artifact(self, name: str, stage: str | None, is_dir: bool) -> ManagedArtifact:
+        """A managed file or folder, inside ``stage`` when given."""
+        from phd_flow.keys import normalize
+
+        normalize(name)
+        return ManagedArtifact(self.run_dir, name, self.stage(stage) if stage else None, is_dir)
+
+    # --- opening ------------------------------------------------------------------------------
+
+    def open(self, stage: Stage) -> None:
+        stage.path.mkdir(parents=True, exist_ok=True)
+        stage.inputs = self._inputs(stage)
+        stage.fingerprint = fingerprint(stage.name, stage.inputs)
+        self._record(stage, status="open")  # skip_log is in run.json before any sync
+        rule = self.rules.get(stage.name)
+        forced = self.node.options.cache  # --cache / --no-cache win over [stages.NAME] cache
+        if rule is not None and rule.load_from:
+            self._load(stage, rule)
+        elif forced or (forced is None and rule is not None and rule.cache):
+            self._reuse(stage)
+        elif forced is False:
+            logger.info(f"Stage {stage.name!r}: recomputed because --no-cache was given.")
+
+    def _inputs(self, stage: Stage) -> dict[str, Any]:
+        from phd_flow.node import args_to_dict
+        from phd_flow.pipeline import code_hash
+        from phd_flow.tracking import flatten
+
+        node_cls = type(self.node)
+        args = args_to_dict(self.node.args)
+        flat = flatten(args)
+        names = stage.depends_on if stage.depends_on is not None else sorted(args)
+        values: dict[str, Any] = {}
+        stages: dict[str, str | None] = {}
+        for dep in names:
+            if dep in args or dep in flat:
+                values[dep] = args[dep] if dep in args else flat[dep]
+            elif dep in self.stages and dep != stage.name and self.stages[dep]._opened:
+                other = self.stages[dep]
+                stages[dep] = other.fingerprint
+            else:
+                others = ", ".join(n for n in self.stages if n != stage.name) or "none"
+                raise StageError(
+                    f"{node_cls.__name__}.stage({stage.name!r}, depends_on=...): {dep!r} is "
+                    f"neither a field of {node_cls.args_type().__name__} ({', '.join(args)}) nor "
+                    f"a stage opened earlier in this run ({others})."
+                )
+        code = {"module": node_cls.__module__, "sha256": code_hash(node_cls)}
+        return {"args": values, "code": code, "stages": stages}
+
+    def _load(self, stage: Stage, rule: Rule) -> None:
+        source = self.sources.get(stage.name)
+        if source is None:
+            logger.info(
+                f"Stage {stage.name!r}: no completed {type(self.node).__name__} run has it yet "
+                f"({rule.load_origin}); computing it."
+            )
+            return
+        self._fetch(stage, source)
+        logger.info(f"Stage {stage.name!r}: loaded from {source.key} ({rule.load_origin}).")
+
+    def _fetch(self, stage: Stage, source: Source) -> None:
+        files = stage_sources.fetch(self.node.config, self.node.storage, source, stage.name, stage.path)
+        stage.loaded, stage.loaded_from = True, source.key
+        # A loaded stage carries its source's fingerprint: that is what its content came from.
+        stage.fingerprint = source.info.get("fingerprint") or stage_sources.digest(files)
+        stage.inputs = source.info.get("inputs") or stage.inputs
+
+    def _reuse(self, stage: Stage) -> None:
+        config = self.node.config
+        entries = read_index(config.local_path, stage.name)
+        for entry in reversed(entries):
+            if entry.get("fingerprint") != stage.fingerprint:
+                continue
+            try:
+                source = stage_sources.phd_flow_source(
+                    config,
+                    self.node.storage,
+                    str(entry["path"]),
+                    stage.name,
+                    f"the stage cache of {stage.name!r}",
+                )
+                self._fetch(stage, source)
+            except PhdFlowError as exc:
+                logger.warning(f"Stage {stage.name!r}: cannot reuse {entry.get('key')} ({exc}).")
+                continue
+            stage.cached = True
+            logger.info(
+                f"Stage {stage.name!r}: reused from {source.key} because the fingerprint matched "
+                f"({describe_inputs(stage.inputs)})."
+            )
+            return
+        logger.info(f"Stage {stage.name!r}: recomputed because {self._why_new(stage, entries)}.")
+
+    def _why_new(self, stage: Stage, entries: list[dict[str, Any]]) -> str:
+        name = type(self.node).__name__
+        same_node = [e for e in entries if e.get("node") == name] or entries
+        if not same_node:
+            return f"no completed run has stage {stage.name!r} yet"
+        last = same_node[-1]
+        changes = explain_changes(last.get("inputs", {}), stage.inputs)
+        return f"{changes} (compared with {last.get('key')})"
+
+    # --- closing ------------------------------------------------------------------------------
+
+    def close(self, stage: Stage, error: BaseException | None) -> None:
+        if error is not None:
+            self._record(stage, status="failed")
+            return
+        files = stage_sources.hash_tree(stage.path)
+        stage.sha256 = stage_sources.digest(files)
+        stage.completed = True
+        self._record(stage, status="completed", files=files)
+        tags = {f"phd_flow.stage.{stage.name}.logged": str(not stage.skip_log).lower()}
+        if stage.loaded_from:
+            tags[f"phd_flow.stage.{stage.name}.loaded_from"] = stage.loaded_from
+        try:
+            self.node.set_tags(tags)
+        except Exception as exc:  # MLflow trouble never fails the run; run.json has the tags
+            logger.warning(f"Could not tag stage {stage.name!r} in MLflow ({type(exc).__name__}: {exc}).")
+
+    def _record(self, stage: Stage, status: str, files: dict[str, str] | None = None) -> None:
+        self.node.record.update_section(
+            "stages",
+            **{
+                stage.name: {
+                    "status": status,
+                    "loaded": stage.loaded,
+                    "loaded_from": stage.loaded_from,
+                    "cached": stage.cached,
+                    "skip_log": stage.skip_log,
+                    "fingerprint": stage.fingerprint,
+                    "inputs": stage.inputs,
+                    "sha256": stage.sha256,
+                    "files": files or {},
+                }
+            },
+        )
+
+    def finish(self) -> None:
+        """At the end of a completed run: index its computed stages, warn about unused rules."""
+        self._index_stages()
+        unused = [
+            rule
+            for name, rule in self.rules.items()
+            if name not in self.stages and (rule.load_from or rule.skip_log or rule.cache)
+        ]
+        if unused:
+            opened = ", ".join(self.stages) or "none"
+            listed = "; ".join(", ".join(rule.origins) for rule in unused)
+            logger.warning(
+                f"Stage rules not used by {type(self.node).__name__} (it never opened these "
+                f"stages; it opened: {opened}): {listed}. Check the stage names."
+            )
+
+    def _index_stages(self) -> None:
+        from phd_flow.runs import utcnow
+
+        ended_at = utcnow()
+        for stage in self.stages.values():
+            if not stage.completed or stage.loaded:
+                continue  # a loaded stage's content is indexed under the run that computed it
+            entry = {
+                "key": str(self.node.key),
+                "path": self.node.run_path,
+                "node": type(self.node).__name__,
+                "fingerprint": stage.fingerprint,
+                "inputs": stage.inputs,
+                "sha256": stage.sha256,
+                "ended_at": ended_at,
+            }
+            path = _index_path(self.node.config.local_path, stage.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:  # one short O_APPEND write: atomic
+                handle.write(json.dumps(entry, default=str) + "\n")

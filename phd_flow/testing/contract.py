@@ -1,0 +1,295 @@
+"""The storage contract: one pytest suite every :class:`~phd_flow.storage.base.Remote` passes.
+
+Subclass :class:`RemoteContract` in a test module and provide a ``remote`` fixture that returns
+a fresh, empty remote; every ``test_*`` method then runs against your backend, both through the
+raw :class:`Remote` API and through the shared sync engine (:class:`phd_flow.storage.Storage`)::
+
+    import pytest
+    from phd_flow.testing import RemoteContract
+
+    class TestMyContract(RemoteContract):
+        large_file_size = 9 << 20            # above the backend's multipart threshold
+        refused_keys = ["a//b"]              # names the store refuses (skip if none)
+        credentials_hint = ("MY_STORE_KEY",)  # the error for bad credentials names one of these
+        bad_secret = "not-the-real-secret"   # ... and never contains this
+
+        @pytest.fixture
+        def remote(self, tmp_path):
+            return MyRemote(...)
+
+        @pytest.fixture
+        def bad_credentials_remote(self):      # optional: tests skip without it
+            return MyRemote(..., secret=self.bad_secret)
+
+Nothing here depends on phd_flow's own ``tests/`` package, so third-party backends can use it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from phd_flow.config import Config, StorageConfig
+from phd_flow.errors import StorageAuthError, StorageNotFoundError, UserError
+from phd_flow.storage.base import Remote
+from phd_flow.storage.facade import Storage
+from phd_flow.storage.sync import MANIFEST
+
+#: A run-like directory: names exercise nesting, empty files and unicode.
+RUN_TREE: dict[str, bytes] = {
+    "run.json": b'{"status": "completed"}\n',
+    "output.log": b"2024-01-01 00:00:00.000 | INFO | x:y:1 - hello\n" * 50,
+    "results.pickle": bytes(range(256)) * 8,
+    "empty.txt": b"",
+    "nested/a/b/c/deep.txt": b"deep\n",
+    "nested/a/sibling.bin": b"\x00\xff" * 1000,
+    "données/résumé ✓.txt": "unicode ✓ content\n".encode(),
+    **{f"many/file_{i:03d}.txt": f"small file {i}\n".encode() for i in range(30)},
+}
+
+
+def storage_for(remote: Remote, local_path: Path, *, workers: int = 8, retries: int = 2) -> Storage:
+    """A :class:`Storage` over ``local_path`` that mirrors into ``remote`` (no config file)."""
+    config = Config(
+        local_path=local_path,
+        project_root=local_path.parent,
+        storage=StorageConfig(workers=workers, retries=retries),
+    )
+    return Storage(config, remote)
+
+
+def write_tree(root: Path, files: Mapping[str, bytes]) -> None:
+    """Create ``files`` (relative POSIX path -> content) below ``root``."""
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` (relative POSIX path -> content), manifests left out."""
+    out: dict[str, bytes] = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            if name != MANIFEST:
+                path = Path(dirpath) / name
+                out[path.relative_to(root).as_posix()] = path.read_bytes()
+    return out
+
+
+class RemoteContract:
+    """Behaviour shared by every storage backend. Subclass it; provide the ``remote`` fixture."""
+
+    #: Size of the file that must cross the backend's multipart / large-file threshold.
+    large_file_size: ClassVar[int] = 6 << 20
+    #: Keys the store refuses (e.g. B2's file-name rules); each must raise a clear UserError.
+    refused_keys: ClassVar[list[str]] = []
+    #: The bad-credentials error names at least one of these (env vars or config keys).
+    credentials_hint: ClassVar[tuple[str, ...]] = ()
+    #: The secret ``bad_credentials_remote`` uses; it must never appear in an error message.
+    bad_secret: ClassVar[str] = ""
+
+    # --- fixtures ---------------------------------------------------------------------------
+
+    @pytest.fixture
+    def remote(self) -> Remote:
+        """A fresh, empty remote. Subclasses must override this fixture."""
+        raise NotImplementedError("Override the `remote` fixture in your RemoteContract subclass.")
+
+    @pytest.fixture
+    def bad_credentials_remote(self) -> Remote | None:
+        """A remote whose credentials the store rejects (None: the auth test is skipped)."""
+        return None
+
+    @pytest.fixture
+    def storage(self, remote: Remote, tmp_path: Path) -> Storage:
+        """The first machine: a local_path mirrored into ``remote``."""
+        return storage_for(remote, tmp_path / "machine1")
+
+    @pytest.fixture
+    def second(self, remote: Remote, tmp_path: Path) -> Storage:
+        """A second machine: an empty local_path over the same remote."""
+        return storage_for(remote, tmp_path / "machine2")
+
+    # --- raw Remote API -----------------------------------------------------------------------
+
+    def test_write_read_bytes_round_trip_and_overwrite(self, remote: Remote) -> None:
+        remote.write_bytes("dir/blob.bin", b"\x00first")
+        assert remote.read_bytes("dir/blob.bin") == b"\x00first"
+        remote.write_bytes("dir/blob.bin", b"second")
+        assert remote.read_bytes("dir/blob.bin") == b"second"
+        remote.write_bytes("dir/empty", b"")
+        assert remote.read_bytes("dir/empty") == b""
+
+    def test_put_get_stat(self, remote: Remote, tmp_path: Path) -> None:
+        source = tmp_path / "source.bin"
+        source.write_bytes(os.urandom(3000))
+        remote.put(source, "x/y/source.bin")
+        stat = remote.stat("x/y/source.bin")
+        assert stat is not None and stat.key == "x/y/source.bin" and stat.size == 3000
+        assert remote.stat("x/y") is None, "stat() of a directory prefix must be None"
+        target = tmp_path / "target.bin"
+        remote.get("x/y/source.bin", target)
+        assert target.read_bytes() == source.read_bytes()
+
+    def test_missing_key(self, remote: Remote, tmp_path: Path) -> None:
+        assert remote.stat("absent/file.txt") is None
+        assert remote.read_bytes("absent/file.txt") is None
+        assert list(remote.list("absent")) == []
+        assert remote.list_dirs("absent") == []
+        with pytest.raises(StorageNotFoundError):
+            remote.get("absent/file.txt", tmp_path / "out")
+        remote.delete(["absent/file.txt"])  # deleting what is not there is not an error
+
+    def test_list_is_recursive_and_respects_directory_boundaries(self, remote: Remote) -> None:
+        for key in ["a/x", "a/b/y", "ab/z", "top.txt"]:
+            remote.write_bytes(key, key.encode())
+        assert sorted(f.key for f in remote.list("a")) == ["a/b/y", "a/x"]
+        assert sorted(f.key for f in remote.list("a/")) == ["a/b/y", "a/x"]
+        assert sorted(f.key for f in remote.list("")) == ["a/b/y", "a/x", "ab/z", "top.txt"]
+        assert {f.key: f.size for f in remote.list("ab")} == {"ab/z": 4}
+        assert remote.list_dirs("") == ["a", "ab"]
+        assert remote.list_dirs("a") == ["b"]
+        assert remote.list_dirs("a/b") == []
+
+    def test_delete_many(self, remote: Remote) -> None:
+        names = [f"d/{i}" for i in range(25)] + ["keep/me"]
+        for name in names:
+            remote.write_bytes(name, b"1")
+        remote.delete([*names[:-1], "d/never-existed"])
+        assert [f.key for f in remote.list("")] == ["keep/me"]
+
+    def test_unicode_key(self, remote: Remote) -> None:
+        key = "données/résumé ✓.txt"
+        remote.write_bytes(key, "✓".encode())
+        assert [f.key for f in remote.list("données")] == [key]
+        assert remote.read_bytes(key) == "✓".encode()
+
+    def test_describe_is_a_nonempty_location(self, remote: Remote) -> None:
+        assert remote.describe().strip()
+
+    # --- the sync engine over this backend ----------------------------------------------------
+
+    def test_round_trip_to_a_second_machine_is_byte_identical(
+        self, storage: Storage, second: Storage
+    ) -> None:
+        write_tree(storage.path("run_1"), RUN_TREE)
+        report = storage.upload("run_1")
+        assert sorted(report.transferred) == sorted(RUN_TREE) and report.skipped == 0
+        assert storage.remote_ls("run_1") == sorted(f"run_1/{rel}" for rel in RUN_TREE)
+        pulled = second.download("run_1")
+        assert len(pulled.transferred) == len(RUN_TREE)
+        assert read_tree(second.path("run_1")) == RUN_TREE
+        again = second.download("run_1")
+        assert again.transferred == [] and again.skipped == len(RUN_TREE)
+
+    def test_unchanged_resync_transfers_nothing_and_a_change_only_itself(
+        self, storage: Storage
+    ) -> None:
+        write_tree(storage.path("run_1"), RUN_TREE)
+        storage.upload("run_1")
+        again = storage.upload("run_1")
+        assert again.transferred == [] and again.skipped == len(RUN_TREE) and again.bytes == 0
+        storage.path("run_1/nested/a/b/c/deep.txt").write_bytes(b"changed, and longer\n")
+        storage.path("run_1/new.txt").write_bytes(b"new")
+        changed = storage.upload("run_1")
+        assert sorted(changed.transferred) == ["nested/a/b/c/deep.txt", "new.txt"]
+
+    def test_large_file_above_multipart_threshold(self, storage: Storage, second: Storage) -> None:
+        data = random.Random(0).randbytes(self.large_file_size)
+        write_tree(storage.path("big"), {"large.bin": data, "small.txt": b"s"})
+        assert sorted(storage.upload("big").transferred) == ["large.bin", "small.txt"]
+        remote = storage.remote
+        assert remote is not None
+        stat = remote.stat("big/large.bin")
+        assert stat is not None and stat.size == len(data)
+        second.download("big")
+        assert second.path("big/large.bin").read_bytes() == data
+
+    def test_download_a_subpath_and_open_fetches_on_read(
+        self, storage: Storage, second: Storage
+    ) -> None:
+        write_tree(storage.path("run_1"), RUN_TREE)
+        storage.upload("run_1")
+        second.download("run_1/nested/a/b/c/deep.txt")
+        assert second.path("run_1/nested/a/b/c/deep.txt").read_bytes() == b"deep\n"
+        assert not second.path("run_1/run.json").exists()
+        second.download("run_1/données")
+        assert read_tree(second.path("run_1/données")) == {
+            "résumé ✓.txt": RUN_TREE["données/résumé ✓.txt"]
+        }
+        with second.open("run_1/results.pickle", "rb") as f:
+            assert f.read() == RUN_TREE["results.pickle"]
+
+    def test_exists_and_remove(self, storage: Storage) -> None:
+        write_tree(storage.path("run_1"), {"a.txt": b"a", "sub/b.txt": b"b"})
+        write_tree(storage.path("run_2"), {"c.txt": b"c"})
+        storage.upload("run_1")
+        storage.upload("run_2")
+        storage.remove("run_1")  # local only, by default
+        assert not storage.path("run_1").exists()
+        assert storage.exists("run_1") and storage.exists("run_1/sub/b.txt")
+        assert not storage.exists("run_1/nope.txt") and not storage.exists("run_3")
+        storage.remove("run_1", local=True, remote=True)
+        assert not storage.exists("run_1") and storage.remote_ls("run_1") == []
+        storage.remove("run_2/c.txt", local=False, remote=True)  # one remote file
+        assert storage.path("run_2/c.txt").is_file()
+        assert storage.remote_ls("run_2") == []
+
+    def test_upload_restores_files_removed_from_the_remote(self, storage: Storage) -> None:
+        write_tree(
+            storage.path("datasets/run_1"), {"a.txt": b"a", "sub/b.txt": b"b", "c.txt": b"c"}
+        )
+        storage.upload("datasets/run_1")
+        storage.remove("datasets/run_1/sub/b.txt", local=False, remote=True)
+        storage.remove("datasets/run_1/c.txt", local=False, remote=True)
+        assert storage.remote_ls("datasets/run_1") == ["datasets/run_1/a.txt"]
+        report = storage.upload("datasets/run_1")
+        assert sorted(report.transferred) == ["c.txt", "sub/b.txt"]
+        assert storage.remote_ls("datasets") == [
+            f"datasets/run_1/{n}" for n in ["a.txt", "c.txt", "sub/b.txt"]
+        ]
+
+    def test_download_of_a_missing_run_is_a_clear_error(self, second: Storage) -> None:
+        with pytest.raises(StorageNotFoundError):
+            second.download("never_uploaded")
+        assert not second.exists("never_uploaded")
+
+    # --- refusals -----------------------------------------------------------------------------
+
+    def test_wrong_credentials_name_the_fix_and_hide_the_secret(
+        self, bad_credentials_remote: Remote | None, tmp_path: Path
+    ) -> None:
+        if bad_credentials_remote is None:
+            pytest.skip("this backend provides no bad_credentials_remote fixture")
+        for attempt in (
+            lambda: bad_credentials_remote.write_bytes("x.txt", b"1"),
+            lambda: list(bad_credentials_remote.list("")),
+        ):
+            with pytest.raises(StorageAuthError) as info:
+                attempt()
+            message = str(info.value)
+            if self.credentials_hint:
+                assert any(hint in message for hint in self.credentials_hint), message
+            if self.bad_secret:
+                assert self.bad_secret not in message
+        storage = storage_for(bad_credentials_remote, tmp_path / "m")
+        write_tree(storage.path("run_1"), {"a.txt": b"a"})
+        with pytest.raises(StorageAuthError):
+            storage.upload("run_1")
+        assert storage.path("run_1/a.txt").read_bytes() == b"a", "local files must survive"
+
+    def test_refused_names_raise_a_user_error(self, remote: Remote, tmp_path: Path) -> None:
+        if not self.refused_keys:
+            pytest.skip("this backend refuses no names beyond phd_flow's own key rules")
+        source = tmp_path / "f.txt"
+        source.write_bytes(b"x")
+        for key in self.refused_keys:
+            with pytest.raises(UserError) as info:
+                remote.put(source, key)
+            assert str(info.value).strip()

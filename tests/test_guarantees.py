@@ -1,0 +1,338 @@
+"""Reliability guarantees (README "Guarantees"): bad input, path safety, faults, load, secrets.
+
+Each test tries to break one promise. Bad input rows check the exit code, the message, that no
+traceback is printed, and that nothing already on disk changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path, PurePosixPath
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from phd_flow import keys
+from phd_flow.errors import InvalidKeyError
+from tests.conftest import cli, run_dirs, write_config
+
+FAULT_NODES = '''
+import dataclasses, os, time
+from phd_flow import Node, logger, node
+
+
+@dataclasses.dataclass
+class SlowPickleArgs(node.Args):
+    marker: str = ""
+
+
+class SlowPickle:
+    """A result whose pickling takes a while and announces itself."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __getstate__(self) -> dict:
+        open(self.marker, "w").close()
+        time.sleep(1.5)
+        return {"marker": self.marker}
+
+
+class PickleSlowly(Node[SlowPickleArgs, SlowPickle]):
+    """Return a result that is slow to pickle."""
+
+    def _run(self) -> SlowPickle:
+        logger.info("about to return")
+        return SlowPickle(self.args.marker)
+
+
+@dataclasses.dataclass
+class ManyArgs(node.Args):
+    files: int = 10
+    fail: bool = False
+
+
+class ManyFiles(Node[ManyArgs, int]):
+    """Write many small files."""
+
+    def _run(self) -> int:
+        out = self.output_dir / "parts"
+        out.mkdir()
+        for i in range(self.args.files):
+            (out / f"part-{i:05d}.txt").write_text(f"{i}\\n")
+        self.log_metric("files", self.args.files)
+        if self.args.fail:
+            raise RuntimeError("failed after writing")
+        return self.args.files
+'''
+
+
+@pytest.fixture
+def fproject(project: Path) -> Path:
+    (project / "my_project" / "faults.py").write_text(FAULT_NODES)
+    return project
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """sha256 of every file below root (the 'nothing changed' snapshot)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST", "AWS_", "B2_"))}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    return env
+
+
+# --- path safety -------------------------------------------------------------------------------
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=5))
+def test_normalize_never_escapes_local_path(tmp_path: Path, parts: list[str]) -> None:
+    """Property: any key either is refused with InvalidKeyError or stays below local_path."""
+    raw = "/".join(parts)
+    try:
+        rel = keys.normalize(raw)
+    except InvalidKeyError as exc:
+        assert str(exc)
+        return
+    root = (tmp_path / "local").resolve()
+    target = (root / rel).resolve()
+    assert target == root or root in target.parents
+    assert not PurePosixPath(rel).is_absolute() and ".." not in PurePosixPath(rel).parts
+    assert "\\" not in str(rel) and not any(ord(c) < 32 for c in str(rel))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["..", "../x", "a/../../b", "/etc/passwd", "a\\..\\b", "x/\x00y", "C:\\win", "a/\nb"]))
+def test_hostile_keys_are_refused(raw: str) -> None:
+    with pytest.raises(InvalidKeyError):
+        keys.normalize(raw)
+
+
+# --- bad input: one table --------------------------------------------------------------------
+
+BAD_CONFIG = [
+    # (config text, argv, expected exit, expected message parts)
+    ("local_path = \n", ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2, ["default.toml", "line 1"]),
+    ("local_path = '${PROJECT_ROOT}/d'\n[mlflow]\nexperimnt = 'x'\n", ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2,
+     ["experimnt", "default.toml:3", "experiment"]),
+    ("local_path = 5\n", ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2, ["local_path", "str"]),
+    ("local_path = '${NO_SUCH_VAR_PHD}/d'\n", ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2,
+     ["NO_SUCH_VAR_PHD"]),
+    ("local_path = '${PROJECT_ROOT}/d'\n[storage]\nbackend = 'gcs'\n",
+     ["run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target"], 2, ["default.toml:3", "gcs", "Known"]),
+    ("local_path = '${PROJECT_ROOT}/d'\n[storage]\nbackend = 's3'\n",
+     ["run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target"], 3, ["[storage] bucket"]),
+]
+
+BAD_ARGS = [
+    (["run", "FitOLZ"], 2, ["FitOLZ", "Did you mean 'FitOLS'"]),
+    (["run", "FitOLS", "--dataset", "data/diabetes.csv"], 2, ["--target"]),
+    (["run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target", "--seed", "abc"], 2,
+     ["--seed", "abc"]),
+    (["run", "FitOLS", "--dataset", "d", "--target", "t", "--key", "../evil"], 2, ["'..'"]),
+    (["run", "FitOLS", "--dataset", "d", "--target", "t", "--key", "/tmp/evil"], 2, ["absolute"]),
+    (["run", "FitOLS", "--dataset", "d", "--target", "t", "--load", "nostage"], 2, ["STAGE=KEY"]),
+    (["download", "../../etc"], 2, ["'..'"]),
+    (["download", "FitOLS_1999"], 2, ["FitOLS_1999"]),
+    (["sync", "nosuchkey"], 2, ["nosuchkey"]),
+    (["frobnicate"], 2, ["frobnicate"]),
+]
+
+
+def _assert_clean_user_error(proc: subprocess.CompletedProcess[str], code: int, parts: list[str]) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for part in parts:
+        assert part in proc.stderr, (part, proc.stderr)
+
+
+@pytest.mark.parametrize(("text", "argv", "code", "parts"), BAD_CONFIG)
+def test_bad_config_is_one_clear_message(project: Path, text: str, argv: list[str], code: int, parts: list[str]) -> None:
+    write_config(project, text)
+    before = _tree(project)
+    proc = cli(project, *argv)
+    _assert_clean_user_error(proc, code, parts)
+    after = _tree(project)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing already written changed
+
+
+@pytest.mark.parametrize(("argv", "code", "parts"), BAD_ARGS)
+def test_bad_arguments_are_one_clear_message(project: Path, argv: list[str], code: int, parts: list[str]) -> None:
+    ok = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
+    assert ok.returncode == 0, ok.stderr
+    before = _tree(project)
+    proc = cli(project, *argv)
+    _assert_clean_user_error(proc, code, parts)
+    assert _tree(project) == before
+    assert not (project.parent / "evil").exists() and not Path("/tmp/evil").exists()
+
+
+def test_unwritable_local_path_fails_before_run(project: Path) -> None:
+    (project / "blocker").write_text("a file, not a directory")
+    write_config(project, 'local_path = "${PROJECT_ROOT}/blocker/sub"\n')
+    proc = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
+    _assert_clean_user_error(proc, 2, ["local_path", "default.toml:1", "writable"])
+    assert "Got 442 samples" not in proc.stderr  # _run never started
+
+
+def test_corrupt_run_json_and_pickle_are_reported(project: Path) -> None:
+    ok = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
+    assert ok.returncode == 0, ok.stderr
+    (run_dir,) = run_dirs(project / "data_storage")
+    pickle_path = run_dir / "results.pickle"
+    pickle_path.write_bytes(pickle_path.read_bytes()[:-7])  # truncated
+    from phd_flow.errors import CorruptRunError
+    from phd_flow.pipeline import load_verified_result
+
+    with pytest.raises(CorruptRunError, match="sha256"):
+        load_verified_result(run_dir)
+    (run_dir / "run.json").write_text('{"status": "compl')  # torn by hand
+    before = _tree(project)
+    proc = cli(project, "sync", run_dir.name)
+    _assert_clean_user_error(proc, 2, ["run.json", run_dir.name])
+    assert _tree(project) == before
+
+
+# --- faults ------------------------------------------------------------------------------------
+
+
+def test_sigterm_while_pickling_the_result_keeps_the_result(fproject: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pickling"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "my_project", "run", "PickleSlowly", "--marker", str(marker)],
+        cwd=fproject, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    (run_dir,) = run_dirs(fproject / "data_storage")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "killed"
+    # The result being saved when the signal came was saved whole and verifies.
+    data = (run_dir / "results.pickle").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == record["result"]["sha256"]
+    assert str(marker).encode() in data and pickle.DEFAULT_PROTOCOL  # the complete state is there
+    assert "about to return" in (run_dir / "output.log").read_text()
+
+
+def test_failed_run_is_synced_whole_to_the_remote(fproject: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "shared"
+    write_config(fproject, f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[storage]\nbackend = "local"\nremote = "{remote}"\n')
+    proc = cli(fproject, "run", "ManyFiles", "--files", "50", "--fail", "true")
+    assert proc.returncode == 1, proc.stderr
+    (run_dir,) = run_dirs(fproject / "data_storage")
+    mirrored = remote / run_dir.name
+    assert _tree(mirrored) == _tree(run_dir)
+    assert json.loads((mirrored / "run.json").read_text())["status"] == "failed"
+
+
+def test_two_machines_sync_to_one_prefix_at_once(fproject: Path, tmp_path: Path) -> None:
+    """Two local_paths pushing to the same remote at the same moment overwrite nothing."""
+    import shutil
+
+    remote = tmp_path / "shared"
+    second = tmp_path / "second"
+    shutil.copytree(fproject, second, ignore=shutil.ignore_patterns("data_storage"))
+    for proj in (fproject, second):
+        write_config(proj, f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[storage]\nbackend = "local"\nremote = "{remote}"\n')
+    results: list[subprocess.CompletedProcess[str]] = []
+    threads = [
+        threading.Thread(target=lambda p=p: results.append(cli(p, "run", "ManyFiles", "--files", "200")))
+        for p in (fproject, second)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-1500:] for r in results]
+    local_runs = run_dirs(fproject / "data_storage") + run_dirs(second / "data_storage")
+    assert len({d.name for d in local_runs}) == 2
+    for run_dir in local_runs:
+        assert _tree(remote / run_dir.name) == _tree(run_dir)
+
+
+@pytest.mark.slow
+def test_fifty_processes_at_once_on_a_fresh_store(fproject: Path) -> None:
+    """50 runs started together against one fresh local_path and one fresh sqlite MLflow store."""
+    n = 50
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "my_project", "run", "ManyFiles", "--files", str(i)],
+            cwd=fproject, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(n)
+    ]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    failures = [(p.returncode, err[-2000:]) for p, (_, err) in zip(procs, outputs, strict=True) if p.returncode]
+    assert not failures
+    errors = [err for _, err in outputs if "| ERROR" in err or "| WARNING" in err]
+    assert not errors, errors[0][-2000:]
+    dirs = run_dirs(fproject / "data_storage")
+    assert len({d.name for d in dirs}) == n
+    records = [json.loads((d / "run.json").read_text()) for d in dirs]
+    assert all(r["status"] == "completed" and r["mlflow"]["state"] == "synced" for r in records)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{fproject / 'data_storage' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id], max_results=1000)
+    assert len(runs) == n and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(int(r.data.params["files"]) for r in runs) == list(range(n))
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_secrets_never_written_anywhere(fproject: Path) -> None:
+    """Keys in the environment and in the config file: no byte phd_flow writes contains them.
+
+    The B2 account is unreachable here (no internet), so the sync path with its error messages
+    runs too; the run ends "not synced" (exit 3).
+    """
+    secrets = {"AWS_SECRET_ACCESS_KEY": "awsSecretZ8q1", "AWS_ACCESS_KEY_ID": "AKIAPHDFLOWTEST77",
+               "AWS_SESSION_TOKEN": "sessTokenQ4w2"}
+    file_secrets = ["b2KeyIdQ9z3", "b2AppKeyW7x5"]
+    config = write_config(
+        fproject,
+        'local_path = "${PROJECT_ROOT}/data_storage"\n'
+        f'b2_key_id = "{file_secrets[0]}"\nb2_key = "{file_secrets[1]}"\nb2_bucket = "bkt"\n'
+        '[mlflow]\nexperiment = "test"\n',
+    )
+    config.chmod(0o644)
+    outputs = []
+    for argv, code in ((["ManyFiles", "--files", "3"], 3), (["ManyFiles", "--fail", "true"], 1)):
+        proc = cli(fproject, "run", *argv, env=secrets)
+        assert proc.returncode == code, proc.stderr[-3000:]
+        outputs.append(proc.stdout + proc.stderr)
+    assert "readable by other users" in outputs[0] and "chmod 600" in outputs[0]
+    needles = [s.encode() for s in [*secrets.values(), *file_secrets]]
+    written = [p for p in fproject.rglob("*") if p.is_file() and p != config]
+    assert any(p.name == "mlflow.db" for p in written)
+    hits = [(str(p), n) for p in written for n in needles if n in p.read_bytes()]
+    hits += [("stdout/stderr", n) for out in outputs for n in needles if n.decode() in out]
+    assert not hits
+    for run_dir in run_dirs(fproject / "data_storage"):
+        snapshot = json.loads((run_dir / "reproducible.json").read_text())
+        assert "environment" not in snapshot and "env" not in snapshot
+        assert json.loads((run_dir / "run.json").read_text())["sync"]["state"] == "not_synced"

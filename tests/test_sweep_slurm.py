@@ -1,0 +1,122 @@
+"""Sweeps on a real SLURM cluster (../shared/slurm/start_slurm.sh): job arrays, scancel, requeue.
+
+Skipped where SLURM is not installed. MLflow is off in these projects to keep the jobs small.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import cli, run_dirs
+from tests.test_sweep_local import NO_MLFLOW, make_project, point_records, sweep_record
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM is not installed (no sinfo on PATH)"),
+]
+
+
+def until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def status_of(project: Path, key: str) -> str | None:
+    path = project / "data_storage" / key / "run.json"
+    return json.loads(path.read_text())["status"] if path.exists() else None
+
+
+def squeue(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-r", "-o", "%i %T %r", "-j", job.split("_")[0]],
+                          capture_output=True, text=True, check=False).stdout
+
+
+class _Unpickler(pickle.Unpickler):
+    """Results pickled by the project's copy of sweep_nodes load as tests.sweep_nodes classes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class("tests.sweep_nodes" if module == "my_project.sweep_nodes" else module, name)
+
+
+def load_result(run_dir: Path) -> Any:
+    with open(run_dir / "results.pickle", "rb") as handle:
+        return _Unpickler(handle).load()
+
+
+@pytest.fixture
+def sproject(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "proj")
+
+
+def test_a_grid_runs_as_a_job_array_and_records_the_slurm_ids(sproject: Path) -> None:
+    proc = cli(sproject, "sweep", "Scale", "--alpha", "2", "--grid", "seed=1,2,3", "--executor", "slurm", "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = sweep_record(sproject)
+    (array,) = record["slurm_job_ids"]
+    assert f"SLURM job array {array}" in proc.stdout and "finished: 3 completed" in proc.stdout
+    assert [p["slurm_job_id"] for p in record["points"]] == [f"{array}_{i}" for i in range(3)]
+    runs = point_records(sproject)
+    for index, point in enumerate(record["points"]):
+        run = runs[point["key"]]
+        assert run["status"] == "completed" and run["sweep"] == record["key"]
+        assert run["slurm"]["array_job_id"] == array and run["slurm"]["array_task_id"] == str(index)
+        result = load_result(sproject / "data_storage" / point["key"])
+        assert result.value == 2 * point["params"]["seed"]
+
+
+def test_scancel_of_one_array_task_marks_that_run_killed(sproject: Path, tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    proc = cli(sproject, "sweep", "Nap", "--marker_dir", str(markers), "--grid", "seconds=0,120", "--executor", "slurm")
+    assert proc.returncode == 0, proc.stderr
+    quick, slow = sweep_record(sproject)["points"]
+    until(lambda: (markers / slow["key"]).exists(), 60, "the long task to start")
+    subprocess.run(["scancel", slow["slurm_job_id"]], check=True)
+    until(lambda: status_of(sproject, slow["key"]) == "killed", 30, "the cancelled run to record killed")
+    until(lambda: status_of(sproject, quick["key"]) == "completed", 60, "the other task to complete")
+    until(lambda: not squeue(slow["slurm_job_id"]).strip(), 30, "the array to leave the queue")
+    shown = cli(sproject, "sweep", "--status", sweep_record(sproject)["key"])
+    assert "1 completed, 1 killed" in shown.stdout
+    assert "SIGTERM" in json.loads((sproject / "data_storage" / slow["key"] / "run.json").read_text())["error"]
+
+
+def test_a_preempted_job_is_requeued_and_resumes_the_same_key(sproject: Path, tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    proc = cli(sproject, "sweep", "Steps", "--marker_dir", str(markers), "--grid", "steps=3", "--executor", "slurm")
+    assert proc.returncode == 0, proc.stderr
+    (point,) = sweep_record(sproject)["points"]
+    key, job = point["key"], point["slurm_job_id"]
+    until(lambda: (markers / key).exists(), 60, "the first attempt to checkpoint")
+    # what SLURM sends signal_delay_s before a time limit, and on preemption
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    until(lambda: "PENDING" in squeue(job) or status_of(sproject, key) == "completed", 30, "the requeue")
+    # a requeued job waits for its BeginTime (~2 min by default): let it start now
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False, capture_output=True)
+    until(lambda: status_of(sproject, key) == "completed", 60, "the requeued attempt to complete")
+    run = json.loads((sproject / "data_storage" / key / "run.json").read_text())
+    assert run["resumed"] is True and run["slurm"]["restart_count"] == "1"
+    result = load_result(sproject / "data_storage" / key)
+    assert (result.done, result.attempts) == ([0, 1, 2], 2)  # continued from the checkpoint
+    assert [d.name for d in run_dirs(sproject / "data_storage") if d.name.startswith("Steps_")] == [key]
+    until(lambda: not squeue(job).strip(), 30, "the job to leave the queue")
+
+
+def test_an_unknown_partition_fails_before_anything_is_submitted(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "proj", NO_MLFLOW + '[executor]\nkind = "slurm"\n[executor.slurm]\npartition = "gpu"\n')
+    proc = cli(project, "sweep", "Scale", "--grid", "seed=1,2")
+    assert proc.returncode == 2
+    assert "[executor.slurm] partition = 'gpu' is not a partition" in proc.stderr and "debug" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (project / "data_storage").exists()
