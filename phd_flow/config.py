@@ -285,7 +285,7 @@ def _build(cls: type[Any], data: Any, section: str, source: Path | None) -> Any:
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, f"{section}.{name}", source)
+            values[name] = _build(typing.cast(type, hint), value, f"{section}.{name}", source)
             continue
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

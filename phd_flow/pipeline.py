@@ -105,7 +105,8 @@ def find_reusable(local_path: Path, node_name: str, wanted: dict[str, str]) -> t
     last = entries[-1]
     changed = []
     if last.get("args") != wanted.get("_args"):
-        before, after = last.get("args") or {}, wanted.get("_args") or {}
+        before: dict[str, Any] = last.get("args") or {}
+        after: dict[str, Any] = wanted.get("_args") or {}  # type: ignore[assignment]
         keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         changed.append("args " + ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys))
     if last.get("code") != wanted.get("code"):

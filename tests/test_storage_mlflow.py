@@ -122,9 +122,13 @@ def test_cli_run_lands_in_mlflow_and_downloads_byte_identical(
     key = run_dir.name
     record = json.loads((run_dir / "run.json").read_text())
     assert record["sync"]["state"] == "synced", record["sync"]
+    # The run's UI link is logged at start when the tracking store is a server (issue 6).
+    run_id, experiment_id = record["mlflow"]["run_id"], record["mlflow"]["experiment_id"]
+    link = f"MLflow run: {mlflow_server.tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}"
+    assert link in proc.stderr and link in (run_dir / "output.log").read_text()
 
     mlflow = client(mlflow_server.tracking_uri)
-    run = mlflow.get_run(record["mlflow"]["run_id"])
+    run = mlflow.get_run(run_id)
     assert run.data.tags[KEY_TAG] == key
     listed = {f.path for f in mlflow.list_artifacts(run.info.run_id)}
     assert {"run.json", "output.log", "results.pickle", "args.json"} <= listed

@@ -215,9 +215,14 @@ class B2Remote(Remote):
             return StorageAuthError(
                 f"B2 refused access to bucket {bucket!r} ({detail}). {_CREDENTIALS_HINT}"
             )
-        if isinstance(
-            exc, (b2_exc.TooManyRequests, b2_exc.B2ConnectionError, b2_exc.B2RequestTimeout)
-        ) or (exc.should_retry_http() or exc.should_retry_upload()):
+        # MaxRetriesExceeded: b2sdk gave up after retrying only transient upload errors.
+        transient = (
+            b2_exc.TooManyRequests,
+            b2_exc.B2ConnectionError,
+            b2_exc.B2RequestTimeout,
+            b2_exc.MaxRetriesExceeded,
+        )
+        if isinstance(exc, transient) or (exc.should_retry_http() or exc.should_retry_upload()):
             return StorageUnavailableError(
                 f"B2 is unavailable for b2://{bucket}/{where} ({detail})."
             )

@@ -16,6 +16,7 @@ already validated by :func:`phd_flow.keys.normalize`.
 
 from __future__ import annotations
 
+import builtins
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -65,7 +66,7 @@ class Remote(ABC):
         """The object ``key`` itself (not a directory), or None when it does not exist."""
 
     @abstractmethod
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """The names of the immediate "directories" below ``prefix`` (a delimiter listing)."""
 
     @abstractmethod
@@ -77,7 +78,7 @@ class Remote(ABC):
         """Download ``key`` into the file ``local`` (its parent exists)."""
 
     @abstractmethod
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:
         """Delete these objects; missing ones are ignored."""
 
     def read_bytes(self, key: str) -> bytes | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 from collections.abc import Iterator
@@ -60,7 +61,7 @@ class LocalRemote(Remote):
         path = self._path(key)
         return RemoteFile(key, path.stat().st_size) if path.is_file() else None
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         try:
             return sorted(e.name for e in os.scandir(self._path(prefix)) if e.is_dir())
         except FileNotFoundError:
@@ -86,7 +87,7 @@ class LocalRemote(Remote):
         except OSError as exc:
             raise StorageUnavailableError(f"Cannot read {source}: {exc.strerror or exc}") from exc
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:
         parents = set()
         for key in keys:
             path = self._path(key)
