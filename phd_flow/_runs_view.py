@@ -36,11 +36,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], color: bool = F
     """Left-aligned columns separated by two spaces; a ``STATUS`` column is coloured."""
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     status_col = headers.index("STATUS") if "STATUS" in headers else -1
-    lines = [
-        paint(
-            "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), "1", color
-        )
-    ]
+    lines = [paint("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), "1", color)]
     for row in rows:
         cells = [
             status_text(c, color, w) if i == status_col else c.ljust(w)
@@ -114,13 +110,9 @@ def render_show(
     if data.get("kind") == "sweep":
         yield from _section("sweep points", _sweep_lines(run))
     yield from _section("children", list(_children_tree(run.run_dir, data, "  ")))
-    yield from _section(
-        f"files ({len(files)}, {size_text(sum(s for _, s in files))})", _file_lines(files)
-    )
+    yield from _section(f"files ({len(files)}, {size_text(sum(s for _, s in files))})", _file_lines(files))
     if log_tail:
-        yield from _section(
-            f"last {len(log_tail)} lines of output.log", [f"  {line}" for line in log_tail]
-        )
+        yield from _section(f"last {len(log_tail)} lines of output.log", [f"  {line}" for line in log_tail])
     hint = _ui_hint(run, package)
     if hint:
         yield ""
@@ -156,8 +148,7 @@ def _overview(run: Run) -> list[tuple[str, str]]:
         rows.append(
             (
                 "result",
-                f"{result.get('file')} ({result.get('type', '?')}, "
-                f"sha256 {str(result.get('sha256'))[:12]})",
+                f"{result.get('file')} ({result.get('type', '?')}, sha256 {str(result.get('sha256'))[:12]})",
             )
         )
     if data.get("sweep"):
@@ -210,8 +201,7 @@ def _ui_hint(run: Run, package: str) -> str | None:
     if url:
         return f"MLflow UI: {url}"
     return (
-        f"MLflow UI: `python -m {package} ui`, then "
-        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+        f"MLflow UI: `python -m {package} ui`, then http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
     )
 
 
@@ -277,11 +267,7 @@ def _children_tree(run_dir: Path, data: dict[str, Any], indent: str) -> Iterator
     """Child runs (sub-directories with a run.json) as a tree, and reused runs by path."""
     from phd_flow._io import read_json
 
-    children = (
-        [p for p in sorted(run_dir.iterdir()) if (p / "run.json").is_file()]
-        if run_dir.is_dir()
-        else []
-    )
+    children = [p for p in sorted(run_dir.iterdir()) if (p / "run.json").is_file()] if run_dir.is_dir() else []
     reused = [c for c in data.get("children") or [] if isinstance(c, dict) and c.get("reused")]
     items: list[tuple[str, Path | None]] = [(c.name, c) for c in children]
     items += [(f"{c.get('path')} (reused)", None) for c in reused]

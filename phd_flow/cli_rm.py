@@ -70,10 +70,7 @@ def remove(context: Context, args: argparse.Namespace) -> int:
         print("Nothing deleted.")
         return 1
     failed = sum(not _delete(config, plan, storage_remote) for plan in plans)
-    print(
-        f"Deleted {len(plans) - failed} run(s)."
-        + (f" {failed} could not be deleted fully." if failed else "")
-    )
+    print(f"Deleted {len(plans) - failed} run(s)." + (f" {failed} could not be deleted fully." if failed else ""))
     return 1 if failed else 0
 
 
@@ -83,9 +80,7 @@ def _targets(context: Context, args: argparse.Namespace) -> list[Run]:
 
     has_filter = bool(args.statuses or args.last or args.where or args.sweep or args.prefix)
     if not args.keys and not has_filter:
-        raise ArgsError(
-            "rm needs run keys or a filter (e.g. `rm --failed`); it never deletes everything."
-        )
+        raise ArgsError("rm needs run keys or a filter (e.g. `rm --failed`); it never deletes everything.")
     if not args.keys:
         return list(_select(context, args))
     runs = {run.key: run for run in (get_run(context.config, key) for key in args.keys)}

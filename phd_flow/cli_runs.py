@@ -34,12 +34,9 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
             dest="statuses",
             action="append_const",
             const=status,
-            help=f"{status} runs"
-            + (" (running, but the heartbeat stopped)" if status == "stale" else ""),
+            help=f"{status} runs" + (" (running, but the heartbeat stopped)" if status == "stale" else ""),
         )
-    group.add_argument(
-        "--last", metavar="DURATION", help="started in the last DURATION: 30m, 3h, 2d, 1w"
-    )
+    group.add_argument("--last", metavar="DURATION", help="started in the last DURATION: 30m, 3h, 2d, 1w")
     group.add_argument(
         "--where",
         action="append",
@@ -48,12 +45,8 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
         help="arg FIELD (dotted for nested args) equals VALUE (repeatable)",
     )
     group.add_argument("--sweep", metavar="KEY", help="runs of the sweep KEY")
-    group.add_argument(
-        "--remote", action="store_true", help="include the runs in storage (other machines)"
-    )
-    group.add_argument(
-        "--refresh", action="store_true", help="with --remote: re-read every run.json, no cache"
-    )
+    group.add_argument("--remote", action="store_true", help="include the runs in storage (other machines)")
+    group.add_argument("--refresh", action="store_true", help="with --remote: re-read every run.json, no cache")
 
 
 def register_ls(commands: Any) -> None:
@@ -64,9 +57,7 @@ def register_ls(commands: Any) -> None:
     )
     _add_filters(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.add_argument(
-        "--fix", action="store_true", help="with --stale: mark the stale runs killed"
-    )
+    parser.add_argument("--fix", action="store_true", help="with --stale: mark the stale runs killed")
     parser.set_defaults(func=_cmd_ls)
 
 
@@ -74,13 +65,10 @@ def register_show(commands: Any) -> None:
     parser = commands.add_parser(
         "show",
         help="details of one run",
-        description="Show one run: "
-        "args, status, timings, host/SLURM, stages, files, children, MLflow, log tail.",
+        description="Show one run: args, status, timings, host/SLURM, stages, files, children, MLflow, log tail.",
     )
     parser.add_argument("key", metavar="KEY", help="run key or unique prefix")
-    parser.add_argument(
-        "--lines", type=int, default=20, help="log lines shown for failed/killed runs"
-    )
+    parser.add_argument("--lines", type=int, default=20, help="log lines shown for failed/killed runs")
     parser.set_defaults(func=_cmd_show)
 
 
@@ -113,9 +101,7 @@ def register_result(commands: Any) -> None:
 def register_ui(commands: Any) -> None:
     parser = commands.add_parser("ui", help="start the MLflow UI on the configured tracking store")
     parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="interface (default 127.0.0.1: this machine only)"
-    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1: this machine only)")
     parser.set_defaults(func=_cmd_ui)
 
 
@@ -152,9 +138,7 @@ def _select(context: Context, args: argparse.Namespace) -> Runs:
 
     run_filter = _filter_from(args)
     where, run_filter.where = run_filter.where, {}
-    runs = list_runs(
-        context.config, run_filter, remote=args.remote, refresh=args.refresh, warn=_warn
-    )
+    runs = list_runs(context.config, run_filter, remote=args.remote, refresh=args.refresh, warn=_warn)
     selected = type(runs)(run for run in runs if matches_where(run.args, where))
     if where and not selected and runs:
         from phd_flow.tracking import flatten
@@ -269,9 +253,7 @@ def _cmd_compare(context: Context, args: argparse.Namespace) -> int:
     print()
     print("final metrics" if metric_names else "metrics: none logged")
     if metric_names:
-        metric_rows = [
-            [n, *(f"{m[n]:.6g}" if n in m else "-" for m in metrics)] for n in metric_names
-        ]
+        metric_rows = [[n, *(f"{m[n]:.6g}" if n in m else "-" for m in metrics)] for n in metric_names]
         print(_indent(view.table(columns, metric_rows)))
     return 0
 
@@ -326,9 +308,7 @@ def _cmd_ui(context: Context, args: argparse.Namespace) -> int:
         return 0
     with socket.socket() as probe:
         if probe.connect_ex((args.host, args.port)) == 0:
-            raise ArgsError(
-                f"Port {args.port} on {args.host} is in use: choose another with --port."
-            )
+            raise ArgsError(f"Port {args.port} on {args.host} is in use: choose another with --port.")
     command = [
         sys.executable,
         "-m",

@@ -152,7 +152,9 @@ def _resume(context: Context, key: str, kind: str, max_parallel: int, wait: bool
         return _execute_locked(context, sweep, todo, kind, max_parallel, wait)
 
 
-def _execute(context: Context, sweep: Sweep, points: list[dict[str, Any]], kind: str, max_parallel: int, wait: bool) -> int:
+def _execute(
+    context: Context, sweep: Sweep, points: list[dict[str, Any]], kind: str, max_parallel: int, wait: bool
+) -> int:
     with _driver_lock(sweep):
         return _execute_locked(context, sweep, points, kind, max_parallel, wait)
 

@@ -160,7 +160,7 @@ class MlflowManagedArtifact:
             mine = None
             if expected is not None:
                 mine = {k: v for k, v in expected.items() if k == self.name or k.startswith(f"{self.name}/")}
-            verify(staging / "checked", mine, self.stage, f"MLflow run {run_id}", uri)
+            verify(staging / "checked", mine, self.stage, run_id, f"MLflow at {uri}")
             shutil.rmtree(self.path, ignore_errors=True)
             checked.replace(self.path)
         finally:

@@ -123,7 +123,8 @@ def run_local(
     """
     logs = sweep.run_dir / "logs"
     logs.mkdir(exist_ok=True)
-    todo, running = deque(points), {}
+    todo = deque(points)
+    running: dict[str, _Started] = {}
     total, finished = len(points), 0
     previous = _raise_on_sigterm()
     try:
@@ -281,7 +282,7 @@ def submit_slurm(
     specs = point_specs(sweep, points, config.project_root)
     jobs = executor.map_array(PointJob(), specs)
     ids = [str(job.job_id) for job in jobs]
-    for point, job_id in zip(points, ids):
+    for point, job_id in zip(points, ids, strict=True):
         point.update(status=SUBMITTED, slurm_job_id=job_id, submitted_at=utcnow())
     sweep.data["slurm_job_ids"] = sorted({*sweep.data.get("slurm_job_ids", []), *{i.split("_")[0] for i in ids}})
     sweep.data["status"] = SUBMITTED
@@ -318,7 +319,7 @@ def wait_slurm(sweep: Sweep, config: Config, poll: float = 2.0, out: Printer = _
     stale_after = config.runs.stale_after_seconds
     reported: dict[str, str] = {}
     while True:
-        counts = sweep.refresh(config.local_path, stale_after)
+        sweep.refresh(config.local_path, stale_after)
         queue = slurm_queue([p.get("slurm_job_id") or "" for p in sweep.points])
         gone = [] if queue is None else [p for p in sweep.points if p.get("slurm_job_id") not in queue]
         for point in gone:
@@ -345,8 +346,9 @@ def _mark_dead(run_dir: Path, job_id: str | None) -> None:
     except UserError:
         return
     if record.status == RUNNING:
+        reason = "SIGKILL, OOM, node failure or time limit"
         record.update(status=KILLED, ended_at=utcnow(),
-                      error=f"SLURM job {job_id} ended without the run finishing (SIGKILL, OOM, node failure or time limit)")
+                      error=f"SLURM job {job_id} ended without the run finishing ({reason})")
 
 
 class PointJob:

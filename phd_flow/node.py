@@ -148,7 +148,7 @@ class Node(Generic[ArgsT, ResultT]):
         if args is None:
             args = {}
         if isinstance(args, Mapping):
-            return _from_mapping(args_cls, dict(args), cls.__name__)
+            return typing.cast(ArgsT, _from_mapping(args_cls, dict(args), cls.__name__))
         if isinstance(args, Sequence) and not isinstance(args, (str, bytes)):
             return cls.parse_argv(list(args))
         raise ArgsError(
@@ -344,7 +344,7 @@ class Node(Generic[ArgsT, ResultT]):
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
-        saved = {}
+        saved: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGUSR2) if hasattr(signal, "SIGUSR2") else (signal.SIGTERM,):
             if sig == getattr(signal, "SIGUSR2", None) and "SLURM_JOB_ID" in os.environ:
                 continue  # submitit owns USR2 (checkpoint + requeue) inside SLURM jobs

@@ -138,4 +138,6 @@ def _import_optuna() -> Any:
     try:
         return importlib.import_module("optuna")
     except ImportError:
-        raise ConfigError("phd_flow.optimize needs Optuna: pip install 'phd_flow[optuna]' (or pip install optuna).") from None
+        raise ConfigError(
+            "phd_flow.optimize needs Optuna: pip install 'phd_flow[optuna]' (or pip install optuna)."
+        ) from None

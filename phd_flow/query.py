@@ -56,9 +56,7 @@ class Run(RunRecord):
     status, or ``"stale"`` for a ``running`` run that stopped beating.
     """
 
-    def __init__(
-        self, run_dir: Path, data: dict[str, Any], where: str = "local", stale: bool = False
-    ) -> None:
+    def __init__(self, run_dir: Path, data: dict[str, Any], where: str = "local", stale: bool = False) -> None:
         super().__init__(run_dir, data)
         self.where = where
         self.stale = stale
@@ -383,9 +381,7 @@ def mark_killed(config: Config, run: Run) -> str:
     if run.where == "remote":
         return f"{run.key}: only in storage; mark it on the machine that has it (or download it)."
     ended = run.data.get("heartbeat_at") or run.data.get("started_at")
-    run.update(
-        status=KILLED, ended_at=ended, error=f"lost: no heartbeat since {ended} (marked killed)"
-    )
+    run.update(status=KILLED, ended_at=ended, error=f"lost: no heartbeat since {ended} (marked killed)")
     run.stale = False
     if run.data.get("sync", {}).get("state") == "synced":
         run.update_section("sync", state="pending")
@@ -455,8 +451,7 @@ def time_bound(value: TimeBound) -> datetime:
             value = datetime.fromisoformat(value)
         except ValueError:
             raise ArgsError(
-                f"{value!r} is neither a duration (3h, 2d, 1w) nor an ISO date (2026-11-23 or "
-                "2026-11-23T14:00)."
+                f"{value!r} is neither a duration (3h, 2d, 1w) nor an ISO date (2026-11-23 or 2026-11-23T14:00)."
             ) from None
     if not isinstance(value, datetime):
         value = datetime(value.year, value.month, value.day)

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import tempfile
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,7 +157,7 @@ def latest(config: Config, storage: Storage, node: str, stage: str) -> Source | 
             best = data
     remote = storage.remote
     if remote is not None:
-        dirs = typing.cast("list[str]", remote.list_dirs(""))
+        dirs = remote.list_dirs("")
         floor = str(best["key"]) if best is not None else ""
         newer = sorted((d for d in dirs if d.startswith(f"{node}_") and d > floor), reverse=True)
         for key in newer[:_REMOTE_LATEST_LIMIT]:

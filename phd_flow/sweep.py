@@ -67,7 +67,8 @@ def parse_grid(node_cls: type[Node[Any, Any]], base_argv: Sequence[str], grid: S
             raise ArgsError(f"--grid {name} is given twice: list all its values in one --grid {name}=...")
         action = _find_action(node_cls, actions, name)
         raw = tuple(v.strip() for v in text.split(","))
-        axes.append(GridAxis(name, action.option_strings[0], raw, tuple(_convert(node_cls, name, action, v) for v in raw)))
+        values = tuple(_convert(node_cls, name, action, v) for v in raw)
+        axes.append(GridAxis(name, action.option_strings[0], raw, values))
     for argv in (point_argv(base_argv, axes, combo) for combo in _combos(axes)):
         parse_point(node_cls, argv)
     return axes
@@ -128,7 +129,7 @@ def point_argv(base_argv: Sequence[str], axes: Sequence[GridAxis], combo: Sequen
     """The node's argv for one point: the base arguments, then one ``--field value`` per axis
     (argparse keeps the last value, so a grid field given in the base arguments is overridden)."""
     argv = list(base_argv)
-    for axis, index in zip(axes, combo):
+    for axis, index in zip(axes, combo, strict=True):
         argv.append(axis.option)
         argv.extend(axis.raw[index].split() if _is_list(axis) else [axis.raw[index]])
     return argv
@@ -176,7 +177,7 @@ class Sweep:
         for combo in _combos(axes):
             points.append({
                 "key": str(keys.new_key(node_cls.__name__, now)),
-                "params": {axis.name: axis.values[i] for axis, i in zip(axes, combo)},
+                "params": {axis.name: axis.values[i] for axis, i in zip(axes, combo, strict=True)},
                 "argv": point_argv(base_argv, axes, combo),
                 "status": PENDING,
             })

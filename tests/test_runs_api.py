@@ -21,8 +21,11 @@ from tests.nodes import Add, AddArgs, Fail, FailArgs
 def make_config(root: Path, shared: Path | None = None, name: str = "runs") -> Config:
     storage = StorageConfig(backend="local", remote=str(shared)) if shared else StorageConfig()
     return Config(
-        local_path=root / name, project_root=root, storage=storage,
-        mlflow=MlflowConfig(enabled=False), runs=RunsConfig(stale_after_seconds=60),
+        local_path=root / name,
+        project_root=root,
+        storage=storage,
+        mlflow=MlflowConfig(enabled=False),
+        runs=RunsConfig(stale_after_seconds=60),
     )
 
 
@@ -103,9 +106,7 @@ def test_remote_index_is_shared_and_sees_new_and_deleted_runs(history: Config, t
     for run_json in shared.glob("*/run.json"):  # a third machine must not need them any more
         run_json.rename(run_json.with_name("hidden.json"))
     third = make_config(tmp_path, shared, name="machine3")
-    assert [r.state for r in phd_flow.find_runs(remote=True, config=third)] == [
-        "completed", "completed", "failed"
-    ]
+    assert [r.state for r in phd_flow.find_runs(remote=True, config=third)] == ["completed", "completed", "failed"]
     for hidden in shared.glob("*/hidden.json"):
         hidden.rename(hidden.with_name("run.json"))
     Add(AddArgs(a=5), config=history).run()  # a new run from the first machine

@@ -78,8 +78,13 @@ def answer(project: Path, reply: str, *args: str) -> subprocess.CompletedProcess
     """Run the CLI with ``reply`` (and a newline) on its stdin."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MLFLOW_TRACKING"))}
     return subprocess.run(
-        [sys.executable, "-m", "my_project", *args], cwd=project, input=reply + "\n",
-        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"}, capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "my_project", *args],
+        cwd=project,
+        input=reply + "\n",
+        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -206,11 +211,23 @@ def test_show_a_sweep_lists_its_points(project: Path) -> None:
     add1, add2, *_ = keys(project)
     sweep_dir = project / "data_storage" / "Sweep_2026-01-01T00-00-00.000000Z_abcdefgh"
     sweep_dir.mkdir()
-    points = [{"key": add1, "params": {"a": 1}, "status": "running"}, {"key": add2, "params": {"a": 2}, "status": "running"}]
-    (sweep_dir / "run.json").write_text(json.dumps({
-        "key": sweep_dir.name, "node": "Sweep", "kind": "sweep", "status": "completed",
-        "started_at": "2026-01-01T00:00:00+00:00", "grid": {"a": [1, 2]}, "points": points,
-    }))
+    points = [
+        {"key": add1, "params": {"a": 1}, "status": "running"},
+        {"key": add2, "params": {"a": 2}, "status": "running"},
+    ]
+    (sweep_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "key": sweep_dir.name,
+                "node": "Sweep",
+                "kind": "sweep",
+                "status": "completed",
+                "started_at": "2026-01-01T00:00:00+00:00",
+                "grid": {"a": [1, 2]},
+                "points": points,
+            }
+        )
+    )
     for key in (add1, add2):
         data = record(project, key)
         (project / "data_storage" / key / "run.json").write_text(json.dumps({**data, "sweep": sweep_dir.name}))
@@ -334,8 +351,10 @@ def test_sigkilled_run_is_stale_and_fix_marks_it_killed(project: Path, tmp_path:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MLFLOW_TRACKING"))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "my_project", "run", "Nap", "--marker", str(marker)],
-        cwd=project, env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=project,
+        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 120
@@ -365,8 +384,13 @@ def test_ui_starts_mlflow_on_the_tracking_store_and_answers(history: Path) -> No
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "my_project", "ui", "--port", str(port)], cwd=history, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        [sys.executable, "-m", "my_project", "ui", "--port", str(port)],
+        cwd=history,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
     try:
         assert proc.stdout is not None

@@ -22,8 +22,6 @@ from tests.conftest import REPO, cli, run_dirs, write_config
 from tests.s3_fixtures import S3Server, make_bucket, moto_server  # noqa: F401
 from tests.stage_nodes import Broken, Prepare
 
-HAVE_S3 = importlib.util.find_spec("phd_flow.storage.s3") is not None
-
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
@@ -75,8 +73,6 @@ def test_second_run_loads_the_first_runs_stage(
     tmp_path: Path, dataset: Path, request: pytest.FixtureRequest, backend: str, source_local: bool
 ) -> None:
     if backend == "s3":
-        if not HAVE_S3:
-            pytest.skip("phd_flow.storage.s3 is not written yet")
         config = make_config(tmp_path, remote=s3_config(request.getfixturevalue("moto_server")))
     else:
         config = make_config(tmp_path)
@@ -98,6 +94,11 @@ def test_second_run_loads_the_first_runs_stage(
     assert info["summary"]["fingerprint"] == recorded["summary"]["fingerprint"]  # ... so same inputs
     assert f"Stage 'load_data': loaded from {key} (--load load_data={key[:-3]})" in log_of(second)
     assert not list(second.output_dir.glob("*phd_flow-part*"))
+    if not source_local:  # "latest" finds runs that are only in the remote, too
+        shutil.rmtree(second.output_dir)
+        third = run(config, dataset, seed=2, load={"load_data": "latest"})
+        assert stages(third)["load_data"]["loaded_from"] == str(second.key)
+        assert (third.output_dir / "load_data" / "train.csv").read_bytes() == train
 
 
 def test_latest_loads_the_newest_completed_run_with_that_stage(tmp_path: Path, dataset: Path) -> None:
@@ -167,8 +168,6 @@ def test_skip_log_stage_stays_local_and_is_absent_from_the_remote(
 ) -> None:
     rule = "[stages.load_data]\nskip_log = true\n"
     if backend == "s3":
-        if not HAVE_S3:
-            pytest.skip("phd_flow.storage.s3 is not written yet")
         server = request.getfixturevalue("moto_server")
         storage = s3_config(server)
         config = make_config(tmp_path, rule, remote=storage)
@@ -304,6 +303,38 @@ def test_rules_pointing_at_failed_runs_or_missing_stages_fail_before_the_run(tmp
         run(config, dataset, load={"sumary": str(good.key)})
 
     assert len(run_dirs(config.local_path)) == before  # nothing was created
+
+
+BAD_DEPENDS = """
+import dataclasses
+from phd_flow import Node, node
+
+
+@dataclasses.dataclass
+class BadArgs(node.Args):
+    n: int = 3
+
+
+class Bad(Node[BadArgs, int]):
+    def _run(self) -> int:
+        with self.stage("first", depends_on=["m"]):
+            return 1
+"""
+
+
+def test_depends_on_must_name_args_or_earlier_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"stagebad_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(BAD_DEPENDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+
+    with pytest.raises(RunFailedError) as info:
+        module.Bad({}, config=make_config(tmp_path, remote=None)).run()
+
+    assert isinstance(info.value.__cause__, StageError)
+    assert "Bad.stage('first', depends_on=...): 'm' is neither a field of BadArgs (n)" in str(info.value.__cause__)
+    with pytest.raises(StageError, match=r"Stage name 'run\.json' is not allowed"):
+        run(make_config(tmp_path, remote=None), tmp_path / "d.csv", load={"run.json": "latest"})
 
 
 def test_unused_rules_are_listed_in_a_warning_at_the_end(tmp_path: Path, dataset: Path) -> None:

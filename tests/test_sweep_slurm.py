@@ -19,9 +19,19 @@ import pytest
 from tests.conftest import cli, run_dirs
 from tests.test_sweep_local import NO_MLFLOW, make_project, point_records, sweep_record
 
+
+def _slurm_answers() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM is not installed (no sinfo on PATH)"),
+    pytest.mark.skipif(shutil.which("sinfo") is not None and not _slurm_answers(),
+                       reason="sinfo is installed but no SLURM controller answers (start_slurm.sh)"),
 ]
 
 
@@ -115,7 +125,8 @@ def test_a_preempted_job_is_requeued_and_resumes_the_same_key(sproject: Path, tm
 
 
 def test_an_unknown_partition_fails_before_anything_is_submitted(tmp_path: Path) -> None:
-    project = make_project(tmp_path / "proj", NO_MLFLOW + '[executor]\nkind = "slurm"\n[executor.slurm]\npartition = "gpu"\n')
+    slurm = '[executor]\nkind = "slurm"\n[executor.slurm]\npartition = "gpu"\n'
+    project = make_project(tmp_path / "proj", NO_MLFLOW + slurm)
     proc = cli(project, "sweep", "Scale", "--grid", "seed=1,2")
     assert proc.returncode == 2
     assert "[executor.slurm] partition = 'gpu' is not a partition" in proc.stderr and "debug" in proc.stderr

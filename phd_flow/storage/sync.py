@@ -34,6 +34,10 @@ from phd_flow.errors import (
 from phd_flow.storage.base import Remote
 
 MANIFEST = ".phd_flow-manifest.json"
+#: Left next to the local manifest by an interrupted push: which files did arrive, and where.
+#: The next push to the same place skips them (when the listing shows them at the same size)
+#: instead of re-sending the whole tree; a completed push deletes it.
+JOURNAL = ".phd_flow-pushed.json"
 #: Files up to this size are uploaded from an in-memory snapshot (consistent even while written).
 SNAPSHOT_BYTES = 4 * 1024 * 1024
 _T = TypeVar("_T")
@@ -89,7 +93,7 @@ def _walk(root: Path) -> Iterator[tuple[Path, str]]:
         dirnames.sort()
         base = Path(dirpath)
         for name in sorted(filenames):
-            if name == MANIFEST or name.endswith(".phd_flow-part"):
+            if name in (MANIFEST, JOURNAL) or name.endswith(".phd_flow-part"):
                 continue
             path = base / name
             if path.is_symlink() or not path.is_file():
@@ -141,14 +145,18 @@ def push(
         # The remote manifest is written after its files and dropped when any of them is
         # removed (Storage.remove), so it vouches for them: no listing needed (the listing is
         # most of the cost of an unchanged re-sync).
+        (local_root / JOURNAL).unlink(missing_ok=True)
         return SyncReport(skipped=len(entries), seconds=time.perf_counter() - started)
     listed = {f.key: f.size for f in _retry(lambda: list(remote.list(remote_prefix)), retries)}
+    target = f"{remote.describe()}/{remote_prefix}"
+    delivered = _load_journal(local_root, target)
+    known = {**delivered, **remote_entries}
     todo = [
         rel
         for rel, entry in entries.items()
         if not (
-            rel in remote_entries
-            and remote_entries[rel].sha256 == entry.sha256
+            rel in known
+            and known[rel].sha256 == entry.sha256
             and listed.get(_join(remote_prefix, rel)) == entry.size
         )
     ]
@@ -176,11 +184,19 @@ def push(
             changed.append(rel)
         remote.write_bytes(_join(remote_prefix, rel), data)
 
-    _run_parallel(todo, upload, entries, report, retries, workers or remote.max_workers, label)
-    if changed:
-        atomic_write_bytes(local_root / MANIFEST, dump_manifest(entries))
-    merged = {**remote_entries, **entries}
-    _retry(lambda: remote.write_bytes(_join(remote_prefix, MANIFEST), dump_manifest(merged)), retries)
+    try:
+        _run_parallel(todo, upload, entries, report, retries, workers or remote.max_workers, label)
+        if changed:
+            atomic_write_bytes(local_root / MANIFEST, dump_manifest(entries))
+        merged = {**remote_entries, **entries}
+        _retry(lambda: remote.write_bytes(_join(remote_prefix, MANIFEST), dump_manifest(merged)), retries)
+    except BaseException:
+        # The remote manifest was not written; remember what did arrive for the next push.
+        arrived = {**delivered, **{rel: entries[rel] for rel in report.transferred}}
+        journal = {"remote": target, **json.loads(dump_manifest(arrived))}
+        atomic_write_bytes(local_root / JOURNAL, json.dumps(journal, indent=1).encode())
+        raise
+    (local_root / JOURNAL).unlink(missing_ok=True)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -240,6 +256,15 @@ def pull(
         atomic_write_bytes(local_root / MANIFEST, dump_manifest(fresh))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _load_journal(local_root: Path, target: str) -> dict[str, Entry]:
+    """The files an interrupted push to ``target`` delivered (empty when none or elsewhere)."""
+    try:
+        raw = (local_root / JOURNAL).read_bytes()
+        return parse_manifest(raw) if json.loads(raw).get("remote") == target else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _same(remote: Entry | None, local: Entry) -> bool:

@@ -1,0 +1,478 @@
+"""Storage faults (issue 8, "Faults survived"): a store that is down, dies mid-sync, answers
+errors for a while, or hands back corrupted bytes. Nothing local is lost, the run is honestly
+"not synced", a later sync sends exactly what is missing, and the remote verifies byte-identical.
+
+The S3 stand-in is the session's moto server; faults come from :class:`FaultProxy`, a small
+HTTP reverse proxy in front of it that can answer 503 SlowDown, drop connections, or stop
+listening altogether (and restart on the same port, over the same moto state). B2 faults are
+injected into b2sdk's RawSimulator through its ``upload_errors`` queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from b2sdk.v2 import exception as b2_exc
+
+from phd_flow import Node, node
+from phd_flow.config import Config, MlflowConfig, StorageConfig
+from phd_flow.errors import ChecksumMismatchError, StorageError, StorageUnavailableError
+from phd_flow.runs import RunRecord
+from phd_flow.storage.facade import Storage
+from phd_flow.storage.s3 import S3Remote
+from phd_flow.storage.sync import MANIFEST, parse_manifest
+from phd_flow.syncing import sync_one
+from phd_flow.testing import storage_for, write_tree
+from tests import s3_fixtures
+from tests.conftest import cli, write_config
+from tests.s3_fixtures import S3Server, closed_port_url, make_bucket
+from tests.test_storage_b2 import Simulated
+
+moto_server = s3_fixtures.moto_server  # the session's S3 server fixture
+
+PREFIX = "proj"
+FaultRule = Callable[[int], "int | str | None"]
+
+
+# --- a fault-injecting proxy in front of moto -----------------------------------------------------
+
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "content-length",
+}
+_SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message><RequestId>fault-proxy</RequestId></Error>"
+)
+
+
+class FaultProxy:
+    """A reverse proxy on 127.0.0.1 that forwards to ``upstream`` unless ``rule`` says otherwise.
+
+    ``rule(n)`` is asked about the n-th request (1-based, counted across restarts) and returns
+    None to forward it, an HTTP status (e.g. 503) to answer a ``SlowDown`` error instead, or
+    ``"down"`` to stop the proxy: that request's connection is closed without an answer, every
+    open connection is dropped and new ones are refused until :meth:`start` is called again
+    (on the same port, so the client's endpoint URL stays valid).
+    """
+
+    def __init__(self, upstream: str, rule: FaultRule = lambda n: None) -> None:
+        host, _, port = upstream.removeprefix("http://").partition(":")
+        self.upstream = (host, int(port))
+        self.rule = rule
+        self.port = 0
+        self.requests = 0  #: requests received (including refused and faulted ones)
+        self.faults = 0  #: requests answered with an error status or dropped
+        self.stopped = threading.Event()
+        self._generation = 0
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FaultProxy:
+        """Listen (again) on 127.0.0.1 and the same port as before (a free one the first time)."""
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), _ProxyHandler)
+        server.daemon_threads = True
+        server.proxy = self  # type: ignore[attr-defined]
+        with self._lock:
+            self._server = server
+            self._generation += 1
+            self.port = server.server_address[1]
+            self.stopped.clear()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and drop every open connection (idempotent)."""
+        with self._lock:
+            server, self._server = self._server, None
+            self._generation += 1  # handlers of older connections close them on their next request
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        self.stopped.set()
+
+    def decide(self, generation: int) -> int | str | None:
+        """What to do with the next request on a connection accepted in ``generation``."""
+        with self._lock:
+            self.requests += 1
+            if generation != self._generation:
+                self.faults += 1
+                return "drop"
+            action = self.rule(self.requests)
+            if action is not None:
+                self.faults += 1
+            if action == "down":
+                self._generation += 1  # at once: no request after this one is forwarded
+        if action == "down":
+            threading.Thread(target=self.stop, daemon=True).start()
+            return "drop"
+        return action
+
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive and 100-continue, like a real S3 endpoint
+
+    def setup(self) -> None:
+        super().setup()
+        self.proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
+        self.accepted_in = self.proxy.generation()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence the per-request access log."""
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _handle(self) -> None:
+        body = self._read_body()
+        action = self.proxy.decide(self.accepted_in)
+        if action == "drop":
+            self.close_connection = True  # no answer: the client sees the connection closed
+            return
+        if isinstance(action, int):
+            self.send_response_only(action)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(_SLOW_DOWN)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(_SLOW_DOWN)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        upstream = http.client.HTTPConnection(*self.proxy.upstream, timeout=60)
+        try:
+            upstream.request(self.command, self.path, body=body or None, headers=headers)
+            response = upstream.getresponse()
+            data = response.read()
+        finally:
+            upstream.close()
+        self.send_response_only(response.status, response.reason)
+        for name, value in response.getheaders():
+            if name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        length = response.getheader("Content-Length") if self.command == "HEAD" else None
+        self.send_header("Content-Length", length or str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+
+@pytest.fixture
+def proxies(moto_server: S3Server) -> Iterator[Callable[[FaultRule], FaultProxy]]:
+    """Start fault proxies in front of the session's moto server; all are stopped afterwards."""
+    started: list[FaultProxy] = []
+
+    def make(rule: FaultRule) -> FaultProxy:
+        proxy = FaultProxy(moto_server.endpoint_url, rule).start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file below ``root`` (relative POSIX path -> hex), manifests left out."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def remote_objects(server: S3Server, bucket: str, prefix: str) -> dict[str, bytes]:
+    """Every object below ``prefix/`` read straight from moto (no proxy): relative key -> bytes."""
+    client = server.client()
+    out: dict[str, bytes] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        for obj in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            out[obj["Key"].removeprefix(f"{prefix}/")] = body
+    return out
+
+
+def assert_remote_identical(server: S3Server, bucket: str, prefix: str, local: Path) -> None:
+    """The remote copy of ``local`` (at ``bucket/prefix``) has every file byte-identical, no
+    extras, and a manifest that vouches for exactly those bytes."""
+    objects = remote_objects(server, bucket, prefix)
+    manifest = parse_manifest(objects.pop(MANIFEST, None))
+    remote = {rel: hashlib.sha256(data).hexdigest() for rel, data in objects.items()}
+    assert remote == sha256_tree(local)
+    assert {rel: e.sha256 for rel, e in manifest.items()} == remote
+
+
+def small_files(count: int) -> dict[str, bytes]:
+    """``count`` distinct small files in a few subdirectories."""
+    return {f"parts/{i % 7}/part-{i:05d}.txt": f"part {i}\n".encode() * (1 + i % 5) for i in range(count)}
+
+
+def s3_storage(endpoint: str, bucket: str, local_path: Path, *, retries: int = 3) -> Storage:
+    """A Storage over ``local_path`` mirrored into ``s3://bucket/proj`` at ``endpoint``."""
+    return storage_for(S3Remote(bucket, PREFIX, endpoint_url=endpoint), local_path, retries=retries)
+
+
+# --- storage down for the whole run ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PartsArgs(node.Args):
+    files: int = 50
+
+
+class WriteParts(Node[PartsArgs, int]):
+    """Write ``files`` small files into the run directory."""
+
+    def _run(self) -> int:
+        write_tree(self.output_dir, small_files(self.args.files))
+        self.log_metric("files", self.args.files)
+        return self.args.files
+
+
+def test_store_down_for_the_whole_run_then_sync_is_byte_identical(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    """(The CLI flavour, exit code 3 and `sync`, is tests/test_storage_e2e_s3.py; this one checks
+    every byte of the catch-up.)"""
+    bucket = make_bucket(moto_server)
+
+    def config(endpoint: str) -> Config:
+        storage = StorageConfig(backend="s3", bucket=bucket, prefix=PREFIX, endpoint_url=endpoint, retries=2)
+        return Config(
+            local_path=tmp_path / "local", project_root=tmp_path, storage=storage, mlflow=MlflowConfig(enabled=False)
+        )
+
+    run = WriteParts(PartsArgs(files=50), config=config(closed_port_url()))
+    assert run.run() == 50
+    record = RunRecord.load(run.output_dir)
+    assert record.status == "completed" and record.data["sync"]["state"] == "not_synced"
+    assert "Cannot reach" in record.data["sync"]["error"]
+    before = sha256_tree(run.output_dir)
+    assert len(before) > 50 and remote_objects(moto_server, bucket, PREFIX) == {}
+
+    assert sync_one(config(moto_server.endpoint_url), record) is True
+    assert RunRecord.load(run.output_dir).data["sync"]["state"] == "synced"
+    assert_remote_identical(moto_server, bucket, f"{PREFIX}/{run.key}", run.output_dir)
+    assert {k: v for k, v in sha256_tree(run.output_dir).items() if k != "run.json"} == {
+        k: v for k, v in before.items() if k != "run.json"
+    }
+
+
+# --- storage going down in the middle of a sync ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_store_dies_mid_sync_then_resync_sends_exactly_the_missing_files(
+    moto_server: S3Server, proxies: Callable[[FaultRule], FaultProxy], tmp_path: Path
+) -> None:
+    bucket = make_bucket(moto_server)
+    proxy = proxies(lambda n: "down" if n == 80 else None)
+    storage = s3_storage(proxy.url, bucket, tmp_path / "local", retries=2)
+    files = small_files(300)
+    write_tree(storage.path("run_1"), files)
+    before = sha256_tree(storage.path("run_1"))
+
+    with pytest.raises(StorageUnavailableError, match="Cannot reach"):
+        storage.upload("run_1")
+    assert proxy.stopped.is_set()
+    assert sha256_tree(storage.path("run_1")) == before, "nothing local may change"
+    arrived = remote_objects(moto_server, bucket, f"{PREFIX}/run_1")
+    assert MANIFEST not in arrived, "the remote manifest must not vouch for an incomplete upload"
+    assert len(arrived) == 77  # requests 1 and 2 read the remote manifest and listed the prefix
+    for rel, data in arrived.items():
+        assert data == files[rel]
+
+    proxy.start()  # the store is back, same port, same state
+    report = storage.upload("run_1")
+    missing = sorted(set(files) - set(arrived))
+    assert sorted(report.transferred) == missing
+    assert report.skipped == len(arrived)
+    assert_remote_identical(moto_server, bucket, f"{PREFIX}/run_1", storage.path("run_1"))
+    assert storage.upload("run_1").transferred == []
+
+
+# --- a store answering errors for a while ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rule", "files"),
+    [
+        # More 503s in a row than botocore's own 3 attempts: only the sync engine's retry
+        # with backoff gets past them.
+        pytest.param(lambda n: 503 if n <= 5 else None, 40, id="first-5-requests"),
+        pytest.param(lambda n: 503 if n % 3 == 0 else None, 120, id="every-3rd-request"),
+    ],
+)
+def test_s3_slow_down_errors_are_retried_and_contents_verify(
+    moto_server: S3Server,
+    proxies: Callable[[FaultRule], FaultProxy],
+    tmp_path: Path,
+    rule: FaultRule,
+    files: int,
+) -> None:
+    bucket = make_bucket(moto_server)
+    proxy = proxies(rule)
+    storage = s3_storage(proxy.url, bucket, tmp_path / "local", retries=3)
+    write_tree(storage.path("run_1"), small_files(files))
+    report = storage.upload("run_1")
+    assert len(report.transferred) == files
+    assert proxy.faults >= 5
+    assert_remote_identical(moto_server, bucket, f"{PREFIX}/run_1", storage.path("run_1"))
+
+    second = s3_storage(proxy.url, bucket, tmp_path / "machine2", retries=3)
+    assert len(second.download("run_1").transferred) == files
+    assert sha256_tree(second.path("run_1")) == sha256_tree(storage.path("run_1"))
+
+
+def test_s3_that_keeps_failing_leaves_the_run_not_synced_and_local_files_intact(
+    moto_server: S3Server, proxies: Callable[[FaultRule], FaultProxy], tmp_path: Path
+) -> None:
+    bucket = make_bucket(moto_server)
+    proxy = proxies(lambda n: 503)
+    storage = s3_storage(proxy.url, bucket, tmp_path / "local", retries=2)
+    write_tree(storage.path("run_1"), small_files(10))
+    before = sha256_tree(storage.path("run_1"))
+    with pytest.raises(StorageUnavailableError, match="SlowDown"):
+        storage.upload("run_1")
+    assert sha256_tree(storage.path("run_1")) == before
+    assert remote_objects(moto_server, bucket, PREFIX) == {}
+
+
+def test_b2_transient_upload_errors_are_retried(tmp_path: Path) -> None:
+    b2 = Simulated()
+    storage = storage_for(b2.remote(), tmp_path / "local", workers=1, retries=3)
+    files = {f"f{i:02d}.txt": f"file {i}\n".encode() for i in range(20)}  # < 200 B: simple uploads
+    write_tree(storage.path("run_1"), files)
+    # Two more errors than b2sdk's own 5 upload attempts, then a dropped connection.
+    b2.raw.upload_errors = [b2_exc.ServiceError("503 service_unavailable") for _ in range(7)]
+    b2.raw.upload_errors.append(b2_exc.B2ConnectionError("connection reset"))
+    report = storage.upload("run_1")
+    assert b2.raw.upload_errors == [] and len(report.transferred) == len(files)
+
+    second = storage_for(b2.remote(), tmp_path / "machine2")
+    second.download("run_1")
+    assert sha256_tree(second.path("run_1")) == sha256_tree(storage.path("run_1"))
+
+
+def test_b2_permanent_failure_is_unavailable_and_nothing_local_is_deleted(tmp_path: Path) -> None:
+    b2 = Simulated()
+    storage = storage_for(b2.remote(), tmp_path / "local", workers=1, retries=2)
+    write_tree(storage.path("run_1"), {"a.txt": b"a", "sub/b.txt": b"b"})
+    before = sha256_tree(storage.path("run_1"))
+    b2.raw.upload_errors = [b2_exc.ServiceError("503 service_unavailable") for _ in range(1000)]
+    with pytest.raises(StorageUnavailableError, match="B2 is unavailable"):
+        storage.upload("run_1")
+    assert sha256_tree(storage.path("run_1")) == before
+    assert b2.names() == []
+
+    b2.raw.upload_errors = []  # the store recovers
+    assert sorted(storage.upload("run_1").transferred) == ["a.txt", "sub/b.txt"]
+
+
+# --- a corrupted object is caught on download ------------------------------------------------------
+
+
+def _upload_and_corrupt(server: S3Server, bucket: str, local_path: Path) -> tuple[Storage, str, bytes]:
+    """Upload a run and overwrite one of its objects with different bytes of the same size."""
+    storage = s3_storage(server.endpoint_url, bucket, local_path, retries=2)
+    write_tree(storage.path("run_1"), {**small_files(20), "results.pickle": bytes(range(256)) * 4})
+    storage.upload("run_1")
+    victim = "results.pickle"
+    good = storage.path(f"run_1/{victim}").read_bytes()
+    bad = bytes(b ^ 0xFF for b in good)
+    assert len(bad) == len(good) and bad != good
+    server.client().put_object(Bucket=bucket, Key=f"{PREFIX}/run_1/{victim}", Body=bad)
+    return storage, victim, good
+
+
+def test_corrupted_object_is_detected_and_not_left_in_place(moto_server: S3Server, tmp_path: Path) -> None:
+    bucket = make_bucket(moto_server)
+    _storage, victim, _good = _upload_and_corrupt(moto_server, bucket, tmp_path / "machine1")
+    second = s3_storage(moto_server.endpoint_url, bucket, tmp_path / "machine2", retries=2)
+    with pytest.raises(ChecksumMismatchError, match="sha256 does not match"):
+        second.download("run_1")
+    target = second.path(f"run_1/{victim}")
+    assert not target.exists(), "a file that failed verification must not look downloaded"
+    assert not list(second.path("run_1").rglob("*.phd_flow-part"))
+    with pytest.raises(ChecksumMismatchError):
+        second.download(f"run_1/{victim}")  # one file, verified against the run's manifest
+    assert not target.exists()
+
+
+@pytest.mark.slow
+def test_cli_download_of_a_corrupted_run_fails_clearly(
+    moto_server: S3Server, project: Path, tmp_path: Path
+) -> None:
+    bucket = make_bucket(moto_server)
+    _storage, victim, _good = _upload_and_corrupt(moto_server, bucket, tmp_path / "machine1")
+    write_config(
+        project,
+        'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n'
+        f'[storage]\nbackend = "s3"\nbucket = "{bucket}"\nprefix = "{PREFIX}"\n'
+        f'endpoint_url = "{moto_server.endpoint_url}"\nretries = 2\n',
+    )
+    proc = cli(project, "download", "run_1", env=moto_server.env())
+    assert proc.returncode != 0, proc.stdout
+    assert f"run_1/{victim}" in proc.stderr and "sha256 does not match" in proc.stderr, proc.stderr
+    assert not (project / "data_storage" / "run_1" / victim).exists()
+    manifest = project / "data_storage" / "run_1" / MANIFEST
+    assert not manifest.exists() or victim not in json.loads(manifest.read_text())["files"]
+
+
+def test_fault_proxy_really_faults(moto_server: S3Server, proxies: Callable[[FaultRule], FaultProxy]) -> None:
+    """The stand-in itself: forwards, answers 503, and refuses connections once down."""
+    bucket = make_bucket(moto_server)
+    proxy = proxies(lambda n: 503 if n == 2 else ("down" if n == 4 else None))
+    remote = S3Remote(bucket, "p", endpoint_url=proxy.url)
+    remote.write_bytes("x.txt", b"forwarded")
+    assert remote_objects(moto_server, bucket, "p") == {"x.txt": b"forwarded"}
+    try:
+        remote.write_bytes("y.txt", b"retried by botocore after one 503")
+        with pytest.raises(StorageError):
+            remote.write_bytes("z.txt", b"never")
+        assert proxy.stopped.wait(5)
+        assert set(remote_objects(moto_server, bucket, "p")) == {"x.txt", "y.txt"}
+    finally:
+        remote.close()
