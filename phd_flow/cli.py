@@ -151,6 +151,10 @@ def _cmd_run(context: Context, args: argparse.Namespace) -> int:
     parsed = parser.parse_args(argv)
     node = node_cls(parsed.args, config=context.config, options=_run_options(parsed))
     node.run()
+    if node._kill_pending is not None:
+        # The signal came after the run completed (during the final sync, which was finished):
+        # the run stays `completed`, but whoever sent it (scancel, a sweep's Ctrl-C) learns it.
+        return 128 + int(node._kill_pending)
     sync_state = node.record.data.get("sync", {}).get("state")
     return EXIT_NOT_SYNCED if sync_state == "not_synced" else EXIT_OK
 

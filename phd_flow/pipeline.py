@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from phd_flow._io import sha256_file
+from phd_flow._io import read_jsonl, sha256_file
 from phd_flow.errors import CorruptRunError
 from phd_flow.log import logger
 from phd_flow.runs import COMPLETED, RunRecord
@@ -73,18 +73,7 @@ def remember(node: Node[Any, Any]) -> None:
 
 
 def _index(local_path: Path, node_name: str) -> list[dict[str, Any]]:
-    path = _index_path(local_path, node_name)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    entries = []
-    for line in lines:
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            continue  # a torn line from a crash
-    return entries
+    return read_jsonl(_index_path(local_path, node_name))
 
 
 def find_reusable(local_path: Path, node_name: str, wanted: dict[str, str]) -> tuple[Path | None, str]:

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any
 
 from phd_flow import stage_sources
+from phd_flow._io import read_jsonl
 from phd_flow.errors import PhdFlowError, StageError
 from phd_flow.log import logger
 from phd_flow.stage_sources import Source
@@ -154,17 +155,7 @@ def _index_path(local_path: Path, stage: str) -> Path:
 
 def read_index(local_path: Path, stage: str) -> list[dict[str, Any]]:
     """The stage index: one line per computed stage of a completed run, oldest first."""
-    try:
-        lines = _index_path(local_path, stage).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    entries = []
-    for line in lines:
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            continue  # a torn line after a crash
-    return entries
+    return read_jsonl(_index_path(local_path, stage))
 
 
 # --- stages in a run ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from phd_flow import keys
 from phd_flow.errors import InvalidKeyError
+from tests import s3_fixtures
 from tests.conftest import cli, run_dirs, write_config
 
 FAULT_NODES = '''
@@ -336,3 +337,48 @@ def test_secrets_never_written_anywhere(fproject: Path) -> None:
         snapshot = json.loads((run_dir / "reproducible.json").read_text())
         assert "environment" not in snapshot and "env" not in snapshot
         assert json.loads((run_dir / "run.json").read_text())["sync"]["state"] == "not_synced"
+
+
+# --- storage input and faults --------------------------------------------------------------------
+
+moto_server = s3_fixtures.moto_server  # the session's S3 server (moto, 127.0.0.1)
+
+
+def test_bucket_that_does_not_exist_is_named(project: Path, moto_server: s3_fixtures.S3Server) -> None:
+    write_config(
+        project,
+        'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n'
+        f'[storage]\nbackend = "s3"\nbucket = "no-such-bucket-phd"\nendpoint_url = "{moto_server.endpoint_url}"\n',
+    )
+    proc = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target", env=moto_server.env())
+    assert proc.returncode == 3, proc.stderr
+    assert "no-such-bucket-phd" in proc.stderr and "[storage] bucket" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (run_dir,) = run_dirs(project / "data_storage")
+    assert json.loads((run_dir / "run.json").read_text())["sync"]["state"] == "not_synced"
+    assert (run_dir / "results.pickle").exists()
+
+
+def test_sigterm_during_the_final_sync_completes_the_sync(fproject: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "shared"
+    write_config(
+        fproject,
+        f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[mlflow]\nenabled = false\n'
+        f'[storage]\nbackend = "local"\nremote = "{remote}"\nworkers = 1\n',
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "my_project", "run", "ManyFiles", "--files", "3000"],
+        cwd=fproject, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not any(remote.glob("ManyFiles_*/parts/part-*")):  # the final sync has started
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    (run_dir,) = run_dirs(fproject / "data_storage")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert proc.returncode == 143, stderr[-2000:]
+    assert record["status"] == "completed" and record["sync"]["state"] == "synced"  # it had completed
+    assert _tree(remote / run_dir.name) == _tree(run_dir)

@@ -29,7 +29,7 @@ from phd_flow.errors import ChecksumMismatchError, StorageError, StorageUnavaila
 from phd_flow.runs import RunRecord
 from phd_flow.storage.facade import Storage
 from phd_flow.storage.s3 import S3Remote
-from phd_flow.storage.sync import MANIFEST, parse_manifest
+from phd_flow.storage.sync import JOURNAL, MANIFEST, parse_manifest
 from phd_flow.syncing import sync_one
 from phd_flow.testing import storage_for, write_tree
 from tests import s3_fixtures
@@ -215,11 +215,12 @@ def proxies(moto_server: S3Server) -> Iterator[Callable[[FaultRule], FaultProxy]
 
 
 def sha256_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file below ``root`` (relative POSIX path -> hex), manifests left out."""
+    """sha256 of every file below ``root`` (relative POSIX path -> hex); the sync engine's own
+    bookkeeping (manifest, push journal) left out."""
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name not in (MANIFEST, JOURNAL)
     }
 
 
@@ -323,6 +324,8 @@ def test_store_dies_mid_sync_then_resync_sends_exactly_the_missing_files(
     assert len(arrived) == 77  # requests 1 and 2 read the remote manifest and listed the prefix
     for rel, data in arrived.items():
         assert data == files[rel]
+    journal = json.loads(storage.path(f"run_1/{JOURNAL}").read_text())
+    assert sorted(journal["files"]) == sorted(arrived)  # what the next push may skip
 
     proxy.start()  # the store is back, same port, same state
     report = storage.upload("run_1")
@@ -330,6 +333,7 @@ def test_store_dies_mid_sync_then_resync_sends_exactly_the_missing_files(
     assert sorted(report.transferred) == missing
     assert report.skipped == len(arrived)
     assert_remote_identical(moto_server, bucket, f"{PREFIX}/run_1", storage.path("run_1"))
+    assert not storage.path(f"run_1/{JOURNAL}").exists()
     assert storage.upload("run_1").transferred == []
 
 
