@@ -84,6 +84,9 @@ def _targets(context: Context, args: argparse.Namespace) -> list[Run]:
     if not args.keys:
         return list(_select(context, args))
     runs = {run.key: run for run in (get_run(context.config, key) for key in args.keys)}
+    only_remote = [key for key, run in runs.items() if run.where == "remote" and not args.remote]
+    if only_remote:
+        raise ArgsError(f"{', '.join(only_remote)} is only in storage: add --remote to delete it there.")
     if not has_filter:
         return list(runs.values())
     selected = {run.key for run in _select(context, args)}

@@ -139,8 +139,10 @@ def _select(context: Context, args: argparse.Namespace) -> Runs:
     run_filter = _filter_from(args)
     where, run_filter.where = run_filter.where, {}
     runs = list_runs(context.config, run_filter, remote=args.remote, refresh=args.refresh, warn=_warn)
+    if not where:
+        return runs
     selected = type(runs)(run for run in runs if matches_where(run.args, where))
-    if where and not selected and runs:
+    if not selected and runs:
         from phd_flow.tracking import flatten
 
         known = sorted({name for run in runs for name in flatten(run.args)})
@@ -163,7 +165,9 @@ def _cmd_ls(context: Context, args: argparse.Namespace) -> int:
             print("No stale runs.")
         return 0
     if args.json:
-        print(json.dumps([run.to_dict() for run in runs], indent=2, default=str))
+        # one run per line: readable, and the C encoder (indent= would use the slow Python one)
+        lines = ",\n".join("  " + json.dumps(run.to_dict(), default=str) for run in runs)
+        print(f"[\n{lines}\n]" if runs else "[]")
         return 0
     _print_table(runs, with_where=args.remote)
     return 0
@@ -218,7 +222,10 @@ def _cmd_show(context: Context, args: argparse.Namespace) -> int:
         from phd_flow.query import require_remote
 
         remote = require_remote(config)
-        files = [(f.key.split("/", 1)[1], f.size) for f in remote.list(run.key)]
+        from phd_flow.storage.sync import MANIFEST
+
+        listed = [(f.key.split("/", 1)[1], f.size) for f in remote.list(run.key)]
+        files = [(name, size) for name, size in listed if not name.endswith(MANIFEST)]
     log: list[str] = []
     if run.state in ("failed", "killed", "stale") and args.lines > 0:
         log = view.tail(run.run_dir / "output.log", args.lines) if run.where == "local" else []

@@ -26,6 +26,7 @@ from phd_flow.errors import (
     CorruptRunError,
     NoResultError,
     RunNotFoundError,
+    StorageNotFoundError,
     UserError,
 )
 from phd_flow.runs import COMPLETED, KILLED, RUN_FILE, RUNNING, RunRecord
@@ -486,7 +487,13 @@ def require_remote(config: Config) -> Remote:
     """The configured remote; StorageNotFoundError saying how to configure one otherwise."""
     from phd_flow.storage import make_storage
 
-    return make_storage(config)._require_remote("the runs in storage")
+    remote = make_storage(config).remote
+    if remote is None:
+        raise StorageNotFoundError(
+            "No remote storage is configured, so there are no runs in storage to list or fetch. "
+            "Configure [storage] (see README 'Storage')."
+        )
+    return remote
 
 
 def _download(config: Config, key: str) -> None:

@@ -14,12 +14,10 @@ Listing reads one small record per run and never every file:
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import json
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,6 +170,8 @@ def _fetch_all(remote: Remote, names: list[str]) -> dict[str, bytes | Exception 
 
     if not names:
         return {}
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=min(FETCH_WORKERS, len(names))) as pool:
         return dict(zip(names, pool.map(fetch, names), strict=True))
 
@@ -186,6 +186,8 @@ def _read_index(raw: bytes | None) -> dict[str, dict[str, Any]]:
     """Parse an index (gzipped JSON ``{key: record}``); anything unreadable is an empty index."""
     if not raw:
         return {}
+    import gzip
+
     try:
         data = json.loads(gzip.decompress(raw))
     except (OSError, ValueError, EOFError):
@@ -204,6 +206,8 @@ def _read_remote_index(remote: Remote) -> bytes | None:
 
 def _save_index(remote: Remote, local: Path, index: dict[str, dict[str, Any]], learned: int) -> None:
     """Write the local copy; share it in the remote when this listing learned something."""
+    import gzip
+
     raw = gzip.compress(json.dumps(index, separators=(",", ":")).encode(), compresslevel=5)
     try:
         atomic_write_bytes(local, raw)

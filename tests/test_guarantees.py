@@ -98,6 +98,10 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _shared_remote_config(remote: Path) -> str:
+    return f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[storage]\nbackend = "local"\nremote = "{remote}"\n'
+
+
 # --- path safety -------------------------------------------------------------------------------
 
 
@@ -130,7 +134,8 @@ def test_hostile_keys_are_refused(raw: str) -> None:
 BAD_CONFIG = [
     # (config text, argv, expected exit, expected message parts)
     ("local_path = \n", ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2, ["default.toml", "line 1"]),
-    ("local_path = '${PROJECT_ROOT}/d'\n[mlflow]\nexperimnt = 'x'\n", ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2,
+    ("local_path = '${PROJECT_ROOT}/d'\n[mlflow]\nexperimnt = 'x'\n",
+     ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2,
      ["experimnt", "default.toml:3", "experiment"]),
     ("local_path = 5\n", ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2, ["local_path", "str"]),
     ("local_path = '${NO_SUCH_VAR_PHD}/d'\n", ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2,
@@ -164,7 +169,9 @@ def _assert_clean_user_error(proc: subprocess.CompletedProcess[str], code: int, 
 
 
 @pytest.mark.parametrize(("text", "argv", "code", "parts"), BAD_CONFIG)
-def test_bad_config_is_one_clear_message(project: Path, text: str, argv: list[str], code: int, parts: list[str]) -> None:
+def test_bad_config_is_one_clear_message(
+    project: Path, text: str, argv: list[str], code: int, parts: list[str]
+) -> None:
     write_config(project, text)
     before = _tree(project)
     proc = cli(project, *argv)
@@ -239,7 +246,7 @@ def test_sigterm_while_pickling_the_result_keeps_the_result(fproject: Path, tmp_
 
 def test_failed_run_is_synced_whole_to_the_remote(fproject: Path, tmp_path: Path) -> None:
     remote = tmp_path / "shared"
-    write_config(fproject, f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[storage]\nbackend = "local"\nremote = "{remote}"\n')
+    write_config(fproject, _shared_remote_config(remote))
     proc = cli(fproject, "run", "ManyFiles", "--files", "50", "--fail", "true")
     assert proc.returncode == 1, proc.stderr
     (run_dir,) = run_dirs(fproject / "data_storage")
@@ -256,7 +263,7 @@ def test_two_machines_sync_to_one_prefix_at_once(fproject: Path, tmp_path: Path)
     second = tmp_path / "second"
     shutil.copytree(fproject, second, ignore=shutil.ignore_patterns("data_storage"))
     for proj in (fproject, second):
-        write_config(proj, f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[storage]\nbackend = "local"\nremote = "{remote}"\n')
+        write_config(proj, _shared_remote_config(remote))
     results: list[subprocess.CompletedProcess[str]] = []
     threads = [
         threading.Thread(target=lambda p=p: results.append(cli(p, "run", "ManyFiles", "--files", "200")))

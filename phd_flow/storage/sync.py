@@ -141,15 +141,16 @@ def push(
     entries = scan(local_root, exclude)
     atomic_write_bytes(local_root / MANIFEST, dump_manifest(entries))
     remote_entries = _remote_manifest(remote, remote_prefix, retries)
+    target = f"{remote.describe()}/{remote_prefix}"
+    delivered = _load_journal(local_root, target)  # {} when none, or one of another remote
     if all(_same(remote_entries.get(rel), entry) for rel, entry in entries.items()):
         # The remote manifest is written after its files and dropped when any of them is
         # removed (Storage.remove), so it vouches for them: no listing needed (the listing is
         # most of the cost of an unchanged re-sync).
-        (local_root / JOURNAL).unlink(missing_ok=True)
+        if delivered:
+            (local_root / JOURNAL).unlink(missing_ok=True)
         return SyncReport(skipped=len(entries), seconds=time.perf_counter() - started)
     listed = {f.key: f.size for f in _retry(lambda: list(remote.list(remote_prefix)), retries)}
-    target = f"{remote.describe()}/{remote_prefix}"
-    delivered = _load_journal(local_root, target)
     known = {**delivered, **remote_entries}
     todo = [
         rel
@@ -196,7 +197,8 @@ def push(
         journal = {"remote": target, **json.loads(dump_manifest(arrived))}
         atomic_write_bytes(local_root / JOURNAL, json.dumps(journal, indent=1).encode())
         raise
-    (local_root / JOURNAL).unlink(missing_ok=True)
+    if delivered:
+        (local_root / JOURNAL).unlink(missing_ok=True)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -276,7 +278,10 @@ def _verify(path: Path, expected: Entry, where: str) -> None:
     if size != expected.size:
         raise ChecksumMismatchError(f"{where}: got {size} bytes, expected {expected.size}.")
     if expected.sha256 and sha256_file(path) != expected.sha256:
-        raise ChecksumMismatchError(f"{where}: sha256 does not match the manifest.")
+        raise ChecksumMismatchError(
+            f"{where}: sha256 does not match the manifest (the remote copy is damaged or was "
+            "changed after it was uploaded). The bad download was discarded."
+        )
 
 
 def _remote_manifest(remote: Remote, prefix: str, retries: int) -> dict[str, Entry]:
