@@ -118,12 +118,14 @@ def ui_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
 
 
 class MetricLog:
-    """The run's metrics: queued by the training loop, written to metrics.jsonl and handed to
-    MLflow in batches by one background thread.
+    """The run's metrics: queued by the training loop, written to metrics.jsonl by one thread,
+    and fed to MLflow in batches from that file by another.
 
     :meth:`log` only appends a tuple to a deque (well under a microsecond of work), so the
-    training loop never waits for JSON, disk or SQL. Points reach metrics.jsonl within
-    ``interval`` seconds; :meth:`close` drains everything.
+    training loop never waits for JSON, disk or SQL. The writer empties the deque to disk every
+    ``interval`` seconds, so memory stays flat however slow MLflow is; the sender tails the file
+    (the offline record is the source, as for `sync`), at most :data:`BATCH` points at a time.
+    :meth:`close` drains everything to disk, then to the sender.
     """
 
     def __init__(self, run_dir: Path, interval: float = 0.2) -> None:
@@ -132,31 +134,37 @@ class MetricLog:
         self.written = 0
         self._interval = interval
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._send_from = self._file.tell()  # byte offset of the first point not yet sent
         self._sender: Callable[[list[tuple[str, float, int, int]]], None] | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def log(self, name: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
         """Queue one point (MLflow's conventions: step 0 and "now" in ms by default)."""
         self.queue.append((name, float(value), timestamp or int(time.time() * 1000), step or 0))
 
     def start(self, sender: Callable[[list[tuple[str, float, int, int]]], None] | None) -> None:
-        """Start the writer thread; ``sender`` (MLflow) gets every batch after it is on disk."""
+        """Start the writer thread and, with a ``sender`` (MLflow), the thread feeding it."""
         self._sender = sender
-        self._thread = threading.Thread(target=self._loop, name="phd_flow-metrics", daemon=True)
-        self._thread.start()
+        loops = [("phd_flow-metrics", self._drain)] + ([("phd_flow-metrics-send", self._send)] if sender else [])
+        for name, step in loops:
+            thread = threading.Thread(target=self._loop, args=(step,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def close(self) -> None:
-        """Stop the thread and drain what is queued (to disk and to the sender)."""
+        """Stop the threads, then drain what is queued to disk and what is on disk to the sender."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
         self._drain()
         self._file.close()
+        if self._sender is not None:
+            self._send()
 
-    def _loop(self) -> None:
+    def _loop(self, step: Callable[[], None]) -> None:
         while not self._stop.wait(self._interval):
-            self._drain()
+            step()
 
     def _drain(self) -> None:
         queue = self.queue
@@ -165,14 +173,33 @@ class MetricLog:
             self._file.write("".join(_metric_line(item) for item in batch))
             self._file.flush()
             self.written += len(batch)
-            if self._sender is not None:
-                self._sender(batch)
+
+    def _send(self) -> None:
+        assert self._sender is not None
+        with open(self.path, "rb") as handle:
+            handle.seek(self._send_from)
+            while True:
+                lines = handle.readlines(BATCH * 64)
+                complete = lines if not lines or lines[-1].endswith(b"\n") else lines[:-1]
+                if not complete:
+                    return
+                points = [_parse_metric(line) for line in complete if line.strip()]
+                for i in range(0, len(points), BATCH):
+                    self._sender(points[i : i + BATCH])
+                self._send_from += sum(len(line) for line in complete)
+                if len(complete) < len(lines):
+                    return  # a line still being written: the next round sends it
 
 
 def _metric_line(item: tuple[str, float, int, int]) -> str:
     name, value, timestamp, step = item
     number = value if math.isfinite(value) else str(value)
     return json.dumps({"name": name, "value": number, "step": step, "timestamp": timestamp}) + "\n"
+
+
+def _parse_metric(line: bytes | str) -> tuple[str, float, int, int]:
+    rec = json.loads(line)
+    return rec["name"], float(rec["value"]), int(rec["timestamp"]), int(rec["step"])
 
 
 def read_metrics(run_dir: Path, start: int = 0) -> list[tuple[str, float, int, int]]:
@@ -186,10 +213,9 @@ def read_metrics(run_dir: Path, start: int = 0) -> list[tuple[str, float, int, i
             if number < start or not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                items.append(_parse_metric(line))
             except ValueError:
                 break  # a torn last line after a crash
-            items.append((rec["name"], float(rec["value"]), int(rec["timestamp"]), int(rec["step"])))
     return items
 
 
