@@ -18,8 +18,8 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from phd_flow import Config, Node, node  # noqa: E402
-from phd_flow.config import MlflowConfig  # noqa: E402
+from phd_flow import Config, Node, node
+from phd_flow.config import MlflowConfig
 
 
 @dataclasses.dataclass

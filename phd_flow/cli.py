@@ -108,9 +108,10 @@ def main(package: str, argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, RunKilledError) as exc:
         _print_paragraph(f"interrupted ({exc or 'SIGINT'}); the run is recorded as killed.")
         return 143 if isinstance(exc, RunKilledError) else 130
-    except PhdFlowError as exc:
-        traceback.print_exc()
-        _print_paragraph(f"error: {exc}")
+    except PhdFlowError as exc:  # e.g. storage still failing after its retries
+        if args.verbose:
+            traceback.print_exc()
+        _print_paragraph(f"error: {exc} (`-v` shows the traceback)")
         return EXIT_FAILED
 
 

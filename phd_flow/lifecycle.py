@@ -152,7 +152,8 @@ def _save_result(run_dir: Path, record: RunRecord, result: Any, name: str) -> tu
         )
         return FAILED, PhdFlowError(f"result cannot be pickled ({type(exc).__name__}: {exc})")
     atomic_write_bytes(run_dir / RESULT_FILE, data)
-    record.update(result={"file": RESULT_FILE, "sha256": sha256_file(run_dir / RESULT_FILE), "type": type(result).__name__})
+    digest = sha256_file(run_dir / RESULT_FILE)
+    record.update(result={"file": RESULT_FILE, "sha256": digest, "type": type(result).__name__})
     return COMPLETED, None
 
 

@@ -53,7 +53,7 @@ def packages() -> dict[str, str]:
     """Installed distributions and their versions."""
     found: dict[str, str] = {}
     for dist in metadata.distributions():
-        name = dist.metadata["Name"] if "Name" in dist.metadata else None
+        name = dist.metadata.get("Name", None)  # type: ignore[attr-defined]
         if name:
             found[name] = dist.version
     return dict(sorted(found.items(), key=lambda item: item[0].lower()))

@@ -52,14 +52,36 @@ def write_config(project: Path, text: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow sqlite DB, created and migrated once per session.
+
+    A fresh store costs every CLI run ~3 s of alembic migrations; the ``project`` fixture copies
+    this one instead. Tests about creating a store (``test_fifty_processes_at_once_on_a_fresh_store``)
+    delete the copy first.
+    """
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    code = f"from mlflow.tracking import MlflowClient; MlflowClient('sqlite:///{path}').search_experiments()"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    return path
+
+
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A copy of the example project (my_project + data) with a config in tmp_path."""
+def project(tmp_path: Path, mlflow_db_template: Path) -> Path:
+    """A copy of the example project (my_project + data) with a config in tmp_path, and an empty
+    migrated MLflow DB in its data_storage."""
     root = tmp_path / "proj"
     shutil.copytree(EXAMPLES / "my_project", root / "my_project", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(EXAMPLES / "data", root / "data")
     write_config(root, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nexperiment = "test"\n')
+    (root / "data_storage").mkdir()
+    shutil.copy(mlflow_db_template, root / "data_storage" / "mlflow.db")
     return root
+
+
+def nothing_created(local_path: Path) -> bool:
+    """True when no command wrote into ``local_path`` (beyond the ``project`` fixture's MLflow DB)."""
+    return not local_path.exists() or {p.name for p in local_path.iterdir()} <= {"mlflow.db"}
 
 
 def cli(

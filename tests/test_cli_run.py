@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, run_dirs, write_config
+from tests.conftest import cli, nothing_created, run_dirs, write_config
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| (INFO|DEBUG|WARNING|ERROR)\s* \| [\w.]+:\w+:\d+ - ")
 
@@ -81,7 +81,7 @@ def test_missing_required_argument_is_a_usage_error(project: Path) -> None:
     proc = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv")
     assert proc.returncode == 2
     assert "--target" in proc.stderr and "required" in proc.stderr
-    assert not (project / "data_storage").exists()
+    assert nothing_created(project / "data_storage")
 
 
 def test_bad_argument_value_is_a_usage_error(project: Path) -> None:
@@ -120,7 +120,7 @@ def test_config_option_and_env_var_pick_another_config(project: Path, tmp_path: 
                env={"PHD_FLOW_CONFIG": str(other)})
     assert proc.returncode == 0, proc.stderr
     assert len(run_dirs(tmp_path / "elsewhere")) == 2
-    assert not (project / "data_storage").exists()
+    assert nothing_created(project / "data_storage")
     record = json.loads((run_dirs(tmp_path / "elsewhere")[0] / "run.json").read_text())
     assert record["mlflow"]["state"] == "disabled"
 

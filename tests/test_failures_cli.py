@@ -108,30 +108,7 @@ def test_signal_during_run_marks_killed_everywhere(sproject: Path, tmp_path: Pat
     assert (run_dir / "metrics.jsonl").read_text().count("started") == 1
 
 
-@pytest.mark.slow
-def test_twenty_processes_at_once_on_a_fresh_local_path(sproject: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST"))}
-    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "my_project", "run", "Quick", "--message", str(i)],
-            cwd=sproject, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(20)
-    ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    failures = [(p.returncode, err[-2000:]) for p, (_, err) in zip(procs, outputs, strict=True) if p.returncode != 0]
-    assert not failures
-    dirs = run_dirs(sproject / "data_storage")
-    assert len({d.name for d in dirs}) == 20
-    records = [json.loads((d / "run.json").read_text()) for d in dirs]
-    assert all(r["status"] == "completed" and r["mlflow"]["state"] == "synced" for r in records)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{sproject / 'data_storage' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id], max_results=100)
-    assert len(runs) == 20 and {r.info.status for r in runs} == {"FINISHED"}
-    assert sorted(r.data.params["message"] for r in runs) == sorted(str(i) for i in range(20))
+# Many processes at once: tests/test_guarantees.py::test_fifty_processes_at_once_on_a_fresh_store.
 
 
 def test_mlflow_unreachable_run_completes_and_sync_catches_up(sproject: Path) -> None:

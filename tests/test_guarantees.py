@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,10 +181,26 @@ def test_bad_config_is_one_clear_message(
     assert {k: v for k, v in after.items() if k in before} == before  # nothing already written changed
 
 
-@pytest.mark.parametrize(("argv", "code", "parts"), BAD_ARGS)
-def test_bad_arguments_are_one_clear_message(project: Path, argv: list[str], code: int, parts: list[str]) -> None:
-    ok = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
+@pytest.fixture(scope="module")
+def project_with_a_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example project after one completed run (made once for the bad-argument table)."""
+    from tests.conftest import EXAMPLES
+
+    root = tmp_path_factory.mktemp("with_run") / "proj"
+    shutil.copytree(EXAMPLES / "my_project", root / "my_project", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(EXAMPLES / "data", root / "data")
+    write_config(root, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nexperiment = "test"\n')
+    ok = cli(root, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
     assert ok.returncode == 0, ok.stderr
+    return root
+
+
+@pytest.mark.parametrize(("argv", "code", "parts"), BAD_ARGS)
+def test_bad_arguments_are_one_clear_message(
+    project_with_a_run: Path, tmp_path: Path, argv: list[str], code: int, parts: list[str]
+) -> None:
+    project = tmp_path / "proj"
+    shutil.copytree(project_with_a_run, project)
     before = _tree(project)
     proc = cli(project, *argv)
     _assert_clean_user_error(proc, code, parts)
@@ -257,8 +274,6 @@ def test_failed_run_is_synced_whole_to_the_remote(fproject: Path, tmp_path: Path
 
 def test_two_machines_sync_to_one_prefix_at_once(fproject: Path, tmp_path: Path) -> None:
     """Two local_paths pushing to the same remote at the same moment overwrite nothing."""
-    import shutil
-
     remote = tmp_path / "shared"
     second = tmp_path / "second"
     shutil.copytree(fproject, second, ignore=shutil.ignore_patterns("data_storage"))
@@ -283,6 +298,7 @@ def test_two_machines_sync_to_one_prefix_at_once(fproject: Path, tmp_path: Path)
 @pytest.mark.slow
 def test_fifty_processes_at_once_on_a_fresh_store(fproject: Path) -> None:
     """50 runs started together against one fresh local_path and one fresh sqlite MLflow store."""
+    shutil.rmtree(fproject / "data_storage")  # no pre-made MLflow DB: the 50 must create it
     n = 50
     procs = [
         subprocess.Popen(

@@ -383,6 +383,14 @@ def test_sigkilled_run_is_stale_and_fix_marks_it_killed(project: Path, tmp_path:
     assert data["status"] == "killed" and data["ended_at"] == data["heartbeat_at"]
     assert mlflow_run(project, data["mlflow"]["run_id"]).info.status == "KILLED"
     assert keys(project, "--stale") == [] and keys(project, "--killed") == [nap]
+    # Its partial files are still syncable, once a remote is configured.
+    shared = tmp_path / "shared"
+    config = project / "config" / "default.toml"
+    config.write_text(config.read_text() + f'\n[storage]\nbackend = "local"\nremote = "{shared}"\n')
+    proc_sync = cli(project, "sync", nap)
+    assert proc_sync.returncode == 0, proc_sync.stderr
+    assert (shared / nap / "output.log").read_bytes() == (project / "data_storage" / nap / "output.log").read_bytes()
+    assert json.loads((shared / nap / "run.json").read_text())["status"] == "killed"
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 
 from phd_flow.errors import ArgsError
 from phd_flow.sweep import parse_grid
-from tests.conftest import EXAMPLES, cli, run_dirs, write_config
+from tests.conftest import EXAMPLES, cli, nothing_created, run_dirs, write_config
 from tests.nodes import Add
 from tests.sweep_nodes import Scale
 
@@ -120,7 +120,7 @@ def test_bad_grid_fails_before_anything_runs_and_without_importing_mlflow(sproje
         assert "HEAVY []" in proc.stdout and "Traceback" not in proc.stderr
     assert "error: --grid seed: 'x' is not a valid int for Scale's argument 'seed'" in procs["--grid"].stderr
     assert "--grid FIELD=V1,V2" in procs["--help"].stdout and "--fail_seed" in procs["--help"].stdout
-    assert not (sproject / "data_storage").exists()
+    assert nothing_created(sproject / "data_storage")
 
 
 @pytest.mark.parametrize(
@@ -161,7 +161,7 @@ def test_slurm_executor_without_sbatch_is_one_clear_error(sproject: Path) -> Non
                env={"PATH": str(Path(sys.executable).parent)})
     assert proc.returncode == 2
     assert "sbatch, which is not on PATH" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (sproject / "data_storage").exists()
+    assert nothing_created(sproject / "data_storage")
 
 
 def test_ctrl_c_stops_the_sweep_and_marks_unfinished_points_killed(sproject: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import cli, run_dirs
+from tests.conftest import cli, nothing_created, run_dirs
 from tests.test_sweep_local import NO_MLFLOW, make_project, point_records, sweep_record
 
 
@@ -130,4 +130,4 @@ def test_an_unknown_partition_fails_before_anything_is_submitted(tmp_path: Path)
     proc = cli(project, "sweep", "Scale", "--grid", "seed=1,2")
     assert proc.returncode == 2
     assert "[executor.slurm] partition = 'gpu' is not a partition" in proc.stderr and "debug" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (project / "data_storage").exists()
+    assert "Traceback" not in proc.stderr and nothing_created(project / "data_storage")

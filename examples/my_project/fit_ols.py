@@ -32,7 +32,7 @@ class FitOLS(node.Node[FitOLSArgs, FitOLSResult]):
         # Loading the data from storage
         df = pd.read_csv(self.args.dataset)
         # You can access any argument from `FitOLSArgs` with `self.args`
-        train_keys = [k for k in df.keys() if k != self.args.target]
+        train_keys = [k for k in df.columns if k != self.args.target]
         X = df[train_keys].to_numpy()
         y = df[self.args.target].to_numpy()
 

@@ -56,7 +56,7 @@ class Storage:
             path.parent.mkdir(parents=True, exist_ok=True)
         elif not path.exists() and self.remote is not None:
             self.download(key)
-        return open(path, mode, **kwargs)  # noqa: SIM115 - returned to the caller
+        return open(path, mode, **kwargs)
 
     # --- remote side --------------------------------------------------------------------------
 

@@ -364,11 +364,10 @@ class _Progress:
         self.files, self.done, self.label = files, 0, label
         self.last = time.monotonic()
         self.bar: Any = None
-        if files >= 20 or size >= 50 << 20:
-            if sys.stderr.isatty():
-                from tqdm import tqdm
+        if (files >= 20 or size >= 50 << 20) and sys.stderr.isatty():
+            from tqdm import tqdm
 
-                self.bar = tqdm(total=size, unit="B", unit_scale=True, desc=label or "sync", leave=False)
+            self.bar = tqdm(total=size, unit="B", unit_scale=True, desc=label or "sync", leave=False)
 
     def advance(self, size: int) -> None:
         self.done += 1
