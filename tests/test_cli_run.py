@@ -152,3 +152,26 @@ def test_local_remote_mirrors_every_run(project: Path, tmp_path: Path) -> None:
         assert (mirrored / name).read_bytes() == (run_dir / name).read_bytes(), name
     assert json.loads((mirrored / "run.json").read_text())["sync"]["state"] == "synced"
     assert (shared / "my_project" / "datasets" / run_dir.name / "datasets.pickle").is_file()
+
+
+def test_run_imports_only_the_module_that_defines_the_node(project: Path) -> None:
+    """`run Light` must not pay for the imports of another node's module (torch, sklearn, ...)."""
+    marker = project / "heavy-imported"
+    (project / "my_project" / "heavy.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "import dataclasses\nfrom phd_flow import Node, node\n\n\n"
+        "@dataclasses.dataclass\nclass HArgs(node.Args):\n    x: int = 1\n\n\n"
+        "class Heavy(Node[HArgs, int]):\n    def _run(self) -> int:\n        return 1\n"
+    )
+    (project / "my_project" / "light.py").write_text(
+        "import dataclasses\nfrom phd_flow import Node, node\n\n\n"
+        "@dataclasses.dataclass\nclass LArgs(node.Args):\n    x: int = 1\n\n\n"
+        "class Light(Node[LArgs, int]):\n    def _run(self) -> int:\n        return self.args.x\n"
+    )
+    write_config(project, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n')
+    proc = cli(project, "run", "Light", "--x", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+    proc = cli(project, "nodes")
+    assert proc.returncode == 0 and "Heavy" in proc.stdout and "Light" in proc.stdout
+    assert marker.exists()
