@@ -29,6 +29,7 @@ def _nice() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 50 niced processes on 2 cores next to another test worker
 def test_fifty_processes_at_once_on_a_fresh_store(fproject: Path) -> None:
     """50 runs started together against one fresh local_path and one fresh sqlite MLflow store."""
     shutil.rmtree(fproject / "data_storage")  # no pre-made MLflow DB: the 50 must create it
