@@ -30,6 +30,7 @@ from typing import Any
 
 from phd_flow.errors import PhdFlowError, StageError
 from phd_flow.stage_sources import MLFLOW_CHECKSUMS, digest, hash_tree, mlflow_checksums, verify
+from phd_flow.stages import ArtifactPath
 
 __all__ = [
     "MlflowDict",
@@ -95,7 +96,7 @@ def set_skip_log(stages: Sequence[str]) -> None:
     _settings(create_for_run=False).skip_log.update(stages)
 
 
-class MlflowManagedArtifact:
+class MlflowManagedArtifact(ArtifactPath):
     """A file or folder logged to the active MLflow run when its ``with`` block ends."""
 
     def __init__(self, name: str, stage: str | None, is_dir: bool, delete: bool = True) -> None:
@@ -113,14 +114,6 @@ class MlflowManagedArtifact:
         if self._tmp is None:
             raise PhdFlowError("A managed artifact has a path inside its `with` block only.")
         return self._tmp / self.name
-
-    def get_path(self, name: str | None = None) -> Path:
-        """The artifact's path; for a folder, ``get_path("plot1.png")`` is a file inside it."""
-        if name is None:
-            return self.path
-        if not self.is_dir:
-            raise PhdFlowError(f"{self.name} is a single file; get_path() takes no name.")
-        return self.path / name
 
     def __enter__(self) -> MlflowManagedArtifact:
         self._settings = _settings()

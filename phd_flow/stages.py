@@ -212,27 +212,42 @@ class Stage:
         return f"Stage({self.name!r}, path={str(self.path)!r}, loaded={self.loaded})"
 
 
-class ManagedArtifact:
-    """One file or folder of this run (mlflowhelper's managed artifacts), optionally inside a
-    stage so it can be loaded from an earlier run. ``get_path()`` is where to write or read."""
+class ArtifactPath:
+    """``get_path()`` of a managed artifact (a Node's, or a plain MLflow script's)."""
 
-    def __init__(self, run_dir: Path, name: str, stage: Stage | None, is_dir: bool) -> None:
-        self.path = (stage.path if stage is not None else run_dir) / name
-        self.stage = stage
-        self.is_dir = is_dir
+    is_dir: bool
 
     @property
-    def loaded(self) -> bool:
-        """True when the artifact came from an earlier run (its stage was loaded)."""
-        return self.stage is not None and self.stage.loaded and self.path.exists()
+    def path(self) -> Path:
+        raise NotImplementedError  # pragma: no cover - defined by the subclasses
 
     def get_path(self, name: str | None = None) -> Path:
-        """The file's path; for a folder, ``get_path("plot1.png")`` is a file inside it."""
+        """The artifact's path; for a folder, ``get_path("plot1.png")`` is a file inside it."""
         if name is None:
             return self.path
         if not self.is_dir:
             raise PhdFlowError(f"{self.path.name} is a single file; get_path() takes no name.")
         return self.path / name
+
+
+class ManagedArtifact(ArtifactPath):
+    """One file or folder of this run (mlflowhelper's managed artifacts), optionally inside a
+    stage so it can be loaded from an earlier run. ``get_path()`` is where to write or read."""
+
+    def __init__(self, run_dir: Path, name: str, stage: Stage | None, is_dir: bool) -> None:
+        self._path = (stage.path if stage is not None else run_dir) / name
+        self.stage = stage
+        self.is_dir = is_dir
+
+    @property
+    def path(self) -> Path:
+        """The file or folder, in this run's directory."""
+        return self._path
+
+    @property
+    def loaded(self) -> bool:
+        """True when the artifact came from an earlier run (its stage was loaded)."""
+        return self.stage is not None and self.stage.loaded and self.path.exists()
 
     def __enter__(self) -> ManagedArtifact:
         if self.stage is not None:
