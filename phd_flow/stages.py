@@ -18,6 +18,7 @@ run.json's ``stages`` section when it opens and closes, and to MLflow tags
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import re
@@ -212,14 +213,15 @@ class Stage:
         return f"Stage({self.name!r}, path={str(self.path)!r}, loaded={self.loaded})"
 
 
-class ArtifactPath:
+class ArtifactPath(abc.ABC):
     """``get_path()`` of a managed artifact (a Node's, or a plain MLflow script's)."""
 
     is_dir: bool
 
     @property
+    @abc.abstractmethod
     def path(self) -> Path:
-        raise NotImplementedError  # pragma: no cover - defined by the subclasses
+        """The artifact's file or folder."""
 
     def get_path(self, name: str | None = None) -> Path:
         """The artifact's path; for a folder, ``get_path("plot1.png")`` is a file inside it."""
