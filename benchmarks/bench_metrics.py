@@ -69,12 +69,16 @@ def main() -> None:
             plain = time.perf_counter() - t0
     ours_per_call = in_loop / opts.n
     plain_per_call = plain / opts.plain
-    print(f"phd_flow  self.log_metric x{opts.n}: {in_loop:.3f} s in the loop "
-          f"({ours_per_call * 1e6:.1f} us/call); whole run incl. flush to MLflow: {total:.1f} s; "
-          f"all {len(history)} points in MLflow, in order")
+    print(
+        f"phd_flow  self.log_metric x{opts.n}: {in_loop:.3f} s in the loop "
+        f"({ours_per_call * 1e6:.1f} us/call); whole run incl. flush to MLflow: {total:.1f} s; "
+        f"all {len(history)} points in MLflow, in order"
+    )
     print(f"mlflow    mlflow.log_metric x{opts.plain}: {plain:.3f} s ({plain_per_call * 1e3:.2f} ms/call)")
-    print(f"ratio     plain / phd_flow per call: {plain_per_call / ours_per_call:.0f}x "
-          f"(goal: 100,000 calls < 1 s in the loop: {'met' if in_loop * 100_000 / opts.n < 1 else 'MISSED'})")
+    print(
+        f"ratio     plain / phd_flow per call: {plain_per_call / ours_per_call:.0f}x "
+        f"(goal: 100,000 calls < 1 s in the loop: {'met' if in_loop * 100_000 / opts.n < 1 else 'MISSED'})"
+    )
 
 
 if __name__ == "__main__":

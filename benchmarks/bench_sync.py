@@ -132,9 +132,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_sync-"))
     try:
         make_data(root, opts.small, opts.large_mb)
-        startup = timed(
-            lambda: subprocess.run([str(BIN / "aws"), "--version"], capture_output=True, check=True)
-        )
+        startup = timed(lambda: subprocess.run([str(BIN / "aws"), "--version"], capture_output=True, check=True))
         print(f"aws CLI start-up alone: {startup:.2f} s   (moto server: {opts.server})")
         print(f"{'case':<34} {'phd_flow':>9} {'aws s3 sync':>12} {'speed-up':>9}")
         with moto(opts.server) as endpoint:
@@ -145,12 +143,9 @@ def main() -> None:
                 for phase in ("first sync", "unchanged re-sync"):
                     ours, report = phd_flow_upload(root, endpoint, bucket, name)
                     target = f"s3://{bucket}/aws/{name}"
-                    theirs = timed(
-                        functools.partial(aws, endpoint, "s3", "sync", str(root / name), target)
-                    )
+                    theirs = timed(functools.partial(aws, endpoint, "s3", "sync", str(root / name), target))
                     print(
-                        f"{label + ', ' + phase:<34} {ours:>8.2f}s {theirs:>11.2f}s "
-                        f"{theirs / ours:>8.1f}x   [{report}]"
+                        f"{label + ', ' + phase:<34} {ours:>8.2f}s {theirs:>11.2f}s {theirs / ours:>8.1f}x   [{report}]"
                     )
     finally:
         shutil.rmtree(root, ignore_errors=True)

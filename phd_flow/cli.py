@@ -162,20 +162,45 @@ def _cmd_run(context: Context, args: argparse.Namespace) -> int:
 
 def _add_run_options(parser: Any) -> None:
     group = parser.add_argument_group("phd_flow run options")
-    group.add_argument("--load", action="append", default=[], metavar="STAGE=KEY",
-                       help="load STAGE from run KEY (a key, key prefix, MLflow run id or 'latest')")
-    group.add_argument("--skip-log", action="append", default=[], metavar="STAGE",
-                       help="keep STAGE local: not synced, not logged to MLflow")
+    group.add_argument(
+        "--load",
+        action="append",
+        default=[],
+        metavar="STAGE=KEY",
+        help="load STAGE from run KEY (a key, key prefix, MLflow run id or 'latest')",
+    )
+    group.add_argument(
+        "--skip-log",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="keep STAGE local: not synced, not logged to MLflow",
+    )
     cache = group.add_mutually_exclusive_group()
-    cache.add_argument("--cache", dest="cache", action="store_const", const=True, default=None,
-                       help="reuse stages whose fingerprint matches an earlier run")
-    cache.add_argument("--no-cache", dest="cache", action="store_const", const=False,
-                       help="recompute every stage")
-    group.add_argument("--rerun", action="append", default=[], metavar="NODE",
-                       help="run NODE again even where require() could reuse an earlier run")
+    cache.add_argument(
+        "--cache",
+        dest="cache",
+        action="store_const",
+        const=True,
+        default=None,
+        help="reuse stages whose fingerprint matches an earlier run",
+    )
+    cache.add_argument("--no-cache", dest="cache", action="store_const", const=False, help="recompute every stage")
+    group.add_argument(
+        "--rerun",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="run NODE again even where require() could reuse an earlier run",
+    )
     group.add_argument("--key", dest="run_key", default=None, metavar="KEY", help="use this run key (resume)")
-    group.add_argument("--sweep", dest="sweep_key", default=None, metavar="SWEEP",
-                       help="record this run as a point of sweep SWEEP (set by the sweep command)")
+    group.add_argument(
+        "--sweep",
+        dest="sweep_key",
+        default=None,
+        metavar="SWEEP",
+        help="record this run as a point of sweep SWEEP (set by the sweep command)",
+    )
 
 
 def _run_options(parsed: argparse.Namespace) -> Any:
@@ -189,8 +214,12 @@ def _run_options(parsed: argparse.Namespace) -> Any:
             raise ArgsError(f"--load {item!r}: write it as STAGE=KEY, e.g. --load load_data=latest.")
         load[stage] = source
     return RunOptions(
-        key=parsed.run_key, load=load, skip_log=list(parsed.skip_log), cache=parsed.cache,
-        rerun=list(parsed.rerun), sweep=parsed.sweep_key,
+        key=parsed.run_key,
+        load=load,
+        skip_log=list(parsed.skip_log),
+        cache=parsed.cache,
+        rerun=list(parsed.rerun),
+        sweep=parsed.sweep_key,
         tags={"phd_flow.sweep": parsed.sweep_key} if parsed.sweep_key else {},
     )
 
@@ -219,4 +248,3 @@ def _print_node_list(nodes: dict[str, Any], file: Any = None) -> None:
     for dotted, cls in nodes.items():
         summary = (cls.description().splitlines() or [""])[0]
         print(f"  {cls.__name__:<{width}}  {summary}  ({dotted})".rstrip(), file=file or sys.stdout)
-

@@ -51,12 +51,23 @@ def register_sweep(commands: Any) -> None:
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sweep options")
-    group.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2,...",
-                       help="values of one argument; several --grid make a cartesian product")
-    group.add_argument("--executor", choices=("local", "slurm"), default=None,
-                       help="where the points run (default: [executor] kind)")
-    group.add_argument("--max-parallel", type=int, default=None, metavar="N",
-                       help="points at a time: local processes or the SLURM array's parallelism")
+    group.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2,...",
+        help="values of one argument; several --grid make a cartesian product",
+    )
+    group.add_argument(
+        "--executor", choices=("local", "slurm"), default=None, help="where the points run (default: [executor] kind)"
+    )
+    group.add_argument(
+        "--max-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="points at a time: local processes or the SLURM array's parallelism",
+    )
     group.add_argument("--wait", action="store_true", help="slurm: follow the sweep until every point ended")
     group.add_argument("--resume", metavar="SWEEP", help="run the points of SWEEP that did not complete")
     group.add_argument("--status", metavar="SWEEP", help="show the points of SWEEP and their status")
@@ -126,8 +137,11 @@ def _create(context: Context, node: str, node_argv: list[str], grid: list[str], 
         executor["slurm"] = slurm_parameters(config.executor.slurm, max_parallel, node_cls.__name__)
     config_path = str(Path(context.config_path).resolve()) if context.config_path else None
     sweep = Sweep.create(config, node_cls, node_argv, axes, executor, config_path)
-    print(f"Sweep {sweep.key}: {len(sweep.points)} runs of {node_cls.__name__} "
-          f"({kind}, at most {max_parallel} at a time) in {sweep.run_dir}", flush=True)
+    print(
+        f"Sweep {sweep.key}: {len(sweep.points)} runs of {node_cls.__name__} "
+        f"({kind}, at most {max_parallel} at a time) in {sweep.run_dir}",
+        flush=True,
+    )
     return sweep
 
 
@@ -141,12 +155,18 @@ def _resume(context: Context, key: str, kind: str, max_parallel: int, wait: bool
     with _driver_lock(sweep):
         sweep.refresh(config.local_path, config.runs.stale_after_seconds)
         live = active_points(sweep) if sweep.data.get("slurm_job_ids") else set()
-        live |= {p["key"] for p in sweep.points
-                 if point_status(config.local_path / p["key"], LOST, config.runs.stale_after_seconds) == RUNNING}
+        live |= {
+            p["key"]
+            for p in sweep.points
+            if point_status(config.local_path / p["key"], LOST, config.runs.stale_after_seconds) == RUNNING
+        }
         todo = [p for p in sweep.points if p["status"] != COMPLETED and p["key"] not in live]
         done = sum(p["status"] == COMPLETED for p in sweep.points)
-        print(f"Resuming sweep {sweep.key}: {len(todo)} of {len(sweep.points)} runs to run "
-              f"({done} completed, {len(live)} still running or queued).", flush=True)
+        print(
+            f"Resuming sweep {sweep.key}: {len(todo)} of {len(sweep.points)} runs to run "
+            f"({done} completed, {len(live)} still running or queued).",
+            flush=True,
+        )
         if not todo:
             return 0 if done == len(sweep.points) else 1
         return _execute_locked(context, sweep, todo, kind, max_parallel, wait)
@@ -171,16 +191,25 @@ def _execute_locked(
     if kind == "slurm":
         ids = executors.submit_slurm(sweep, points, config=config, max_parallel=max_parallel)
         arrays = sorted({i.split("_")[0] for i in ids})
-        print(f"Submitted sweep {sweep.key}: SLURM job array {', '.join(arrays)} ({len(ids)} tasks; "
-              f"logs in {sweep.data['slurm_folder']}).", flush=True)
+        print(
+            f"Submitted sweep {sweep.key}: SLURM job array {', '.join(arrays)} ({len(ids)} tasks; "
+            f"logs in {sweep.data['slurm_folder']}).",
+            flush=True,
+        )
         if not wait:
             print(f"Follow it with: python -m {context.package} sweep --status {sweep.key}")
             return 0
         counts = executors.wait_slurm(sweep, config)
     else:
         try:
-            counts = executors.run_local(sweep, points, package=context.package, config=config,
-                                         max_parallel=max_parallel, config_path=sweep.data.get("config_path"))
+            counts = executors.run_local(
+                sweep,
+                points,
+                package=context.package,
+                config=config,
+                max_parallel=max_parallel,
+                config_path=sweep.data.get("config_path"),
+            )
         except (KeyboardInterrupt, RunKilledError):
             _print_end(context, sweep, summary(_counts(sweep)), interrupted=True)
             raise
@@ -201,8 +230,11 @@ def _print_end(context: Context, sweep: Sweep, text: str, interrupted: bool = Fa
     word = "interrupted" if interrupted else "finished"
     print(f"Sweep {sweep.key} {word}: {text}.", flush=True)
     if any(p["status"] != COMPLETED for p in sweep.points):
-        print(f"Run the rest again with: python -m {context.package} sweep --resume {sweep.key}",
-              file=sys.stderr, flush=True)
+        print(
+            f"Run the rest again with: python -m {context.package} sweep --resume {sweep.key}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 @contextmanager

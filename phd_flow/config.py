@@ -136,12 +136,7 @@ class Config:
 
     def experiment_name(self, package: str | None) -> str:
         """The MLflow experiment: config, then $MLFLOW_EXPERIMENT_NAME, then the package name."""
-        return (
-            self.mlflow.experiment
-            or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-            or package
-            or "phd_flow"
-        )
+        return self.mlflow.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or package or "phd_flow"
 
 
 _FLAT_SEED_KEYS = {"b2_key_id", "b2_key", "b2_bucket", "b2_prefix"}
@@ -163,9 +158,7 @@ def config_path(project_root: Path, explicit: str | os.PathLike[str] | None = No
     return project_root / "config" / "default.toml"
 
 
-def load_config(
-    project_root: str | os.PathLike[str], path: str | os.PathLike[str] | None = None
-) -> Config:
+def load_config(project_root: str | os.PathLike[str], path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate the config for a project.
 
     ``path`` (or $PHD_FLOW_CONFIG) must exist when given; the default
@@ -268,16 +261,12 @@ def _validate_storage(config: Config, source: Path | None) -> None:
         )
     kind = config.executor.kind
     if kind not in {"local", "slurm"}:
-        raise ConfigError(
-            f"{_locate(source, 'executor.kind')}: unknown executor {kind!r}; use 'local' or 'slurm'."
-        )
+        raise ConfigError(f"{_locate(source, 'executor.kind')}: unknown executor {kind!r}; use 'local' or 'slurm'.")
 
 
 def _build(cls: type[Any], data: Any, section: str, source: Path | None) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{_locate(source, section)}: [{section}] must be a table, got {type(data).__name__}."
-        )
+        raise ConfigError(f"{_locate(source, section)}: [{section}] must be a table, got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     _reject_unknown(data, fields, section, source)
@@ -308,8 +297,7 @@ def _reject_unknown(data: dict[str, Any], allowed: set[str], section: str, sourc
 def _check_type(key: str, value: Any, hint: Any, source: Path | None) -> None:
     if not _matches(value, hint):
         raise ConfigError(
-            f"{_locate(source, key)}: {key} must be {_describe(hint)}, "
-            f"got {type(value).__name__} {value!r}."
+            f"{_locate(source, key)}: {key} must be {_describe(hint)}, got {type(value).__name__} {value!r}."
         )
 
 

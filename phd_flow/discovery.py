@@ -99,9 +99,13 @@ def _resolve_from_source(package: str, name: str) -> type[Node[Any, Any]] | None
         return None
     module = importlib.import_module(modules[0])
     found = [
-        obj for obj in vars(module).values()
-        if isinstance(obj, type) and issubclass(obj, Node) and obj.__module__ == module.__name__
-        and getattr(obj, "args_class", None) is not None and "_run" in _defined(obj)
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type)
+        and issubclass(obj, Node)
+        and obj.__module__ == module.__name__
+        and getattr(obj, "args_class", None) is not None
+        and "_run" in _defined(obj)
         and _matches(f"{module.__name__}.{obj.__qualname__}", package, name)
     ]
     return found[0] if len(found) == 1 else None

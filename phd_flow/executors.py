@@ -76,8 +76,9 @@ def point_specs(sweep: Sweep, points: Sequence[dict[str, Any]], project_root: Pa
     """One :class:`PointSpec` per point of ``sweep``."""
     module, _, qualname = _split_class(sweep.data["node_class"])
     return [
-        PointSpec(module, qualname, tuple(p["argv"]), p["key"], sweep.key, str(project_root),
-                  sweep.data.get("config_path"))
+        PointSpec(
+            module, qualname, tuple(p["argv"]), p["key"], sweep.key, str(project_root), sweep.data.get("config_path")
+        )
         for p in points
     ]
 
@@ -269,9 +270,7 @@ def slurm_parameters(slurm: SlurmConfig, max_parallel: int, name: str) -> dict[s
     return params
 
 
-def submit_slurm(
-    sweep: Sweep, points: Sequence[dict[str, Any]], *, config: Config, max_parallel: int
-) -> list[str]:
+def submit_slurm(sweep: Sweep, points: Sequence[dict[str, Any]], *, config: Config, max_parallel: int) -> list[str]:
     """Submit ``points`` as one job array; record and return the job ids (``<array>_<index>``)."""
     import submitit
 
@@ -298,8 +297,13 @@ def slurm_queue(job_ids: Sequence[str]) -> dict[str, str] | None:
     if not arrays:
         return {}
     try:
-        proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(arrays)],
-                              capture_output=True, text=True, timeout=30, check=False)
+        proc = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(arrays)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if proc.returncode != 0:
@@ -332,8 +336,10 @@ def wait_slurm(sweep: Sweep, config: Config, poll: float = 2.0, out: Printer = _
         for point in done:
             if reported.get(point["key"]) != point["status"]:
                 reported[point["key"]] = point["status"]
-                out(f"[{len(reported)}/{len(sweep.points)}] {point['status']:<9} {point['key']}  "
-                    f"{describe_point(point)}  (job {point.get('slurm_job_id')})")
+                out(
+                    f"[{len(reported)}/{len(sweep.points)}] {point['status']:<9} {point['key']}  "
+                    f"{describe_point(point)}  (job {point.get('slurm_job_id')})"
+                )
         if len(done) == len(sweep.points):
             return sweep.refresh(config.local_path, stale_after)
         time.sleep(poll)
@@ -347,8 +353,9 @@ def _mark_dead(run_dir: Path, job_id: str | None) -> None:
         return
     if record.status == RUNNING:
         reason = "SIGKILL, OOM, node failure or time limit"
-        record.update(status=KILLED, ended_at=utcnow(),
-                      error=f"SLURM job {job_id} ended without the run finishing ({reason})")
+        record.update(
+            status=KILLED, ended_at=utcnow(), error=f"SLURM job {job_id} ended without the run finishing ({reason})"
+        )
 
 
 class PointJob:
@@ -388,7 +395,9 @@ class PointJob:
             if callable(hook):
                 hook()
             node._record.update(
-                status=KILLED, ended_at=utcnow(), requeued_at=utcnow(),
+                status=KILLED,
+                ended_at=utcnow(),
+                requeued_at=utcnow(),
                 error="SLURM time limit or preemption: checkpointed and requeued with the same key",
             )
         return DelayedSubmission(PointJob(), spec)

@@ -210,8 +210,12 @@ def _open_mlflow(node: Node[Any, Any], record: RunRecord, args: dict[str, Any], 
         return
     node._mlflow = mlflow_run
     record.update_section(
-        "mlflow", state="open", run_id=mlflow_run.run_id, experiment_id=mlflow_run.experiment_id,
-        experiment=experiment, tracking_uri=uri,
+        "mlflow",
+        state="open",
+        run_id=mlflow_run.run_id,
+        experiment_id=mlflow_run.experiment_id,
+        experiment=experiment,
+        tracking_uri=uri,
     )
     from phd_flow.tracking import ui_url
 
@@ -233,7 +237,9 @@ def _close_mlflow(node: Node[Any, Any], record: RunRecord, status: str) -> None:
         logger.warning(f"Closing the MLflow run failed ({type(exc).__name__}: {exc}); `sync` retries.")
         ok = False
     record.update_section(
-        "mlflow", state="synced" if ok else "not_synced", metrics_sent=mlflow_run.sent,
+        "mlflow",
+        state="synced" if ok else "not_synced",
+        metrics_sent=mlflow_run.sent,
         status_sent=status if ok else None,
     )
 

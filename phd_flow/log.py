@@ -78,10 +78,12 @@ class RunLogging:
     def __enter__(self) -> RunLogging:
         self._sinks = [
             # diagnose=False: tracebacks must not print local variables (they may hold secrets)
-            logger.add(self.run_dir / "output.log", level=self.level, format=FILE_FORMAT,
-                       encoding="utf-8", diagnose=False),
-            logger.add(self.run_dir / "output.jsonl", level=self.level, serialize=True,
-                       encoding="utf-8", diagnose=False),
+            logger.add(
+                self.run_dir / "output.log", level=self.level, format=FILE_FORMAT, encoding="utf-8", diagnose=False
+            ),
+            logger.add(
+                self.run_dir / "output.jsonl", level=self.level, serialize=True, encoding="utf-8", diagnose=False
+            ),
         ]
         root = logging.getLogger()
         self._saved_root = (list(root.handlers), root.level)

@@ -152,8 +152,7 @@ class Node(Generic[ArgsT, ResultT]):
         if isinstance(args, Sequence) and not isinstance(args, (str, bytes)):
             return cls.parse_argv(list(args))
         raise ArgsError(
-            f"{cls.__name__} takes a {args_cls.__name__}, a dict or an argv list, "
-            f"not {type(args).__name__}."
+            f"{cls.__name__} takes a {args_cls.__name__}, a dict or an argv list, not {type(args).__name__}."
         )
 
     @classmethod

@@ -61,8 +61,11 @@ def optimize(
     name = study_name or node.__name__
     config.local_path.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
-        study_name=name, storage=storage or f"sqlite:///{config.local_path / 'optuna.db'}",
-        direction=direction, sampler=sampler, load_if_exists=True,
+        study_name=name,
+        storage=storage or f"sqlite:///{config.local_path / 'optuna.db'}",
+        direction=direction,
+        sampler=sampler,
+        load_if_exists=True,
     )
     parent = _study_mlflow_run(config, node, name)
     trial_fn = _Objective(node, config, objective, space, dict(base_args or {}), name, parent)
@@ -77,9 +80,16 @@ def optimize(
 class _Objective:
     """The Optuna objective: one node run per trial."""
 
-    def __init__(self, node: type[Node[Any, Any]], config: Config, objective: str | Callable[[Any], float],
-                 space: Callable[[Any], Mapping[str, Any]], base_args: dict[str, Any], study: str,
-                 parent: Any) -> None:
+    def __init__(
+        self,
+        node: type[Node[Any, Any]],
+        config: Config,
+        objective: str | Callable[[Any], float],
+        space: Callable[[Any], Mapping[str, Any]],
+        base_args: dict[str, Any],
+        study: str,
+        parent: Any,
+    ) -> None:
         self.node, self.config, self.objective, self.space = node, config, objective, space
         self.base_args, self.study, self.parent = base_args, study, parent
 

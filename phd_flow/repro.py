@@ -41,9 +41,7 @@ def _git(cwd: Path, *args: str) -> str | None:
     if shutil.which("git") is None:
         return None
     try:
-        out = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20, check=False
-        )
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -71,7 +69,10 @@ def hardware() -> dict[str, Any]:
         try:
             out = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10, check=False,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
             )
             info["gpus"] = [line.strip() for line in out.stdout.splitlines() if line.strip()]
         except (OSError, subprocess.TimeoutExpired):

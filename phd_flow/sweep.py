@@ -106,8 +106,7 @@ def _convert(node_cls: type[Node[Any, Any]], name: str, action: argparse.Action,
         kind = getattr(convert, "__name__", "value")
         kind = "bool (true/false/yes/no/1/0)" if kind == "str2bool" else kind
         raise ArgsError(
-            f"--grid {name}: {text!r} is not a valid {kind} for {node_cls.__name__}'s "
-            f"argument {name!r}."
+            f"--grid {name}: {text!r} is not a valid {kind} for {node_cls.__name__}'s argument {name!r}."
         ) from None
     if action.choices is not None:
         bad = [v for v in values if v not in action.choices]
@@ -175,12 +174,14 @@ class Sweep:
         now = datetime.now(timezone.utc)
         points = []
         for combo in _combos(axes):
-            points.append({
-                "key": str(keys.new_key(node_cls.__name__, now)),
-                "params": {axis.name: axis.values[i] for axis, i in zip(axes, combo, strict=True)},
-                "argv": point_argv(base_argv, axes, combo),
-                "status": PENDING,
-            })
+            points.append(
+                {
+                    "key": str(keys.new_key(node_cls.__name__, now)),
+                    "params": {axis.name: axis.values[i] for axis, i in zip(axes, combo, strict=True)},
+                    "argv": point_argv(base_argv, axes, combo),
+                    "status": PENDING,
+                }
+            )
         data = {
             "kind": SWEEP_KIND,
             "key": str(key),

@@ -67,9 +67,7 @@ def _sync_files(config: Config, record: RunRecord) -> bool:
             if storage.path(key).exists():
                 storage.upload(key)
         report = storage.upload(record.key)
-        record.update_section(
-            "sync", state="synced", error=None, at=utcnow(), remote=remote.describe(), pending=[]
-        )
+        record.update_section("sync", state="synced", error=None, at=utcnow(), remote=remote.describe(), pending=[])
         storage.upload(record.key)
     except PhdFlowError as exc:
         record.update_section("sync", state="not_synced", error=str(exc), at=utcnow())

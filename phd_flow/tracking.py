@@ -361,7 +361,6 @@ class MlflowRun:
                 self.mlflow.set_tracking_uri(self._previous_uri)  # None unsets it again
 
 
-
 def catch_up(run_dir: Path, data: dict[str, Any], tracking_uri: str, experiment: str) -> dict[str, Any]:
     """Bring a run's MLflow record up to date from its run directory (``sync``).
 
@@ -386,8 +385,12 @@ def catch_up(run_dir: Path, data: dict[str, Any], tracking_uri: str, experiment:
     if status != "running":
         run.client.set_terminated(run.run_id, STATUS.get(status, "FAILED"))
     section.update(
-        state="synced" if status != "running" else "open", run_id=run.run_id,
-        experiment_id=run.experiment_id, experiment=experiment, tracking_uri=tracking_uri,
-        metrics_sent=sent, status_sent=status,
+        state="synced" if status != "running" else "open",
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        experiment=experiment,
+        tracking_uri=tracking_uri,
+        metrics_sent=sent,
+        status_sent=status,
     )
     return section

@@ -92,10 +92,7 @@ def moto_server() -> Iterator[S3Server]:
     """One moto S3 server for the session; fake AWS credentials in this process's env."""
     from moto.server import ThreadedMotoServer
 
-    saved = {
-        k: os.environ.get(k)
-        for k in [*FAKE_CREDENTIALS, "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"]
-    }
+    saved = {k: os.environ.get(k) for k in [*FAKE_CREDENTIALS, "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"]}
     os.environ.update(S3Server("").env())
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -23,12 +23,24 @@ def test_run_creates_a_complete_run_directory_and_mlflow_run(project: Path) -> N
     (run_dir,) = run_dirs(project / "data_storage")
     key = run_dir.name
     assert re.fullmatch(r"FitOLS_\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d\.\d{6}Z_[a-z0-9]{8}", key)
-    for name in ["run.json", "args.json", "output.log", "output.jsonl", "reproducible.json", "results.pickle", "metrics.jsonl"]:
+    for name in [
+        "run.json",
+        "args.json",
+        "output.log",
+        "output.jsonl",
+        "reproducible.json",
+        "results.pickle",
+        "metrics.jsonl",
+    ]:
         assert (run_dir / name).is_file(), name
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["key"] == key and record["node"] == "FitOLS"
     assert record["ended_at"] >= record["started_at"]
-    assert json.loads((run_dir / "args.json").read_text()) == {"dataset": "data/diabetes.csv", "target": "target", "seed": 0}
+    assert json.loads((run_dir / "args.json").read_text()) == {
+        "dataset": "data/diabetes.csv",
+        "target": "target",
+        "seed": 0,
+    }
     # the seed's text format, and the same records as JSON lines
     log_lines = (run_dir / "output.log").read_text().splitlines()
     assert log_lines and all(LOG_LINE.match(line) for line in log_lines if not line.startswith((" ", "Traceback")))
@@ -106,7 +118,9 @@ def test_help_nodes_and_argument_errors_do_not_import_heavy_sdks(project: Path, 
         print("HEAVY", heavy)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=60, check=False
+    )
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -116,8 +130,16 @@ def test_config_option_and_env_var_pick_another_config(project: Path, tmp_path: 
     proc = cli(project, "--config", str(other), "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
     assert proc.returncode == 0, proc.stderr
     assert len(run_dirs(tmp_path / "elsewhere")) == 1
-    proc = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target",
-               env={"PHD_FLOW_CONFIG": str(other)})
+    proc = cli(
+        project,
+        "run",
+        "FitOLS",
+        "--dataset",
+        "data/diabetes.csv",
+        "--target",
+        "target",
+        env={"PHD_FLOW_CONFIG": str(other)},
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(run_dirs(tmp_path / "elsewhere")) == 2
     assert nothing_created(project / "data_storage")
@@ -143,7 +165,10 @@ def test_config_error_exits_2_with_file_and_line(project: Path) -> None:
 
 def test_local_remote_mirrors_every_run(project: Path, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
-    write_config(project, f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[storage]\nbackend = "local"\nremote = "{shared}"\nprefix = "my_project"\n')
+    write_config(
+        project,
+        f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[storage]\nbackend = "local"\nremote = "{shared}"\nprefix = "my_project"\n',
+    )
     proc = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(project / "data_storage")

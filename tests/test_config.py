@@ -49,10 +49,17 @@ def test_tracking_uri_and_experiment_fall_back_to_mlflow_env(tmp_path: Path, mon
 
 
 def test_seed_flat_keys_select_b2_and_keep_the_secret_out_of_repr(tmp_path: Path) -> None:
-    path = write(tmp_path, 'local_path="${PROJECT_ROOT}/d"\nb2_key_id="KEYID123"\nb2_key="SECRETKEY"\nb2_bucket="my-b2-bucket"\nb2_prefix="my_project"\n')
+    path = write(
+        tmp_path,
+        'local_path="${PROJECT_ROOT}/d"\nb2_key_id="KEYID123"\nb2_key="SECRETKEY"\nb2_bucket="my-b2-bucket"\nb2_prefix="my_project"\n',
+    )
     os.chmod(path, 0o600)
     config = load_config(tmp_path)
-    assert (config.storage.backend, config.storage.bucket, config.storage.prefix) == ("b2", "my-b2-bucket", "my_project")
+    assert (config.storage.backend, config.storage.bucket, config.storage.prefix) == (
+        "b2",
+        "my-b2-bucket",
+        "my_project",
+    )
     assert config.storage.key == "SECRETKEY"
     assert "SECRETKEY" not in repr(config)
 
@@ -81,16 +88,31 @@ def test_stage_rules_are_read(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         ('local_path = "x"\nlocal_path = "y"\n', r"default\.toml: invalid TOML: .*line 2"),
-        ('[mlflow]\nenabled = true\nexperimnt = "a"\n', r"default\.toml:3: unknown key 'experimnt' in \[mlflow\]\. Did you mean 'experiment'\?"),
-        ('locl_path = "x"\n', r"default\.toml:1: unknown key 'locl_path' at the top level\. Did you mean 'local_path'\?"),
+        (
+            '[mlflow]\nenabled = true\nexperimnt = "a"\n',
+            r"default\.toml:3: unknown key 'experimnt' in \[mlflow\]\. Did you mean 'experiment'\?",
+        ),
+        (
+            'locl_path = "x"\n',
+            r"default\.toml:1: unknown key 'locl_path' at the top level\. Did you mean 'local_path'\?",
+        ),
         ('[storage]\nworkers = "eight"\n', r"default\.toml:2: storage\.workers must be an integer, got str 'eight'"),
         ('[mlflow]\nenabled = "yes"\n', r"mlflow\.enabled must be true or false"),
-        ('[storage]\nbackend = "s4"\n', r"unknown storage backend 's4'\. Known: local, file, s3, b2, mlflow\. Did you mean 's3'\?"),
-        ('local_path = "${NOPE_NOT_SET}/x"\n', r"refers to \$\{NOPE_NOT_SET\}, but the environment variable NOPE_NOT_SET is not set"),
-        ('[stages.prep]\nload_form = "latest"\n', r"default\.toml:2: unknown key 'load_form' in \[stages\.prep\]\. Did you mean 'load_from'\?"),
+        (
+            '[storage]\nbackend = "s4"\n',
+            r"unknown storage backend 's4'\. Known: local, file, s3, b2, mlflow\. Did you mean 's3'\?",
+        ),
+        (
+            'local_path = "${NOPE_NOT_SET}/x"\n',
+            r"refers to \$\{NOPE_NOT_SET\}, but the environment variable NOPE_NOT_SET is not set",
+        ),
+        (
+            '[stages.prep]\nload_form = "latest"\n',
+            r"default\.toml:2: unknown key 'load_form' in \[stages\.prep\]\. Did you mean 'load_from'\?",
+        ),
         ('[executor]\nkind = "k8s"\n', r"unknown executor 'k8s'"),
         ('b2_key_id = "x"\n', r"need b2_bucket"),
-        ('storage = 3\n', r"\[storage\] must be a table"),
+        ("storage = 3\n", r"\[storage\] must be a table"),
     ],
 )
 def test_bad_config_names_file_line_key_and_fix(tmp_path: Path, text: str, expected: str) -> None:
@@ -108,5 +130,5 @@ def test_explicit_missing_config_is_an_error(tmp_path: Path, monkeypatch: pytest
 
 
 def test_ints_are_accepted_for_float_settings(tmp_path: Path) -> None:
-    config = parse_config('[runs]\nheartbeat_seconds = 5\n', tmp_path)
+    config = parse_config("[runs]\nheartbeat_seconds = 5\n", tmp_path)
     assert config.runs.heartbeat_seconds == 5.0

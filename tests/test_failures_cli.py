@@ -89,7 +89,11 @@ def test_signal_during_run_marks_killed_everywhere(sproject: Path, tmp_path: Pat
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST"))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "my_project", "run", "Sleep", "--marker", str(marker)],
-        cwd=sproject, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=sproject,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 120
     while not marker.exists():

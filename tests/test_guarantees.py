@@ -135,23 +135,37 @@ def test_hostile_keys_are_refused(raw: str) -> None:
 BAD_CONFIG = [
     # (config text, argv, expected exit, expected message parts)
     ("local_path = \n", ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2, ["default.toml", "line 1"]),
-    ("local_path = '${PROJECT_ROOT}/d'\n[mlflow]\nexperimnt = 'x'\n",
-     ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2,
-     ["experimnt", "default.toml:3", "experiment"]),
+    (
+        "local_path = '${PROJECT_ROOT}/d'\n[mlflow]\nexperimnt = 'x'\n",
+        ["run", "FitOLS", "--dataset", "d", "--target", "t"],
+        2,
+        ["experimnt", "default.toml:3", "experiment"],
+    ),
     ("local_path = 5\n", ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2, ["local_path", "str"]),
-    ("local_path = '${NO_SUCH_VAR_PHD}/d'\n", ["run", "FitOLS", "--dataset", "d", "--target", "t"], 2,
-     ["NO_SUCH_VAR_PHD"]),
-    ("local_path = '${PROJECT_ROOT}/d'\n[storage]\nbackend = 'gcs'\n",
-     ["run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target"], 2, ["default.toml:3", "gcs", "Known"]),
-    ("local_path = '${PROJECT_ROOT}/d'\n[storage]\nbackend = 's3'\n",
-     ["run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target"], 3, ["[storage] bucket"]),
+    (
+        "local_path = '${NO_SUCH_VAR_PHD}/d'\n",
+        ["run", "FitOLS", "--dataset", "d", "--target", "t"],
+        2,
+        ["NO_SUCH_VAR_PHD"],
+    ),
+    (
+        "local_path = '${PROJECT_ROOT}/d'\n[storage]\nbackend = 'gcs'\n",
+        ["run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target"],
+        2,
+        ["default.toml:3", "gcs", "Known"],
+    ),
+    (
+        "local_path = '${PROJECT_ROOT}/d'\n[storage]\nbackend = 's3'\n",
+        ["run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target"],
+        3,
+        ["[storage] bucket"],
+    ),
 ]
 
 BAD_ARGS = [
     (["run", "FitOLZ"], 2, ["FitOLZ", "Did you mean 'FitOLS'"]),
     (["run", "FitOLS", "--dataset", "data/diabetes.csv"], 2, ["--target"]),
-    (["run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target", "--seed", "abc"], 2,
-     ["--seed", "abc"]),
+    (["run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target", "--seed", "abc"], 2, ["--seed", "abc"]),
     (["run", "FitOLS", "--dataset", "d", "--target", "t", "--key", "../evil"], 2, ["'..'"]),
     (["run", "FitOLS", "--dataset", "d", "--target", "t", "--key", "/tmp/evil"], 2, ["absolute"]),
     (["run", "FitOLS", "--dataset", "d", "--target", "t", "--load", "nostage"], 2, ["STAGE=KEY"]),
@@ -241,7 +255,11 @@ def test_sigterm_while_pickling_the_result_keeps_the_result(fproject: Path, tmp_
     marker = tmp_path / "pickling"
     proc = subprocess.Popen(
         [sys.executable, "-m", "my_project", "run", "PickleSlowly", "--marker", str(marker)],
-        cwd=fproject, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=fproject,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 120
     while not marker.exists():
@@ -305,8 +323,11 @@ def test_secrets_never_written_anywhere(fproject: Path) -> None:
     The B2 account is unreachable here (no internet), so the sync path with its error messages
     runs too; the run ends "not synced" (exit 3).
     """
-    secrets = {"AWS_SECRET_ACCESS_KEY": "awsSecretZ8q1", "AWS_ACCESS_KEY_ID": "AKIAPHDFLOWTEST77",
-               "AWS_SESSION_TOKEN": "sessTokenQ4w2"}
+    secrets = {
+        "AWS_SECRET_ACCESS_KEY": "awsSecretZ8q1",
+        "AWS_ACCESS_KEY_ID": "AKIAPHDFLOWTEST77",
+        "AWS_SESSION_TOKEN": "sessTokenQ4w2",
+    }
     file_secrets = ["b2KeyIdQ9z3", "b2AppKeyW7x5"]
     config = write_config(
         fproject,
@@ -362,7 +383,11 @@ def test_sigterm_during_the_final_sync_completes_the_sync(fproject: Path, tmp_pa
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "my_project", "run", "ManyFiles", "--files", "3000"],
-        cwd=fproject, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=fproject,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 120
     while not any(remote.glob("ManyFiles_*/parts/part-*")):  # the final sync has started

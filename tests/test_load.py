@@ -37,7 +37,11 @@ def test_fifty_processes_at_once_on_a_fresh_store(fproject: Path) -> None:
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "my_project", "run", "ManyFiles", "--files", str(i)],
-            cwd=fproject, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=fproject,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             preexec_fn=_nice,  # the 50 start together but yield the CPU to tests running beside
         )
         for i in range(n)

@@ -28,8 +28,15 @@ def make_config(tmp_path: Path) -> Config:
 
 def test_ten_trials_are_ten_runs_nested_under_the_study_run(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    study = optimize(Quadratic, objective="score", space=space, n_trials=10, config=config,
-                     study_name="quad", sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=4))
+    study = optimize(
+        Quadratic,
+        objective="score",
+        space=space,
+        n_trials=10,
+        config=config,
+        study_name="quad",
+        sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=4),
+    )
     assert len(study.trials) == 10
     runs = {d.name: json.loads((d / "run.json").read_text()) for d in run_dirs(config.local_path)}
     assert len(runs) == 10 and {r["status"] for r in runs.values()} == {"completed"}

@@ -105,18 +105,14 @@ def test_missing_bucket_names_the_bucket(b2: Simulated) -> None:
 def test_credentials_come_from_env_first_and_never_show(
     b2: Simulated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = parse_config(
-        f'[storage]\nuri = "b2://{BUCKET}/runs"\nkey_id = "cfg-id"\nkey = "cfg-key"\n', tmp_path
-    )
+    config = parse_config(f'[storage]\nuri = "b2://{BUCKET}/runs"\nkey_id = "cfg-id"\nkey = "cfg-key"\n', tmp_path)
     monkeypatch.setenv("B2_APPLICATION_KEY_ID", b2.key_id)
     monkeypatch.setenv("B2_APPLICATION_KEY", b2.key)
     remote = make_remote(config)
     assert isinstance(remote, B2Remote)
     assert remote._credentials == (b2.key_id, b2.key)
     assert remote.describe() == f"b2://{BUCKET}/runs" and remote.prefix == "runs"
-    shown = " ".join(
-        [remote.describe(), repr(remote), repr(config), repr(make_storage(config, remote))]
-    )
+    shown = " ".join([remote.describe(), repr(remote), repr(config), repr(make_storage(config, remote))])
     assert b2.key not in shown and "cfg-key" not in shown
 
 
@@ -138,8 +134,7 @@ def test_missing_bucket_is_a_config_error(tmp_path: Path) -> None:
 
 def test_seed_flat_keys_select_b2(tmp_path: Path) -> None:
     config = parse_config(
-        f'local_path = "/tmp/x"\nb2_key_id = "id"\nb2_key = "{SECRET}"\n'
-        f'b2_bucket = "{BUCKET}"\nb2_prefix = "seed"\n',
+        f'local_path = "/tmp/x"\nb2_key_id = "id"\nb2_key = "{SECRET}"\nb2_bucket = "{BUCKET}"\nb2_prefix = "seed"\n',
         tmp_path,
     )
     remote = make_remote(config)
@@ -169,9 +164,7 @@ def test_a_refused_name_names_the_file(b2: Simulated, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_node_run_lands_in_b2_and_comes_back_on_a_second_machine(
-    b2: Simulated, tmp_path: Path
-) -> None:
+def test_node_run_lands_in_b2_and_comes_back_on_a_second_machine(b2: Simulated, tmp_path: Path) -> None:
     def config(machine: str) -> Config:
         return Config(
             local_path=tmp_path / machine,

@@ -40,9 +40,7 @@ class TestS3Contract(RemoteContract):
 
     @pytest.fixture
     def remote(self, moto_server: S3Server) -> Iterator[Remote]:
-        remote = SmallPartsS3Remote(
-            make_bucket(moto_server), "team/proj", endpoint_url=moto_server.endpoint_url
-        )
+        remote = SmallPartsS3Remote(make_bucket(moto_server), "team/proj", endpoint_url=moto_server.endpoint_url)
         yield remote
         remote.close()
 

@@ -22,9 +22,7 @@ AWS = str(Path(sys.executable).with_name("aws"))
 RUN = ("run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
 
 
-def s3_config(
-    bucket: str | None, endpoint: str, local_path: str = "${PROJECT_ROOT}/data_storage"
-) -> str:
+def s3_config(bucket: str | None, endpoint: str, local_path: str = "${PROJECT_ROOT}/data_storage") -> str:
     bucket_line = f'bucket = "{bucket}"\n' if bucket else ""
     return (
         f'local_path = "{local_path}"\n[mlflow]\nexperiment = "test"\n'
@@ -55,9 +53,7 @@ def aws_ls(server: S3Server, bucket: str) -> set[str]:
 
 def files_below(root: Path) -> dict[str, bytes]:
     return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in root.rglob("*")
-        if p.is_file() and p.name != MANIFEST
+        p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
     }
 
 
@@ -70,9 +66,7 @@ def second_machine(project: Path, config: str) -> Path:
 
 
 @pytest.mark.slow
-def test_a_run_is_visible_with_aws_cli_and_downloads_identically(
-    project: Path, moto_server: S3Server
-) -> None:
+def test_a_run_is_visible_with_aws_cli_and_downloads_identically(project: Path, moto_server: S3Server) -> None:
     bucket = make_bucket(moto_server)
     write_config(project, s3_config(bucket, moto_server.endpoint_url))
     proc = cli(project, *RUN, env=moto_server.env())
@@ -125,6 +119,4 @@ def test_unreachable_endpoint_then_sync_later(project: Path, moto_server: S3Serv
     assert json.loads((run_dir / "run.json").read_text())["sync"]["state"] == "synced"
     listed = aws_ls(moto_server, bucket)
     assert {f"{run_dir.name}/{rel}" for rel in files_below(run_dir)} <= listed
-    assert (
-        f"datasets/{run_dir.name}/datasets.pickle" in listed
-    )  # the node's failed upload, caught up
+    assert f"datasets/{run_dir.name}/datasets.pickle" in listed  # the node's failed upload, caught up

@@ -272,9 +272,7 @@ class WriteParts(Node[PartsArgs, int]):
         return self.args.files
 
 
-def test_store_down_for_the_whole_run_then_sync_is_byte_identical(
-    moto_server: S3Server, tmp_path: Path
-) -> None:
+def test_store_down_for_the_whole_run_then_sync_is_byte_identical(moto_server: S3Server, tmp_path: Path) -> None:
     """(The CLI flavour, exit code 3 and `sync`, is tests/test_storage_e2e_s3.py; this one checks
     every byte of the catch-up.)"""
     bucket = make_bucket(moto_server)
@@ -449,9 +447,7 @@ def test_corrupted_object_is_detected_and_not_left_in_place(moto_server: S3Serve
 
 
 @pytest.mark.slow
-def test_cli_download_of_a_corrupted_run_fails_clearly(
-    moto_server: S3Server, project: Path, tmp_path: Path
-) -> None:
+def test_cli_download_of_a_corrupted_run_fails_clearly(moto_server: S3Server, project: Path, tmp_path: Path) -> None:
     bucket = make_bucket(moto_server)
     _storage, victim, _good = _upload_and_corrupt(moto_server, bucket, tmp_path / "machine1")
     write_config(

@@ -114,8 +114,14 @@ def test_bad_grid_fails_before_anything_runs_and_without_importing_mlflow(sproje
     )
     procs = {}
     for args, code_expected in ((("--grid", "seed=1,x"), 2), (("--help",), 0)):
-        proc = procs[args[0]] = subprocess.run([sys.executable, "-c", code, "sweep", "Scale", *args],
-                                               cwd=sproject, capture_output=True, text=True, timeout=60, check=False)
+        proc = procs[args[0]] = subprocess.run(
+            [sys.executable, "-c", code, "sweep", "Scale", *args],
+            cwd=sproject,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert proc.returncode == code_expected, (args, proc.stderr)
         assert "HEAVY []" in proc.stdout and "Traceback" not in proc.stderr
     assert "error: --grid seed: 'x' is not a valid int for Scale's argument 'seed'" in procs["--grid"].stderr
@@ -128,8 +134,11 @@ def test_bad_grid_fails_before_anything_runs_and_without_importing_mlflow(sproje
     [
         ([], ["seed=1,x"], "'x' is not a valid int for Scale's argument 'seed'"),
         ([], ["sed=1,2"], "Scale has no argument 'sed'. Did you mean 'seed'?"),
-        ([], ["mode=fast,slwo"], "'slwo' is not accepted for Scale's argument 'mode'. Did you mean 'slow'? "
-                                 "Accepted values: fast, slow"),
+        (
+            [],
+            ["mode=fast,slwo"],
+            "'slwo' is not accepted for Scale's argument 'mode'. Did you mean 'slow'? Accepted values: fast, slow",
+        ),
         ([], ["seed"], "write it as FIELD=V1,V2"),
         ([], [], "at least one --grid"),
         ([], ["seed=1", "seed=2"], "given twice"),
@@ -157,8 +166,16 @@ def test_grid_values_are_parsed_with_the_node_parsers_types() -> None:
 
 
 def test_slurm_executor_without_sbatch_is_one_clear_error(sproject: Path) -> None:
-    proc = cli(sproject, "sweep", "Scale", "--grid", "seed=1", "--executor", "slurm",
-               env={"PATH": str(Path(sys.executable).parent)})
+    proc = cli(
+        sproject,
+        "sweep",
+        "Scale",
+        "--grid",
+        "seed=1",
+        "--executor",
+        "slurm",
+        env={"PATH": str(Path(sys.executable).parent)},
+    )
     assert proc.returncode == 2
     assert "sbatch, which is not on PATH" in proc.stderr and "Traceback" not in proc.stderr
     assert nothing_created(sproject / "data_storage")
@@ -169,9 +186,24 @@ def test_ctrl_c_stops_the_sweep_and_marks_unfinished_points_killed(sproject: Pat
     markers.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MLFLOW_"))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "my_project", "sweep", "Nap", "--marker_dir", str(markers),
-         "--grid", "seconds=60,61,62", "--max-parallel", "1"],
-        cwd=sproject, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "my_project",
+            "sweep",
+            "Nap",
+            "--marker_dir",
+            str(markers),
+            "--grid",
+            "seconds=60,61,62",
+            "--max-parallel",
+            "1",
+        ],
+        cwd=sproject,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 60
     while not any(markers.iterdir()):

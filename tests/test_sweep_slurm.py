@@ -30,8 +30,10 @@ def _slurm_answers() -> bool:
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM is not installed (no sinfo on PATH)"),
-    pytest.mark.skipif(shutil.which("sinfo") is not None and not _slurm_answers(),
-                       reason="sinfo is installed but no SLURM controller answers (start_slurm.sh)"),
+    pytest.mark.skipif(
+        shutil.which("sinfo") is not None and not _slurm_answers(),
+        reason="sinfo is installed but no SLURM controller answers (start_slurm.sh)",
+    ),
 ]
 
 
@@ -49,8 +51,9 @@ def status_of(project: Path, key: str) -> str | None:
 
 
 def squeue(job: str) -> str:
-    return subprocess.run(["squeue", "-h", "-r", "-o", "%i %T %r", "-j", job.split("_")[0]],
-                          capture_output=True, text=True, check=False).stdout
+    return subprocess.run(
+        ["squeue", "-h", "-r", "-o", "%i %T %r", "-j", job.split("_")[0]], capture_output=True, text=True, check=False
+    ).stdout
 
 
 class _Unpickler(pickle.Unpickler):

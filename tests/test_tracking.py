@@ -15,8 +15,9 @@ from phd_flow.syncing import sync_runs
 
 
 def make_config(tmp_path: Path, **mlflow: object) -> Config:
-    return Config(local_path=tmp_path / "runs", project_root=tmp_path,
-                  mlflow=MlflowConfig(experiment="track", **mlflow))  # type: ignore[arg-type]
+    return Config(
+        local_path=tmp_path / "runs", project_root=tmp_path, mlflow=MlflowConfig(experiment="track", **mlflow)
+    )  # type: ignore[arg-type]
 
 
 def client_for(config: Config):  # type: ignore[no-untyped-def]

@@ -67,9 +67,7 @@ def backend_class(name: str) -> type[Remote]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         hint = f" Install it with `pip install {package}`." if package else ""
-        raise StorageConfigError(
-            f"The {name!r} storage backend cannot be imported ({exc}).{hint}"
-        ) from exc
+        raise StorageConfigError(f"The {name!r} storage backend cannot be imported ({exc}).{hint}") from exc
     cls: type[Remote] = getattr(module, class_name)
     return cls
 

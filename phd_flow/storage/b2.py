@@ -93,15 +93,11 @@ class B2Remote(Remote):
         key = os.environ.get(ENV_KEY) or storage.key
         if not key_id or not key:
             missing = ENV_KEY_ID if not key_id else ENV_KEY
-            raise StorageAuthError(
-                f"No B2 credentials for bucket {bucket!r} ({missing} is unset). {_CREDENTIALS_HINT}"
-            )
+            raise StorageAuthError(f"No B2 credentials for bucket {bucket!r} ({missing} is unset). {_CREDENTIALS_HINT}")
         return cls(B2Api(InMemoryAccountInfo()), bucket, prefix, credentials=(key_id, key))
 
     def describe(self) -> str:
-        return (
-            f"b2://{self.bucket_name}/{self.prefix}" if self.prefix else f"b2://{self.bucket_name}"
-        )
+        return f"b2://{self.bucket_name}/{self.prefix}" if self.prefix else f"b2://{self.bucket_name}"
 
     def __repr__(self) -> str:
         return f"B2Remote({self.describe()!r})"
@@ -212,9 +208,7 @@ class B2Remote(Remote):
         if isinstance(exc, b2_exc.FileNotPresent):
             return StorageNotFoundError(f"b2://{bucket}/{where} does not exist.")
         if isinstance(exc, (b2_exc.Unauthorized, b2_exc.AccessDenied, b2_exc.RestrictedBucket)):
-            return StorageAuthError(
-                f"B2 refused access to bucket {bucket!r} ({detail}). {_CREDENTIALS_HINT}"
-            )
+            return StorageAuthError(f"B2 refused access to bucket {bucket!r} ({detail}). {_CREDENTIALS_HINT}")
         # MaxRetriesExceeded: b2sdk gave up after retrying only transient upload errors.
         transient = (
             b2_exc.TooManyRequests,
@@ -223,9 +217,7 @@ class B2Remote(Remote):
             b2_exc.MaxRetriesExceeded,
         )
         if isinstance(exc, transient) or (exc.should_retry_http() or exc.should_retry_upload()):
-            return StorageUnavailableError(
-                f"B2 is unavailable for b2://{bucket}/{where} ({detail})."
-            )
+            return StorageUnavailableError(f"B2 is unavailable for b2://{bucket}/{where} ({detail}).")
         return StorageError(f"B2 failed on b2://{bucket}/{where} ({detail}).")
 
     def _scrub(self, text: str) -> str:

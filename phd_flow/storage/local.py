@@ -31,7 +31,7 @@ class LocalRemote(Remote):
         if not target:
             raise StorageConfigError(
                 "The local storage backend needs a directory to mirror into: set "
-                "[storage] remote = \"/path/to/shared/dir\" (or remove [storage] to keep runs only "
+                '[storage] remote = "/path/to/shared/dir" (or remove [storage] to keep runs only '
                 "in local_path)."
             )
         root = Path(target).expanduser()

@@ -47,8 +47,7 @@ if TYPE_CHECKING:
 KEY_TAG = "phd_flow.key"
 ROOT_TAG = "phd_flow.storage"
 _AUTH_HINT = (
-    "Check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
-    "and [mlflow] tracking_uri."
+    "Check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) and [mlflow] tracking_uri."
 )
 
 
@@ -104,19 +103,12 @@ class MlflowRemote(Remote):
         prefix = prefix.strip("/")
         with self._translate(prefix or self.describe()):
             if not prefix:
-                return sorted(
-                    {
-                        str(run.data.tags[KEY_TAG])
-                        for run in self._search(f"tags.`{KEY_TAG}` LIKE '%'")
-                    }
-                )
+                return sorted({str(run.data.tags[KEY_TAG]) for run in self._search(f"tags.`{KEY_TAG}` LIKE '%'")})
             run_key, _, path = prefix.partition("/")
             repo = self._repo(run_key, create=False)
             if repo is None:
                 return []
-            return sorted(
-                posixpath.basename(i.path) for i in repo.list_artifacts(path or None) if i.is_dir
-            )
+            return sorted(posixpath.basename(i.path) for i in repo.list_artifacts(path or None) if i.is_dir)
 
     def put(self, local: Path, key: str) -> None:
         run_key, path = _split(key)
@@ -129,9 +121,7 @@ class MlflowRemote(Remote):
         with self._translate(key):
             repo = self._repo(run_key, create=False)
             if repo is None:
-                raise StorageNotFoundError(
-                    f"{self.describe()}: no MLflow run is tagged {KEY_TAG}={run_key!r}."
-                )
+                raise StorageNotFoundError(f"{self.describe()}: no MLflow run is tagged {KEY_TAG}={run_key!r}.")
             # `_download_file` is the one method every artifact repository implements (it is
             # abstract in ArtifactRepository); the public `download_artifacts` adds a listing
             # request and hides a 404 inside a generic "failures occurred" error.
@@ -256,9 +246,7 @@ def _translated(exc: Exception, where: str) -> StorageError | None:
         status = exc.response.status_code
     elif isinstance(exc, MlflowException):
         status = int(exc.get_http_status_code())  # type: ignore[no-untyped-call]
-    elif isinstance(
-        exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)
-    ):
+    elif isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
         return StorageUnavailableError(f"{where}: the MLflow server cannot be reached ({exc}).")
     elif isinstance(exc, FileNotFoundError):
         return StorageNotFoundError(f"{where} does not exist.")

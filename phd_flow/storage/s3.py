@@ -140,9 +140,7 @@ class S3Remote(Remote):
                     config=boto_config,
                 )
         except ValueError as exc:  # a malformed endpoint_url
-            raise StorageConfigError(
-                f"[storage] endpoint_url {self.endpoint_url!r} is not usable: {exc}"
-            ) from exc
+            raise StorageConfigError(f"[storage] endpoint_url {self.endpoint_url!r} is not usable: {exc}") from exc
         transfer = TransferConfig(
             multipart_threshold=self.multipart_threshold,
             multipart_chunksize=self.multipart_chunksize,
@@ -183,9 +181,7 @@ class S3Remote(Remote):
 
     def stat(self, key: str) -> RemoteFile | None:
         try:
-            head = self._call(
-                self.client.head_object, Bucket=self.bucket, Key=self._key(key), what=key
-            )
+            head = self._call(self.client.head_object, Bucket=self.bucket, Key=self._key(key), what=key)
         except StorageNotFoundError:
             return None
         return RemoteFile(key, int(head["ContentLength"]))
@@ -203,14 +199,10 @@ class S3Remote(Remote):
             )
             return
         with open(local, "rb") as body:
-            self._call(
-                self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=body, what=key
-            )
+            self._call(self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=body, what=key)
 
     def get(self, key: str, local: Path) -> None:
-        response = self._call(
-            self.client.get_object, Bucket=self.bucket, Key=self._key(key), what=key
-        )
+        response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(key), what=key)
         body = response["Body"]
         if int(response["ContentLength"]) >= self.multipart_threshold:
             body.close()  # fetch big objects as parallel ranged GETs instead
@@ -227,15 +219,11 @@ class S3Remote(Remote):
             self._call(lambda: [out.write(chunk) for chunk in body.iter_chunks(1 << 20)], what=key)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._call(
-            self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data, what=key
-        )
+        self._call(self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data, what=key)
 
     def read_bytes(self, key: str) -> bytes | None:
         try:
-            response = self._call(
-                self.client.get_object, Bucket=self.bucket, Key=self._key(key), what=key
-            )
+            response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(key), what=key)
         except StorageNotFoundError:
             return None
         data: bytes = self._call(response["Body"].read, what=key)
@@ -319,15 +307,12 @@ class S3Remote(Remote):
             )
         if code in _AUTH_CODES or status == 403:
             return StorageAuthError(
-                f"S3 refused the credentials for {where} ({detail}). "
-                f"{_CREDENTIALS_FIX} bucket {self.bucket!r}."
+                f"S3 refused the credentials for {where} ({detail}). {_CREDENTIALS_FIX} bucket {self.bucket!r}."
             )
         if code in _MISSING_CODES or status == 404:
             return StorageNotFoundError(f"{where} does not exist.")
         if code in _TRANSIENT_CODES or status >= 500:
-            return StorageUnavailableError(
-                f"S3 is unavailable for {where} ({detail}); retry later."
-            )
+            return StorageUnavailableError(f"S3 is unavailable for {where} ({detail}); retry later.")
         if code == "InvalidBucketName":
             return StorageConfigError(
                 f"{self.bucket!r} is not a valid S3 bucket name ({detail}). Fix [storage] bucket."

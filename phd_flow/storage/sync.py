@@ -156,9 +156,7 @@ def push(
         rel
         for rel, entry in entries.items()
         if not (
-            rel in known
-            and known[rel].sha256 == entry.sha256
-            and listed.get(_join(remote_prefix, rel)) == entry.size
+            rel in known and known[rel].sha256 == entry.sha256 and listed.get(_join(remote_prefix, rel)) == entry.size
         )
     ]
     report = SyncReport(skipped=len(entries) - len(todo))

@@ -175,9 +175,7 @@ class RemoteContract:
 
     # --- the sync engine over this backend ----------------------------------------------------
 
-    def test_round_trip_to_a_second_machine_is_byte_identical(
-        self, storage: Storage, second: Storage
-    ) -> None:
+    def test_round_trip_to_a_second_machine_is_byte_identical(self, storage: Storage, second: Storage) -> None:
         write_tree(storage.path("run_1"), RUN_TREE)
         report = storage.upload("run_1")
         assert sorted(report.transferred) == sorted(RUN_TREE) and report.skipped == 0
@@ -188,9 +186,7 @@ class RemoteContract:
         again = second.download("run_1")
         assert again.transferred == [] and again.skipped == len(RUN_TREE)
 
-    def test_unchanged_resync_transfers_nothing_and_a_change_only_itself(
-        self, storage: Storage
-    ) -> None:
+    def test_unchanged_resync_transfers_nothing_and_a_change_only_itself(self, storage: Storage) -> None:
         write_tree(storage.path("run_1"), RUN_TREE)
         storage.upload("run_1")
         again = storage.upload("run_1")
@@ -211,18 +207,14 @@ class RemoteContract:
         second.download("big")
         assert second.path("big/large.bin").read_bytes() == data
 
-    def test_download_a_subpath_and_open_fetches_on_read(
-        self, storage: Storage, second: Storage
-    ) -> None:
+    def test_download_a_subpath_and_open_fetches_on_read(self, storage: Storage, second: Storage) -> None:
         write_tree(storage.path("run_1"), RUN_TREE)
         storage.upload("run_1")
         second.download("run_1/nested/a/b/c/deep.txt")
         assert second.path("run_1/nested/a/b/c/deep.txt").read_bytes() == b"deep\n"
         assert not second.path("run_1/run.json").exists()
         second.download("run_1/données")
-        assert read_tree(second.path("run_1/données")) == {
-            "résumé ✓.txt": RUN_TREE["données/résumé ✓.txt"]
-        }
+        assert read_tree(second.path("run_1/données")) == {"résumé ✓.txt": RUN_TREE["données/résumé ✓.txt"]}
         with second.open("run_1/results.pickle", "rb") as f:
             assert f.read() == RUN_TREE["results.pickle"]
 
@@ -242,18 +234,14 @@ class RemoteContract:
         assert storage.remote_ls("run_2") == []
 
     def test_upload_restores_files_removed_from_the_remote(self, storage: Storage) -> None:
-        write_tree(
-            storage.path("datasets/run_1"), {"a.txt": b"a", "sub/b.txt": b"b", "c.txt": b"c"}
-        )
+        write_tree(storage.path("datasets/run_1"), {"a.txt": b"a", "sub/b.txt": b"b", "c.txt": b"c"})
         storage.upload("datasets/run_1")
         storage.remove("datasets/run_1/sub/b.txt", local=False, remote=True)
         storage.remove("datasets/run_1/c.txt", local=False, remote=True)
         assert storage.remote_ls("datasets/run_1") == ["datasets/run_1/a.txt"]
         report = storage.upload("datasets/run_1")
         assert sorted(report.transferred) == ["c.txt", "sub/b.txt"]
-        assert storage.remote_ls("datasets") == [
-            f"datasets/run_1/{n}" for n in ["a.txt", "c.txt", "sub/b.txt"]
-        ]
+        assert storage.remote_ls("datasets") == [f"datasets/run_1/{n}" for n in ["a.txt", "c.txt", "sub/b.txt"]]
 
     def test_download_of_a_missing_run_is_a_clear_error(self, second: Storage) -> None:
         with pytest.raises(StorageNotFoundError):
