@@ -36,8 +36,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from phd_flow import Config, Node, node
 from phd_flow.config import MlflowConfig, StorageConfig
-from phd_flow.runs import RunRecord
-from phd_flow.storage.sync import JOURNAL, MANIFEST
+from phd_flow.run.record import RunRecord
+from phd_flow.storage.engine import JOURNAL, MANIFEST
 
 MB = 1 << 20
 

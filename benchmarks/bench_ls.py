@@ -36,8 +36,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from phd_flow import Config
 from phd_flow.config import StorageConfig
-from phd_flow.query import list_runs
-from phd_flow.runs import RunRecord
+from phd_flow.run.record import RunRecord
+from phd_flow.runs.query import list_runs
 
 STATUSES = ["completed"] * 17 + ["failed"] * 2 + ["killed"]
 RUNNING = 10  # the newest runs are still running (live heartbeats)

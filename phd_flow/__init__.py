@@ -9,14 +9,6 @@ from __future__ import annotations
 
 from phd_flow import node
 from phd_flow.cli import run_main
-from phd_flow.compat import (
-    MlflowDict,
-    log_vars,
-    managed_artifact,
-    managed_artifact_dir,
-    set_load,
-    set_skip_log,
-)
 from phd_flow.config import Config, load_config
 from phd_flow.errors import (
     ConfigError,
@@ -29,10 +21,18 @@ from phd_flow.errors import (
 )
 from phd_flow.keys import RunKey
 from phd_flow.log import logger
-from phd_flow.node import Args, Node, RunOptions
-from phd_flow.optuna_study import optimize
-from phd_flow.query import Run, Runs, find_runs, load_args, load_result
+from phd_flow.run.node import Args, Node, RunOptions
+from phd_flow.runs.query import Run, Runs, find_runs, load_args, load_result
+from phd_flow.stages.mlflowhelper import (
+    MlflowDict,
+    log_vars,
+    managed_artifact,
+    managed_artifact_dir,
+    set_load,
+    set_skip_log,
+)
 from phd_flow.storage import Storage
+from phd_flow.sweeps.optuna import optimize
 
 __version__ = "0.2.0"
 

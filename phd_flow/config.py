@@ -243,7 +243,7 @@ def _apply_flat_seed_keys(config: Config, flat: dict[str, Any], source: Path | N
 
 
 def _validate_storage(config: Config, source: Path | None) -> None:
-    from phd_flow.storage import registered_backends, scheme_of
+    from phd_flow.storage.registry import registered_backends, scheme_of
 
     storage = config.storage
     known = registered_backends()

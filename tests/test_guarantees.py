@@ -237,7 +237,7 @@ def test_corrupt_run_json_and_pickle_are_reported(project: Path) -> None:
     pickle_path = run_dir / "results.pickle"
     pickle_path.write_bytes(pickle_path.read_bytes()[:-7])  # truncated
     from phd_flow.errors import CorruptRunError
-    from phd_flow.pipeline import load_verified_result
+    from phd_flow.run.pipeline import load_verified_result
 
     with pytest.raises(CorruptRunError, match="sha256"):
         load_verified_result(run_dir)

@@ -14,7 +14,7 @@ import phd_flow
 from phd_flow import Config, RunFailedError
 from phd_flow.config import MlflowConfig, RunsConfig, StorageConfig
 from phd_flow.errors import ArgsError, CorruptRunError, NoResultError, RunNotFoundError
-from phd_flow.query import is_stale, parse_duration
+from phd_flow.runs.query import is_stale, parse_duration
 from tests.nodes import Add, AddArgs, Fail, FailArgs
 
 
@@ -123,7 +123,7 @@ def test_corrupt_run_json_is_skipped_with_a_warning(history: Config) -> None:
     first = phd_flow.find_runs(config=history)[0]
     (first.run_dir / "run.json").write_text("{not json")
     warnings: list[str] = []
-    from phd_flow.query import list_runs
+    from phd_flow.runs.query import list_runs
 
     runs = list_runs(history, warn=warnings.append)
     assert len(runs) == 2 and first.key not in runs.keys

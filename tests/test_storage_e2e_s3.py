@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from phd_flow.storage.sync import MANIFEST
+from phd_flow.storage.engine import MANIFEST
 from tests import s3_fixtures
 from tests.conftest import cli, run_dirs, write_config
 from tests.s3_fixtures import S3Server, closed_port_url, make_bucket

@@ -26,11 +26,11 @@ from b2sdk.v2 import exception as b2_exc
 from phd_flow import Node, node
 from phd_flow.config import Config, MlflowConfig, StorageConfig
 from phd_flow.errors import ChecksumMismatchError, StorageError, StorageUnavailableError
-from phd_flow.runs import RunRecord
+from phd_flow.run.record import RunRecord
+from phd_flow.runs.catchup import sync_one
+from phd_flow.storage.engine import JOURNAL, MANIFEST, parse_manifest
 from phd_flow.storage.facade import Storage
 from phd_flow.storage.s3 import S3Remote
-from phd_flow.storage.sync import JOURNAL, MANIFEST, parse_manifest
-from phd_flow.syncing import sync_one
 from phd_flow.testing import storage_for, write_tree
 from tests import s3_fixtures
 from tests.conftest import cli, write_config

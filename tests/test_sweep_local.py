@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from phd_flow.errors import ArgsError
-from phd_flow.sweep import parse_grid
+from phd_flow.sweeps.grid import parse_grid
 from tests.conftest import EXAMPLES, cli, nothing_created, run_dirs, write_config
 from tests.nodes import Add
 from tests.sweep_nodes import Scale

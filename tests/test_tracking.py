@@ -11,7 +11,7 @@ import pytest
 
 from phd_flow import Config, Node, logger, node
 from phd_flow.config import MlflowConfig
-from phd_flow.syncing import sync_runs
+from phd_flow.runs.catchup import sync_runs
 
 
 def make_config(tmp_path: Path, **mlflow: object) -> Config:

@@ -9,7 +9,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from phd_flow import keys
 from phd_flow.errors import StorageError, StorageNotFoundError
-from phd_flow.storage import sync
+from phd_flow.storage import engine
 from phd_flow.storage.base import Remote
 
 if TYPE_CHECKING:
@@ -64,13 +64,13 @@ class Storage:
     def remote(self) -> Remote | None:
         """The configured remote (built on first access), or None for local-only storage."""
         if not self._remote_built:
-            from phd_flow.storage import make_remote
+            from phd_flow.storage.registry import make_remote
 
             self._remote = make_remote(self.config)
             self._remote_built = True
         return self._remote
 
-    def upload(self, key: KeyLike, exclude: list[str] | None = None) -> sync.SyncReport:
+    def upload(self, key: KeyLike, exclude: list[str] | None = None) -> engine.SyncReport:
         """Push ``key`` (a file or a directory tree) to the remote; only changes are sent.
 
         A run directory's ``skip_log`` stages (recorded in its run.json) are left out.
@@ -92,31 +92,31 @@ class Storage:
             )
             if rel not in self.deferred:
                 self.deferred.append(rel)
-            return sync.SyncReport()
+            return engine.SyncReport()
 
-    def _upload(self, rel: str, path: Path, exclude: list[str] | None) -> sync.SyncReport:
+    def _upload(self, rel: str, path: Path, exclude: list[str] | None) -> engine.SyncReport:
         remote = self.remote
         if remote is None:
-            return sync.SyncReport()
+            return engine.SyncReport()
         if not path.exists():
             raise StorageNotFoundError(f"Cannot upload {rel!r}: {path} does not exist.")
         retries, workers = self.config.storage.retries, self.config.storage.workers
         if path.is_file():
-            sync._retry(lambda: remote.put(path, rel), retries)
-            return sync.SyncReport(transferred=[rel], bytes=path.stat().st_size)
+            engine._retry(lambda: remote.put(path, rel), retries)
+            return engine.SyncReport(transferred=[rel], bytes=path.stat().st_size)
         excluded = list(exclude or []) + _run_excludes(path)
-        return sync.push(remote, path, rel, exclude=excluded, retries=retries, workers=workers, label=rel)
+        return engine.push(remote, path, rel, exclude=excluded, retries=retries, workers=workers, label=rel)
 
-    def download(self, key: KeyLike) -> sync.SyncReport:
+    def download(self, key: KeyLike) -> engine.SyncReport:
         """Pull ``key`` (a run, a subdirectory or one file) from the remote, verified."""
         rel = keys.normalize(key)
         remote = self._require_remote(rel)
         retries, workers = self.config.storage.retries, self.config.storage.workers
         if _is_single_file(remote, rel):
             return self._download_file(remote, rel)
-        return sync.pull(remote, rel, self.local_path / rel, retries=retries, workers=workers, label=rel)
+        return engine.pull(remote, rel, self.local_path / rel, retries=retries, workers=workers, label=rel)
 
-    def _download_file(self, remote: Remote, rel: str) -> sync.SyncReport:
+    def _download_file(self, remote: Remote, rel: str) -> engine.SyncReport:
         parent, _, name = rel.rpartition("/")
         # A file inside a synced tree is verified against the nearest manifest above it.
         entry = _manifest_entry(remote, parent, name, self.config.storage.retries)
@@ -128,19 +128,19 @@ class Storage:
             try:
                 remote.get(rel, part)
                 if entry is not None:
-                    sync._verify(part, entry, f"{remote.describe()}/{rel}")
+                    engine._verify(part, entry, f"{remote.describe()}/{rel}")
                 part.replace(target)
             finally:
                 part.unlink(missing_ok=True)
 
-        sync._retry(fetch, self.config.storage.retries)
-        return sync.SyncReport(transferred=[rel], bytes=target.stat().st_size)
+        engine._retry(fetch, self.config.storage.retries)
+        return engine.SyncReport(transferred=[rel], bytes=target.stat().st_size)
 
     def remote_ls(self, prefix: KeyLike = "") -> list[str]:
         """Keys of every remote file below ``prefix`` (manifests left out)."""
         remote = self._require_remote(str(prefix))
         rel = keys.normalize(prefix) if str(prefix) else ""
-        return sorted(f.key for f in remote.list(rel) if not f.key.endswith(sync.MANIFEST))
+        return sorted(f.key for f in remote.list(rel) if not f.key.endswith(engine.MANIFEST))
 
     def exists(self, key: KeyLike) -> bool:
         """True if ``key`` exists locally or in the remote."""
@@ -185,23 +185,23 @@ def _forget(remote: Remote, removed: set[str], retries: int) -> None:
     """Drop removed files from the remote manifests above them, so a manifest never vouches
     for a file that is gone (uploads trust it; the next upload re-sends what is missing)."""
     prefixes = {"/".join(n.split("/")[:i]) for n in removed for i in range(1, n.count("/") + 1)}
-    for prefix in sorted(p for p in prefixes if f"{p}/{sync.MANIFEST}" not in removed):
-        manifest = sync._remote_manifest(remote, prefix, retries)
+    for prefix in sorted(p for p in prefixes if f"{p}/{engine.MANIFEST}" not in removed):
+        manifest = engine._remote_manifest(remote, prefix, retries)
         kept = {rel: e for rel, e in manifest.items() if f"{prefix}/{rel}" not in removed}
         if len(kept) != len(manifest):
-            key, data = f"{prefix}/{sync.MANIFEST}", sync.dump_manifest(kept)
-            sync._retry(functools.partial(remote.write_bytes, key, data), retries)
+            key, data = f"{prefix}/{engine.MANIFEST}", engine.dump_manifest(kept)
+            engine._retry(functools.partial(remote.write_bytes, key, data), retries)
 
 
 def _is_single_file(remote: Remote, rel: str) -> bool:
     return remote.stat(rel) is not None
 
 
-def _manifest_entry(remote: Remote, parent: str, name: str, retries: int) -> sync.Entry | None:
+def _manifest_entry(remote: Remote, parent: str, name: str, retries: int) -> engine.Entry | None:
     parts = parent.split("/") if parent else []
     for depth in range(len(parts), -1, -1):
         prefix = "/".join(parts[:depth])
-        manifest = sync._remote_manifest(remote, prefix, retries) if prefix else {}
+        manifest = engine._remote_manifest(remote, prefix, retries) if prefix else {}
         rel = "/".join([*parts[depth:], name])
         if rel in manifest:
             return manifest[rel]
@@ -220,3 +220,11 @@ def _run_excludes(path: Path) -> list[str]:
         return []
     stages = data.get("stages", {}) if isinstance(data, dict) else {}
     return [name for name, info in stages.items() if isinstance(info, dict) and info.get("skip_log")]
+
+
+def make_storage(config: Config, remote: Remote | None = None) -> Storage:
+    """A :class:`Storage` over ``config.local_path`` and the configured (or given) remote.
+
+    The remote is built lazily, on first use, so runs that never sync never import an SDK.
+    """
+    return Storage(config, remote)

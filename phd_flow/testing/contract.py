@@ -37,8 +37,8 @@ import pytest
 from phd_flow.config import Config, StorageConfig
 from phd_flow.errors import StorageAuthError, StorageNotFoundError, UserError
 from phd_flow.storage.base import Remote
+from phd_flow.storage.engine import MANIFEST
 from phd_flow.storage.facade import Storage
-from phd_flow.storage.sync import MANIFEST
 
 #: A run-like directory: names exercise nesting, empty files and unicode.
 RUN_TREE: dict[str, bytes] = {

@@ -21,7 +21,7 @@ from phd_flow.errors import ConfigError, RunFailedError
 
 if typing.TYPE_CHECKING:
     from phd_flow.config import Config
-    from phd_flow.node import Node
+    from phd_flow.run.node import Node
 
 STUDY_TAG = "phd_flow.study"
 
@@ -54,7 +54,7 @@ def optimize(
     """
     optuna = _import_optuna()
     from phd_flow.config import Config, load_config
-    from phd_flow.node import project_root
+    from phd_flow.run.node import project_root
 
     if not isinstance(config, Config):
         config = load_config(project_root(node.package), config)
@@ -94,7 +94,7 @@ class _Objective:
         self.base_args, self.study, self.parent = base_args, study, parent
 
     def __call__(self, trial: Any) -> float:
-        from phd_flow.node import RunOptions
+        from phd_flow.run.node import RunOptions
 
         values = {**self.base_args, **dict(self.space(trial))}
         key = keys.new_key(self.node.__name__)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from phd_flow._io import sha256_file
 from phd_flow.errors import CorruptRunError, InvalidKeyError, RunNotFoundError, StageError, closest
 from phd_flow.log import logger
-from phd_flow.runs import COMPLETED, RUN_FILE
+from phd_flow.run.record import COMPLETED, RUN_FILE
 
 if TYPE_CHECKING:
     from phd_flow.config import Config
@@ -84,7 +84,7 @@ def resolve(config: Config, storage: Storage, node: str, stage: str, value: str,
     if value == LATEST:
         return latest(config, storage, node, stage)
     try:
-        from phd_flow.runs_index import resolve_key
+        from phd_flow.runs.listing import resolve_key
 
         key = resolve_key(config, value, remote=storage.remote is not None)
     except (RunNotFoundError, InvalidKeyError) as exc:
@@ -141,7 +141,7 @@ def phd_flow_source(config: Config, storage: Storage, key: str, stage: str, orig
 
 def latest(config: Config, storage: Storage, node: str, stage: str) -> Source | None:
     """The newest completed run of ``node`` with ``stage`` (local runs, then newer remote ones)."""
-    from phd_flow.runs_index import local_records
+    from phd_flow.runs.listing import local_records
 
     best: dict[str, Any] | None = None
     for record in local_records(config.local_path):
@@ -259,10 +259,10 @@ def _download(config: Config, storage: Storage, source: Source, stage: str, stag
     remote = storage.remote
     if remote is None:
         raise StageError(f"Stage {stage!r} of run {source.key} is not in {local} and no remote storage is configured.")
-    from phd_flow.storage import sync
+    from phd_flow.storage import engine
 
     prefix = f"{source.path}/{stage}"
-    sync.pull(
+    engine.pull(
         remote,
         prefix,
         staging,
@@ -270,7 +270,7 @@ def _download(config: Config, storage: Storage, source: Source, stage: str, stag
         workers=config.storage.workers,
         label=prefix,
     )
-    (staging / sync.MANIFEST).unlink(missing_ok=True)
+    (staging / engine.MANIFEST).unlink(missing_ok=True)
     return f"{remote.describe()}/{prefix}"
 
 

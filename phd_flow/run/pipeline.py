@@ -23,10 +23,10 @@ from typing import Any
 from phd_flow._io import read_jsonl, sha256_file
 from phd_flow.errors import CorruptRunError
 from phd_flow.log import logger
-from phd_flow.runs import COMPLETED, RunRecord
+from phd_flow.run.record import COMPLETED, RunRecord
 
 if typing.TYPE_CHECKING:
-    from phd_flow.node import Node
+    from phd_flow.run.node import Node
 
 INDEX_DIR = ".phd_flow/nodes"
 
@@ -119,7 +119,7 @@ def load_verified_result(run_dir: Path) -> Any:
 
 def require(parent: Node[Any, Any], node_cls: type[Node[Any, Any]], args: Any, rerun: bool) -> Any:
     """Run (or reuse) ``node_cls`` as a child of ``parent``; see :meth:`Node.require`."""
-    from phd_flow.node import RunOptions, args_to_dict
+    from phd_flow.run.node import RunOptions, args_to_dict
 
     child_args = node_cls.make_args(args)
     wanted = fingerprint(node_cls, args_to_dict(child_args))

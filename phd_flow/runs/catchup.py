@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 from phd_flow.errors import PhdFlowError
 from phd_flow.log import logger
-from phd_flow.runs import RUNNING, RunRecord, utcnow
-from phd_flow.runs_index import local_records, resolve_key
+from phd_flow.run.record import RUNNING, RunRecord, utcnow
+from phd_flow.runs.listing import local_records, resolve_key
 
 if TYPE_CHECKING:
     from phd_flow.config import Config

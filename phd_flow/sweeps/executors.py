@@ -28,12 +28,12 @@ from types import FrameType
 from typing import Any
 
 from phd_flow.errors import ConfigError, RunKilledError, UserError, closest
-from phd_flow.runs import COMPLETED, KILLED, RUNNING, RunRecord, utcnow
-from phd_flow.sweep import FINISHED, LOST, PENDING, STALE, SUBMITTED, Sweep, describe_point
+from phd_flow.run.record import COMPLETED, KILLED, RUNNING, RunRecord, utcnow
+from phd_flow.sweeps.grid import FINISHED, LOST, PENDING, STALE, SUBMITTED, Sweep, describe_point
 
 if typing.TYPE_CHECKING:
     from phd_flow.config import Config, SlurmConfig
-    from phd_flow.node import Node
+    from phd_flow.run.node import Node
 
 Printer = Callable[[str], None]
 
@@ -64,7 +64,7 @@ class PointSpec:
     def build(self) -> Node[Any, Any]:
         """The node, ready to ``run()`` with the point's key and sweep tag."""
         from phd_flow.config import load_config
-        from phd_flow.node import RunOptions
+        from phd_flow.run.node import RunOptions
 
         node_cls = self.node_class()
         config = load_config(Path(self.project_root), self.config_path)
@@ -166,7 +166,7 @@ def _start(point: dict[str, Any], sweep: Sweep, package: str, config_path: str |
 
 
 def _finished_status(config: Config, started: _Started) -> str:
-    from phd_flow.sweep import point_status
+    from phd_flow.sweeps.grid import point_status
 
     status = point_status(config.local_path / started.point["key"], LOST, config.runs.stale_after_seconds)
     if status == RUNNING:  # the process is gone but never wrote its final status (SIGKILL)

@@ -17,7 +17,7 @@ from phd_flow.errors import ArgsError, UserError
 if TYPE_CHECKING:
     from phd_flow.cli import Context
     from phd_flow.config import Config
-    from phd_flow.sweep import Sweep
+    from phd_flow.sweeps.grid import Sweep
 
 DESCRIPTION = """\
 Run NODE once per point of the cartesian product of the --grid values. Each point is a normal
@@ -102,7 +102,7 @@ def _cmd_sweep(context: Context, args: argparse.Namespace) -> int:
     if max_parallel < 1:
         raise ArgsError(f"--max-parallel {max_parallel}: give 1 or more.")
     if kind == "slurm":
-        from phd_flow.executors import check_slurm
+        from phd_flow.sweeps.executors import check_slurm
 
         check_slurm(config)  # before anything is created or submitted
     if opts.resume:
@@ -116,7 +116,7 @@ def _cmd_sweep(context: Context, args: argparse.Namespace) -> int:
 def _help(context: Context, args: argparse.Namespace, opts: argparse.Namespace) -> int:
     args.sweep_parser.print_help()
     if args.node is not None:
-        from phd_flow.discovery import resolve_node
+        from phd_flow.run.discovery import resolve_node
 
         print()
         resolve_node(context.package, args.node).argument_parser(prog=args.node).print_help()
@@ -124,15 +124,15 @@ def _help(context: Context, args: argparse.Namespace, opts: argparse.Namespace) 
 
 
 def _create(context: Context, node: str, node_argv: list[str], grid: list[str], kind: str, max_parallel: int) -> Sweep:
-    from phd_flow.discovery import resolve_node
-    from phd_flow.sweep import Sweep, parse_grid
+    from phd_flow.run.discovery import resolve_node
+    from phd_flow.sweeps.grid import Sweep, parse_grid
 
     node_cls = resolve_node(context.package, node)
     axes = parse_grid(node_cls, node_argv, grid)  # raises before anything exists
     config = context.config
     executor: dict[str, Any] = {"kind": kind, "max_parallel": max_parallel}
     if kind == "slurm":
-        from phd_flow.executors import slurm_parameters
+        from phd_flow.sweeps.executors import slurm_parameters
 
         executor["slurm"] = slurm_parameters(config.executor.slurm, max_parallel, node_cls.__name__)
     config_path = str(Path(context.config_path).resolve()) if context.config_path else None
@@ -146,9 +146,9 @@ def _create(context: Context, node: str, node_argv: list[str], grid: list[str], 
 
 
 def _resume(context: Context, key: str, kind: str, max_parallel: int, wait: bool) -> int:
-    from phd_flow.executors import active_points
-    from phd_flow.runs import COMPLETED, RUNNING
-    from phd_flow.sweep import LOST, Sweep, point_status
+    from phd_flow.run.record import COMPLETED, RUNNING
+    from phd_flow.sweeps.executors import active_points
+    from phd_flow.sweeps.grid import LOST, Sweep, point_status
 
     config = context.config
     sweep = Sweep.load(config, key)
@@ -182,10 +182,10 @@ def _execute(
 def _execute_locked(
     context: Context, sweep: Sweep, points: list[dict[str, Any]], kind: str, max_parallel: int, wait: bool
 ) -> int:
-    from phd_flow import executors
     from phd_flow.errors import RunKilledError
-    from phd_flow.runs import COMPLETED
-    from phd_flow.sweep import summary
+    from phd_flow.run.record import COMPLETED
+    from phd_flow.sweeps import executors
+    from phd_flow.sweeps.grid import summary
 
     config = context.config
     if kind == "slurm":
@@ -225,7 +225,7 @@ def _counts(sweep: Sweep) -> dict[str, int]:
 
 
 def _print_end(context: Context, sweep: Sweep, text: str, interrupted: bool = False) -> None:
-    from phd_flow.runs import COMPLETED
+    from phd_flow.run.record import COMPLETED
 
     word = "interrupted" if interrupted else "finished"
     print(f"Sweep {sweep.key} {word}: {text}.", flush=True)
@@ -257,7 +257,7 @@ def _driver_lock(sweep: Sweep) -> Iterator[None]:
 
 
 def _show(config: Config, key: str) -> int:
-    from phd_flow.sweep import Sweep, describe_point, summary
+    from phd_flow.sweeps.grid import Sweep, describe_point, summary
 
     sweep = Sweep.load(config, key)
     counts = sweep.refresh(config.local_path, config.runs.stale_after_seconds)

@@ -13,14 +13,15 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from phd_flow import keys, repro
+from phd_flow import keys
 from phd_flow._io import atomic_write_bytes, atomic_write_json, sha256_file
 from phd_flow.errors import PhdFlowError, RunFailedError, RunKilledError, UserError
 from phd_flow.log import RunLogging, logger
-from phd_flow.runs import COMPLETED, FAILED, KILLED, Heartbeat, RunRecord, utcnow
+from phd_flow.run import repro
+from phd_flow.run.record import COMPLETED, FAILED, KILLED, Heartbeat, RunRecord, utcnow
 
 if typing.TYPE_CHECKING:
-    from phd_flow.node import Node
+    from phd_flow.run.node import Node
 
 RESULT_FILE = "results.pickle"
 ARGS_FILE = "args.json"
@@ -28,11 +29,11 @@ ARGS_FILE = "args.json"
 
 def execute(node: Node[Any, Any]) -> Any:
     """Run ``node`` end to end; see :meth:`phd_flow.node.Node.run`."""
-    from phd_flow.node import args_to_dict
+    from phd_flow.run.node import args_to_dict
 
     config = node.config
     name = type(node).__name__
-    from phd_flow.stages import prepare
+    from phd_flow.stages.manager import prepare
 
     node._stages = prepare(node)  # stage rules are checked before anything is created
     key = keys.RunKey(node.options.key) if node.options.key else keys.new_key(name)
@@ -87,7 +88,7 @@ def _run_logged(node: Node[Any, Any], run_dir: Path, record: RunRecord, args: di
     name = type(node).__name__
     logger.info(f"Run node {name} {node.key} in {run_dir}")
     git = repro.git_info(config.project_root)
-    from phd_flow.pipeline import fingerprint
+    from phd_flow.run.pipeline import fingerprint
 
     record.update(fingerprint=fingerprint(type(node), args))
     atomic_write_json(run_dir / "reproducible.json", repro.snapshot(config.project_root, git))
@@ -102,7 +103,7 @@ def _run_logged(node: Node[Any, Any], run_dir: Path, record: RunRecord, args: di
     if status == COMPLETED:
         status, error = _save_result(run_dir, record, result, name)
     if status == COMPLETED:
-        from phd_flow.pipeline import remember
+        from phd_flow.run.pipeline import remember
 
         remember(node)
         if node._stages is not None:

@@ -29,8 +29,8 @@ from phd_flow.errors import (
     StorageNotFoundError,
     UserError,
 )
-from phd_flow.runs import COMPLETED, KILLED, RUN_FILE, RUNNING, RunRecord
-from phd_flow.runs_index import (
+from phd_flow.run.record import COMPLETED, KILLED, RUN_FILE, RUNNING, RunRecord
+from phd_flow.runs.listing import (
     local_records,
     read_remote_record,
     remote_records,
@@ -95,7 +95,7 @@ class Run(RunRecord):
     @property
     def synced(self) -> bool:
         """True when the run is finished and nothing of it is waiting for ``sync``."""
-        from phd_flow.syncing import needs_sync
+        from phd_flow.runs.catchup import needs_sync
 
         return self.status != RUNNING and not needs_sync(self)
 

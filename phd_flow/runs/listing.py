@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from phd_flow._io import atomic_write_bytes
 from phd_flow.errors import CorruptRunError, RunNotFoundError, StorageError
-from phd_flow.runs import COMPLETED, FAILED, KILLED, RUN_FILE, RunRecord
+from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUN_FILE, RunRecord
 
 if TYPE_CHECKING:
     from phd_flow.config import Config

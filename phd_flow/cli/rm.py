@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from phd_flow.cli.selection import add_filters
 from phd_flow.errors import ArgsError
 
 if TYPE_CHECKING:
     from phd_flow.cli import Context
     from phd_flow.config import Config
-    from phd_flow.query import Run
+    from phd_flow.runs.query import Run
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Removal:
     mlflow_run_ids: list[str] = field(default_factory=list)
 
     def describe(self, remote: str | None, delete_remote: bool) -> str:
-        from phd_flow._runs_view import size_text
+        from phd_flow.cli.render import size_text
 
         parts = []
         if self.run.where != "remote":
@@ -56,7 +57,7 @@ def remove(context: Context, args: argparse.Namespace) -> int:
     if not runs:
         print("No run matches: nothing deleted.")
         return 0
-    from phd_flow.query import require_remote
+    from phd_flow.runs.query import require_remote
 
     config = context.config
     storage_remote = require_remote(config) if args.remote else None
@@ -75,21 +76,21 @@ def remove(context: Context, args: argparse.Namespace) -> int:
 
 
 def _targets(context: Context, args: argparse.Namespace) -> list[Run]:
-    from phd_flow.cli_runs import _select
-    from phd_flow.query import get_run
+    from phd_flow.cli.selection import select
+    from phd_flow.runs.query import get_run
 
     has_filter = bool(args.statuses or args.last or args.where or args.sweep or args.prefix)
     if not args.keys and not has_filter:
         raise ArgsError("rm needs run keys or a filter (e.g. `rm --failed`); it never deletes everything.")
     if not args.keys:
-        return list(_select(context, args))
+        return list(select(context, args))
     runs = {run.key: run for run in (get_run(context.config, key) for key in args.keys)}
     only_remote = [key for key, run in runs.items() if run.where == "remote" and not args.remote]
     if only_remote:
         raise ArgsError(f"{', '.join(only_remote)} is only in storage: add --remote to delete it there.")
     if not has_filter:
         return list(runs.values())
-    selected = {run.key for run in _select(context, args)}
+    selected = {run.key for run in select(context, args)}
     return [run for key, run in runs.items() if key in selected]
 
 
@@ -126,7 +127,7 @@ def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> list[str]:
 
 
 def _warn_dependents(config: Config, keys: list[str]) -> None:
-    from phd_flow.query import dependents
+    from phd_flow.runs.query import dependents
 
     for run, stage, source in dependents(config, keys):
         print(
@@ -185,3 +186,17 @@ def _delete_mlflow(config: Config, plan: Removal) -> bool:
             )
             return False
     return True
+
+
+def register_rm(commands: Any) -> None:
+    parser = commands.add_parser(
+        "rm",
+        help="delete runs (local dir, MLflow run; --remote: storage too)",
+        description="Delete runs by key or filter. Shows what will be deleted and asks (y/N) "
+        "unless --force. Exit 0 when done or when a filter matches nothing, 1 when you answer "
+        "no, 2 for a key that matches no run.",
+    )
+    parser.add_argument("keys", nargs="*", metavar="KEY", help="run keys or unique prefixes")
+    add_filters(parser)
+    parser.add_argument("-f", "--force", action="store_true", help="do not ask")
+    parser.set_defaults(func=remove)

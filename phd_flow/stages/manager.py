@@ -29,15 +29,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from phd_flow import stage_sources
 from phd_flow._io import read_jsonl
 from phd_flow.errors import PhdFlowError, StageError
 from phd_flow.log import logger
-from phd_flow.stage_sources import Source
+from phd_flow.stages import sources as stage_sources
+from phd_flow.stages.sources import Source
 
 if typing.TYPE_CHECKING:
     from phd_flow.config import Config
-    from phd_flow.node import Node
+    from phd_flow.run.node import Node
 
 INDEX_DIR = ".phd_flow/stages"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -311,8 +311,8 @@ class StageManager:
             logger.info(f"Stage {stage.name!r}: recomputed because --no-cache was given.")
 
     def _inputs(self, stage: Stage) -> dict[str, Any]:
-        from phd_flow.node import args_to_dict
-        from phd_flow.pipeline import code_hash
+        from phd_flow.run.node import args_to_dict
+        from phd_flow.run.pipeline import code_hash
         from phd_flow.tracking import flatten
 
         node_cls = type(self.node)
@@ -443,7 +443,7 @@ class StageManager:
             )
 
     def _index_stages(self) -> None:
-        from phd_flow.runs import utcnow
+        from phd_flow.run.record import utcnow
 
         ended_at = utcnow()
         for stage in self.stages.values():

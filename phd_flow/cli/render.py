@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from phd_flow.query import Run, arg_text, parse_time
+from phd_flow.runs.query import Run, arg_text, parse_time
 
 _COLORS = {"completed": "32", "failed": "31", "killed": "35", "stale": "33", "running": "36"}
 MAX_FILES = 40
@@ -242,7 +242,7 @@ def _stage_lines(stages: dict[str, Any]) -> list[str]:
 
 def _sweep_lines(run: Run) -> list[str]:
     from phd_flow.errors import CorruptRunError
-    from phd_flow.runs import RunRecord
+    from phd_flow.run.record import RunRecord
 
     rows = []
     for point in run.data.get("points") or []:

@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from phd_flow.errors import NodeNotFoundError, closest
-from phd_flow.node import Node
+from phd_flow.run.node import Node
 
 
 def import_package(package: str) -> ModuleType:

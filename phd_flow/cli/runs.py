@@ -1,4 +1,4 @@
-"""CLI verbs for past runs: ``ls``, ``show``, ``compare``, ``rm``, ``result``, ``ui``.
+"""CLI verbs for past runs: ``ls``, ``show``, ``compare``, ``result``, ``ui`` (``rm`` is in cli.rm).
 
 Keys may be given by unique prefix everywhere. None of these commands imports mlflow unless it
 has to touch an MLflow run (``rm`` of a tracked run, ``ls --stale --fix``, ``ui``).
@@ -11,42 +11,12 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from phd_flow.cli.selection import add_filters, select
 from phd_flow.errors import ArgsError
 
 if TYPE_CHECKING:
     from phd_flow.cli import Context
-    from phd_flow.query import Run, RunFilter, Runs
-
-STATUS_FLAGS = ("completed", "failed", "running", "killed", "stale")
-
-
-def _add_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "prefix",
-        nargs="?",
-        metavar="PREFIX",
-        help="only keys starting with PREFIX (e.g. a node name)",
-    )
-    group = parser.add_argument_group("filters (statuses combine with OR, the rest with AND)")
-    for status in STATUS_FLAGS:
-        group.add_argument(
-            f"--{status}",
-            dest="statuses",
-            action="append_const",
-            const=status,
-            help=f"{status} runs" + (" (running, but the heartbeat stopped)" if status == "stale" else ""),
-        )
-    group.add_argument("--last", metavar="DURATION", help="started in the last DURATION: 30m, 3h, 2d, 1w")
-    group.add_argument(
-        "--where",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="arg FIELD (dotted for nested args) equals VALUE (repeatable)",
-    )
-    group.add_argument("--sweep", metavar="KEY", help="runs of the sweep KEY")
-    group.add_argument("--remote", action="store_true", help="include the runs in storage (other machines)")
-    group.add_argument("--refresh", action="store_true", help="with --remote: re-read every run.json, no cache")
+    from phd_flow.runs.query import Run, Runs
 
 
 def register_ls(commands: Any) -> None:
@@ -55,7 +25,7 @@ def register_ls(commands: Any) -> None:
         help="list runs (filters: status, time, args, sweep; --remote)",
         description="List runs, oldest first: key, status, start, duration, synced, a few args.",
     )
-    _add_filters(parser)
+    add_filters(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--fix", action="store_true", help="with --stale: mark the stale runs killed")
     parser.set_defaults(func=_cmd_ls)
@@ -78,20 +48,6 @@ def register_compare(commands: Any) -> None:
     parser.set_defaults(func=_cmd_compare)
 
 
-def register_rm(commands: Any) -> None:
-    parser = commands.add_parser(
-        "rm",
-        help="delete runs (local dir, MLflow run; --remote: storage too)",
-        description="Delete runs by key or filter. Shows what will be deleted and asks (y/N) "
-        "unless --force. Exit 0 when done or when a filter matches nothing, 1 when you answer "
-        "no, 2 for a key that matches no run.",
-    )
-    parser.add_argument("keys", nargs="*", metavar="KEY", help="run keys or unique prefixes")
-    _add_filters(parser)
-    parser.add_argument("-f", "--force", action="store_true", help="do not ask")
-    parser.set_defaults(func=_cmd_rm)
-
-
 def register_result(commands: Any) -> None:
     parser = commands.add_parser("result", help="print a run's result (verified, unpickled)")
     parser.add_argument("key", metavar="KEY", help="run key or unique prefix")
@@ -108,56 +64,12 @@ def register_ui(commands: Any) -> None:
 # --- ls -----------------------------------------------------------------------------------------
 
 
-def _filter_from(args: argparse.Namespace) -> RunFilter:
-    from phd_flow.query import RunFilter, parse_duration, time_bound
-
-    where = {}
-    for item in args.where:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ArgsError(f"--where {item!r}: write it as FIELD=VALUE, e.g. --where seed=0.")
-        where[name.strip()] = value
-    after = None
-    if args.last:
-        try:
-            after = time_bound(parse_duration(args.last))
-        except ArgsError as exc:
-            raise ArgsError(f"--last {exc}") from None
-    return RunFilter(
-        prefix=args.prefix,
-        statuses=frozenset(args.statuses or ()),
-        after=after,
-        where=where,
-        sweep=args.sweep,
-    )
-
-
-def _select(context: Context, args: argparse.Namespace) -> Runs:
-    """The runs the filters select; a corrupt run.json is a warning and the listing goes on."""
-    from phd_flow.query import list_runs, matches_where
-
-    run_filter = _filter_from(args)
-    where, run_filter.where = run_filter.where, {}
-    runs = list_runs(context.config, run_filter, remote=args.remote, refresh=args.refresh, warn=_warn)
-    if not where:
-        return runs
-    selected = type(runs)(run for run in runs if matches_where(run.args, where))
-    if not selected and runs:
-        from phd_flow.tracking import flatten
-
-        known = sorted({name for run in runs for name in flatten(run.args)})
-        missing = [name for name in where if name not in known]
-        if missing:
-            _warn(f"no listed run has the arg {', '.join(missing)}; args are: {', '.join(known)}")
-    return selected
-
-
 def _cmd_ls(context: Context, args: argparse.Namespace) -> int:
     if args.fix and args.statuses != ["stale"]:
         raise ArgsError("--fix marks stale runs killed: use it as `ls --stale --fix`.")
-    runs = _select(context, args)
+    runs = select(context, args)
     if args.fix:
-        from phd_flow.query import mark_killed
+        from phd_flow.runs.query import mark_killed
 
         for run in runs:
             print(mark_killed(context.config, run))
@@ -174,7 +86,7 @@ def _cmd_ls(context: Context, args: argparse.Namespace) -> int:
 
 
 def _print_table(runs: Runs, with_where: bool) -> None:
-    from phd_flow import _runs_view as view
+    from phd_flow.cli import render as view
 
     if not runs:
         print("No runs match.", file=sys.stderr)
@@ -203,26 +115,22 @@ def _print_table(runs: Runs, with_where: bool) -> None:
     print(view.table(headers, rows, color=view.use_color()))
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 # --- show, compare, result ----------------------------------------------------------------------
 
 
 def _cmd_show(context: Context, args: argparse.Namespace) -> int:
-    from phd_flow import _runs_view as view
-    from phd_flow.query import get_run
+    from phd_flow.cli import render as view
+    from phd_flow.runs.query import get_run
 
     config = context.config
     run = get_run(config, args.key)
     if run.where == "local":
         files = view.run_files(run.run_dir)
     else:
-        from phd_flow.query import require_remote
+        from phd_flow.runs.query import require_remote
 
         remote = require_remote(config)
-        from phd_flow.storage.sync import MANIFEST
+        from phd_flow.storage.engine import MANIFEST
 
         listed = [(f.key.split("/", 1)[1], f.size) for f in remote.list(run.key)]
         files = [(name, size) for name, size in listed if not name.endswith(MANIFEST)]
@@ -235,8 +143,8 @@ def _cmd_show(context: Context, args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(context: Context, args: argparse.Namespace) -> int:
-    from phd_flow import _runs_view as view
-    from phd_flow.query import arg_text, get_run
+    from phd_flow.cli import render as view
+    from phd_flow.runs.query import arg_text, get_run
     from phd_flow.tracking import flatten
 
     config = context.config
@@ -267,7 +175,7 @@ def _cmd_compare(context: Context, args: argparse.Namespace) -> int:
 
 def _final_metrics(context_config: Any, run: Run) -> dict[str, float]:
     """The last logged value of each metric, from the run's metrics.jsonl."""
-    from phd_flow.query import read_run_file
+    from phd_flow.runs.query import read_run_file
 
     raw = read_run_file(context_config, run, "metrics.jsonl") or b""
     last: dict[str, float] = {}
@@ -285,19 +193,10 @@ def _indent(text: str) -> str:
 
 
 def _cmd_result(context: Context, args: argparse.Namespace) -> int:
-    from phd_flow.query import load_result
+    from phd_flow.runs.query import load_result
 
     print(repr(load_result(args.key, context.config)))
     return 0
-
-
-# --- rm -----------------------------------------------------------------------------------------
-
-
-def _cmd_rm(context: Context, args: argparse.Namespace) -> int:
-    from phd_flow import cli_rm
-
-    return cli_rm.remove(context, args)
 
 
 # --- ui -----------------------------------------------------------------------------------------

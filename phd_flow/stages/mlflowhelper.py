@@ -29,8 +29,8 @@ from types import TracebackType
 from typing import Any
 
 from phd_flow.errors import PhdFlowError, StageError
-from phd_flow.stage_sources import MLFLOW_CHECKSUMS, digest, hash_tree, mlflow_checksums, verify
-from phd_flow.stages import ArtifactPath
+from phd_flow.stages.manager import ArtifactPath
+from phd_flow.stages.sources import MLFLOW_CHECKSUMS, digest, hash_tree, mlflow_checksums, verify
 
 __all__ = [
     "MlflowDict",

@@ -35,7 +35,7 @@ def register_download(commands: Any) -> None:
 
 
 def _cmd_sync(context: Context, args: argparse.Namespace) -> int:
-    from phd_flow.syncing import sync_runs
+    from phd_flow.runs.catchup import sync_runs
 
     results = sync_runs(context.config, args.keys)
     failed = [key for key, ok in results.items() if not ok]
@@ -49,7 +49,7 @@ def _cmd_sync(context: Context, args: argparse.Namespace) -> int:
 
 def _cmd_download(context: Context, args: argparse.Namespace) -> int:
     from phd_flow import keys
-    from phd_flow.runs_index import resolve_key
+    from phd_flow.runs.listing import resolve_key
     from phd_flow.storage import make_storage
 
     storage = make_storage(context.config)

@@ -21,11 +21,11 @@ from typing import Any
 from phd_flow import keys
 from phd_flow._io import atomic_write_json, read_json
 from phd_flow.errors import ArgsError, RunNotFoundError, closest
-from phd_flow.runs import COMPLETED, FAILED, KILLED, RUN_FILE, RUNNING, utcnow
+from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUN_FILE, RUNNING, utcnow
 
 if typing.TYPE_CHECKING:
     from phd_flow.config import Config
-    from phd_flow.node import Node
+    from phd_flow.run.node import Node
 
 SWEEP_KIND = "sweep"
 SWEEP_PREFIX = "Sweep"
@@ -205,7 +205,7 @@ class Sweep:
     @classmethod
     def load(cls, config: Config, key_or_prefix: str) -> Sweep:
         """The sweep with this key (or unique prefix); :class:`RunNotFoundError` otherwise."""
-        from phd_flow.runs_index import resolve_key
+        from phd_flow.runs.listing import resolve_key
 
         key = resolve_key(config, key_or_prefix)
         path = config.local_path / key / RUN_FILE

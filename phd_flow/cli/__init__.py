@@ -1,0 +1,120 @@
+"""The command line: ``python -m my_project COMMAND ...`` via :func:`run_main`.
+
+Only argparse and phd_flow's light modules are imported on the way to a command, so
+``--help``, ``nodes`` and argument errors never pay for mlflow, boto3 or b2sdk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from phd_flow.errors import PhdFlowError, RunFailedError, RunKilledError, UserError
+
+# command -> "module:register" ; each register(subparsers) adds its parser(s) with set_defaults(func=...)
+COMMANDS: dict[str, str] = {
+    "run": "phd_flow.cli.run:register_run",
+    "nodes": "phd_flow.cli.run:register_nodes",
+    "sync": "phd_flow.cli.storage:register_sync",
+    "download": "phd_flow.cli.storage:register_download",
+    "ls": "phd_flow.cli.runs:register_ls",
+    "show": "phd_flow.cli.runs:register_show",
+    "compare": "phd_flow.cli.runs:register_compare",
+    "rm": "phd_flow.cli.rm:register_rm",
+    "result": "phd_flow.cli.runs:register_result",
+    "ui": "phd_flow.cli.runs:register_ui",
+    "sweep": "phd_flow.cli.sweep:register_sweep",
+}
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_SYNCED = 0, 1, 2, 3
+
+
+class Context:
+    """What every command gets: the package, its project root and (lazily) the config."""
+
+    def __init__(self, package: str, config_path: str | None) -> None:
+        self.package = package
+        self.config_path = config_path
+        self._config: Any = None
+
+    @property
+    def project_root(self) -> Path:
+        from phd_flow.run.node import project_root
+
+        return project_root(self.package)
+
+    @property
+    def config(self) -> Any:
+        if self._config is None:
+            from phd_flow.config import load_config
+
+            self._config = load_config(self.project_root, self.config_path)
+        return self._config
+
+
+def build_parser(package: str) -> argparse.ArgumentParser:
+    """The root parser with every registered command."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {package}",
+        description=f"Run and manage the phd_flow nodes of {package}.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $PHD_FLOW_CONFIG, else PROJECT_ROOT/config/default.toml)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show DEBUG log lines on stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for target in COMMANDS.values():
+        module_name, func = target.split(":")
+        getattr(importlib.import_module(module_name), func)(commands)
+    return parser
+
+
+def run_main(package: str, argv: Sequence[str] | None = None) -> None:
+    """Entry point for ``my_project/__main__.py``: ``phd_flow.run_main("my_project")``.
+
+    Exits with 0 (success), 1 (the run failed), 2 (bad input: one paragraph, no traceback),
+    3 (the run completed but is not synced to the remote), 130/143 (interrupted).
+    """
+    code = main(package, argv)
+    import gc
+
+    gc.freeze()  # skip the final garbage collection of MLflow's objects: 0.8 s -> 0.07 s at exit
+    sys.exit(code)
+
+
+def main(package: str, argv: Sequence[str] | None = None) -> int:
+    """Like :func:`run_main` but returns the exit code."""
+    args = build_parser(package).parse_args(argv)
+    from phd_flow.log import configure_cli_stderr
+
+    configure_cli_stderr("DEBUG" if args.verbose else "INFO")
+    context = Context(package, args.config)
+    func: Callable[[Context, argparse.Namespace], int] = args.func
+    try:
+        return func(context, args)
+    except UserError as exc:
+        _print_paragraph(f"error: {exc}")
+        return exc.exit_code
+    except RunFailedError as exc:
+        _print_paragraph(f"error: {exc}")
+        return EXIT_FAILED
+    except (KeyboardInterrupt, RunKilledError) as exc:
+        _print_paragraph(f"interrupted ({exc or 'SIGINT'}); the run is recorded as killed.")
+        return 143 if isinstance(exc, RunKilledError) else 130
+    except PhdFlowError as exc:  # e.g. storage still failing after its retries
+        if args.verbose:
+            traceback.print_exc()
+        _print_paragraph(f"error: {exc} (`-v` shows the traceback)")
+        return EXIT_FAILED
+
+
+def _print_paragraph(text: str) -> None:
+    sys.stderr.flush()
+    print(text, file=sys.stderr)
