@@ -54,7 +54,7 @@ def test_second_run_reuses_and_an_args_change_recomputes(tmp_path: Path) -> None
     assert not any(p.name.startswith("Train_") for p in second.output_dir.iterdir())
     third = Evaluate(EvaluateArgs(lr=0.2), config=config)
     assert third.run() == Report(score=-9.0)
-    assert "Running Train: changed since" in log_of(third) and "lr: 0.1 -> 0.2" in log_of(third)
+    assert "Running Train: changed since" in log_of(third) and "lr changed 0.1 → 0.2" in log_of(third)
     # Prepare's args did not change, so inside the new Train run it is reused
     train_dir = config.local_path / third.record.data["children"][0]["path"]
     assert json.loads((train_dir / "run.json").read_text())["children"][0]["reused"] is True

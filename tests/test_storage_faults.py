@@ -26,6 +26,7 @@ from b2sdk.v2 import exception as b2_exc
 from phd_flow import Node, node
 from phd_flow.config import Config, MlflowConfig, StorageConfig
 from phd_flow.errors import ChecksumMismatchError, StorageError, StorageUnavailableError
+from phd_flow.project import Project
 from phd_flow.run.record import RunRecord
 from phd_flow.runs.catchup import sync_one
 from phd_flow.storage.engine import JOURNAL, MANIFEST, parse_manifest
@@ -291,7 +292,7 @@ def test_store_down_for_the_whole_run_then_sync_is_byte_identical(moto_server: S
     before = sha256_tree(run.output_dir)
     assert len(before) > 50 and remote_objects(moto_server, bucket, PREFIX) == {}
 
-    assert sync_one(config(moto_server.endpoint_url), record) is True
+    assert sync_one(Project.of(config(moto_server.endpoint_url)), record) is True
     assert RunRecord.load(run.output_dir).data["sync"]["state"] == "synced"
     assert_remote_identical(moto_server, bucket, f"{PREFIX}/{run.key}", run.output_dir)
     assert {k: v for k, v in sha256_tree(run.output_dir).items() if k != "run.json"} == {

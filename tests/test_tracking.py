@@ -11,6 +11,7 @@ import pytest
 
 from phd_flow import Config, Node, logger, node
 from phd_flow.config import MlflowConfig
+from phd_flow.project import Project
 from phd_flow.runs.catchup import sync_runs
 
 
@@ -96,7 +97,7 @@ def test_metrics_are_replayed_without_duplicates_after_an_mlflow_outage(tmp_path
     assert client.get_run(section["run_id"]).info.status == "FINISHED"
     assert len(client.get_metric_history(section["run_id"], "x")) == 50
     for _ in range(2):
-        assert sync_runs(config, [str(run.key)]) == {str(run.key): True}
+        assert sync_runs(Project.of(config), [str(run.key)]) == {str(run.key): True}
     history = client.get_metric_history(section["run_id"], "x")
     assert sorted(m.step for m in history) == list(range(120))
     assert run.record.__class__.load(run.output_dir).data["mlflow"]["state"] == "synced"

@@ -11,8 +11,6 @@ import importlib
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
 from phd_flow.errors import PhdFlowError, RunFailedError, RunKilledError, UserError
 
@@ -31,30 +29,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "phd_flow.cli.sweep:register_sweep",
 }
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_SYNCED = 0, 1, 2, 3
-
-
-class Context:
-    """What every command gets: the package, its project root and (lazily) the config."""
-
-    def __init__(self, package: str, config_path: str | None) -> None:
-        self.package = package
-        self.config_path = config_path
-        self._config: Any = None
-
-    @property
-    def project_root(self) -> Path:
-        from phd_flow.run.node import project_root
-
-        return project_root(self.package)
-
-    @property
-    def config(self) -> Any:
-        if self._config is None:
-            from phd_flow.config import load_config
-
-            self._config = load_config(self.project_root, self.config_path)
-        return self._config
+EXIT_OK, EXIT_FAILED, EXIT_NOT_SYNCED = 0, 1, 3
 
 
 def build_parser(package: str) -> argparse.ArgumentParser:
@@ -95,10 +70,12 @@ def main(package: str, argv: Sequence[str] | None = None) -> int:
     from phd_flow.log import configure_cli_stderr
 
     configure_cli_stderr("DEBUG" if args.verbose else "INFO")
-    context = Context(package, args.config)
-    func: Callable[[Context, argparse.Namespace], int] = args.func
+    from phd_flow.project import Project
+
+    project = Project(package, args.config)
+    func: Callable[[Project, argparse.Namespace], int] = args.func
     try:
-        return func(context, args)
+        return func(project, args)
     except UserError as exc:
         _print_paragraph(f"error: {exc}")
         return exc.exit_code

@@ -21,8 +21,7 @@ from phd_flow.cli.selection import add_filters
 from phd_flow.errors import ArgsError
 
 if TYPE_CHECKING:
-    from phd_flow.cli import Context
-    from phd_flow.config import Config
+    from phd_flow.project import Project
     from phd_flow.runs.query import Run
 
 
@@ -51,31 +50,28 @@ class Removal:
         return f"  {self.run.key}  {self.run.state}: " + "; ".join(parts)
 
 
-def remove(context: Context, args: argparse.Namespace) -> int:
+def remove(project: Project, args: argparse.Namespace) -> int:
     """The ``rm`` command."""
-    runs = _targets(context, args)
+    runs = _targets(project, args)
     if not runs:
         print("No run matches: nothing deleted.")
         return 0
-    from phd_flow.runs.query import require_remote
-
-    config = context.config
-    storage_remote = require_remote(config) if args.remote else None
+    storage_remote = project.require_remote() if args.remote else None
     plans = [_plan(run, storage_remote) for run in runs]
     where = storage_remote.describe() if storage_remote is not None else None
     print(f"This deletes {len(plans)} run(s):")
     for plan in plans:
         print(plan.describe(where, args.remote))
-    _warn_dependents(config, [r.key for r in runs])
+    _warn_dependents(project, [r.key for r in runs])
     if not args.force and not _confirm(f"Delete {len(plans)} run(s)? [y/N] "):
         print("Nothing deleted.")
         return 1
-    failed = sum(not _delete(config, plan, storage_remote) for plan in plans)
+    failed = sum(not _delete(project, plan, storage_remote) for plan in plans)
     print(f"Deleted {len(plans) - failed} run(s)." + (f" {failed} could not be deleted fully." if failed else ""))
     return 1 if failed else 0
 
 
-def _targets(context: Context, args: argparse.Namespace) -> list[Run]:
+def _targets(project: Project, args: argparse.Namespace) -> list[Run]:
     from phd_flow.cli.selection import select
     from phd_flow.runs.query import get_run
 
@@ -83,14 +79,14 @@ def _targets(context: Context, args: argparse.Namespace) -> list[Run]:
     if not args.keys and not has_filter:
         raise ArgsError("rm needs run keys or a filter (e.g. `rm --failed`); it never deletes everything.")
     if not args.keys:
-        return list(select(context, args))
-    runs = {run.key: run for run in (get_run(context.config, key) for key in args.keys)}
+        return list(select(project, args))
+    runs = {run.key: run for run in (get_run(project, key) for key in args.keys)}
     only_remote = [key for key, run in runs.items() if run.where == "remote" and not args.remote]
     if only_remote:
         raise ArgsError(f"{', '.join(only_remote)} is only in storage: add --remote to delete it there.")
     if not has_filter:
         return list(runs.values())
-    selected = {run.key for run in select(context, args)}
+    selected = {run.key for run in select(project, args)}
     return [run for key, run in runs.items() if key in selected]
 
 
@@ -126,10 +122,10 @@ def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> list[str]:
     return ids
 
 
-def _warn_dependents(config: Config, keys: list[str]) -> None:
+def _warn_dependents(project: Project, keys: list[str]) -> None:
     from phd_flow.runs.query import dependents
 
-    for run, stage, source in dependents(config, keys):
+    for run, stage, source in dependents(project, keys):
         print(
             f"WARNING: run {run} loaded its stage {stage!r} from {source}, which this deletes: "
             f"{run} stays, but its stage provenance will point to a deleted run.",
@@ -145,11 +141,11 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _delete(config: Config, plan: Removal, storage_remote: Any) -> bool:
+def _delete(project: Project, plan: Removal, storage_remote: Any) -> bool:
     """Delete MLflow runs, then remote files, then the local dir; True when all went."""
     ok = True
     if plan.mlflow_run_ids:
-        ok = _delete_mlflow(config, plan)
+        ok = _delete_mlflow(project, plan)
     if storage_remote is not None and plan.remote_keys:
         try:
             storage_remote.delete(plan.remote_keys)
@@ -164,15 +160,11 @@ def _delete(config: Config, plan: Removal, storage_remote: Any) -> bool:
     return ok
 
 
-def _delete_mlflow(config: Config, plan: Removal) -> bool:
-    from phd_flow.tracking import import_mlflow
-
-    import_mlflow()
+def _delete_mlflow(project: Project, plan: Removal) -> bool:
+    client = project.mlflow_client()
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    uri = config.tracking_uri()
-    client = MlflowClient(uri)
+    uri = project.config.tracking_uri()
     for run_id in plan.mlflow_run_ids:
         try:
             client.delete_run(run_id)

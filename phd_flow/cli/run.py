@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from phd_flow.cli import EXIT_NOT_SYNCED, EXIT_OK
 
 if TYPE_CHECKING:
-    from phd_flow.cli import Context
+    from phd_flow.project import Project
 
 
 def register_run(commands: Any) -> None:
@@ -25,26 +25,26 @@ def register_run(commands: Any) -> None:
     parser.set_defaults(func=_cmd_run, run_parser=parser)
 
 
-def _cmd_run(context: Context, args: argparse.Namespace) -> int:
+def _cmd_run(project: Project, args: argparse.Namespace) -> int:
     from phd_flow.run.discovery import find_nodes, resolve_node
 
     if args.node is None or args.node.startswith("-"):
         if args.help_requested or args.node in ("-h", "--help"):
             args.run_parser.print_help()
-            _print_node_list(find_nodes(context.package))
+            _print_node_list(find_nodes(project.package_name))
             return EXIT_OK
         args.run_parser.error("which node? usage: run NodeName [args]; see the `nodes` command")
-    node_cls = resolve_node(context.package, args.node)
+    node_cls = resolve_node(project.package_name, args.node)
     argv = list(args.node_args) + (["--help"] if args.help_requested else [])
-    parser = node_cls.argument_parser(prog=f"python -m {context.package} run {node_cls.__name__}")
+    parser = node_cls.argument_parser(prog=f"python -m {project.package_name} run {node_cls.__name__}")
     _add_run_options(parser)
     parsed = parser.parse_args(argv)
-    node = node_cls(parsed.args, config=context.config, options=_run_options(parsed))
+    node = node_cls(parsed.args, config=project, options=_run_options(parsed))
     node.run()
-    if node._kill_pending is not None:
+    if node.kill_signal is not None:
         # The signal came after the run completed (during the final sync, which was finished):
         # the run stays `completed`, but whoever sent it (scancel, a sweep's Ctrl-C) learns it.
-        return 128 + int(node._kill_pending)
+        return 128 + int(node.kill_signal)
     sync_state = node.record.data.get("sync", {}).get("state")
     return EXIT_NOT_SYNCED if sync_state == "not_synced" else EXIT_OK
 
@@ -118,12 +118,12 @@ def register_nodes(commands: Any) -> None:
     parser.set_defaults(func=_cmd_nodes)
 
 
-def _cmd_nodes(context: Context, args: argparse.Namespace) -> int:
+def _cmd_nodes(project: Project, args: argparse.Namespace) -> int:
     from phd_flow.run.discovery import find_nodes
 
-    nodes = find_nodes(context.package)
+    nodes = find_nodes(project.package_name)
     if not nodes:
-        print(f"No nodes in {context.package}: define a subclass of phd_flow.Node.")
+        print(f"No nodes in {project.package_name}: define a subclass of phd_flow.Node.")
         return EXIT_OK
     _print_node_list(nodes, file=sys.stdout)
     return EXIT_OK

@@ -15,7 +15,7 @@ from phd_flow.cli.selection import add_filters, select
 from phd_flow.errors import ArgsError
 
 if TYPE_CHECKING:
-    from phd_flow.cli import Context
+    from phd_flow.project import Project
     from phd_flow.runs.query import Run, Runs
 
 
@@ -64,15 +64,15 @@ def register_ui(commands: Any) -> None:
 # --- ls -----------------------------------------------------------------------------------------
 
 
-def _cmd_ls(context: Context, args: argparse.Namespace) -> int:
+def _cmd_ls(project: Project, args: argparse.Namespace) -> int:
     if args.fix and args.statuses != ["stale"]:
         raise ArgsError("--fix marks stale runs killed: use it as `ls --stale --fix`.")
-    runs = select(context, args)
+    runs = select(project, args)
     if args.fix:
         from phd_flow.runs.query import mark_killed
 
         for run in runs:
-            print(mark_killed(context.config, run))
+            print(mark_killed(project, run))
         if not runs:
             print("No stale runs.")
         return 0
@@ -118,18 +118,15 @@ def _print_table(runs: Runs, with_where: bool) -> None:
 # --- show, compare, result ----------------------------------------------------------------------
 
 
-def _cmd_show(context: Context, args: argparse.Namespace) -> int:
+def _cmd_show(project: Project, args: argparse.Namespace) -> int:
     from phd_flow.cli import render as view
     from phd_flow.runs.query import get_run
 
-    config = context.config
-    run = get_run(config, args.key)
+    run = get_run(project, args.key)
     if run.where == "local":
         files = view.run_files(run.run_dir)
     else:
-        from phd_flow.runs.query import require_remote
-
-        remote = require_remote(config)
+        remote = project.require_remote()
         from phd_flow.storage.engine import MANIFEST
 
         listed = [(f.key.split("/", 1)[1], f.size) for f in remote.list(run.key)]
@@ -137,18 +134,17 @@ def _cmd_show(context: Context, args: argparse.Namespace) -> int:
     log: list[str] = []
     if run.state in ("failed", "killed", "stale") and args.lines > 0:
         log = view.tail(run.run_dir / "output.log", args.lines) if run.where == "local" else []
-    for line in view.render_show(run, files, context.package, view.use_color(), log):
+    for line in view.render_show(run, files, project.package_name, view.use_color(), log):
         print(line)
     return 0
 
 
-def _cmd_compare(context: Context, args: argparse.Namespace) -> int:
+def _cmd_compare(project: Project, args: argparse.Namespace) -> int:
     from phd_flow.cli import render as view
     from phd_flow.runs.query import arg_text, get_run
     from phd_flow.tracking import flatten
 
-    config = context.config
-    runs = [get_run(config, key) for key in args.keys]
+    runs = [get_run(project, key) for key in args.keys]
     for number, run in enumerate(runs, 1):
         print(f"[{number}] {run.key}  {view.status_text(run.state, view.use_color())}")
     flat = [flatten(run.args) for run in runs]
@@ -157,7 +153,7 @@ def _cmd_compare(context: Context, args: argparse.Namespace) -> int:
     same = [n for n in names if n not in differ]
     columns = ["", *(f"[{i}]" for i in range(1, len(runs) + 1))]
     rows = [[n, *(arg_text(a[n]) if n in a else "-" for a in flat)] for n in differ]
-    metrics = [_final_metrics(config, run) for run in runs]
+    metrics = [_final_metrics(project, run) for run in runs]
     metric_names = sorted({name for m in metrics for name in m})
     print()
     print("args that differ" if differ else "args: all the same")
@@ -173,11 +169,11 @@ def _cmd_compare(context: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def _final_metrics(context_config: Any, run: Run) -> dict[str, float]:
+def _final_metrics(project: Project, run: Run) -> dict[str, float]:
     """The last logged value of each metric, from the run's metrics.jsonl."""
     from phd_flow.runs.query import read_run_file
 
-    raw = read_run_file(context_config, run, "metrics.jsonl") or b""
+    raw = read_run_file(project, run, "metrics.jsonl") or b""
     last: dict[str, float] = {}
     for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
@@ -192,23 +188,23 @@ def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
-def _cmd_result(context: Context, args: argparse.Namespace) -> int:
+def _cmd_result(project: Project, args: argparse.Namespace) -> int:
     from phd_flow.runs.query import load_result
 
-    print(repr(load_result(args.key, context.config)))
+    print(repr(load_result(args.key, project)))
     return 0
 
 
 # --- ui -----------------------------------------------------------------------------------------
 
 
-def _cmd_ui(context: Context, args: argparse.Namespace) -> int:
+def _cmd_ui(project: Project, args: argparse.Namespace) -> int:
     import os
     import signal
     import socket
     import subprocess
 
-    uri = context.config.tracking_uri()
+    uri = project.config.tracking_uri()
     if uri.startswith(("http://", "https://")):
         print(f"The tracking store is an MLflow server already: open {uri}")
         return 0

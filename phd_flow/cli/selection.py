@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from phd_flow.errors import ArgsError
 
 if TYPE_CHECKING:
-    from phd_flow.cli import Context
+    from phd_flow.project import Project
     from phd_flow.runs.query import RunFilter, Runs
 
 STATUS_FLAGS = ("completed", "failed", "running", "killed", "stale")
@@ -68,13 +68,13 @@ def _filter_from(args: argparse.Namespace) -> RunFilter:
     )
 
 
-def select(context: Context, args: argparse.Namespace) -> Runs:
+def select(project: Project, args: argparse.Namespace) -> Runs:
     """The runs the filters select; a corrupt run.json is a warning and the listing goes on."""
     from phd_flow.runs.query import list_runs, matches_where
 
     run_filter = _filter_from(args)
     where, run_filter.where = run_filter.where, {}
-    runs = list_runs(context.config, run_filter, remote=args.remote, refresh=args.refresh, warn=warn)
+    runs = list_runs(project, run_filter, remote=args.remote, refresh=args.refresh, warn=warn)
     if not where:
         return runs
     selected = type(runs)(run for run in runs if matches_where(run.args, where))

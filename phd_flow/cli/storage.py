@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from phd_flow.log import logger
 
 if TYPE_CHECKING:
-    from phd_flow.cli import Context
+    from phd_flow.project import Project
 
 
 def register_sync(commands: Any) -> None:
@@ -34,10 +34,10 @@ def register_download(commands: Any) -> None:
     parser.set_defaults(func=_cmd_download)
 
 
-def _cmd_sync(context: Context, args: argparse.Namespace) -> int:
+def _cmd_sync(project: Project, args: argparse.Namespace) -> int:
     from phd_flow.runs.catchup import sync_runs
 
-    results = sync_runs(context.config, args.keys)
+    results = sync_runs(project, args.keys)
     failed = [key for key, ok in results.items() if not ok]
     if not results:
         logger.info("Everything is synced.")
@@ -47,13 +47,12 @@ def _cmd_sync(context: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_download(context: Context, args: argparse.Namespace) -> int:
+def _cmd_download(project: Project, args: argparse.Namespace) -> int:
     from phd_flow import keys
     from phd_flow.runs.listing import resolve_key
-    from phd_flow.storage import make_storage
 
-    storage = make_storage(context.config)
-    key = resolve_key(context.config, args.key, remote=True)
+    storage = project.storage
+    key = resolve_key(project, args.key, remote=True)
     target = f"{key}/{keys.normalize(args.subpath)}" if args.subpath else key
     report = storage.download(target)
     print(f"Downloaded {target} to {storage.path(target)}: {report}")

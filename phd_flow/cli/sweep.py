@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 from phd_flow.errors import ArgsError, UserError
 
 if TYPE_CHECKING:
-    from phd_flow.cli import Context
-    from phd_flow.config import Config
+    from phd_flow.project import Project
     from phd_flow.sweeps.grid import Sweep
 
 DESCRIPTION = """\
@@ -88,15 +87,15 @@ def _options(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
     return merged, node_argv
 
 
-def _cmd_sweep(context: Context, args: argparse.Namespace) -> int:
+def _cmd_sweep(project: Project, args: argparse.Namespace) -> int:
     opts, node_argv = _options(args)
     if opts.help_requested or (args.node is None and not (opts.resume or opts.status)):
-        return _help(context, args, opts)
+        return _help(project, args, opts)
     if args.node is not None and (opts.resume or opts.status):
         raise ArgsError("--resume and --status take a sweep key only: drop the node and its arguments.")
-    config = context.config
+    config = project.config
     if opts.status:
-        return _show(config, opts.status)
+        return _show(project, opts.status)
     kind = opts.executor or config.executor.kind
     max_parallel = opts.max_parallel or config.executor.max_parallel
     if max_parallel < 1:
@@ -108,34 +107,34 @@ def _cmd_sweep(context: Context, args: argparse.Namespace) -> int:
     if opts.resume:
         if opts.grid or node_argv:
             raise ArgsError("--resume reruns a sweep as it was defined: drop --grid and node arguments.")
-        return _resume(context, opts.resume, kind, max_parallel, opts.wait)
-    sweep = _create(context, args.node, node_argv, opts.grid, kind, max_parallel)
-    return _execute(context, sweep, sweep.points, kind, max_parallel, opts.wait)
+        return _resume(project, opts.resume, kind, max_parallel, opts.wait)
+    sweep = _create(project, args.node, node_argv, opts.grid, kind, max_parallel)
+    return _execute(project, sweep, sweep.points, kind, max_parallel, opts.wait)
 
 
-def _help(context: Context, args: argparse.Namespace, opts: argparse.Namespace) -> int:
+def _help(project: Project, args: argparse.Namespace, opts: argparse.Namespace) -> int:
     args.sweep_parser.print_help()
     if args.node is not None:
         from phd_flow.run.discovery import resolve_node
 
         print()
-        resolve_node(context.package, args.node).argument_parser(prog=args.node).print_help()
+        resolve_node(project.package_name, args.node).argument_parser(prog=args.node).print_help()
     return 0 if opts.help_requested else 2
 
 
-def _create(context: Context, node: str, node_argv: list[str], grid: list[str], kind: str, max_parallel: int) -> Sweep:
+def _create(project: Project, node: str, node_argv: list[str], grid: list[str], kind: str, max_parallel: int) -> Sweep:
     from phd_flow.run.discovery import resolve_node
     from phd_flow.sweeps.grid import Sweep, parse_grid
 
-    node_cls = resolve_node(context.package, node)
+    node_cls = resolve_node(project.package_name, node)
     axes = parse_grid(node_cls, node_argv, grid)  # raises before anything exists
-    config = context.config
+    config = project.config
     executor: dict[str, Any] = {"kind": kind, "max_parallel": max_parallel}
     if kind == "slurm":
         from phd_flow.sweeps.executors import slurm_parameters
 
         executor["slurm"] = slurm_parameters(config.executor.slurm, max_parallel, node_cls.__name__)
-    config_path = str(Path(context.config_path).resolve()) if context.config_path else None
+    config_path = str(Path(project.config_path).resolve()) if project.config_path else None
     sweep = Sweep.create(config, node_cls, node_argv, axes, executor, config_path)
     print(
         f"Sweep {sweep.key}: {len(sweep.points)} runs of {node_cls.__name__} "
@@ -145,13 +144,13 @@ def _create(context: Context, node: str, node_argv: list[str], grid: list[str], 
     return sweep
 
 
-def _resume(context: Context, key: str, kind: str, max_parallel: int, wait: bool) -> int:
+def _resume(project: Project, key: str, kind: str, max_parallel: int, wait: bool) -> int:
     from phd_flow.run.record import COMPLETED, RUNNING
     from phd_flow.sweeps.executors import active_points
     from phd_flow.sweeps.grid import LOST, Sweep, point_status
 
-    config = context.config
-    sweep = Sweep.load(config, key)
+    config = project.config
+    sweep = Sweep.load(project, key)
     with _driver_lock(sweep):
         sweep.refresh(config.local_path, config.runs.stale_after_seconds)
         live = active_points(sweep) if sweep.data.get("slurm_job_ids") else set()
@@ -169,25 +168,25 @@ def _resume(context: Context, key: str, kind: str, max_parallel: int, wait: bool
         )
         if not todo:
             return 0 if done == len(sweep.points) else 1
-        return _execute_locked(context, sweep, todo, kind, max_parallel, wait)
+        return _execute_locked(project, sweep, todo, kind, max_parallel, wait)
 
 
 def _execute(
-    context: Context, sweep: Sweep, points: list[dict[str, Any]], kind: str, max_parallel: int, wait: bool
+    project: Project, sweep: Sweep, points: list[dict[str, Any]], kind: str, max_parallel: int, wait: bool
 ) -> int:
     with _driver_lock(sweep):
-        return _execute_locked(context, sweep, points, kind, max_parallel, wait)
+        return _execute_locked(project, sweep, points, kind, max_parallel, wait)
 
 
 def _execute_locked(
-    context: Context, sweep: Sweep, points: list[dict[str, Any]], kind: str, max_parallel: int, wait: bool
+    project: Project, sweep: Sweep, points: list[dict[str, Any]], kind: str, max_parallel: int, wait: bool
 ) -> int:
     from phd_flow.errors import RunKilledError
     from phd_flow.run.record import COMPLETED
     from phd_flow.sweeps import executors
     from phd_flow.sweeps.grid import summary
 
-    config = context.config
+    config = project.config
     if kind == "slurm":
         ids = executors.submit_slurm(sweep, points, config=config, max_parallel=max_parallel)
         arrays = sorted({i.split("_")[0] for i in ids})
@@ -197,7 +196,7 @@ def _execute_locked(
             flush=True,
         )
         if not wait:
-            print(f"Follow it with: python -m {context.package} sweep --status {sweep.key}")
+            print(f"Follow it with: python -m {project.package_name} sweep --status {sweep.key}")
             return 0
         counts = executors.wait_slurm(sweep, config)
     else:
@@ -205,15 +204,15 @@ def _execute_locked(
             counts = executors.run_local(
                 sweep,
                 points,
-                package=context.package,
+                package=project.package_name,
                 config=config,
                 max_parallel=max_parallel,
                 config_path=sweep.data.get("config_path"),
             )
         except (KeyboardInterrupt, RunKilledError):
-            _print_end(context, sweep, summary(_counts(sweep)), interrupted=True)
+            _print_end(project, sweep, summary(_counts(sweep)), interrupted=True)
             raise
-    _print_end(context, sweep, summary(counts))
+    _print_end(project, sweep, summary(counts))
     return 0 if set(counts) == {COMPLETED} else 1
 
 
@@ -224,14 +223,14 @@ def _counts(sweep: Sweep) -> dict[str, int]:
     return counts
 
 
-def _print_end(context: Context, sweep: Sweep, text: str, interrupted: bool = False) -> None:
+def _print_end(project: Project, sweep: Sweep, text: str, interrupted: bool = False) -> None:
     from phd_flow.run.record import COMPLETED
 
     word = "interrupted" if interrupted else "finished"
     print(f"Sweep {sweep.key} {word}: {text}.", flush=True)
     if any(p["status"] != COMPLETED for p in sweep.points):
         print(
-            f"Run the rest again with: python -m {context.package} sweep --resume {sweep.key}",
+            f"Run the rest again with: python -m {project.package_name} sweep --resume {sweep.key}",
             file=sys.stderr,
             flush=True,
         )
@@ -256,10 +255,11 @@ def _driver_lock(sweep: Sweep) -> Iterator[None]:
         lock.release()
 
 
-def _show(config: Config, key: str) -> int:
+def _show(project: Project, key: str) -> int:
     from phd_flow.sweeps.grid import Sweep, describe_point, summary
 
-    sweep = Sweep.load(config, key)
+    config = project.config
+    sweep = Sweep.load(project, key)
     counts = sweep.refresh(config.local_path, config.runs.stale_after_seconds)
     print(f"{sweep.key}  {sweep.data['node']}  {sweep.data['status']}  ({summary(counts)})")
     for point in sweep.points:

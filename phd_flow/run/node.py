@@ -1,5 +1,9 @@
 """``Node[Args, Result]``: the unit of work phd_flow runs, logs, tracks and syncs.
 
+A Node holds its Args, its run options and its :class:`~phd_flow.project.Project`; while it
+runs, everything about the run (key, directory, record, metrics, MLflow, stages, signals) lives
+in one :class:`~phd_flow.run.active.ActiveRun`, and the Node's public properties delegate to it.
+
 >>> @dataclasses.dataclass
 ... class FitArgs(Args):
 ...     dataset: str  # path to a csv file
@@ -12,62 +16,35 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import signal
-import sys
-import threading
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, ClassVar, Generic, TypeVar
 
 from phd_flow import keys
-from phd_flow.config import Config, load_config
-from phd_flow.errors import ArgsError, NodeDefinitionError, PhdFlowError, RunKilledError
+from phd_flow.config import Config
+from phd_flow.errors import ArgsError, NodeDefinitionError, PhdFlowError
 from phd_flow.log import logger
-from phd_flow.run.record import RunRecord
+from phd_flow.project import Project
+from phd_flow.run.args import Args, check_args_class, from_mapping
+from phd_flow.run.options import RunOptions
+from phd_flow.run.record import CHECKPOINT_DIR
 
 if typing.TYPE_CHECKING:
     from loguru import Logger
 
-    from phd_flow.stages.manager import ManagedArtifact, Stage, StageManager
-    from phd_flow.storage import Storage
-    from phd_flow.tracking import MetricLog, MlflowRun
+    from phd_flow.run.active import ActiveRun
+    from phd_flow.run.record import RunRecord
+    from phd_flow.stages.manager import ManagedArtifact, Stage
+    from phd_flow.storage.facade import Storage
 
 __all__ = ["Args", "Node", "RunOptions"]
-
-
-@dataclass
-class Args:
-    """Base class for a node's arguments. Subclass it as a ``@dataclasses.dataclass``.
-
-    Each field becomes a CLI option (``--field``); a comment after the field, or a docstring
-    below it, is its ``--help`` text; a field without a default is required.
-    """
-
 
 ArgsT = TypeVar("ArgsT", bound=Args)
 ResultT = TypeVar("ResultT")
 ArgsU = TypeVar("ArgsU", bound=Args)
 ResultU = TypeVar("ResultU")
-
-
-@dataclass
-class RunOptions:
-    """Per-run options that are not the node's Args (set by CLI flags or by Python)."""
-
-    key: str | None = None  # use this key instead of a new one (resume / requeue)
-    load: dict[str, str] = field(default_factory=dict)  # stage -> run key to load it from
-    skip_log: list[str] = field(default_factory=list)  # stages kept local only
-    cache: bool | None = None  # None: per-stage config; True/False: force for every stage
-    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (e.g. the sweep)
-    rerun: list[str] = field(default_factory=list)  # node names that require() must not reuse
-    parent: Node[Any, Any] | None = None  # set by Node.require for child runs
-    sweep: str | None = None  # the sweep this run is a point of (recorded in run.json)
 
 
 class Node(Generic[ArgsT, ResultT]):
@@ -94,7 +71,7 @@ class Node(Generic[ArgsT, ResultT]):
             if isinstance(origin, type) and issubclass(origin, Node):
                 params = typing.get_args(base)
                 if params and not isinstance(params[0], TypeVar):
-                    _check_args_class(cls, params[0])
+                    check_args_class(cls, params[0])
                     cls.args_class = params[0]
                     cls.result_class = params[1] if len(params) > 1 else Any
 
@@ -104,29 +81,18 @@ class Node(Generic[ArgsT, ResultT]):
         self,
         args: ArgsT | Mapping[str, Any] | Sequence[str] | None = None,
         *,
-        config: Config | str | os.PathLike[str] | None = None,
+        config: Config | Project | str | os.PathLike[str] | None = None,
         options: RunOptions | None = None,
     ) -> None:
         """Build a node from an Args instance, a dict of field values, or an argv list.
 
-        ``config`` is a :class:`Config`, a path to a TOML file, or None for the project's
-        ``config/default.toml`` (or $PHD_FLOW_CONFIG, or the embedded defaults).
+        ``config`` is a :class:`Config`, a path to a TOML file, a :class:`Project`, or None for
+        the project's ``config/default.toml`` (or $PHD_FLOW_CONFIG, or the embedded defaults).
         """
         self.args: ArgsT = self.make_args(args)
         self.options = options or RunOptions()
-        self._config = config if isinstance(config, Config) else None
-        self._config_path = None if isinstance(config, Config) else config
-        self._key: keys.RunKey | None = None
-        self._storage: Storage | None = None
-        self._record: RunRecord | None = None
-        self._mlflow: MlflowRun | None = None
-        self._metrics: MetricLog | None = None
-        self._kill_pending: int | None = None
-        self._in_user_code = False
-        #: True when this run continues an earlier attempt with the same key (a SLURM requeue
-        #: after a time limit or preemption, ``sweep --resume``, ``run --key``): see checkpoint_dir.
-        self.resumed = False
-        self._stages: StageManager | None = None
+        self.project = Project.of(config, type(self).package)
+        self._active: ActiveRun | None = None
 
     @classmethod
     def args_type(cls) -> type[ArgsT]:
@@ -148,7 +114,7 @@ class Node(Generic[ArgsT, ResultT]):
         if args is None:
             args = {}
         if isinstance(args, Mapping):
-            return typing.cast(ArgsT, _from_mapping(args_cls, dict(args), cls.__name__))
+            return typing.cast(ArgsT, from_mapping(args_cls, dict(args), cls.__name__))
         if isinstance(args, Sequence) and not isinstance(args, (str, bytes)):
             return cls.parse_argv(list(args))
         raise ArgsError(
@@ -185,37 +151,61 @@ class Node(Generic[ArgsT, ResultT]):
     @property
     def config(self) -> Config:
         """The project config (loaded on first access)."""
-        if self._config is None:
-            self._config = load_config(project_root(type(self).package), self._config_path)
-        return self._config
+        return self.project.config
+
+    @property
+    def active(self) -> ActiveRun:
+        """The run in progress (key, directory, record, metrics, MLflow, stages)."""
+        if self._active is None:
+            raise PhdFlowError("The run exists once run() has started.")
+        return self._active
+
+    @property
+    def started(self) -> bool:
+        """True once :meth:`run` has created the run (its key and directory exist)."""
+        return self._active is not None
 
     @property
     def key(self) -> keys.RunKey:
         """This run's unique key; ``"datasets" / self.key / "x"`` gives a storage key."""
-        if self._key is None:
+        if self._active is None:
             raise PhdFlowError("self.key exists once run() has started.")
-        return self._key
+        return self._active.key
+
+    @property
+    def resumed(self) -> bool:
+        """True when this run continues an earlier attempt with the same key (a SLURM requeue
+        after a time limit or preemption, ``sweep --resume``, ``run --key``): see checkpoint_dir."""
+        return self._active is not None and self._active.resumed
 
     @property
     def run_path(self) -> str:
         """This run's directory relative to ``local_path``: the key, or
         ``<parent key>/<key>`` for a node run by :meth:`require`."""
-        parent = self.options.parent
-        return f"{parent.run_path}/{self.key}" if parent is not None else str(self.key)
+        return self.active.run_path
 
     @property
     def output_dir(self) -> Path:
         """This run's directory: ``<local_path>/<key>`` (nested under the parent's for children)."""
-        return self.config.local_path / self.run_path
+        return self.active.run_dir
 
     @property
     def checkpoint_dir(self) -> Path:
         """``<run dir>/checkpoint/``: save state there while running; when ``self.resumed`` is
         True (requeued or resumed under the same key), load it back and continue. Created on
         first access; synced with the run like any other file."""
-        path = self.output_dir / "checkpoint"
+        path = self.output_dir / CHECKPOINT_DIR
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @property
+    def kill_signal(self) -> int | None:
+        """The signal that interrupted this run (SIGINT, SIGTERM...), or None."""
+        return self._active.kill_signal if self._active is not None else None
+
+    def save_checkpoint(self) -> None:
+        """Called on SLURM's time-limit/preemption signal, just before the job is requeued
+        under the same key. Override it to write state into :attr:`checkpoint_dir`."""
 
     def require(
         self,
@@ -233,37 +223,31 @@ class Node(Generic[ArgsT, ResultT]):
         """
         from phd_flow.run.pipeline import require
 
-        return typing.cast(ResultU, require(self, node, args, rerun))
+        return typing.cast(ResultU, require(self.active, node, args, rerun))
 
     @property
     def storage(self) -> Storage:
         """Local files under ``local_path`` plus the configured remote (S3, B2, MLflow...)."""
-        if self._storage is None:
-            from phd_flow.storage import make_storage
-
-            self._storage = make_storage(self.config)
-            # A storage outage must not kill the experiment: failed uploads are retried at
-            # the end of the run and by `sync` (see lifecycle._sync).
-            self._storage.defer_failed_uploads = True
-        return self._storage
+        return self.project.storage
 
     @property
     def logger(self) -> Logger:
         """loguru's logger bound to this run (``key`` and ``node`` in every record's extra)."""
-        return logger.bind(key=str(self._key), node=type(self).__name__)
+        key = self._active.key if self._active is not None else None
+        return logger.bind(key=str(key), node=type(self).__name__)
 
     @property
     def record(self) -> RunRecord:
         """This run's run.json."""
-        if self._record is None:
+        if self._active is None or self._active.record is None:
             raise PhdFlowError("The run record exists once run() has started.")
-        return self._record
+        return self._active.record
 
     def log_metric(self, name: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
         """Record a metric: appended to metrics.jsonl, sent to MLflow in batches (µs per call)."""
-        if self._metrics is None:
+        if self._active is None or self._active.metrics is None:
             raise PhdFlowError("log_metric works inside _run().")
-        self._metrics.log(name, value, step, timestamp)
+        self._active.metrics.log(name, value, step, timestamp)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Record several metrics at the same step."""
@@ -276,10 +260,7 @@ class Node(Generic[ArgsT, ResultT]):
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set several MLflow tags (kept in run.json's ``tags`` too)."""
-        clean = {k: str(v) for k, v in tags.items()}
-        self.record.update_section("tags", **clean)
-        if self._mlflow is not None and self._mlflow.error is None:
-            self._mlflow.set_tags(clean)
+        self.active.set_tags(tags)
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> Path:
         """Copy a file or directory into this run's directory (and so into sync and MLflow)."""
@@ -298,27 +279,22 @@ class Node(Generic[ArgsT, ResultT]):
     # --- stages -----------------------------------------------------------------------------
 
     def stage(self, name: str, depends_on: Sequence[str] | None = None) -> Stage:
-        """A folder ``<run dir>/<name>/`` that can be loaded from an earlier run (README "Stages").
+        """A folder ``<run dir>/<name>/`` that can be loaded from an earlier run (docs/stages.md).
 
         ``with self.stage("load_data", depends_on=["dataset"]) as st:`` gives ``st.path`` and
         ``st.loaded``; ``depends_on`` (Args fields and earlier stages; default: all Args)
         makes up the fingerprint used by ``cache = true``. Raises :class:`StageError` when a
         loaded stage fails verification (nothing of it is used).
         """
-        return self._stage_manager().stage(name, depends_on)
+        return self.active.stage_manager().stage(name, depends_on)
 
     def managed_artifact(self, name: str, stage: str | None = None) -> ManagedArtifact:
         """One file of this run (in ``stage``'s folder when given): ``.get_path()``, ``.loaded``."""
-        return self._stage_manager().artifact(name, stage, is_dir=False)
+        return self.active.stage_manager().artifact(name, stage, is_dir=False)
 
     def managed_artifact_dir(self, name: str, stage: str | None = None) -> ManagedArtifact:
         """A folder of this run (in ``stage``'s folder when given): ``.get_path("f.png")``, ``.loaded``."""
-        return self._stage_manager().artifact(name, stage, is_dir=True)
-
-    def _stage_manager(self) -> StageManager:
-        if self._stages is None or self._record is None:
-            raise PhdFlowError("Stages and managed artifacts work inside _run().")
-        return self._stages
+        return self.active.stage_manager().artifact(name, stage, is_dir=True)
 
     # --- running ----------------------------------------------------------------------------
 
@@ -334,88 +310,10 @@ class Node(Generic[ArgsT, ResultT]):
         ``KeyboardInterrupt`` / :class:`RunKilledError` when the run was interrupted; in every
         case run.json, the logs and MLflow record the final status first.
         """
-        if self._key is not None:
+        if self._active is not None:
             raise PhdFlowError("A Node instance runs once; create a new one to run again.")
         from phd_flow.run import lifecycle
+        from phd_flow.run.active import ActiveRun
 
-        return typing.cast(ResultT, lifecycle.execute(self))
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        saved: dict[int, Any] = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR2) if hasattr(signal, "SIGUSR2") else (signal.SIGTERM,):
-            if sig == getattr(signal, "SIGUSR2", None) and "SLURM_JOB_ID" in os.environ:
-                continue  # submitit owns USR2 (checkpoint + requeue) inside SLURM jobs
-            saved[sig] = signal.signal(sig, self._on_signal)
-        return saved
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._kill_pending = signum
-        if self._in_user_code:
-            self._in_user_code = False
-            raise RunKilledError(signal.Signals(signum).name)
-        logger.warning(f"Received {signal.Signals(signum).name}; finishing the run's bookkeeping first.")
-
-
-def _check_args_class(node: type, args_cls: Any) -> None:
-    if isinstance(args_cls, TypeVar):
-        return
-    if not (isinstance(args_cls, type) and dataclasses.is_dataclass(args_cls)):
-        raise NodeDefinitionError(
-            f"{node.__qualname__}: the first parameter of Node[...] must be a dataclass "
-            f"(subclass phd_flow.node.Args with @dataclasses.dataclass), got {args_cls!r}."
-        )
-
-
-def _from_mapping(args_cls: type[Any], values: dict[str, Any], node: str) -> Any:
-    names = {f.name: f for f in dataclasses.fields(args_cls)}
-    unknown = [k for k in values if k not in names]
-    if unknown:
-        from phd_flow.errors import closest
-
-        raise ArgsError(
-            f"{node}: unknown argument {unknown[0]!r} for {args_cls.__name__}."
-            f"{closest(unknown[0], names)} Fields: {', '.join(names)}."
-        )
-    hints = typing.get_type_hints(args_cls)
-    converted = {}
-    for name, value in values.items():
-        hint = hints.get(name)
-        if isinstance(value, Mapping) and isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            value = _from_mapping(hint, dict(value), node)
-        converted[name] = value
-    try:
-        return args_cls(**converted)
-    except TypeError as exc:
-        raise ArgsError(f"{node}: {exc}.") from None
-
-
-def args_to_dict(args: Any) -> dict[str, Any]:
-    """An Args instance as plain JSON-able data (nested dataclasses become dicts)."""
-    return typing.cast(dict[str, Any], json.loads(json.dumps(dataclasses.asdict(args), default=_jsonable)))
-
-
-def _jsonable(value: Any) -> Any:
-    import enum
-
-    if isinstance(value, enum.Enum):
-        return value.name
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return str(value)
-
-
-def project_root(package: str | None) -> Path:
-    """PROJECT_ROOT: the directory holding ``package`` (the cwd when there is none)."""
-    module = sys.modules.get(package or "")
-    if module is None and package:
-        import importlib
-
-        module = importlib.import_module(package)
-    file = getattr(module, "__file__", None)
-    if not file:
-        return Path.cwd()
-    path = Path(file).resolve()
-    # a package: .../root/pkg/__init__.py -> root; a single module: .../root/mod.py -> root
-    return path.parent.parent if path.name == "__init__.py" else path.parent
+        self._active = ActiveRun.create(self)  # stage rules checked, key chosen; nothing written yet
+        return typing.cast(ResultT, lifecycle.execute(self._active))

@@ -1,7 +1,9 @@
-"""Run records (``run.json``): written atomically at every state change, with a heartbeat."""
+"""The run directory's layout (file names, statuses) and its record, ``run.json``: the one parser,
+written atomically at every state change, kept alive by a heartbeat."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -9,12 +11,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from phd_flow._io import atomic_write_json, read_json
+from phd_flow._io import atomic_write_json
 from phd_flow.errors import CorruptRunError
 
-RUN_FILE = "run.json"
+# --- the layout of <local_path>/<key>/ -----------------------------------------------------------
+RUN_FILE = "run.json"  # the record: status, times, host, args, stages, sync and MLflow state
+ARGS_FILE = "args.json"  # the Args as JSON
+RESULT_FILE = "results.pickle"  # the returned Result
+OUTPUT_LOG = "output.log"  # text log
+OUTPUT_JSONL = "output.jsonl"  # the same records as JSON lines
+METRICS_FILE = "metrics.jsonl"  # every logged metric; MLflow is fed from it
+REPRO_FILE = "reproducible.json"  # git, packages, platform
+CHECKPOINT_DIR = "checkpoint"  # state a requeued run resumes from
+#: Names a stage may not take: the run directory's own files.
+RESERVED_NAMES = frozenset({RUN_FILE, ARGS_FILE, RESULT_FILE, OUTPUT_LOG, OUTPUT_JSONL, METRICS_FILE, REPRO_FILE})
+
+# --- statuses ------------------------------------------------------------------------------------
 RUNNING, COMPLETED, FAILED, KILLED = "running", "completed", "failed", "killed"
-STATUSES = (RUNNING, COMPLETED, FAILED, KILLED)
+FINISHED = (COMPLETED, FAILED, KILLED)
+#: A ``running`` run whose heartbeat stopped (listing only; never written to run.json).
+STALE = "stale"
+STATUS_CHOICES = (RUNNING, COMPLETED, FAILED, KILLED, STALE)
 
 
 def utcnow() -> str:
@@ -73,13 +90,22 @@ class RunRecord:
         """Read ``run_dir/run.json``; raises :class:`CorruptRunError` naming the file."""
         path = run_dir / RUN_FILE
         try:
-            data = read_json(path)
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise CorruptRunError(f"{path} does not exist: {run_dir.name} is not a run.") from None
-        except (OSError, ValueError) as exc:
-            raise CorruptRunError(f"{path} is unreadable or not valid JSON ({exc}).") from None
+        except OSError as exc:
+            raise CorruptRunError(f"{path} is unreadable ({exc.strerror or exc}).") from None
+        return cls.from_bytes(run_dir, raw, str(path))
+
+    @classmethod
+    def from_bytes(cls, run_dir: Path, raw: bytes, where: str) -> RunRecord:
+        """Parse run.json's bytes (local or from a remote); :class:`CorruptRunError` names ``where``."""
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise CorruptRunError(f"{where} is unreadable or not valid JSON ({exc}).") from None
         if not isinstance(data, dict) or "status" not in data:
-            raise CorruptRunError(f"{path} is not a phd_flow run record.")
+            raise CorruptRunError(f"{where} is not a phd_flow run record.")
         return cls(run_dir, data)
 
     @property

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from phd_flow.errors import PhdFlowError
 from phd_flow.log import logger
-from phd_flow.run.record import RUNNING, RunRecord, utcnow
+from phd_flow.run.push import push_run
+from phd_flow.run.record import RUNNING, RunRecord
 from phd_flow.runs.listing import local_records, resolve_key
 
 if TYPE_CHECKING:
     from phd_flow.config import Config
+    from phd_flow.project import Project
 
 
 def needs_sync(record: RunRecord) -> bool:
@@ -22,19 +23,21 @@ def needs_sync(record: RunRecord) -> bool:
     return files not in ("synced", "local") or tracked not in ("synced", "disabled", None)
 
 
-def sync_runs(config: Config, keys: list[str]) -> dict[str, bool]:
+def sync_runs(project: Project, keys: list[str]) -> dict[str, bool]:
     """Sync the given runs (or every run that needs it). Returns key -> fully synced."""
+    local_path = project.config.local_path
     if keys:
-        records = [RunRecord.load(config.local_path / resolve_key(config, k)) for k in keys]
+        records = [RunRecord.load(local_path / resolve_key(project, k)) for k in keys]
     else:
-        records = [r for r in local_records(config.local_path) if isinstance(r, RunRecord) and needs_sync(r)]
-    return {record.key: sync_one(config, record) for record in records}
+        records = [r for r in local_records(local_path) if isinstance(r, RunRecord) and needs_sync(r)]
+    return {record.key: sync_one(project, record) for record in records}
 
 
-def sync_one(config: Config, record: RunRecord) -> bool:
+def sync_one(project: Project, record: RunRecord) -> bool:
     """Catch one run up with MLflow and the remote; True when both succeeded."""
-    ok = _sync_mlflow(config, record)
-    return _sync_files(config, record) and ok
+    ok = _sync_mlflow(project.config, record)
+    pending = list(record.data.get("sync", {}).get("pending") or [])  # uploads that failed in the run
+    return push_run(project.storage, record, record.key, pending) and ok
 
 
 def _sync_mlflow(config: Config, record: RunRecord) -> bool:
@@ -51,27 +54,4 @@ def _sync_mlflow(config: Config, record: RunRecord) -> bool:
         logger.error(f"{record.key}: MLflow at {uri} is still not reachable ({type(exc).__name__}: {exc}).")
         return False
     logger.info(f"{record.key}: MLflow run {record.data['mlflow']['run_id']} is up to date.")
-    return True
-
-
-def _sync_files(config: Config, record: RunRecord) -> bool:
-    from phd_flow.storage import make_storage
-
-    storage = make_storage(config)
-    try:
-        remote = storage.remote
-        if remote is None:
-            record.update_section("sync", state="local", at=utcnow())
-            return True
-        for key in record.data.get("sync", {}).get("pending", []):  # uploads that failed in the run
-            if storage.path(key).exists():
-                storage.upload(key)
-        report = storage.upload(record.key)
-        record.update_section("sync", state="synced", error=None, at=utcnow(), remote=remote.describe(), pending=[])
-        storage.upload(record.key)
-    except PhdFlowError as exc:
-        record.update_section("sync", state="not_synced", error=str(exc), at=utcnow())
-        logger.error(f"{record.key}: not synced: {exc}")
-        return False
-    logger.info(f"{record.key}: synced to {remote.describe()}: {report}")
     return True

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from phd_flow._io import atomic_write_bytes
 from phd_flow.errors import CorruptRunError, RunNotFoundError, StorageError
-from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUN_FILE, RunRecord
+from phd_flow.run.record import FINISHED, RUN_FILE, RunRecord
 
 if TYPE_CHECKING:
     from phd_flow.config import Config
+    from phd_flow.project import Project
     from phd_flow.storage.base import Remote
 
 REMOTE_INDEX = ".phd_flow/remote_index"
 SHARED_INDEX = ".phd_flow/runs_index.json.gz"
-FINISHED = (COMPLETED, FAILED, KILLED)
 FETCH_WORKERS = 32
 
 
@@ -60,9 +60,9 @@ def local_records(local_path: Path) -> Iterator[RunRecord | CorruptRunError]:
             yield CorruptRunError(f"{path} is unreadable ({exc.strerror or exc}).")
             continue
         try:
-            yield _record_from_bytes(local_path / name, raw)
+            yield RunRecord.from_bytes(local_path / name, raw, path)
         except CorruptRunError as exc:
-            yield CorruptRunError(f"{path} {exc}.")
+            yield exc
 
 
 def _subdirs(path: Path) -> list[str]:
@@ -124,9 +124,9 @@ def remote_records(config: Config, remote: Remote, refresh: bool = False) -> Ite
             yield CorruptRunError(f"{remote.describe()}/{name}/{RUN_FILE}: {raw}")
             continue
         try:
-            record = _record_from_bytes(config.local_path / name, raw)
+            record = RunRecord.from_bytes(config.local_path / name, raw, f"{remote.describe()}/{name}/{RUN_FILE}")
         except CorruptRunError as exc:
-            yield CorruptRunError(f"{remote.describe()}/{name}/{RUN_FILE} {exc}.")
+            yield exc
             continue
         if record.status in FINISHED:
             index[name] = {k: record.data[k] for k in INDEX_FIELDS if k in record.data}
@@ -140,25 +140,12 @@ def read_remote_record(config: Config, remote: Remote, key: str) -> RunRecord | 
     raw = remote.read_bytes(f"{key}/{RUN_FILE}")
     if raw is None:
         return None
-    try:
-        return _record_from_bytes(config.local_path / key, raw)
-    except CorruptRunError as exc:
-        raise CorruptRunError(f"{remote.describe()}/{key}/{RUN_FILE} {exc}.") from None
+    return RunRecord.from_bytes(config.local_path / key, raw, f"{remote.describe()}/{key}/{RUN_FILE}")
 
 
 def _remote_names(remote: Remote) -> list[str]:
     names: list[str] = remote.list_dirs("")
     return sorted(names)
-
-
-def _record_from_bytes(run_dir: Path, raw: bytes) -> RunRecord:
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise CorruptRunError(f"is unreadable or not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or "status" not in data:
-        raise CorruptRunError("is not a phd_flow run record")
-    return RunRecord(run_dir, data)
 
 
 def _fetch_all(remote: Remote, names: list[str]) -> dict[str, bytes | Exception | None]:
@@ -228,7 +215,7 @@ def key_time(key: str) -> str:
     return parts[1] if len(parts) == 3 else key
 
 
-def resolve_key(config: Config, prefix: str, remote: bool = False) -> str:
+def resolve_key(project: Project, prefix: str, remote: bool = False) -> str:
     """The one run key that equals or starts with ``prefix`` (like a git hash prefix).
 
     A prefix of the key's random suffix works too (``show 916y`` for ``..._916ykrf7``).
@@ -237,6 +224,7 @@ def resolve_key(config: Config, prefix: str, remote: bool = False) -> str:
     """
     from phd_flow.keys import normalize
 
+    config = project.config
     normalize(prefix)
     if "/" not in prefix and (config.local_path / prefix / RUN_FILE).exists():
         return prefix
@@ -244,9 +232,7 @@ def resolve_key(config: Config, prefix: str, remote: bool = False) -> str:
     candidates = _matching(local, prefix)
     searched = str(config.local_path)
     if not candidates and remote:
-        from phd_flow.storage import make_storage
-
-        storage_remote = make_storage(config).remote
+        storage_remote = project.remote
         if storage_remote is not None:
             remote_dirs: list[str] = storage_remote.list_dirs("")
             candidates = _matching(remote_dirs, prefix)

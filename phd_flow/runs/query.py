@@ -26,10 +26,10 @@ from phd_flow.errors import (
     CorruptRunError,
     NoResultError,
     RunNotFoundError,
-    StorageNotFoundError,
-    UserError,
 )
-from phd_flow.run.record import COMPLETED, KILLED, RUN_FILE, RUNNING, RunRecord
+from phd_flow.project import Project
+from phd_flow.run.record import ARGS_FILE, COMPLETED, KILLED, RUN_FILE, RUNNING, STALE, STATUS_CHOICES, RunRecord
+from phd_flow.run.result import load_verified, result_path
 from phd_flow.runs.listing import (
     local_records,
     read_remote_record,
@@ -41,10 +41,7 @@ if TYPE_CHECKING:
     import pandas
 
     from phd_flow.config import Config
-    from phd_flow.storage.base import Remote
 
-STALE = "stale"
-STATUS_CHOICES = ("running", "completed", "failed", "killed", STALE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 TimeBound = datetime | date | timedelta | str
@@ -191,7 +188,7 @@ def find_runs(
     before: TimeBound | None = None,
     where: Mapping[str, Any] | None = None,
     remote: bool = False,
-    config: Config | None = None,
+    config: Config | Project | None = None,
     *,
     prefix: str | None = None,
     sweep: str | None = None,
@@ -219,78 +216,44 @@ def find_runs(
         where={k: arg_text(v) for k, v in (where or {}).items()},
         sweep=sweep,
     )
-    return list_runs(config or project_config(), run_filter, remote=remote)
+    return list_runs(Project.of(config), run_filter, remote=remote)
 
 
-def load_args(key: str, config: Config | None = None) -> dict[str, Any]:
+def load_args(key: str, config: Config | Project | None = None) -> dict[str, Any]:
     """The args of run ``key`` (or a unique prefix), from args.json, local or in storage."""
-    config = config or project_config()
-    run = get_run(config, key)
-    raw = read_run_file(config, run, "args.json")
+    project = Project.of(config)
+    run = get_run(project, key)
+    raw = read_run_file(project, run, ARGS_FILE)
     if raw is not None:
         args: dict[str, Any] = json.loads(raw)
         return args
     return run.args
 
 
-def load_result(key: str, config: Config | None = None) -> Any:
+def load_result(key: str, config: Config | Project | None = None) -> Any:
     """The unpickled result of run ``key`` (or a unique prefix), downloaded when not local.
 
     The pickle's sha256 is checked against run.json before unpickling (a warning says so when
     run.json recorded none). Raises :class:`~phd_flow.errors.NoResultError` for a run that did
     not complete and :class:`~phd_flow.errors.CorruptRunError` when the check fails.
     """
-    import pickle
-
-    from phd_flow._io import sha256_file
-    from phd_flow.log import logger
-
-    config = config or project_config()
-    run = get_run(config, key)
+    project = Project.of(config)
+    run = get_run(project, key)
     info = run.data.get("result") or {}
     if run.status != COMPLETED or not info:
         error = f" ({run.data['error']})" if run.data.get("error") else ""
         raise NoResultError(f"Run {run.key} is {run.state}{error}, so it has no result to load.")
-    path = run.run_dir / str(info.get("file") or "results.pickle")
+    path = result_path(run.run_dir, info)
     if not path.exists():
-        _download(config, f"{run.key}/{path.name}")
-    expected = info.get("sha256")
-    if not expected:
-        logger.warning(f"{RUN_FILE} of {run.key} records no sha256: {path} is loaded unverified.")
-    elif sha256_file(path) != expected:
-        raise CorruptRunError(
-            f"{path} does not match the sha256 in run.json of {run.key}; not unpickling it. "
-            f"Delete the file and load again to download it anew."
-        )
-    with open(path, "rb") as handle:
-        try:
-            return pickle.load(handle)
-        except (ImportError, AttributeError) as exc:
-            raise UserError(
-                f"The result of {run.key} ({info.get('type', '?')}) cannot be unpickled here: "
-                f"{exc}. Its class must be importable: run this from the project's root, or "
-                "install the project's package."
-            ) from None
+        project.storage.download(f"{run.key}/{path.name}")
+    return load_verified(run.run_dir, info, run.key)
 
 
 # --- building blocks (also used by the CLI) -----------------------------------------------------
 
 
-def project_config() -> Config:
-    """The config of the project around the current directory (``$PHD_FLOW_CONFIG`` wins).
-
-    The project root is the nearest directory, from the cwd upwards, with ``config/default.toml``
-    (else the cwd).
-    """
-    from phd_flow.config import load_config
-
-    cwd = Path.cwd()
-    root = next((p for p in (cwd, *cwd.parents) if (p / "config" / "default.toml").is_file()), cwd)
-    return load_config(root)
-
-
 def list_runs(
-    config: Config,
+    project: Project | Config,
     run_filter: RunFilter | None = None,
     remote: bool = False,
     refresh: bool = False,
@@ -300,6 +263,8 @@ def list_runs(
 
     A corrupt run.json is reported through ``warn`` (default: a log warning) and skipped.
     """
+    project = Project.of(project)
+    config = project.config
     run_filter = run_filter or RunFilter()
     report = warn or _log_warning
     stale_after, host, now = config.runs.stale_after_seconds, socket.gethostname(), _now()
@@ -311,7 +276,7 @@ def list_runs(
         stale = is_stale(item.data, stale_after, now, host)
         found[item.key] = Run(item.run_dir, item.data, "local", stale)
     if remote:
-        for item in remote_records(config, require_remote(config), refresh=refresh):
+        for item in remote_records(config, project.require_remote(), refresh=refresh):
             if isinstance(item, CorruptRunError):
                 report(str(item))
             elif item.key in found:
@@ -324,15 +289,16 @@ def list_runs(
     return Runs(runs)
 
 
-def get_run(config: Config, key: str) -> Run:
+def get_run(project: Project, key: str) -> Run:
     """The run with this key or unique prefix: local, else from the remote's run.json."""
-    full = resolve_key(config, key, remote=True)
+    config = project.config
+    full = resolve_key(project, key, remote=True)
     host, now = socket.gethostname(), _now()
     if (config.local_path / full / RUN_FILE).exists():
         record = RunRecord.load(config.local_path / full)
         where = "local"
     else:
-        remote_record = read_remote_record(config, require_remote(config), full)
+        remote_record = read_remote_record(config, project.require_remote(), full)
         if remote_record is None:
             raise RunNotFoundError(f"{full} has no {RUN_FILE} in the remote storage: not a run.")
         record, where = remote_record, "remote"
@@ -340,14 +306,14 @@ def get_run(config: Config, key: str) -> Run:
     return Run(record.run_dir, record.data, where, stale)
 
 
-def read_run_file(config: Config, run: Run, name: str) -> bytes | None:
+def read_run_file(project: Project, run: Run, name: str) -> bytes | None:
     """A small file of the run (``metrics.jsonl``, ``args.json`` ...), local or from storage."""
     path = run.run_dir / name
     if path.is_file():
         return path.read_bytes()
     if run.where == "local":
         return None
-    return require_remote(config).read_bytes(f"{run.key}/{name}")
+    return project.require_remote().read_bytes(f"{run.key}/{name}")
 
 
 def is_stale(data: Mapping[str, Any], stale_after: float, now: datetime, host: str) -> bool:
@@ -373,7 +339,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def mark_killed(config: Config, run: Run) -> str:
+def mark_killed(project: Project, run: Run) -> str:
     """Record a stale run as ``killed`` (ended at its last heartbeat) in run.json and MLflow.
 
     Returns a one-line account. MLflow is imported only here; if it cannot be reached, the
@@ -390,7 +356,7 @@ def mark_killed(config: Config, run: Run) -> str:
     if not run_id:
         return f"{run.key}: marked killed in run.json."
     try:
-        _terminate_mlflow_run(config.tracking_uri(), str(run_id), ended)
+        _terminate_mlflow_run(project, str(run_id), ended)
     except Exception as exc:  # MLflow unreachable: `sync` sets the status later
         run.update_section("mlflow", state="not_synced")
         return f"{run.key}: marked killed in run.json; MLflow not reachable ({exc}), `sync` will."
@@ -398,23 +364,18 @@ def mark_killed(config: Config, run: Run) -> str:
     return f"{run.key}: marked killed in run.json and in MLflow (run {run_id})."
 
 
-def _terminate_mlflow_run(tracking_uri: str, run_id: str, ended: str | None) -> None:
-    from phd_flow.tracking import import_mlflow
-
-    import_mlflow()
-    from mlflow.tracking import MlflowClient
-
+def _terminate_mlflow_run(project: Project, run_id: str, ended: str | None) -> None:
     end = parse_time(ended)
     end_ms = int(end.timestamp() * 1000) if end else None
-    MlflowClient(tracking_uri).set_terminated(run_id, "KILLED", end_time=end_ms)
+    project.mlflow_client().set_terminated(run_id, "KILLED", end_time=end_ms)
 
 
-def dependents(config: Config, keys: Iterable[str]) -> list[tuple[str, str, str]]:
+def dependents(project: Project, keys: Iterable[str]) -> list[tuple[str, str, str]]:
     """``(run, stage, source)`` for every local run whose stage was loaded from one of ``keys``
     (or a run inside one of them), the runs in ``keys`` themselves left out."""
     targets = set(keys)
     found = []
-    for item in local_records(config.local_path):
+    for item in local_records(project.config.local_path):
         if isinstance(item, CorruptRunError) or item.key in targets:
             continue
         for stage, info in (item.data.get("stages") or {}).items():
@@ -481,25 +442,6 @@ def matches_where(args: Mapping[str, Any], where: Mapping[str, str]) -> bool:
 
     flat = flatten(args)
     return all(name in flat and arg_text(flat[name]) == value for name, value in where.items())
-
-
-def require_remote(config: Config) -> Remote:
-    """The configured remote; StorageNotFoundError saying how to configure one otherwise."""
-    from phd_flow.storage import make_storage
-
-    remote = make_storage(config).remote
-    if remote is None:
-        raise StorageNotFoundError(
-            "No remote storage is configured, so there are no runs in storage to list or fetch. "
-            "Configure [storage] (see README 'Storage')."
-        )
-    return remote
-
-
-def _download(config: Config, key: str) -> None:
-    from phd_flow.storage import make_storage
-
-    make_storage(config).download(key)
 
 
 def _now() -> datetime:

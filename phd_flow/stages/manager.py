@@ -19,8 +19,6 @@ run.json's ``stages`` section when it opens and closes, and to MLflow tags
 from __future__ import annotations
 
 import abc
-import hashlib
-import json
 import re
 import typing
 from collections.abc import Sequence
@@ -29,9 +27,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from phd_flow._io import read_jsonl
+from phd_flow import reuse
 from phd_flow.errors import PhdFlowError, StageError
 from phd_flow.log import logger
+from phd_flow.run.args import args_to_dict
+from phd_flow.run.record import RESERVED_NAMES, utcnow
 from phd_flow.stages import sources as stage_sources
 from phd_flow.stages.sources import Source
 
@@ -39,17 +39,7 @@ if typing.TYPE_CHECKING:
     from phd_flow.config import Config
     from phd_flow.run.node import Node
 
-INDEX_DIR = ".phd_flow/stages"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_RESERVED = {
-    "run.json",
-    "args.json",
-    "output.log",
-    "output.jsonl",
-    "metrics.jsonl",
-    "reproducible.json",
-    "results.pickle",
-}
 
 
 @dataclass
@@ -90,11 +80,11 @@ def merge_rules(config: Config, options: Any) -> dict[str, Rule]:
 
 
 def _check_name(name: str) -> None:
-    if not _NAME.match(name) or name in _RESERVED:
+    if not _NAME.match(name) or name in RESERVED_NAMES:
         raise StageError(
             f"Stage name {name!r} is not allowed: use letters, digits, '_', '-' and '.' "
             "(not first), "
-            f"and none of {', '.join(sorted(_RESERVED))}."
+            f"and none of {', '.join(sorted(RESERVED_NAMES))}."
         )
 
 
@@ -110,53 +100,8 @@ def prepare(node: Node[Any, Any]) -> StageManager:
     for stage, rule in rules.items():
         _check_name(stage)
         if rule.load_from:
-            sources[stage] = stage_sources.resolve(config, node.storage, name, stage, rule.load_from, rule.load_origin)
+            sources[stage] = stage_sources.resolve(node.project, name, stage, rule.load_from, rule.load_origin)
     return StageManager(node, rules, sources)
-
-
-# --- fingerprints -------------------------------------------------------------------------------
-
-
-def fingerprint(stage: str, inputs: dict[str, Any]) -> str:
-    """sha256 over a stage's name and inputs (arg values, code hash, stage fingerprints)."""
-    blob = json.dumps({"stage": stage, **inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def explain_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """What differs between two stages' inputs, e.g. ``seed changed 1 → 2``."""
-    changes: list[str] = []
-    old_args, new_args = before.get("args", {}), after.get("args", {})
-    if set(old_args) != set(new_args):
-        changes.append(f"depends_on changed {sorted(old_args)} → {sorted(new_args)}")
-    for name in sorted(set(old_args) & set(new_args)):
-        if old_args[name] != new_args[name]:
-            changes.append(f"{name} changed {old_args[name]!r} → {new_args[name]!r}")
-    old_code, new_code = before.get("code", {}), after.get("code", {})
-    if old_code != new_code:
-        changes.append(f"code of {new_code.get('module')} changed")
-    old_stages, new_stages = before.get("stages", {}), after.get("stages", {})
-    for name in sorted(set(old_stages) | set(new_stages)):
-        if old_stages.get(name) != new_stages.get(name):
-            changes.append(f"stage {name} changed")
-    return ", ".join(changes) or "the fingerprint changed"
-
-
-def describe_inputs(inputs: dict[str, Any]) -> str:
-    """``dataset='d.csv', seed=1, same code of my_project.fit`` for the reuse log line."""
-    parts = [f"{k}={v!r}" for k, v in sorted(inputs.get("args", {}).items())]
-    parts += [f"stage {k} unchanged" for k in sorted(inputs.get("stages", {}))]
-    parts.append(f"same code of {inputs.get('code', {}).get('module')}")
-    return ", ".join(parts)
-
-
-def _index_path(local_path: Path, stage: str) -> Path:
-    return local_path / INDEX_DIR / f"{stage}.jsonl"
-
-
-def read_index(local_path: Path, stage: str) -> list[dict[str, Any]]:
-    """The stage index: one line per computed stage of a completed run, oldest first."""
-    return read_jsonl(_index_path(local_path, stage))
 
 
 # --- stages in a run ----------------------------------------------------------------------------
@@ -299,7 +244,7 @@ class StageManager:
     def open(self, stage: Stage) -> None:
         stage.path.mkdir(parents=True, exist_ok=True)
         stage.inputs = self._inputs(stage)
-        stage.fingerprint = fingerprint(stage.name, stage.inputs)
+        stage.fingerprint = reuse.fingerprint(stage.name, stage.inputs)
         self._record(stage, status="open")  # skip_log is in run.json before any sync
         rule = self.rules.get(stage.name)
         forced = self.node.options.cache  # --cache / --no-cache win over [stages.NAME] cache
@@ -311,8 +256,6 @@ class StageManager:
             logger.info(f"Stage {stage.name!r}: recomputed because --no-cache was given.")
 
     def _inputs(self, stage: Stage) -> dict[str, Any]:
-        from phd_flow.run.node import args_to_dict
-        from phd_flow.run.pipeline import code_hash
         from phd_flow.tracking import flatten
 
         node_cls = type(self.node)
@@ -334,8 +277,7 @@ class StageManager:
                     f"neither a field of {node_cls.args_type().__name__} ({', '.join(args)}) nor "
                     f"a stage opened earlier in this run ({others})."
                 )
-        code = {"module": node_cls.__module__, "sha256": code_hash(node_cls)}
-        return {"args": values, "code": code, "stages": stages}
+        return reuse.inputs_of(node_cls, values, stages)
 
     def _load(self, stage: Stage, rule: Rule) -> None:
         source = self.sources.get(stage.name)
@@ -349,7 +291,7 @@ class StageManager:
         logger.info(f"Stage {stage.name!r}: loaded from {source.key} ({rule.load_origin}).")
 
     def _fetch(self, stage: Stage, source: Source) -> None:
-        files = stage_sources.fetch(self.node.config, self.node.storage, source, stage.name, stage.path)
+        files = stage_sources.fetch(self.node.project, source, stage.name, stage.path)
         stage.loaded, stage.loaded_from = True, source.key
         # A loaded stage carries its source's fingerprint: that is what its content came from.
         stage.fingerprint = source.info.get("fingerprint") or stage_sources.digest(files)
@@ -357,14 +299,13 @@ class StageManager:
 
     def _reuse(self, stage: Stage) -> None:
         config = self.node.config
-        entries = read_index(config.local_path, stage.name)
+        entries = reuse.ReuseIndex(config.local_path, reuse.STAGES, stage.name).entries()
         for entry in reversed(entries):
             if entry.get("fingerprint") != stage.fingerprint:
                 continue
             try:
                 source = stage_sources.phd_flow_source(
-                    config,
-                    self.node.storage,
+                    self.node.project,
                     str(entry["path"]),
                     stage.name,
                     f"the stage cache of {stage.name!r}",
@@ -376,7 +317,7 @@ class StageManager:
             stage.cached = True
             logger.info(
                 f"Stage {stage.name!r}: reused from {source.key} because the fingerprint matched "
-                f"({describe_inputs(stage.inputs)})."
+                f"({reuse.describe_inputs(stage.inputs)})."
             )
             return
         logger.info(f"Stage {stage.name!r}: recomputed because {self._why_new(stage, entries)}.")
@@ -387,7 +328,7 @@ class StageManager:
         if not same_node:
             return f"no completed run has stage {stage.name!r} yet"
         last = same_node[-1]
-        changes = explain_changes(last.get("inputs", {}), stage.inputs)
+        changes = reuse.explain_changes(last.get("inputs", {}), stage.inputs)
         return f"{changes} (compared with {last.get('key')})"
 
     # --- closing ------------------------------------------------------------------------------
@@ -443,8 +384,6 @@ class StageManager:
             )
 
     def _index_stages(self) -> None:
-        from phd_flow.run.record import utcnow
-
         ended_at = utcnow()
         for stage in self.stages.values():
             if not stage.completed or stage.loaded:
@@ -458,7 +397,4 @@ class StageManager:
                 "sha256": stage.sha256,
                 "ended_at": ended_at,
             }
-            path = _index_path(self.node.config.local_path, stage.name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as handle:  # one short O_APPEND write: atomic
-                handle.write(json.dumps(entry, default=str) + "\n")
+            reuse.ReuseIndex(self.node.config.local_path, reuse.STAGES, stage.name).append(entry)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -22,11 +21,10 @@ from typing import TYPE_CHECKING, Any
 from phd_flow._io import sha256_file
 from phd_flow.errors import CorruptRunError, InvalidKeyError, RunNotFoundError, StageError, closest
 from phd_flow.log import logger
-from phd_flow.run.record import COMPLETED, RUN_FILE
+from phd_flow.run.record import COMPLETED, RUN_FILE, RunRecord
 
 if TYPE_CHECKING:
-    from phd_flow.config import Config
-    from phd_flow.storage import Storage
+    from phd_flow.project import Project
 
 LATEST = "latest"
 #: Checksums of a plain MLflow run's stage, logged by phd_flow.compat next to the artifacts.
@@ -75,27 +73,29 @@ def hash_tree(root: Path) -> dict[str, str]:
 # --- resolving a rule ---------------------------------------------------------------------------
 
 
-def resolve(config: Config, storage: Storage, node: str, stage: str, value: str, origin: str) -> Source | None:
+def resolve(project: Project, node: str, stage: str, value: str, origin: str) -> Source | None:
     """The source a rule points to; None only for ``latest`` when no run has the stage yet.
 
     Raises :class:`StageError` naming ``origin`` (the rule) when the run does not exist, did not
     complete, or lacks the stage.
     """
+    config, storage = project.config, project.storage
     if value == LATEST:
-        return latest(config, storage, node, stage)
+        return latest(project, node, stage)
     try:
         from phd_flow.runs.listing import resolve_key
 
-        key = resolve_key(config, value, remote=storage.remote is not None)
+        key = resolve_key(project, value, remote=storage.remote is not None)
     except (RunNotFoundError, InvalidKeyError) as exc:
         if not (_MLFLOW_RUN_ID.match(value) and config.mlflow.enabled):
             raise StageError(f"{origin}: {exc} Fix the rule or remove it.") from None
-        return _mlflow_source(config, storage, value, stage, origin)
-    return phd_flow_source(config, storage, key, stage, origin)
+        return _mlflow_source(project, value, stage, origin)
+    return phd_flow_source(project, key, stage, origin)
 
 
-def read_record(config: Config, storage: Storage, path: str) -> dict[str, Any] | None:
+def read_record(project: Project, path: str) -> dict[str, Any] | None:
     """A run's run.json: the local copy, else the remote's, else None."""
+    config, storage = project.config, project.storage
     local = config.local_path / path / RUN_FILE
     try:
         raw: bytes | None = local.read_bytes()
@@ -104,16 +104,13 @@ def read_record(config: Config, storage: Storage, path: str) -> dict[str, Any] |
         raw = remote.read_bytes(f"{path}/{RUN_FILE}") if remote is not None else None
     if raw is None:
         return None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise CorruptRunError(f"The run.json of run {path} is not valid JSON.") from None
-    return data if isinstance(data, dict) else None
+    return RunRecord.from_bytes(config.local_path / path, raw, f"the run.json of run {path}").data
 
 
-def phd_flow_source(config: Config, storage: Storage, key: str, stage: str, origin: str) -> Source:
+def phd_flow_source(project: Project, key: str, stage: str, origin: str) -> Source:
     """Check that run ``key`` completed and has ``stage``; raises :class:`StageError`."""
-    data = read_record(config, storage, key)
+    config = project.config
+    data = read_record(project, key)
     if data is None:
         raise StageError(f"{origin}: run {key} has no run.json in {config.local_path} or the remote storage.")
     path = str(data.get("path") or key)
@@ -139,8 +136,9 @@ def phd_flow_source(config: Config, storage: Storage, key: str, stage: str, orig
     return Source(key=key, path=path, info=dict(info))
 
 
-def latest(config: Config, storage: Storage, node: str, stage: str) -> Source | None:
+def latest(project: Project, node: str, stage: str) -> Source | None:
     """The newest completed run of ``node`` with ``stage`` (local runs, then newer remote ones)."""
+    config, storage = project.config, project.storage
     from phd_flow.runs.listing import local_records
 
     best: dict[str, Any] | None = None
@@ -161,7 +159,7 @@ def latest(config: Config, storage: Storage, node: str, stage: str) -> Source | 
         floor = str(best["key"]) if best is not None else ""
         newer = sorted((d for d in dirs if d.startswith(f"{node}_") and d > floor), reverse=True)
         for key in newer[:_REMOTE_LATEST_LIMIT]:
-            found = read_record(config, storage, key)
+            found = read_record(project, key)
             stages = (found or {}).get("stages") or {}
             if found and found.get("status") == COMPLETED and is_complete(stages.get(stage)):
                 best = found
@@ -169,14 +167,15 @@ def latest(config: Config, storage: Storage, node: str, stage: str) -> Source | 
     if best is None:
         return None
     try:
-        return phd_flow_source(config, storage, str(best["key"]), stage, f"[stages.{stage}] load_from = 'latest'")
+        return phd_flow_source(project, str(best["key"]), stage, f"[stages.{stage}] load_from = 'latest'")
     except StageError as exc:
         logger.warning(f"{exc} Computing the stage instead.")
         return None
 
 
-def _mlflow_source(config: Config, storage: Storage, run_id: str, stage: str, origin: str) -> Source:
-    client = _client(config)
+def _mlflow_source(project: Project, run_id: str, stage: str, origin: str) -> Source:
+    config = project.config
+    client = project.mlflow_client()
     from mlflow.exceptions import MlflowException
 
     try:
@@ -188,23 +187,13 @@ def _mlflow_source(config: Config, storage: Storage, run_id: str, stage: str, or
         ) from None
     key = run.data.tags.get("phd_flow.key")
     if key:
-        return phd_flow_source(config, storage, key, stage, f"{origin} (MLflow run {run_id})")
+        return phd_flow_source(project, key, stage, f"{origin} (MLflow run {run_id})")
     if run.info.status != "FINISHED":
         raise StageError(f"{origin}: MLflow run {run_id} is {run.info.status}, not FINISHED.")
     if not client.list_artifacts(run_id, stage):
         raise StageError(f"{origin}: MLflow run {run_id} has no artifacts under {stage}/.")
     files = mlflow_checksums(config.tracking_uri(), run_id, stage)
     return Source(key=run_id, path=None, info={"files": files}, mlflow_run_id=run_id)
-
-
-def _client(config: Config) -> Any:
-    from phd_flow.tracking import import_mlflow
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm on stderr
-    import_mlflow()
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(config.tracking_uri())
 
 
 def mlflow_checksums(tracking_uri: str, run_id: str, stage: str) -> dict[str, str] | None:
@@ -228,7 +217,7 @@ def mlflow_checksums(tracking_uri: str, run_id: str, stage: str) -> dict[str, st
 # --- fetching -----------------------------------------------------------------------------------
 
 
-def fetch(config: Config, storage: Storage, source: Source, stage: str, dest: Path) -> dict[str, str]:
+def fetch(project: Project, source: Source, stage: str, dest: Path) -> dict[str, str]:
     """Copy ``source``'s stage folder into ``dest``, verified; returns ``{file: sha256}``.
 
     Files land in a hidden folder first and move into ``dest`` only when every checksum
@@ -236,7 +225,7 @@ def fetch(config: Config, storage: Storage, source: Source, stage: str, dest: Pa
     """
     staging = Path(tempfile.mkdtemp(prefix=f".{stage}.", suffix=".phd_flow-part", dir=dest.parent))
     try:
-        where = _download(config, storage, source, stage, staging)
+        where = _download(project, source, stage, staging)
         files = verify(staging, source.files, stage, source.key, where)
         dest.mkdir(parents=True, exist_ok=True)
         for rel in files:
@@ -248,9 +237,10 @@ def fetch(config: Config, storage: Storage, source: Source, stage: str, dest: Pa
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _download(config: Config, storage: Storage, source: Source, stage: str, staging: Path) -> str:
+def _download(project: Project, source: Source, stage: str, staging: Path) -> str:
+    config, storage = project.config, project.storage
     if source.path is None:
-        _download_mlflow(config, source, stage, staging)
+        _download_mlflow(project, source, stage, staging)
         return f"MLflow run {source.key}"
     local = config.local_path / source.path / stage
     if local.is_dir():
@@ -274,10 +264,11 @@ def _download(config: Config, storage: Storage, source: Source, stage: str, stag
     return f"{remote.describe()}/{prefix}"
 
 
-def _download_mlflow(config: Config, source: Source, stage: str, staging: Path) -> None:
+def _download_mlflow(project: Project, source: Source, stage: str, staging: Path) -> None:
+    config = project.config
     import mlflow
 
-    _client(config)
+    project.mlflow_client()
     with tempfile.TemporaryDirectory(prefix="phd_flow-") as tmp:
         got = mlflow.artifacts.download_artifacts(
             run_id=source.key, artifact_path=stage, dst_path=tmp, tracking_uri=config.tracking_uri()

@@ -73,7 +73,7 @@ class Storage:
     def upload(self, key: KeyLike, exclude: list[str] | None = None) -> engine.SyncReport:
         """Push ``key`` (a file or a directory tree) to the remote; only changes are sent.
 
-        A run directory's ``skip_log`` stages (recorded in its run.json) are left out.
+        ``exclude``: subfolders left out (a run's local-only stages: the caller knows them).
         Raises a :class:`~phd_flow.errors.StorageError` after the last retry (unless
         :attr:`defer_failed_uploads`).
         """
@@ -104,8 +104,7 @@ class Storage:
         if path.is_file():
             engine._retry(lambda: remote.put(path, rel), retries)
             return engine.SyncReport(transferred=[rel], bytes=path.stat().st_size)
-        excluded = list(exclude or []) + _run_excludes(path)
-        return engine.push(remote, path, rel, exclude=excluded, retries=retries, workers=workers, label=rel)
+        return engine.push(remote, path, rel, exclude=list(exclude or []), retries=retries, workers=workers, label=rel)
 
     def download(self, key: KeyLike) -> engine.SyncReport:
         """Pull ``key`` (a run, a subdirectory or one file) from the remote, verified."""
@@ -206,20 +205,6 @@ def _manifest_entry(remote: Remote, parent: str, name: str, retries: int) -> eng
         if rel in manifest:
             return manifest[rel]
     return None
-
-
-def _run_excludes(path: Path) -> list[str]:
-    record = path / "run.json"
-    if not record.is_file():
-        return []
-    try:
-        from phd_flow._io import read_json
-
-        data = read_json(record)
-    except (OSError, ValueError):
-        return []
-    stages = data.get("stages", {}) if isinstance(data, dict) else {}
-    return [name for name, info in stages.items() if isinstance(info, dict) and info.get("skip_log")]
 
 
 def make_storage(config: Config, remote: Remote | None = None) -> Storage:

@@ -364,8 +364,8 @@ class PointJob:
     It speaks submitit's checkpoint protocol (``checkpoint()`` returning a ``DelayedSubmission``),
     so on SLURM's timeout/preemption signal (USR2, ``signal_delay_s`` before the limit) submitit
     requeues the same point: the run keeps its key and directory, ``self.resumed`` is True, and
-    ``self.checkpoint_dir`` holds what the node saved. A node may define ``save_checkpoint()``;
-    it is called at that signal, before the requeue.
+    ``self.checkpoint_dir`` holds what the node saved. ``Node.save_checkpoint()`` is called at
+    that signal, before the requeue.
     """
 
     def __init__(self) -> None:
@@ -390,11 +390,9 @@ class PointJob:
         from submitit.helpers import DelayedSubmission
 
         node = self._node
-        if node is not None and node._record is not None:
-            hook = getattr(node, "save_checkpoint", None)
-            if callable(hook):
-                hook()
-            node._record.update(
+        if node is not None and node.started:
+            node.save_checkpoint()
+            node.record.update(
                 status=KILLED,
                 ended_at=utcnow(),
                 requeued_at=utcnow(),

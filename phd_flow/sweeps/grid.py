@@ -25,6 +25,7 @@ from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUN_FILE, RUNNING, ut
 
 if typing.TYPE_CHECKING:
     from phd_flow.config import Config
+    from phd_flow.project import Project
     from phd_flow.run.node import Node
 
 SWEEP_KIND = "sweep"
@@ -203,12 +204,12 @@ class Sweep:
         return sweep
 
     @classmethod
-    def load(cls, config: Config, key_or_prefix: str) -> Sweep:
+    def load(cls, project: Project, key_or_prefix: str) -> Sweep:
         """The sweep with this key (or unique prefix); :class:`RunNotFoundError` otherwise."""
         from phd_flow.runs.listing import resolve_key
 
-        key = resolve_key(config, key_or_prefix)
-        path = config.local_path / key / RUN_FILE
+        key = resolve_key(project, key_or_prefix)
+        path = project.config.local_path / key / RUN_FILE
         data = read_json(path)
         if not isinstance(data, dict) or data.get("kind") != SWEEP_KIND:
             raise RunNotFoundError(f"{key} is a run, not a sweep: `sweep --resume` takes a Sweep_... key.")

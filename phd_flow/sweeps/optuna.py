@@ -21,6 +21,7 @@ from phd_flow.errors import ConfigError, RunFailedError
 
 if typing.TYPE_CHECKING:
     from phd_flow.config import Config
+    from phd_flow.project import Project
     from phd_flow.run.node import Node
 
 STUDY_TAG = "phd_flow.study"
@@ -53,11 +54,10 @@ def optimize(
     ... # doctest: +SKIP
     """
     optuna = _import_optuna()
-    from phd_flow.config import Config, load_config
-    from phd_flow.run.node import project_root
+    from phd_flow.project import Project
 
-    if not isinstance(config, Config):
-        config = load_config(project_root(node.package), config)
+    project = Project.of(config, node.package)
+    config = project.config
     name = study_name or node.__name__
     config.local_path.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
@@ -68,7 +68,7 @@ def optimize(
         load_if_exists=True,
     )
     parent = _study_mlflow_run(config, node, name)
-    trial_fn = _Objective(node, config, objective, space, dict(base_args or {}), name, parent)
+    trial_fn = _Objective(node, project, objective, space, dict(base_args or {}), name, parent)
     try:
         study.optimize(trial_fn, n_trials=n_trials, timeout=timeout, catch=(RunFailedError,))
     finally:
@@ -83,18 +83,18 @@ class _Objective:
     def __init__(
         self,
         node: type[Node[Any, Any]],
-        config: Config,
+        project: Project,
         objective: str | Callable[[Any], float],
         space: Callable[[Any], Mapping[str, Any]],
         base_args: dict[str, Any],
         study: str,
         parent: Any,
     ) -> None:
-        self.node, self.config, self.objective, self.space = node, config, objective, space
+        self.node, self.project, self.objective, self.space = node, project, objective, space
         self.base_args, self.study, self.parent = base_args, study, parent
 
     def __call__(self, trial: Any) -> float:
-        from phd_flow.run.node import RunOptions
+        from phd_flow.run.options import RunOptions
 
         values = {**self.base_args, **dict(self.space(trial))}
         key = keys.new_key(self.node.__name__)
@@ -103,7 +103,7 @@ class _Objective:
         if self.parent is not None and self.parent.run_id:
             tags["mlflow.parentRunId"] = str(self.parent.run_id)
         options = RunOptions(key=str(key), tags=tags)
-        result = self.node(nest(values), config=self.config, options=options).run()
+        result = self.node(nest(values), config=self.project, options=options).run()
         return _score(result, self.objective)
 
 

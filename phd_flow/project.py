@@ -1,0 +1,135 @@
+"""The project handle: a package, its config, one lazily built Storage and one MLflow client.
+
+Every command and API function takes a :class:`Project` (DVC's ``Repo`` and Metaflow's flow
+datastore are the models) instead of rebuilding what it needs from a bare ``Config``: one
+Storage (so one remote connection) per project, built on first use, never for local-only work.
+
+>>> project = Project("my_project")            # doctest: +SKIP
+>>> project.config.local_path                  # doctest: +SKIP
+>>> project.storage.remote                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from phd_flow.config import Config, load_config
+
+if TYPE_CHECKING:
+    from phd_flow.storage.base import Remote
+    from phd_flow.storage.facade import Storage
+
+ConfigLike = Config | str | os.PathLike[str] | None
+
+
+def project_root(package: str | None) -> Path:
+    """PROJECT_ROOT: the directory holding ``package`` (the cwd when there is none)."""
+    module = sys.modules.get(package or "")
+    if module is None and package:
+        module = importlib.import_module(package)
+    file = getattr(module, "__file__", None)
+    if not file:
+        return Path.cwd()
+    path = Path(file).resolve()
+    # a package: .../root/pkg/__init__.py -> root; a single module: .../root/mod.py -> root
+    return path.parent.parent if path.name == "__init__.py" else path.parent
+
+
+def discover_root() -> Path:
+    """The nearest directory, from the cwd upwards, holding ``config/default.toml`` (else the cwd)."""
+    cwd = Path.cwd()
+    return next((p for p in (cwd, *cwd.parents) if (p / "config" / "default.toml").is_file()), cwd)
+
+
+class Project:
+    """A package and its config, with the Storage and MLflow client built once, on first use.
+
+    ``config`` is a :class:`Config`, a path to a TOML file, or None for
+    ``PROJECT_ROOT/config/default.toml`` (or ``$PHD_FLOW_CONFIG``, or the embedded defaults).
+    Without a package, PROJECT_ROOT is found from the cwd upwards (see :func:`discover_root`).
+    """
+
+    def __init__(self, package: str | None = None, config: ConfigLike = None) -> None:
+        self.package = package
+        self._config = config if isinstance(config, Config) else None
+        self._config_path = None if isinstance(config, Config) else config
+        self._storage: Storage | None = None
+        self._mlflow_client: Any = None
+
+    @classmethod
+    def of(cls, config: ConfigLike | Project = None, package: str | None = None) -> Project:
+        """A Project from what a public API function was given (a Project passes through)."""
+        return config if isinstance(config, Project) else cls(package, config)
+
+    @property
+    def package_name(self) -> str:
+        """The package of ``python -m <package>`` (commands always have one)."""
+        if not self.package:
+            from phd_flow.errors import PhdFlowError
+
+            raise PhdFlowError("This needs a package: run it as `python -m <package> ...`.")
+        return self.package
+
+    @property
+    def root(self) -> Path:
+        """PROJECT_ROOT: where ``config/default.toml`` is looked for."""
+        if self._config is not None:
+            return self._config.project_root
+        return project_root(self.package) if self.package else discover_root()
+
+    @property
+    def config(self) -> Config:
+        """The validated config (loaded on first access)."""
+        if self._config is None:
+            self._config = load_config(self.root, self._config_path)
+        return self._config
+
+    @property
+    def config_path(self) -> str | None:
+        """The config file given explicitly (``--config`` or a path), if any."""
+        return os.fspath(self._config_path) if self._config_path is not None else None
+
+    @property
+    def storage(self) -> Storage:
+        """``local_path`` plus the configured remote; the remote is built on first use."""
+        if self._storage is None:
+            from phd_flow.storage.facade import Storage
+
+            self._storage = Storage(self.config)
+        return self._storage
+
+    @property
+    def remote(self) -> Remote | None:
+        """The configured remote, or None when runs stay in ``local_path`` only."""
+        return self.storage.remote
+
+    def require_remote(self) -> Remote:
+        """The configured remote; :class:`StorageNotFoundError` saying how to configure one."""
+        remote = self.remote
+        if remote is None:
+            from phd_flow.errors import StorageNotFoundError
+
+            raise StorageNotFoundError(
+                "No remote storage is configured, so there are no runs in storage to list or fetch. "
+                "Configure [storage] (see docs/storage.md)."
+            )
+        return remote
+
+    def mlflow_client(self) -> Any:
+        """An ``MlflowClient`` on the configured tracking store (imports mlflow on first call)."""
+        if self._mlflow_client is None:
+            from phd_flow.tracking import import_mlflow
+
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm on stderr
+            import_mlflow()
+            from mlflow.tracking import MlflowClient
+
+            self._mlflow_client = MlflowClient(self.config.tracking_uri())
+        return self._mlflow_client
+
+    def __repr__(self) -> str:
+        return f"Project({self.package!r}, root={str(self.root)!r})"
