@@ -7,6 +7,8 @@ run, and a copy in your storage (shared directory, S3, Backblaze B2 or MLflow ar
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from phd_flow import node
 from phd_flow.cli import run_main
 from phd_flow.config import Config, load_config
@@ -34,7 +36,7 @@ from phd_flow.stages.mlflowhelper import (
 from phd_flow.storage import Storage
 from phd_flow.sweeps.optuna import optimize
 
-__version__ = "0.2.0"
+__version__ = importlib.metadata.version("phd_flow")
 
 __all__ = [
     "Args",

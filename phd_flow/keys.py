@@ -7,7 +7,6 @@ PurePosixPath('datasets/FitOLS_2026-11-23T10-00-00.000000Z_ab12cd34/datasets.pic
 
 from __future__ import annotations
 
-import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
@@ -16,7 +15,6 @@ from typing import Union
 from phd_flow.errors import InvalidKeyError
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
-_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._\-+=@,~ ()\[\]{}%#!&']+$")
 _TIME_FORMAT = "%Y-%m-%dT%H-%M-%S.%fZ"
 
 KeyLike = Union[str, "RunKey", PurePosixPath]
@@ -95,8 +93,3 @@ def _problem(text: str) -> str:
         if len(segment.encode()) > 250:
             return "a path segment is longer than 250 bytes"
     return ""
-
-
-def is_safe_segment(name: str) -> bool:
-    """True if ``name`` is a plain file or directory name usable as a key segment."""
-    return bool(_SAFE_SEGMENT.match(name)) and name not in {".", ".."}

@@ -68,8 +68,8 @@ class RunLogging:
     and Python warnings.
     """
 
-    def __init__(self, run_dir: Path, level: str = "DEBUG") -> None:
-        self.run_dir = run_dir
+    def __init__(self, text_log: Path, json_log: Path, level: str = "DEBUG") -> None:
+        self.text_log, self.json_log = text_log, json_log
         self.level = level
         self._sinks: list[int] = []
         self._saved_root: tuple[list[logging.Handler], int] | None = None
@@ -78,12 +78,8 @@ class RunLogging:
     def __enter__(self) -> RunLogging:
         self._sinks = [
             # diagnose=False: tracebacks must not print local variables (they may hold secrets)
-            logger.add(
-                self.run_dir / "output.log", level=self.level, format=FILE_FORMAT, encoding="utf-8", diagnose=False
-            ),
-            logger.add(
-                self.run_dir / "output.jsonl", level=self.level, serialize=True, encoding="utf-8", diagnose=False
-            ),
+            logger.add(self.text_log, level=self.level, format=FILE_FORMAT, encoding="utf-8", diagnose=False),
+            logger.add(self.json_log, level=self.level, serialize=True, encoding="utf-8", diagnose=False),
         ]
         root = logging.getLogger()
         self._saved_root = (list(root.handlers), root.level)

@@ -51,12 +51,14 @@ class Project:
     ``config`` is a :class:`Config`, a path to a TOML file, or None for
     ``PROJECT_ROOT/config/default.toml`` (or ``$PHD_FLOW_CONFIG``, or the embedded defaults).
     Without a package, PROJECT_ROOT is found from the cwd upwards (see :func:`discover_root`).
+    ``remote`` replaces the configured remote (a simulator in tests, an already open client).
     """
 
-    def __init__(self, package: str | None = None, config: ConfigLike = None) -> None:
+    def __init__(self, package: str | None = None, config: ConfigLike = None, *, remote: Remote | None = None) -> None:
         self.package = package
         self._config = config if isinstance(config, Config) else None
         self._config_path = None if isinstance(config, Config) else config
+        self._remote = remote  # a remote to use instead of the configured one (tests, simulators)
         self._storage: Storage | None = None
         self._mlflow_client: Any = None
 
@@ -99,7 +101,7 @@ class Project:
         if self._storage is None:
             from phd_flow.storage.facade import Storage
 
-            self._storage = Storage(self.config)
+            self._storage = Storage(self.config, self._remote)
         return self._storage
 
     @property

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from phd_flow.log import logger, repoint_mlflow_loggers
+from phd_flow.run.record import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 MAX_PARAM_LENGTH = 6000
 BATCH = 1000
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED", "running": "RUNNING"}
@@ -131,7 +131,6 @@ class MetricLog:
     def __init__(self, run_dir: Path, interval: float = 0.2) -> None:
         self.path = run_dir / METRICS_FILE
         self.queue: collections.deque[tuple[str, float, int, int]] = collections.deque()
-        self.written = 0
         self._interval = interval
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._send_from = self._file.tell()  # byte offset of the first point not yet sent
@@ -172,7 +171,6 @@ class MetricLog:
             batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
             self._file.write("".join(_metric_line(item) for item in batch))
             self._file.flush()
-            self.written += len(batch)
 
     def _send(self) -> None:
         assert self._sender is not None

@@ -18,6 +18,7 @@ from phd_flow.errors import (
     StorageNotFoundError,
     StorageUnavailableError,
 )
+from phd_flow.project import Project
 from phd_flow.storage import make_remote, make_storage
 from phd_flow.storage.b2 import B2Remote, b2_name_problem
 from phd_flow.testing import RemoteContract, storage_for, write_tree
@@ -173,9 +174,8 @@ def test_node_run_lands_in_b2_and_comes_back_on_a_second_machine(b2: Simulated, 
             storage=StorageConfig(backend="b2", bucket=BUCKET, prefix="proj"),
         )
 
-    node = Add(AddArgs(a=40), config=config("machine1"))
-    # Node has no public hook for an injected remote; the simulator cannot cross processes.
-    node._storage = make_storage(node.config, b2.remote())
+    # The simulator cannot cross processes: the Project takes it as the remote.
+    node = Add(AddArgs(a=40), config=Project(config=config("machine1"), remote=b2.remote()))
     assert node.run().total == 42
     record = json.loads((node.output_dir / "run.json").read_text())
     assert record["sync"]["state"] == "synced" and record["sync"]["remote"] == f"b2://{BUCKET}/proj"

@@ -13,6 +13,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from phd_flow.errors import CorruptRunError
+from phd_flow.run.record import RUN_FILE, RunRecord
 from phd_flow.runs.query import Run, arg_text, parse_time
 
 _COLORS = {"completed": "32", "failed": "31", "killed": "35", "stale": "33", "running": "36"}
@@ -241,15 +243,13 @@ def _stage_lines(stages: dict[str, Any]) -> list[str]:
 
 
 def _sweep_lines(run: Run) -> list[str]:
-    from phd_flow.errors import CorruptRunError
-    from phd_flow.run.record import RunRecord
 
     rows = []
     for point in run.data.get("points") or []:
         key = str(point.get("key") or "-")
         status = str(point.get("status") or "?")
         local = run.run_dir.parent / key
-        if (local / "run.json").exists():
+        if (local / RUN_FILE).exists():
             try:
                 status = RunRecord.load(local).status
             except CorruptRunError:
@@ -265,9 +265,7 @@ def _sweep_lines(run: Run) -> list[str]:
 
 def _children_tree(run_dir: Path, data: dict[str, Any], indent: str) -> Iterator[str]:
     """Child runs (sub-directories with a run.json) as a tree, and reused runs by path."""
-    from phd_flow._io import read_json
-
-    children = [p for p in sorted(run_dir.iterdir()) if (p / "run.json").is_file()] if run_dir.is_dir() else []
+    children = [p for p in sorted(run_dir.iterdir()) if (p / RUN_FILE).is_file()] if run_dir.is_dir() else []
     reused = [c for c in data.get("children") or [] if isinstance(c, dict) and c.get("reused")]
     items: list[tuple[str, Path | None]] = [(c.name, c) for c in children]
     items += [(f"{c.get('path')} (reused)", None) for c in reused]
@@ -276,8 +274,8 @@ def _children_tree(run_dir: Path, data: dict[str, Any], indent: str) -> Iterator
         child: dict[str, Any] = {}
         if path is not None:
             try:
-                child = read_json(path / "run.json")
-            except (OSError, ValueError):
+                child = RunRecord.load(path).data
+            except CorruptRunError:
                 child = {"status": "corrupt run.json"}
         status = f"  {child.get('status')}" if child else ""
         yield f"{indent}{'└─' if last else '├─'} {label}{status}"
@@ -299,7 +297,7 @@ def run_files(run_dir: Path) -> list[tuple[str, int]]:
     found = []
     for dirpath, dirnames, filenames in os.walk(run_dir):
         base = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not (base / d / "run.json").exists())
+        dirnames[:] = sorted(d for d in dirnames if not (base / d / RUN_FILE).exists())
         for name in sorted(filenames):
             path = base / name
             try:

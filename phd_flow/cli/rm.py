@@ -107,15 +107,16 @@ def _plan(run: Run, storage_remote: Any) -> Removal:
 
 def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> list[str]:
     """The run's MLflow run id and those of the child runs inside its directory."""
-    from phd_flow._io import read_json
+    from phd_flow.errors import CorruptRunError
+    from phd_flow.run.record import RUN_FILE, RunRecord
 
     ids = [str(data["mlflow"]["run_id"])] if (data.get("mlflow") or {}).get("run_id") else []
-    for child in sorted(run_dir.rglob("run.json")):
+    for child in sorted(run_dir.rglob(RUN_FILE)):
         if child.parent == run_dir:
             continue
         try:
-            run_id = (read_json(child).get("mlflow") or {}).get("run_id")
-        except (OSError, ValueError, AttributeError):
+            run_id = (RunRecord.load(child.parent).data.get("mlflow") or {}).get("run_id")
+        except (CorruptRunError, AttributeError):
             continue
         if run_id:
             ids.append(str(run_id))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from phd_flow.cli.selection import add_filters, select
 from phd_flow.errors import ArgsError
+from phd_flow.run.record import METRICS_FILE, OUTPUT_LOG
 
 if TYPE_CHECKING:
     from phd_flow.project import Project
@@ -133,7 +134,7 @@ def _cmd_show(project: Project, args: argparse.Namespace) -> int:
         files = [(name, size) for name, size in listed if not name.endswith(MANIFEST)]
     log: list[str] = []
     if run.state in ("failed", "killed", "stale") and args.lines > 0:
-        log = view.tail(run.run_dir / "output.log", args.lines) if run.where == "local" else []
+        log = view.tail(run.run_dir / OUTPUT_LOG, args.lines) if run.where == "local" else []
     for line in view.render_show(run, files, project.package_name, view.use_color(), log):
         print(line)
     return 0
@@ -173,7 +174,7 @@ def _final_metrics(project: Project, run: Run) -> dict[str, float]:
     """The last logged value of each metric, from the run's metrics.jsonl."""
     from phd_flow.runs.query import read_run_file
 
-    raw = read_run_file(project, run, "metrics.jsonl") or b""
+    raw = read_run_file(project, run, METRICS_FILE) or b""
     last: dict[str, float] = {}
     for line in raw.decode("utf-8", errors="replace").splitlines():
         try:

@@ -7,12 +7,11 @@ import sys
 from typing import TYPE_CHECKING
 
 from phd_flow.errors import ArgsError
+from phd_flow.run.record import STATUS_CHOICES
 
 if TYPE_CHECKING:
     from phd_flow.project import Project
     from phd_flow.runs.query import RunFilter, Runs
-
-STATUS_FLAGS = ("completed", "failed", "running", "killed", "stale")
 
 
 def add_filters(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +22,7 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
         help="only keys starting with PREFIX (e.g. a node name)",
     )
     group = parser.add_argument_group("filters (statuses combine with OR, the rest with AND)")
-    for status in STATUS_FLAGS:
+    for status in STATUS_CHOICES:
         group.add_argument(
             f"--{status}",
             dest="statuses",

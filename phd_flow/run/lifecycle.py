@@ -25,6 +25,7 @@ from phd_flow.run.record import (
     COMPLETED,
     FAILED,
     KILLED,
+    OUTPUT_JSONL,
     OUTPUT_LOG,
     REPRO_FILE,
     RUN_FILE,
@@ -64,7 +65,7 @@ def execute(run: ActiveRun) -> Any:
     # at its end and by `sync`.
     storage.defer_failed_uploads = True
     try:
-        with RunLogging(run_dir):
+        with RunLogging(run_dir / OUTPUT_LOG, run_dir / OUTPUT_JSONL):
             heartbeat.start()
             return _run_logged(run, run.record, args)
     finally:

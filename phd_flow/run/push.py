@@ -37,6 +37,7 @@ def push_run(storage: Storage, record: RunRecord, run_path: str, pending: list[s
             if storage.path(key).exists():
                 storage.upload(key)
         report = storage.upload(run_path, exclude=local_only_stages(record))
+        logger.info(f"Synced {record.key} to {remote.describe()}: {report}")
         record.update_section("sync", state="synced", error=None, at=utcnow(), remote=remote.describe(), pending=[])
         storage.upload(run_path, exclude=local_only_stages(record))  # sends run.json, the logs and the manifest
     except Exception as exc:
@@ -47,5 +48,4 @@ def push_run(storage: Storage, record: RunRecord, run_path: str, pending: list[s
         )
         record.update_section("sync", state="not_synced", error=message, at=utcnow(), pending=pending)
         return False
-    logger.info(f"Synced {record.key} to {remote.describe()}: {report}")
     return True

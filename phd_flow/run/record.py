@@ -3,6 +3,7 @@ written atomically at every state change, kept alive by a heartbeat."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import socket
@@ -62,8 +63,6 @@ class RunRecord:
     @classmethod
     def create(cls, run_dir: Path, **fields: Any) -> RunRecord:
         """Start a record with status ``running`` and this process's host, pid and SLURM ids."""
-        from phd_flow import __version__
-
         now = utcnow()
         data: dict[str, Any] = {
             "key": None,
@@ -75,7 +74,7 @@ class RunRecord:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "slurm": slurm_ids(),
-            "phd_flow_version": __version__,
+            "phd_flow_version": importlib.metadata.version("phd_flow"),
             "sync": {"state": "pending"},
             "mlflow": {},
             "stages": {},

@@ -40,7 +40,6 @@ class Source:
     key: str  # the phd_flow key, or the MLflow run id of a plain MLflow run
     path: str | None  # its run directory relative to local_path; None for a plain MLflow run
     info: dict[str, Any] = field(default_factory=dict)  # the source's run.json stages[<name>]
-    mlflow_run_id: str | None = None
 
     @property
     def files(self) -> dict[str, str] | None:
@@ -193,7 +192,7 @@ def _mlflow_source(project: Project, run_id: str, stage: str, origin: str) -> So
     if not client.list_artifacts(run_id, stage):
         raise StageError(f"{origin}: MLflow run {run_id} has no artifacts under {stage}/.")
     files = mlflow_checksums(config.tracking_uri(), run_id, stage)
-    return Source(key=run_id, path=None, info={"files": files}, mlflow_run_id=run_id)
+    return Source(key=run_id, path=None, info={"files": files})
 
 
 def mlflow_checksums(tracking_uri: str, run_id: str, stage: str) -> dict[str, str] | None:

@@ -20,8 +20,8 @@ from typing import Any
 
 from phd_flow import keys
 from phd_flow._io import atomic_write_json, read_json
-from phd_flow.errors import ArgsError, RunNotFoundError, closest
-from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUN_FILE, RUNNING, utcnow
+from phd_flow.errors import ArgsError, CorruptRunError, RunNotFoundError, closest
+from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUN_FILE, RUNNING, RunRecord, utcnow
 
 if typing.TYPE_CHECKING:
     from phd_flow.config import Config
@@ -252,8 +252,8 @@ def point_status(run_dir: Path, recorded: str, stale_after: float) -> str:
     """A point's status: its run.json's, ``stale`` for a running run whose heartbeat stopped,
     else what the sweep recorded (``pending``, ``submitted``, ``killed`` ...)."""
     try:
-        data = read_json(run_dir / RUN_FILE)
-    except (OSError, ValueError):
+        data = RunRecord.load(run_dir).data
+    except CorruptRunError:
         return recorded
     status = str(data.get("status", recorded))
     if status == RUNNING and _age(data.get("heartbeat_at")) > stale_after:
