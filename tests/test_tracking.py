@@ -70,8 +70,8 @@ class OutageMidRun(Node[ManyArgs, int]):
         for step in range(50):
             self.log_metric("x", step, step=step)
         time.sleep(0.6)  # the writer thread sends the first 50
-        assert self._mlflow is not None
-        client = self._mlflow.client
+        assert self.active.mlflow is not None
+        client = self.active.mlflow.client
         working = client.log_batch
 
         def locked(*args: object, **kwargs: object) -> None:

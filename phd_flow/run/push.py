@@ -32,6 +32,7 @@ def push_run(storage: Storage, record: RunRecord, run_path: str, pending: list[s
     if remote is None:
         record.update_section("sync", state="local", at=utcnow())
         return True
+    deferring, storage.defer_failed_uploads = storage.defer_failed_uploads, False  # failures must raise here
     try:
         for key in pending:
             if storage.path(key).exists():
@@ -48,4 +49,6 @@ def push_run(storage: Storage, record: RunRecord, run_path: str, pending: list[s
         )
         record.update_section("sync", state="not_synced", error=message, at=utcnow(), pending=pending)
         return False
+    finally:
+        storage.defer_failed_uploads = deferring
     return True
