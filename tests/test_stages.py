@@ -352,7 +352,8 @@ def test_unused_rules_are_listed_in_a_warning_at_the_end(tmp_path: Path, dataset
 
 @pytest.fixture
 def stage_project(project: Path) -> Path:
-    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "stage_nodes.py")
+    # over the example's prepare.py (the same Prepare), so the package has one Prepare, plus Broken
+    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "prepare.py")
     write_config(project, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n')
     return project
 
