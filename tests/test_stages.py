@@ -395,9 +395,8 @@ def test_parallel_runs_with_managed_artifacts_do_not_clash(stage_project: Path) 
     assert notes == ["first\n", "second\n"]
 
 
-def test_readme_stages_examples_are_the_tested_code() -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Stages", 1)[1].split("\n## ", 1)[0]
+def test_stages_doc_examples_are_the_tested_code() -> None:
+    section = (REPO / "docs" / "stages.md").read_text()
     tested = (REPO / "tests" / "stage_nodes.py").read_text() + (
         REPO / "tests" / "test_stages_mlflowhelper.py"
     ).read_text()
