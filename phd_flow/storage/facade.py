@@ -171,7 +171,7 @@ class Storage:
         if remote is None:
             raise StorageNotFoundError(
                 f"No remote storage is configured, so {what!r} cannot be fetched or listed "
-                "remotely. Configure [storage] (see README 'Storage')."
+                "remotely. Configure [storage] (see docs/storage.md)."
             )
         return remote
 
