@@ -419,6 +419,20 @@ def test_row1_latest_never_writes_outside_local_path(seed: Seed, remote: Backend
     assert not (tmp_path / "home" / "escape.txt").exists(), proc.stderr[-2000:]
 
 
+def test_row1_listing_reports_names_that_are_not_run_keys(
+    seed: Seed, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    backend = make_backend("s3", request, tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)
+    backend.put("../evil/run.json", b"{}")  # lists as the run prefix '..'
+    backend.put("/evil/run.json", b"{}")  # lists as the run prefix ''
+    proc = backend.cli(project, "ls", "--remote", "--json")
+    assert_ok(proc)
+    assert [run["key"] for run in json.loads(proc.stdout)] == [seed.add]
+    assert "'..'" in proc.stderr and "''" in proc.stderr, proc.stderr
+
+
 # --- the property: hostile names never write outside local_path; good names round-trip ----------
 
 BAD_SEGMENTS = ["..", ".", "", "/", "\\", "..\\..", "C:", "c:\\win", "a\x00b", "\x01", "\x1b[31m", "\x7f", "/etc", "~"]
@@ -718,6 +732,23 @@ def test_row5_symlinks_in_a_shared_directory_are_not_followed(seed: Seed, tmp_pa
     proc = backend.cli(project, "download", seed.add)
     copied = [p for p in local_path(project).rglob("*") if p.is_symlink() or (p.is_file() and p.read_bytes() == SECRET)]
     assert not copied, f"{copied}: {proc.stdout}{proc.stderr[-1000:]}"
+
+
+def test_row5_a_symlinked_run_directory_in_a_shared_directory_is_not_a_run(seed: Seed, tmp_path: Path) -> None:
+    backend = Backend("shared", tmp_path / "remote-side")
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)
+    elsewhere = tmp_path / "home" / "private-run"
+    shutil.copytree(tmp_path / "remote-side" / "shared" / backend.prefix / seed.add, elsewhere)
+    (elsewhere / "secret.txt").write_bytes(SECRET)
+    linked = seed.add.rsplit("_", 1)[0] + "_link0001"
+    (tmp_path / "remote-side" / "shared" / backend.prefix / linked).symlink_to(elsewhere)
+    proc = backend.cli(project, "ls", "--remote", "--json")
+    assert_ok(proc)
+    assert [run["key"] for run in json.loads(proc.stdout)] == [seed.add]
+    proc = backend.cli(project, "download", linked)
+    assert proc.returncode == 2 and linked in proc.stderr, proc.stdout + proc.stderr
+    assert not [p for p in local_path(project).rglob("*") if p.is_file() and p.read_bytes() == SECRET]
 
 
 # === row 6: escape sequences in args reach the terminal raw ========================================
