@@ -322,7 +322,8 @@ def victim(tmp_path: Path, backend: Backend | None, extra: str = "", mlflow: str
     """The colleague's project: the example package plus the test nodes, no runs yet."""
     root = tmp_path / "home" / "proj"
     shutil.copytree(EXAMPLES / "my_project", root / "my_project", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "tests" / "stage_nodes.py", root / "my_project" / "stage_nodes.py")
+    # over the example's prepare.py (the same Prepare, plus Broken): one Prepare in the package
+    shutil.copy(REPO / "tests" / "stage_nodes.py", root / "my_project" / "prepare.py")
     shutil.copy(REPO / "tests" / "nodes.py", root / "my_project" / "small_nodes.py")
     shutil.copytree(EXAMPLES / "data", root / "data")
     text = f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[mlflow]\n{mlflow}' + extra
