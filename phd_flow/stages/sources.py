@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 from phd_flow._io import sha256_file
 from phd_flow.errors import CorruptRunError, InvalidKeyError, RunNotFoundError, StageError, closest
 from phd_flow.log import logger
+from phd_flow.run import signing
 from phd_flow.run.record import COMPLETED, RUN_FILE, RunRecord
 
 if TYPE_CHECKING:
+    from phd_flow.config import Config
     from phd_flow.project import Project
 
 LATEST = "latest"
@@ -132,7 +134,39 @@ def phd_flow_source(project: Project, key: str, stage: str, origin: str) -> Sour
             f"{data.get('host')} and is not in {config.local_path}. Load it on that machine, or "
             "from a run whose stage was synced."
         )
+    files = info.get("files")
+    if not isinstance(files, dict):
+        raise StageError(
+            f"{origin}: stage {stage!r} of run {key} records no file checksums in its {RUN_FILE}, "
+            "so its files cannot be verified: nothing of it is used. Load it from another run, "
+            "or drop the rule to compute it."
+        )
+    authenticate(project.config, key, stage, info, origin)
     return Source(key=key, path=path, info=dict(info))
+
+
+def authenticate(config: Config, key: str, stage: str, info: dict[str, Any], origin: str) -> None:
+    """With a signing key configured, check that ``stage`` of run ``key`` was made on this machine
+    or carries a valid signature over its file list; raises :class:`StageError` otherwise.
+
+    Without a key, a stage is verified by its checksums only (they catch accidents, not forgery).
+    """
+    secret = signing.signing_key(config)
+    if secret is None:
+        return
+    files = {str(k): str(v) for k, v in (info.get("files") or {}).items()}
+    stage_digest = digest(files)
+    if signing.stage_made_here(config.local_path, key, stage, stage_digest):
+        return
+    if signing.valid(signing.stage_mac(secret, key, stage, stage_digest), info.get("hmac")):
+        return
+    state = "has a signature that does not match" if info.get("hmac") else "is not signed"
+    raise StageError(
+        f"{origin}: stage {stage!r} of run {key} was not made on this machine and its file list "
+        f"{state} the signing key configured here ({signing.key_source(config)}): nothing of it is "
+        f"used. The machine that made the run must use the same key (set {signing.ENV_KEY} to the "
+        "lab's secret on both machines); or drop the rule to compute the stage."
+    )
 
 
 def latest(project: Project, node: str, stage: str) -> Source | None:
@@ -277,10 +311,13 @@ def _download_mlflow(project: Project, source: Source, stage: str, staging: Path
 
 def verify(root: Path, expected: dict[str, str] | None, stage: str, key: str, where: str) -> dict[str, str]:
     """Hash ``root`` and compare with ``expected``; raises :class:`StageError` on any difference."""
-    actual = hash_tree(root)
     if expected is None:
-        logger.warning(f"Stage {stage!r} from {key} has no recorded checksums; it is used unverified.")
-        return actual
+        raise StageError(
+            f"Stage {stage!r} from run {key} ({where}) records no checksums, so its files cannot be "
+            "verified: nothing of it was used. Load the stage from another run, or drop the rule "
+            "to compute it."
+        )
+    actual = hash_tree(root)
     missing = sorted(set(expected) - set(actual))
     wrong = sorted(rel for rel in expected if rel in actual and actual[rel] != expected[rel])
     extra = sorted(set(actual) - set(expected))
