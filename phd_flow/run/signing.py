@@ -69,8 +69,14 @@ def valid(expected: str, given: Any) -> bool:
 
 def ledger_dirs(local_path: Path) -> list[Path]:
     """Where this machine's ledger lives: in local_path (outside every run) and per user."""
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return [local_path / LEDGER_DIR, Path(state) / "phd_flow" / "produced"]
+    folders = [local_path / LEDGER_DIR]
+    state = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):  # the XDG spec: a relative value is ignored
+        try:
+            state = str(Path.home() / ".local" / "state")
+        except RuntimeError:  # no home directory (a container with an arbitrary uid)
+            return folders
+    return [*folders, Path(state) / "phd_flow" / "produced"]
 
 
 def _entry_name(run_key: str) -> str:

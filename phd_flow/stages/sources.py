@@ -226,6 +226,12 @@ def _mlflow_source(project: Project, run_id: str, stage: str, origin: str) -> So
     if not client.list_artifacts(run_id, stage):
         raise StageError(f"{origin}: MLflow run {run_id} has no artifacts under {stage}/.")
     files = mlflow_checksums(config.tracking_uri(), run_id, stage)
+    if files is None:
+        raise StageError(
+            f"{origin}: MLflow run {run_id} logged no checksums for {stage}/ "
+            f"({MLFLOW_CHECKSUMS}/{stage}.json), so its files cannot be verified: nothing of it is "
+            "used. Log the stage with phd_flow's managed_artifact, or drop the rule to compute it."
+        )
     return Source(key=run_id, path=None, info={"files": files})
 
 
