@@ -47,11 +47,16 @@ def redact_record(record: Any) -> None:
     """loguru patcher: passwords in URLs never reach a sink (stderr, output.log, output.jsonl)."""
     record["message"] = redact_url(record["message"])
     exception = record.get("exception")
-    if exception is not None and exception.value is not None:
-        text = str(exception.value)
-        if redact_url(text) != text:  # the traceback would print the URL with its password
-            record["exception"] = None
-            record["message"] += f" ({type(exception.value).__name__}: {redact_url(text)})"
+    if exception is None or exception.value is None:
+        return
+    chain: list[BaseException] = []
+    error: BaseException | None = exception.value
+    while error is not None and len(chain) < 20:  # the traceback prints causes and contexts too
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    if any(redact_url(str(error)) != str(error) for error in chain):  # it would show a password
+        record["exception"] = None
+        record["message"] += f" ({type(exception.value).__name__}: {redact_url(str(exception.value))})"
 
 
 def _redact_everywhere() -> None:

@@ -139,7 +139,8 @@ def _finish(run: ActiveRun, record: RunRecord, status: str, error: Any) -> str:
 
 
 def _describe(error: Any) -> str:
-    return f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    """The error as run.json and the final message show it (no password of a URL in it)."""
+    return redact_url(f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error))
 
 
 # --- MLflow -------------------------------------------------------------------------------------
