@@ -243,7 +243,7 @@ def _apply_flat_seed_keys(config: Config, flat: dict[str, Any], source: Path | N
         if flat:
             raise ConfigError(
                 f"{_locate(source, next(iter(flat)))}: the seed's B2 keys need b2_bucket too "
-                "(or use the [storage] table, see README 'Storage')."
+                "(or use the [storage] table, see docs/storage.md)."
             )
         return
     storage = config.storage

@@ -57,6 +57,10 @@ class InvalidKeyError(UserError):
     """A storage key is not a safe relative path (``..``, absolute, forbidden characters)."""
 
 
+class UnsafeRemoteNameError(UserError):
+    """A name listed by the remote storage is not a safe relative path: nothing of that run is written."""
+
+
 class StageError(UserError):
     """A stage rule or stage load cannot be honoured."""
 

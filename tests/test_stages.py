@@ -352,7 +352,8 @@ def test_unused_rules_are_listed_in_a_warning_at_the_end(tmp_path: Path, dataset
 
 @pytest.fixture
 def stage_project(project: Path) -> Path:
-    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "stage_nodes.py")
+    # over the example's prepare.py (the same Prepare), so the package has one Prepare, plus Broken
+    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "prepare.py")
     write_config(project, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n')
     return project
 
@@ -394,9 +395,8 @@ def test_parallel_runs_with_managed_artifacts_do_not_clash(stage_project: Path) 
     assert notes == ["first\n", "second\n"]
 
 
-def test_readme_stages_examples_are_the_tested_code() -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Stages", 1)[1].split("\n## ", 1)[0]
+def test_stages_doc_examples_are_the_tested_code() -> None:
+    section = (REPO / "docs" / "stages.md").read_text()
     tested = (REPO / "tests" / "stage_nodes.py").read_text() + (
         REPO / "tests" / "test_stages_mlflowhelper.py"
     ).read_text()

@@ -165,7 +165,7 @@ class Backend:
             self.server.client().put_object(Bucket=self.bucket, Key=full, Body=data)
             return True
         if self.kind == "b2":
-            if full.startswith("/") or full.endswith("/") or "//" in full or "\\" in full:
+            if full.startswith("/") or full.endswith("/") or "//" in full or "\\" in full or "\x7f" in full:
                 return False  # b2sdk refuses these names itself
             state = self._state()
             state[full] = base64.b64encode(data).decode()
@@ -322,7 +322,8 @@ def victim(tmp_path: Path, backend: Backend | None, extra: str = "", mlflow: str
     """The colleague's project: the example package plus the test nodes, no runs yet."""
     root = tmp_path / "home" / "proj"
     shutil.copytree(EXAMPLES / "my_project", root / "my_project", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "tests" / "stage_nodes.py", root / "my_project" / "stage_nodes.py")
+    # the example already has Prepare (my_project/prepare.py): the same node, replaced, never doubled
+    shutil.copy(REPO / "tests" / "stage_nodes.py", root / "my_project" / "prepare.py")
     shutil.copy(REPO / "tests" / "nodes.py", root / "my_project" / "small_nodes.py")
     shutil.copytree(EXAMPLES / "data", root / "data")
     text = f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[mlflow]\n{mlflow}' + extra
@@ -390,7 +391,6 @@ def assert_ok(proc: subprocess.CompletedProcess[str]) -> None:
 # === row 1: a remote name with '..' writes outside local_path ====================================
 
 
-@xfail("1", "download writes <key>/../../../escape.txt outside local_path")
 def test_row1_download_never_writes_outside_local_path(seed: Seed, remote: Backend, tmp_path: Path) -> None:
     project = victim(tmp_path, remote)
     remote.plant_run(seed.run_dir(seed.add), seed.add)
@@ -400,7 +400,6 @@ def test_row1_download_never_writes_outside_local_path(seed: Seed, remote: Backe
     assert proc.returncode != 0 and "escape.txt" in proc.stderr and seed.add in proc.stderr  # reported
 
 
-@xfail("1", "--load st=KEY writes a planted ../ name outside local_path")
 def test_row1_stage_load_never_writes_outside_local_path(seed: Seed, remote: Backend, tmp_path: Path) -> None:
     project = victim(tmp_path, remote)
     # the stage is pulled into <local_path>/<new key>/.load_data.*.phd_flow-part: 4 levels up is home/
@@ -410,7 +409,6 @@ def test_row1_stage_load_never_writes_outside_local_path(seed: Seed, remote: Bac
     assert proc.returncode != 0 and "escape.txt" in proc.stderr  # reported, nothing of the stage used
 
 
-@xfail("1", "load_from = latest picks a planted future run automatically and writes outside local_path")
 def test_row1_latest_never_writes_outside_local_path(seed: Seed, remote: Backend, tmp_path: Path) -> None:
     project = victim(tmp_path, remote, extra='[stages.load_data]\nload_from = "latest"\n')
     remote.plant_run(seed.run_dir(seed.prep), seed.prep)
@@ -420,6 +418,20 @@ def test_row1_latest_never_writes_outside_local_path(seed: Seed, remote: Backend
     remote.plant_run(seed.run_dir(seed.prep), evil, edit=edit, extra=files)
     proc = remote.cli(project, "run", "Prepare", "--dataset", DATASET)  # an ordinary run
     assert not (tmp_path / "home" / "escape.txt").exists(), proc.stderr[-2000:]
+
+
+def test_row1_listing_reports_names_that_are_not_run_keys(
+    seed: Seed, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    backend = make_backend("s3", request, tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)
+    backend.put("../evil/run.json", b"{}")  # lists as the run prefix '..'
+    backend.put("/evil/run.json", b"{}")  # lists as the run prefix ''
+    proc = backend.cli(project, "ls", "--remote", "--json")
+    assert_ok(proc)
+    assert [run["key"] for run in json.loads(proc.stdout)] == [seed.add]
+    assert "'..'" in proc.stderr and "''" in proc.stderr, proc.stderr
 
 
 # --- the property: hostile names never write outside local_path; good names round-trip ----------
@@ -441,8 +453,8 @@ def _no_file_dir_clash(names: list[str]) -> bool:
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param("s3", marks=xfail("1", "S3 pull joins listed '..' names onto local_path")),
-        pytest.param("b2", marks=xfail("1", "B2 pull joins listed '..' names onto local_path")),
+        "s3",
+        "b2",
         "shared",
     ],
 )
@@ -478,7 +490,7 @@ def test_property_hostile_remote_names_stay_inside_local_path(
 
                 def b2_put(name: str, data: bytes) -> bool:
                     full = f"{prefix}/{name}"
-                    if full.endswith("/") or "//" in full or "\\" in full:
+                    if full.endswith("/") or "//" in full or "\\" in full or "\x7f" in full:
                         return False  # b2sdk refuses these names itself
                     b2_bucket.upload_bytes(data, full)
                     return True
@@ -594,7 +606,6 @@ def test_local_results_made_here_keep_loading(seed: Seed, tmp_path: Path) -> Non
 # === row 3: run.json's `path` field points at a private directory =================================
 
 
-@xfail("3", "--load follows run.json's path field into a private directory and syncs it to the bucket")
 def test_row3_path_field_is_never_followed(seed: Seed, any_remote: Backend, tmp_path: Path) -> None:
     project = victim(tmp_path, any_remote)
     private = tmp_path / "home" / "private"
@@ -614,7 +625,6 @@ def test_row3_path_field_is_never_followed(seed: Seed, any_remote: Backend, tmp_
 # === row 4 and "key disagrees with its location" ===================================================
 
 
-@xfail("4", "rm --remote JUNK deletes the objects of the run JUNK's run.json names")
 def test_row4_rm_never_acts_on_the_key_a_record_claims(seed: Seed, any_remote: Backend, tmp_path: Path) -> None:
     project = victim(tmp_path, any_remote)
     any_remote.plant_run(seed.run_dir(seed.add), seed.add)
@@ -628,8 +638,25 @@ def test_row4_rm_never_acts_on_the_key_a_record_claims(seed: Seed, any_remote: B
     assert proc.returncode == 2 and junk in proc.stderr and seed.add in proc.stderr
 
 
+def test_row4_rm_never_deletes_an_mlflow_run_tagged_with_another_key(seed: Seed, tmp_path: Path) -> None:
+    import mlflow
+
+    backend = Backend("shared", tmp_path / "remote-side")
+    db = tmp_path / "home" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    uri = f"sqlite:///{db}"
+    project = victim(tmp_path, backend, mlflow=f'enabled = true\ntracking_uri = "{uri}"\n')
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("victim")
+    precious = client.create_run(experiment, tags={"phd_flow.key": seed.add}).info.run_id
+    junk = "Add_2026-01-01T00-00-00.000000Z_junk0002"  # a consistent record, another run's MLflow id
+    backend.plant_run(seed.run_dir(seed.add), junk, edit={"mlflow": {"state": "logged", "run_id": precious}})
+    proc = backend.cli(project, "rm", "--remote", junk, "--force")
+    assert client.get_run(precious).info.lifecycle_stage == "active", proc.stdout + proc.stderr
+    assert proc.returncode != 0 and precious in proc.stderr and seed.add in proc.stderr
+
+
 @pytest.mark.parametrize("command", ["show", "result", "load"])
-@xfail("4", "a run.json whose key disagrees with its location is used as if it were that run")
 def test_record_whose_key_disagrees_with_its_location_is_refused(
     seed: Seed, command: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -649,7 +676,6 @@ def test_record_whose_key_disagrees_with_its_location_is_refused(
     assert not new_runs(project) or command != "load"
 
 
-@xfail("4", "load_from = latest follows a newer record whose key names another run")
 def test_latest_skips_a_record_whose_key_disagrees_with_its_location(
     seed: Seed, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -668,8 +694,8 @@ def test_latest_skips_a_record_whose_key_disagrees_with_its_location(
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param("s3", marks=xfail("1", "latest picks a run started in 2099")),
-        pytest.param("shared", marks=xfail("1", "latest picks a run started in 2099")),
+        "s3",
+        "shared",
     ],
 )
 def test_latest_never_picks_a_run_from_the_future(
@@ -689,7 +715,6 @@ def test_latest_never_picks_a_run_from_the_future(
 # === row 5: a symlink in a shared-directory run ====================================================
 
 
-@xfail("5", "download copies a symlink's target (~/.ssh/id_rsa) into local_path")
 def test_row5_symlinks_in_a_shared_directory_are_not_followed(seed: Seed, tmp_path: Path) -> None:
     backend = Backend("shared", tmp_path / "remote-side")
     project = victim(tmp_path, backend)
@@ -703,6 +728,23 @@ def test_row5_symlinks_in_a_shared_directory_are_not_followed(seed: Seed, tmp_pa
     proc = backend.cli(project, "download", seed.add)
     copied = [p for p in local_path(project).rglob("*") if p.is_symlink() or (p.is_file() and p.read_bytes() == SECRET)]
     assert not copied, f"{copied}: {proc.stdout}{proc.stderr[-1000:]}"
+
+
+def test_row5_a_symlinked_run_directory_in_a_shared_directory_is_not_a_run(seed: Seed, tmp_path: Path) -> None:
+    backend = Backend("shared", tmp_path / "remote-side")
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)
+    elsewhere = tmp_path / "home" / "private-run"
+    shutil.copytree(tmp_path / "remote-side" / "shared" / backend.prefix / seed.add, elsewhere)
+    (elsewhere / "secret.txt").write_bytes(SECRET)
+    linked = seed.add.rsplit("_", 1)[0] + "_link0001"
+    (tmp_path / "remote-side" / "shared" / backend.prefix / linked).symlink_to(elsewhere)
+    proc = backend.cli(project, "ls", "--remote", "--json")
+    assert_ok(proc)
+    assert [run["key"] for run in json.loads(proc.stdout)] == [seed.add]
+    proc = backend.cli(project, "download", linked)
+    assert proc.returncode == 2 and linked in proc.stderr, proc.stdout + proc.stderr
+    assert not [p for p in local_path(project).rglob("*") if p.is_file() and p.read_bytes() == SECRET]
 
 
 # === row 6: escape sequences in args reach the terminal raw ========================================

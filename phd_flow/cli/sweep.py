@@ -1,6 +1,6 @@
 """The ``sweep`` command: a grid of runs of one node, locally or as a SLURM job array.
 
-``python -m my_project sweep FitOLS --dataset d.csv --target y --grid seed=1,2,3 --grid alpha=0.1,1``
+``python -m my_project sweep FitOLS --dataset d.csv --target y --grid seed=1,2,3``
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ record <local_path>/Sweep_.../run.json with every point's key and status. Grid v
 parsed with the node's argument types, so a bad value fails before anything runs.
 
 examples:
-  sweep FitOLS --dataset d.csv --target y --grid seed=1,2,3 --grid alpha=0.1,1.0
+  sweep FitOLS --dataset data/diabetes.csv --target target --grid seed=1,2,3
   sweep FitOLS --dataset d.csv --target y --grid seed=1,2,3 --executor slurm --wait
   sweep --status Sweep_2026      (progress; keys may be abbreviated)
   sweep --resume Sweep_2026      (run the points that did not complete, with the same keys)

@@ -29,6 +29,7 @@ from phd_flow.errors import (
 )
 from phd_flow.project import Project
 from phd_flow.run.record import ARGS_FILE, COMPLETED, KILLED, RUN_FILE, RUNNING, STALE, STATUS_CHOICES, RunRecord
+from phd_flow.run.record import parse_time as parse_time  # re-exported: cli/render.py imports it here
 from phd_flow.run.result import check_authentic, load_verified, result_path
 from phd_flow.runs.listing import (
     local_records,
@@ -425,17 +426,6 @@ def time_bound(value: TimeBound) -> datetime:
     if not isinstance(value, datetime):
         value = datetime(value.year, value.month, value.day)
     return value if value.tzinfo else value.astimezone()
-
-
-def parse_time(text: Any) -> datetime | None:
-    """An ISO timestamp from run.json as an aware datetime (UTC when it has no zone)."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def arg_text(value: Any) -> str:

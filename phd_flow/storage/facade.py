@@ -121,7 +121,7 @@ class Storage:
         parent, _, name = rel.rpartition("/")
         # A file inside a synced tree is verified against the nearest manifest above it.
         entry = _manifest_entry(remote, parent, name, self.config.storage.retries)
-        target = self.local_path / rel
+        target = keys.safe_join(self.local_path, rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(target.name + ".phd_flow-part")
 
@@ -173,7 +173,7 @@ class Storage:
         if remote is None:
             raise StorageNotFoundError(
                 f"No remote storage is configured, so {what!r} cannot be fetched or listed "
-                "remotely. Configure [storage] (see README 'Storage')."
+                "remotely. Configure [storage] (see docs/storage.md)."
             )
         return remote
 

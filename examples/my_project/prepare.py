@@ -1,0 +1,34 @@
+"""A node with stages (docs/stages.md): the same ``Prepare`` as tests/stage_nodes.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+
+from phd_flow import Node, node
+
+
+@dataclasses.dataclass
+class PrepareArgs(node.Args):
+    dataset: str  # path to a csv file
+    seed: int = 0  # random seed of the sample
+    note: str = ""  # free text, not an input of any stage
+
+
+class Prepare(Node[PrepareArgs, int]):
+    """Sample a dataset once (stage load_data), summarise it (stage summary)."""
+
+    def _run(self) -> int:
+        with self.stage("load_data", depends_on=["dataset", "seed"]) as st:
+            if st.loaded:  # files came from an earlier run
+                train = pd.read_csv(st.path / "train.csv")
+            else:
+                train = pd.read_csv(self.args.dataset).sample(frac=0.5, random_state=self.args.seed)
+                train.to_csv(st.path / "train.csv", index=False)
+        with self.stage("summary", depends_on=["load_data"]) as summary:
+            if not summary.loaded:
+                train.describe().to_csv(summary.path / "describe.csv")
+        with self.managed_artifact_dir("plots", stage="report") as plots:
+            plots.get_path("note.txt").write_text(f"{self.args.note}\n")
+        return len(train)
