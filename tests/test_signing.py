@@ -22,7 +22,9 @@ from tests.stage_nodes import Prepare
 DATASET = str(EXAMPLES / "data" / "diabetes.csv")
 
 
-def machine(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, key: str | None) -> phd_flow.Config:
+def machine(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, key: str | None, extra: str = ""
+) -> phd_flow.Config:
     """Switch to machine ``name``: its project, its ledger, its signing key (or none)."""
     root = tmp_path / name
     monkeypatch.setenv("XDG_STATE_HOME", str(root / "state"))
@@ -34,7 +36,7 @@ def machine(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, key: str
     write_config(
         root,
         f'local_path = "{root / "data"}"\n[mlflow]\nenabled = false\n'
-        f'[storage]\nbackend = "local"\nremote = "{shared}"\n',
+        f'[storage]\nbackend = "local"\nremote = "{shared}"\n' + extra,
     )
     return phd_flow.load_config(root)
 
@@ -75,6 +77,17 @@ def test_a_signed_stage_loads_elsewhere_only_with_the_same_key(tmp_path: Path, m
     assert json.loads((loaded.output_dir / "run.json").read_text())["stages"]["load_data"]["loaded_from"] == made.key
     with pytest.raises(StageError, match=f"{made.key}.*signature that does not match"):
         Prepare({"dataset": DATASET}, config=machine(tmp_path, "c", monkeypatch, "other-secret"), options=load).run()
+
+
+def test_latest_with_a_key_skips_an_unsigned_newer_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    signed = Prepare({"dataset": DATASET}, config=machine(tmp_path, "a", monkeypatch, "lab-secret"))
+    signed.run()
+    unsigned = Prepare({"dataset": DATASET}, config=machine(tmp_path, "x", monkeypatch, None))
+    unsigned.run()
+    latest = '[stages.load_data]\nload_from = "latest"\n'
+    loaded = Prepare({"dataset": DATASET}, config=machine(tmp_path, "b", monkeypatch, "lab-secret", latest))
+    loaded.run()
+    assert json.loads((loaded.output_dir / "run.json").read_text())["stages"]["load_data"]["loaded_from"] == signed.key
 
 
 def test_redaction_helpers() -> None:

@@ -219,8 +219,10 @@ def latest(project: Project, node: str, stage: str) -> Source | None:
                 and is_complete(stages.get(stage))
                 and not _from_the_future(key, found, origin)
             ):
-                best = found
-                break
+                try:  # unverifiable (no file list) or, with a signing key, unsigned: the next older
+                    return phd_flow_source(project, key, stage, origin)
+                except (StageError, CorruptRunError) as exc:
+                    logger.warning(f"{origin} skips run {key}: {exc}")
     if best is None:
         return None
     try:
