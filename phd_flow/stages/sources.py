@@ -23,9 +23,11 @@ from phd_flow._io import sha256_file
 from phd_flow.errors import CorruptRunError, InvalidKeyError, RunNotFoundError, StageError, closest
 from phd_flow.keys import RunKey, remote_relpath
 from phd_flow.log import logger
+from phd_flow.run import signing
 from phd_flow.run.record import COMPLETED, RUN_FILE, RunRecord, parse_time
 
 if TYPE_CHECKING:
+    from phd_flow.config import Config
     from phd_flow.project import Project
 
 LATEST = "latest"
@@ -138,7 +140,39 @@ def phd_flow_source(project: Project, key: str, stage: str, origin: str) -> Sour
             f"{data.get('host')} and is not in {config.local_path}. Load it on that machine, or "
             "from a run whose stage was synced."
         )
+    files = info.get("files")
+    if not isinstance(files, dict):
+        raise StageError(
+            f"{origin}: stage {stage!r} of run {key} records no file checksums in its {RUN_FILE}, "
+            "so its files cannot be verified: nothing of it is used. Load it from another run, "
+            "or drop the rule to compute it."
+        )
+    authenticate(project.config, key, stage, info, origin)
     return Source(key=key, path=path, info=dict(info))
+
+
+def authenticate(config: Config, key: str, stage: str, info: dict[str, Any], origin: str) -> None:
+    """With a signing key configured, check that ``stage`` of run ``key`` was made on this machine
+    or carries a valid signature over its file list; raises :class:`StageError` otherwise.
+
+    Without a key, a stage is verified by its checksums only (they catch accidents, not forgery).
+    """
+    secret = signing.signing_key(config)
+    if secret is None:
+        return
+    files = {str(k): str(v) for k, v in (info.get("files") or {}).items()}
+    stage_digest = digest(files)
+    if signing.stage_made_here(config.local_path, key, stage, stage_digest):
+        return
+    if signing.valid(signing.stage_mac(secret, key, stage, stage_digest), info.get("hmac")):
+        return
+    state = "has a signature that does not match" if info.get("hmac") else "is not signed"
+    raise StageError(
+        f"{origin}: stage {stage!r} of run {key} was not made on this machine and its file list "
+        f"{state} the signing key configured here ({signing.key_source(config)}): nothing of it is "
+        f"used. The machine that made the run must use the same key (set {signing.ENV_KEY} to the "
+        "lab's secret on both machines); or drop the rule to compute the stage."
+    )
 
 
 def latest(project: Project, node: str, stage: str) -> Source | None:
@@ -185,8 +219,10 @@ def latest(project: Project, node: str, stage: str) -> Source | None:
                 and is_complete(stages.get(stage))
                 and not _from_the_future(key, found, origin)
             ):
-                best = found
-                break
+                try:  # unverifiable (no file list) or, with a signing key, unsigned: the next older
+                    return phd_flow_source(project, key, stage, origin)
+                except (StageError, CorruptRunError) as exc:
+                    logger.warning(f"{origin} skips run {key}: {exc}")
     if best is None:
         return None
     try:
@@ -227,6 +263,12 @@ def _mlflow_source(project: Project, run_id: str, stage: str, origin: str) -> So
     if not client.list_artifacts(run_id, stage):
         raise StageError(f"{origin}: MLflow run {run_id} has no artifacts under {stage}/.")
     files = mlflow_checksums(config.tracking_uri(), run_id, stage)
+    if files is None:
+        raise StageError(
+            f"{origin}: MLflow run {run_id} logged no checksums for {stage}/ "
+            f"({MLFLOW_CHECKSUMS}/{stage}.json), so its files cannot be verified: nothing of it is "
+            "used. Log the stage with phd_flow's managed_artifact, or drop the rule to compute it."
+        )
     return Source(key=run_id, path=None, info={"files": files})
 
 
@@ -315,10 +357,13 @@ def _download_mlflow(project: Project, source: Source, stage: str, staging: Path
 
 def verify(root: Path, expected: dict[str, str] | None, stage: str, key: str, where: str) -> dict[str, str]:
     """Hash ``root`` and compare with ``expected``; raises :class:`StageError` on any difference."""
-    actual = hash_tree(root)
     if expected is None:
-        logger.warning(f"Stage {stage!r} from {key} has no recorded checksums; it is used unverified.")
-        return actual
+        raise StageError(
+            f"Stage {stage!r} from run {key} ({where}) records no checksums, so its files cannot be "
+            "verified: nothing of it was used. Load the stage from another run, or drop the rule "
+            "to compute it."
+        )
+    actual = hash_tree(root)
     missing = sorted(set(expected) - set(actual))
     wrong = sorted(rel for rel in expected if rel in actual and actual[rel] != expected[rel])
     extra = sorted(set(actual) - set(expected))
