@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 CHUNK = 1 << 20
+#: File names phd_flow keeps for itself (temp files of atomic writes, lock files, sync
+#: manifests): the sync engine never uploads them.
+PRIVATE_PREFIX = ".phd_flow-"
 
 
 @functools.cache
@@ -20,10 +23,16 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write_bytes(path: Path, data: bytes, make_parents: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``.
+
+    The temp file's name starts with :data:`PRIVATE_PREFIX`, so a sync running meanwhile skips
+    it. ``make_parents=False``: a missing directory raises ``FileNotFoundError`` (a run's record
+    never recreates a run directory deleted behind its back).
+    """
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{PRIVATE_PREFIX}{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -36,9 +45,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
+def atomic_write_json(path: Path, data: Any, make_parents: bool = True) -> None:
     """Atomically write ``data`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode(), make_parents)
 
 
 def read_json(path: Path) -> Any:

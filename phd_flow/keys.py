@@ -60,6 +60,35 @@ def new_key(node_name: str, now: datetime | None = None) -> RunKey:
     return RunKey(f"{node_name}_{now.strftime(_TIME_FORMAT)}_{suffix}")
 
 
+#: The longest run key accepted (a run key is a directory name, and a segment of object keys).
+MAX_RUN_KEY = 200
+
+
+def check_run_key(text: str, label: str = "Run key") -> RunKey:
+    """A run key given by a user (``--key``), or :class:`InvalidKeyError`: a run key is one
+    directory directly below ``local_path``, so it has no ``/``, does not start with ``.``
+    (hidden: never listed) and is at most :data:`MAX_RUN_KEY` characters."""
+    shown = repr(text) if len(text) <= 60 else f"{text[:40]!r}… ({len(text)} characters)"
+    if not text:
+        problem = "it is empty"
+    elif len(text) > MAX_RUN_KEY:
+        problem = f"it is longer than {MAX_RUN_KEY} characters"
+    elif _problem(text):
+        problem = _problem(text)
+    elif "/" in text:
+        problem = "it contains '/' (a run key is one directory name)"
+    elif text.startswith("."):
+        problem = "it starts with '.' (hidden directories are not runs)"
+    else:
+        problem = ""
+    if problem:
+        raise InvalidKeyError(
+            f"{label} {shown} is not allowed: {problem}. Use letters, digits and . _ - "
+            "(or leave the key out: phd_flow makes a unique one)."
+        )
+    return RunKey(text)
+
+
 def normalize(key: KeyLike) -> str:
     """Validate a relative storage key and return it in POSIX form.
 

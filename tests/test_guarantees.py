@@ -85,12 +85,17 @@ def fproject(project: Path) -> Path:
 
 
 def _tree(root: Path) -> dict[str, str]:
-    """sha256 of every file below root (the 'nothing changed' snapshot)."""
+    """sha256 of every file below root (the 'nothing changed' snapshot); a run's lock files
+    (``.phd_flow-*.lock``: never synced) left out."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
+        if p.is_file() and "__pycache__" not in p.parts and not _is_lock(p.name)
     }
+
+
+def _is_lock(name: str) -> bool:
+    return name.startswith(".phd_flow-") and name.endswith(".lock")
 
 
 def _env() -> dict[str, str]:

@@ -247,7 +247,6 @@ print(json.dumps({"syncs": syncs, "crashes": crashes}))
 RACE_RUNS = 50
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 1: sync writes back a stale run.json over the finished run")
 def test_row1_sync_racing_the_end_of_runs_never_reverts_them(hproject: Path, tmp_path: Path) -> None:
     """50 runs end while `sync KEY` is hammered at them; every one stays completed with its result."""
     # MLflow on: `sync` of a live run then spends a while in MLflow between reading and writing run.json
@@ -448,7 +447,6 @@ def test_row3_ls_stale_fix_works_on_a_full_disk(hproject: Path, small_disk: Path
 # --- row 4: a key is written once ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 4: run --key <completed key> overwrites the completed run")
 def test_row4_run_key_of_a_completed_run_is_refused(hproject: Path) -> None:
     first = cli(hproject, "run", "Nap", "--seconds", "0.01")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -460,7 +458,6 @@ def test_row4_run_key_of_a_completed_run_is_refused(hproject: Path) -> None:
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 4: two `run --key SAME` at once interleave in one run dir")
 def test_row4_two_runs_on_one_key_the_second_is_refused(hproject: Path, tmp_path: Path) -> None:
     key = "Nap_2030-01-01T00-00-00.000000Z_samekey1"
     marker = tmp_path / "started"
@@ -482,7 +479,6 @@ def test_row4_two_runs_on_one_key_the_second_is_refused(hproject: Path, tmp_path
 # --- row 5: rm of a running run ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 5: rm --force deletes a running run")
 def test_row5_rm_force_refuses_a_running_run(hproject: Path, tmp_path: Path) -> None:
     marker = tmp_path / "started"
     proc = popen(hproject, "run", "Nap", "--seconds", "120", "--marker", str(marker))
@@ -500,7 +496,6 @@ def test_row5_rm_force_refuses_a_running_run(hproject: Path, tmp_path: Path) -> 
         kill(proc)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 5: the heartbeat recreates a deleted run dir")
 def test_row5_the_heartbeat_never_recreates_a_deleted_run_dir(hproject: Path, tmp_path: Path) -> None:
     configure(hproject, MLFLOW_OFF + "[runs]\nheartbeat_seconds = 0.1\n")
     marker = tmp_path / "started"
@@ -525,7 +520,6 @@ def _synced_column(ls_stdout: str, key: str) -> str:
     return row[start:].split()[0]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 6: sync skips runs made before the remote was configured")
 def test_row6_sync_uploads_runs_made_before_the_remote_existed(hproject: Path, tmp_path: Path) -> None:
     made = cli(hproject, "run", "Nap")
     assert made.returncode == 0, made.stderr[-3000:]
@@ -540,7 +534,6 @@ def test_row6_sync_uploads_runs_made_before_the_remote_existed(hproject: Path, t
     assert record(remote / run_dir.name)["status"] == "completed"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 6: ls says SYNCED yes when no remote is configured")
 def test_row6_synced_column_is_a_dash_without_a_remote(hproject: Path) -> None:
     made = cli(hproject, "run", "Nap")
     assert made.returncode == 0, made.stderr[-3000:]
@@ -550,7 +543,6 @@ def test_row6_synced_column_is_a_dash_without_a_remote(hproject: Path) -> None:
     assert _synced_column(listed.stdout, run_dir.name) == "-", listed.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 6: plain sync skips a SIGKILLed run until --fix")
 def test_row6_plain_sync_uploads_a_sigkilled_run(hproject: Path, tmp_path: Path) -> None:
     remote = tmp_path / "shared"
     configure(hproject, remote_config(remote))
@@ -570,7 +562,6 @@ def test_row6_plain_sync_uploads_a_sigkilled_run(hproject: Path, tmp_path: Path)
 # --- row 7: odd keys are refused or first-class -------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 7: the key is accepted but the run is invisible")
 @pytest.mark.parametrize("key", ["sub/x", ".hidden"])
 def test_row7_odd_keys_are_refused_or_first_class(hproject: Path, tmp_path: Path, key: str) -> None:
     remote = tmp_path / "shared"
@@ -611,11 +602,16 @@ def test_row8_out_of_range_config_exits_2_naming_the_key(hproject: Path, text: s
     assert run_dirs(hproject / "data_storage") == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 8: a 300-byte --key or a huge --last is a raw traceback")
 @pytest.mark.parametrize(
     "argv",
-    [["run", "Nap", "--key", "K" * 300], ["ls", "--last", "99999999999999w"]],
-    ids=["key-300-bytes", "last-overflow"],
+    [
+        pytest.param(["run", "Nap", "--key", "K" * 300], id="key-300-bytes"),  # refused by row 7's key check
+        pytest.param(
+            ["ls", "--last", "99999999999999w"],
+            id="last-overflow",
+            marks=pytest.mark.xfail(strict=True, reason="issue 14 row 8: a huge --last is a raw traceback"),
+        ),
+    ],
 )
 def test_row8_huge_cli_values_exit_2_with_one_line(hproject: Path, argv: list[str]) -> None:
     proc = cli(hproject, *argv)

@@ -15,6 +15,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from b2sdk.v2 import exception as b2_exc
@@ -60,11 +61,11 @@ def proxies(moto_server: S3Server) -> Iterator[Callable[[FaultRule], FaultProxy]
 
 def sha256_tree(root: Path) -> dict[str, str]:
     """sha256 of every file below ``root`` (relative POSIX path -> hex); the sync engine's own
-    bookkeeping (manifest, push journal) left out."""
+    bookkeeping (manifest, push journal) and a run's lock files (``.phd_flow-*.lock``) left out."""
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST, JOURNAL)
+        if p.is_file() and p.name not in (MANIFEST, JOURNAL) and not p.name.endswith(".lock")
     }
 
 
@@ -323,3 +324,25 @@ def test_fault_proxy_really_faults(moto_server: S3Server, proxies: Callable[[Fau
         assert set(remote_objects(moto_server, bucket, "p")) == {"x.txt", "y.txt"}
     finally:
         remote.close()
+
+
+def test_a_file_deleted_between_scan_and_upload_is_skipped_and_private_files_never_go(tmp_path: Path) -> None:
+    """Issue 14 row 1: a live run's files come and go (temp files of atomic writes, lock files);
+    a push of its directory skips what vanished and never sends phd_flow's own ``.phd_flow-*``."""
+    from phd_flow.storage.engine import push
+    from phd_flow.storage.local import LocalRemote
+
+    class Racing(LocalRemote):
+        def list(self, prefix: str = "") -> Iterator[Any]:  # called after the scan, before uploads
+            (run_dir / "gone.txt").unlink()
+            (run_dir / ".phd_flow-run.json.123.tmp").write_text("half a record")
+            return super().list(prefix)
+
+    run_dir = tmp_path / "local" / "run_1"
+    write_tree(run_dir, {"kept.txt": b"kept", "gone.txt": b"gone", ".phd_flow-run.lock": b"pid 1 on h"})
+    remote = Racing(tmp_path / "remote")
+    report = push(remote, run_dir, "run_1")
+    arrived = sorted(p.name for p in (tmp_path / "remote" / "run_1").iterdir())
+    assert arrived == [MANIFEST, "kept.txt"], arrived
+    assert report.transferred == ["kept.txt"] and report.skipped == 1
+    assert set(parse_manifest((tmp_path / "remote" / "run_1" / MANIFEST).read_bytes())) == {"kept.txt"}

@@ -114,7 +114,9 @@ def args_summary(runs: Sequence[Run], limit: int = 4, width: int = 60) -> list[s
 
 
 def synced_text(run: Run) -> str:
-    if run.status == "running":
+    """``-`` for a running run, and where there is nowhere to sync to (no remote configured,
+    MLflow up to date or off); else ``yes`` or ``no``."""
+    if run.status == "running" or (run.synced and not run.has_remote):
         return "-"
     return "yes" if run.synced else "no"
 
@@ -320,12 +322,17 @@ def _file_lines(files: list[tuple[str, int]]) -> list[str]:
 
 
 def run_files(run_dir: Path) -> list[tuple[str, int]]:
-    """``(relative path, size)`` of the run's files, child runs' directories left out."""
+    """``(relative path, size)`` of the run's files, child runs' directories and phd_flow's own
+    files (locks, manifests, temp files) left out."""
+    from phd_flow._io import PRIVATE_PREFIX
+
     found = []
     for dirpath, dirnames, filenames in os.walk(run_dir):
         base = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not (base / d / RUN_FILE).exists())
         for name in sorted(filenames):
+            if name.startswith(PRIVATE_PREFIX):
+                continue
             path = base / name
             try:
                 found.append((path.relative_to(run_dir).as_posix(), path.stat().st_size))

@@ -5,7 +5,8 @@ runs), and with ``--remote`` its files in storage. MLflow goes first and the loc
 last, so a failure never leaves a run whose MLflow id is lost. A run that another run's stage
 was loaded from is named in a loud warning before the question.
 
-Exit codes: 0 done (or a filter matched nothing), 1 answered no, 2 a key matching no run.
+Exit codes: 0 done (or a filter matched nothing), 1 answered no, 2 a key matching no run or a
+run still running (refused even with ``--force``; nothing is deleted).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phd_flow.cli.selection import add_filters
-from phd_flow.errors import ArgsError
+from phd_flow.errors import ArgsError, UserError
 
 if TYPE_CHECKING:
     from phd_flow.project import Project
@@ -58,6 +59,7 @@ def remove(project: Project, args: argparse.Namespace) -> int:
     if not runs:
         print("No run matches: nothing deleted.")
         return 0
+    _refuse_live(project, runs)
     storage_remote = project.require_remote() if args.remote else None
     plans = [_plan(run, storage_remote) for run in runs]
     where = storage_remote.describe() if storage_remote is not None else None
@@ -90,6 +92,21 @@ def _targets(project: Project, args: argparse.Namespace) -> list[Run]:
         return list(runs.values())
     selected = {run.key for run in select(project, args)}
     return [run for key, run in runs.items() if key in selected]
+
+
+def _refuse_live(project: Project, runs: list[Run]) -> None:
+    """A live run is never deleted, not even with --force: its process would crash and its
+    heartbeat would write into a deleted directory."""
+    from phd_flow.run.record import describe_process, is_live
+
+    stale_after = project.config.runs.stale_after_seconds
+    live = [run for run in runs if run.where != "remote" and is_live(run.run_dir, run.data, stale_after)]
+    if live:
+        names = "; ".join(f"{run.key} ({describe_process(run.data, run.run_dir)})" for run in live)
+        raise UserError(
+            f"Not deleting a running run: {names}. Stop it first (Ctrl-C, `kill PID`, `scancel`), "
+            "then rm it; nothing was deleted."
+        )
 
 
 def _plan(run: Run, storage_remote: Any) -> Removal:
@@ -200,7 +217,7 @@ def register_rm(commands: Any) -> None:
         help="delete runs (local dir, MLflow run; --remote: storage too)",
         description="Delete runs by key or filter. Shows what will be deleted and asks (y/N) "
         "unless --force. Exit 0 when done or when a filter matches nothing, 1 when you answer "
-        "no, 2 for a key that matches no run.",
+        "no, 2 for a key that matches no run or a run that is still running (never deleted).",
     )
     parser.add_argument("keys", nargs="*", metavar="KEY", help="run keys or unique prefixes")
     add_filters(parser)

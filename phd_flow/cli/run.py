@@ -94,8 +94,11 @@ def _add_run_options(parser: Any) -> None:
 
 def _run_options(parsed: argparse.Namespace) -> Any:
     from phd_flow.errors import ArgsError
+    from phd_flow.keys import check_run_key
     from phd_flow.run.node import RunOptions
 
+    if parsed.run_key is not None:
+        check_run_key(parsed.run_key, "--key")
     load = {}
     for item in parsed.load:
         stage, sep, source = item.partition("=")

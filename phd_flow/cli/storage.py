@@ -39,7 +39,7 @@ def _cmd_sync(project: Project, args: argparse.Namespace) -> int:
 
     results = sync_runs(project, args.keys)
     failed = [key for key, ok in results.items() if not ok]
-    if not results:
+    if not results and not args.keys:
         logger.info("Everything is synced.")
     if failed:
         logger.error(f"{len(failed)} run(s) still not synced: {', '.join(failed)}")

@@ -56,7 +56,7 @@ class ActiveRun:
 
         stages = prepare(node)
         name = type(node).__name__
-        key = keys.RunKey(node.options.key) if node.options.key else keys.new_key(name)
+        key = keys.check_run_key(str(node.options.key)) if node.options.key else keys.new_key(name)
         parent = node.options.parent
         return cls(node, key, parent.active if parent is not None else None, stages)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from phd_flow import keys
 from phd_flow._io import atomic_write_json
-from phd_flow.errors import RunFailedError, RunKilledError, UserError
+from phd_flow.errors import CorruptRunError, RunFailedError, RunKilledError, UserError
 from phd_flow.log import RunLogging, logger, redact_url
 from phd_flow.run import repro
 from phd_flow.run.active import ActiveRun
@@ -30,6 +30,7 @@ from phd_flow.run.record import (
     REPRO_FILE,
     RUN_FILE,
     Heartbeat,
+    RunLock,
     RunRecord,
     utcnow,
 )
@@ -39,8 +40,33 @@ from phd_flow.run.result import save_result
 def execute(run: ActiveRun) -> Any:
     """Run ``run.node`` end to end; see :meth:`phd_flow.run.node.Node.run`."""
     config = run.project.config
-    node = run.node
     run_dir = _make_run_dir(config.local_path, run.run_path, config.where("local_path"))
+    lock = RunLock(run_dir)
+    lock.acquire(str(run.key))  # a second process on this key is refused here
+    try:
+        _refuse_completed(run_dir, str(run.key))
+        return _execute_locked(run, run_dir)
+    finally:
+        lock.release()
+
+
+def _refuse_completed(run_dir: Path, key: str) -> None:
+    """A key is written once: an attempt with the key of a completed run is refused (a killed,
+    failed or requeued attempt may be resumed under its key)."""
+    try:
+        status = RunRecord.load(run_dir).status if (run_dir / RUN_FILE).exists() else None
+    except CorruptRunError:
+        return  # a torn record of an earlier attempt: that attempt did not complete
+    if status == COMPLETED:
+        raise UserError(
+            f"Run {key} already completed: a key is written once, so --key {key} cannot run "
+            "again. Run without --key for a new run (or `rm` that run first)."
+        )
+
+
+def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
+    config = run.project.config
+    node = run.node
     args = args_to_dict(node.args)
     atomic_write_json(run_dir / ARGS_FILE, args)
     parent = run.parent

@@ -36,7 +36,7 @@ def save_result(record: RunRecord, result: Any, node_name: str, config: Config) 
         )
         return FAILED, PhdFlowError(f"result cannot be pickled ({type(exc).__name__}: {exc})")
     path = record.run_dir / RESULT_FILE
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, make_parents=False)  # a deleted run dir stays deleted
     sha256 = hashlib.sha256(data).hexdigest()
     info: dict[str, Any] = {"file": RESULT_FILE, "sha256": sha256, "type": type(result).__name__}
     secret = signing.signing_key(config)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from phd_flow.log import logger
 from phd_flow.run.push import push_run
-from phd_flow.run.record import RUNNING, RunRecord
+from phd_flow.run.record import RUNNING, RunRecord, describe_process, is_live, is_stale
 from phd_flow.runs.listing import local_records, resolve_key
 
 if TYPE_CHECKING:
@@ -14,23 +16,61 @@ if TYPE_CHECKING:
     from phd_flow.project import Project
 
 
-def needs_sync(record: RunRecord) -> bool:
-    """True when the run's files or MLflow record are behind its run directory."""
+def needs_sync(record: RunRecord, has_remote: bool = False) -> bool:
+    """True when the run's files or MLflow record are behind its run directory.
+
+    A run recorded ``local`` (made while no remote was configured) is behind once one is.
+    """
     if record.status == RUNNING:
         return False
+    return files_behind(record, has_remote) or mlflow_behind(record)
+
+
+def files_behind(record: RunRecord, has_remote: bool) -> bool:
+    """True when the remote lacks (part of) the run's files."""
     files = record.data.get("sync", {}).get("state")
-    tracked = record.data.get("mlflow", {}).get("state")
-    return files not in ("synced", "local") or tracked not in ("synced", "disabled", None)
+    return files != "synced" and (has_remote or files != "local")
+
+
+def mlflow_behind(record: RunRecord) -> bool:
+    """True when MLflow lacks (part of) the run's record."""
+    return record.data.get("mlflow", {}).get("state") not in ("synced", "disabled", None)
 
 
 def sync_runs(project: Project, keys: list[str]) -> dict[str, bool]:
-    """Sync the given runs (or every run that needs it). Returns key -> fully synced."""
-    local_path = project.config.local_path
+    """Sync the given runs (or every run that needs it). Returns key -> fully synced.
+
+    A live run (its process holds the run lock, or it beats) is skipped with a message: its own
+    end syncs it. Without keys, every finished run the remote or MLflow lacks is synced, and so
+    is every stale run (its process is gone: treated as killed for the sync, its status is left
+    to ``ls --stale --fix``).
+    """
+    config = project.config
+    local_path, stale_after = config.local_path, config.runs.stale_after_seconds
     if keys:
         records = [RunRecord.load(local_path / resolve_key(project, k)) for k in keys]
     else:
-        records = [r for r in local_records(local_path) if isinstance(r, RunRecord) and needs_sync(r)]
-    return {record.key: sync_one(project, record) for record in records}
+        has_remote, host, now = config.storage.has_remote, socket.gethostname(), datetime.now(timezone.utc)
+
+        def wanted(record: RunRecord) -> bool:
+            if needs_sync(record, has_remote):
+                return True
+            # a stale run (its process is gone) is synced as a killed one would be
+            return is_stale(record.data, stale_after, now, host) and not is_live(
+                record.run_dir, record.data, stale_after
+            )
+
+        records = [r for r in local_records(local_path) if isinstance(r, RunRecord) and wanted(r)]
+    results = {}
+    for record in records:
+        if is_live(record.run_dir, record.data, stale_after):
+            logger.warning(
+                f"{record.key} is still running ({describe_process(record.data, record.run_dir)}): "
+                "skipped; its end syncs it (or `sync` it once it is over)."
+            )
+            continue
+        results[record.key] = sync_one(project, record)
+    return results
 
 
 def sync_one(project: Project, record: RunRecord) -> bool:
@@ -49,7 +89,7 @@ def _sync_mlflow(config: Config, record: RunRecord) -> bool:
     uri = config.tracking_uri()  # today's config: the recorded URI may be the one that failed
     experiment = section.get("experiment") or config.experiment_name(record.data.get("package"))
     try:
-        record.update(mlflow=catch_up(record.run_dir, record.data, uri, experiment))
+        record.update_section("mlflow", **catch_up(record.run_dir, record.data, uri, experiment))
     except Exception as exc:
         logger.error(f"{record.key}: MLflow at {uri} is still not reachable ({type(exc).__name__}: {exc}).")
         return False

@@ -12,7 +12,6 @@ Statuses are honest: a run recorded as ``running`` whose heartbeat is older than
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
@@ -28,7 +27,19 @@ from phd_flow.errors import (
     RunNotFoundError,
 )
 from phd_flow.project import Project
-from phd_flow.run.record import ARGS_FILE, COMPLETED, KILLED, RUN_FILE, RUNNING, STALE, STATUS_CHOICES, RunRecord
+from phd_flow.run.record import (
+    ARGS_FILE,
+    COMPLETED,
+    KILLED,
+    RUN_FILE,
+    RUNNING,
+    STALE,
+    STATUS_CHOICES,
+    RunRecord,
+    is_live,
+    is_stale,
+    run_lock_held,
+)
 from phd_flow.run.record import parse_time as parse_time  # re-exported: cli/render.py imports it here
 from phd_flow.run.result import check_authentic, load_verified, result_path
 from phd_flow.runs.listing import (
@@ -52,13 +63,17 @@ class Run(RunRecord):
     """A run as listed: its run.json plus where it lives and its honest status.
 
     ``where`` is ``"local"``, ``"remote"`` or ``"local+remote"``; ``state`` is the recorded
-    status, or ``"stale"`` for a ``running`` run that stopped beating.
+    status, or ``"stale"`` for a ``running`` run that stopped beating; ``has_remote``: whether a
+    remote is configured now (a run made before it existed is then not synced).
     """
 
-    def __init__(self, run_dir: Path, data: dict[str, Any], where: str = "local", stale: bool = False) -> None:
+    def __init__(
+        self, run_dir: Path, data: dict[str, Any], where: str = "local", stale: bool = False, has_remote: bool = False
+    ) -> None:
         super().__init__(run_dir, data)
         self.where = where
         self.stale = stale
+        self.has_remote = has_remote
 
     @property
     def state(self) -> str:
@@ -95,7 +110,7 @@ class Run(RunRecord):
         """True when the run is finished and nothing of it is waiting for ``sync``."""
         from phd_flow.runs.catchup import needs_sync
 
-        return self.status != RUNNING and not needs_sync(self)
+        return self.status != RUNNING and not needs_sync(self, self.has_remote)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON summary ``ls --json`` prints."""
@@ -276,13 +291,14 @@ def list_runs(
     run_filter = run_filter or RunFilter()
     report = warn or _log_warning
     stale_after, host, now = config.runs.stale_after_seconds, socket.gethostname(), _now()
+    has_remote = config.storage.has_remote
     found: dict[str, Run] = {}
     for item in local_records(config.local_path):
         if isinstance(item, CorruptRunError):
             report(str(item))
             continue
-        stale = is_stale(item.data, stale_after, now, host)
-        found[item.key] = Run(item.run_dir, item.data, "local", stale)
+        stale = local_stale(item.run_dir, item.data, stale_after, now, host)
+        found[item.key] = Run(item.run_dir, item.data, "local", stale, has_remote)
     if remote:
         for item in remote_records(config, project.require_remote(), refresh=refresh):
             if isinstance(item, CorruptRunError):
@@ -291,7 +307,7 @@ def list_runs(
                 found[item.key].where = "local+remote"
             else:
                 stale = is_stale(item.data, stale_after, now, host)
-                found[item.key] = Run(item.run_dir, item.data, "remote", stale)
+                found[item.key] = Run(item.run_dir, item.data, "remote", stale, has_remote)
     runs = [run for run in found.values() if run_filter.matches(run)]
     runs.sort(key=lambda r: (str(r.data.get("started_at") or ""), r.key))
     return Runs(runs)
@@ -302,16 +318,18 @@ def get_run(project: Project, key: str) -> Run:
     config = project.config
     full = resolve_key(project, key, remote=True)
     host, now = socket.gethostname(), _now()
+    stale_after = config.runs.stale_after_seconds
     if (config.local_path / full / RUN_FILE).exists():
         record = RunRecord.load(config.local_path / full)
         where = "local"
+        stale = local_stale(record.run_dir, record.data, stale_after, now, host)
     else:
         remote_record = read_remote_record(config, project.require_remote(), full)
         if remote_record is None:
             raise RunNotFoundError(f"{full} has no {RUN_FILE} in the remote storage: not a run.")
         record, where = remote_record, "remote"
-    stale = is_stale(record.data, config.runs.stale_after_seconds, now, host)
-    return Run(record.run_dir, record.data, where, stale)
+        stale = is_stale(record.data, stale_after, now, host)
+    return Run(record.run_dir, record.data, where, stale, config.storage.has_remote)
 
 
 def read_run_file(project: Project, run: Run, name: str) -> bytes | None:
@@ -324,27 +342,16 @@ def read_run_file(project: Project, run: Run, name: str) -> bytes | None:
     return project.require_remote().read_bytes(f"{run.key}/{name}")
 
 
-def is_stale(data: Mapping[str, Any], stale_after: float, now: datetime, host: str) -> bool:
-    """True for a ``running`` record whose heartbeat is older than ``stale_after`` seconds, or
-    whose process is gone (same host, pid not alive)."""
+def local_stale(run_dir: Path, data: Mapping[str, Any], stale_after: float, now: datetime, host: str) -> bool:
+    """:func:`is_stale` for a run in ``local_path``, where the run lock settles it: a run whose
+    process holds the lock is live, and one of this host whose lock nobody holds is gone."""
     if data.get("status") != RUNNING:
         return False
-    pid = data.get("pid")
-    if data.get("host") == host and isinstance(pid, int) and not pid_alive(pid):
-        return True
-    beat = parse_time(data.get("heartbeat_at") or data.get("started_at"))
-    return beat is None or (now - beat).total_seconds() > stale_after
-
-
-def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
+    return (
+        not is_live(run_dir, data, stale_after)
+        if run_lock_held(run_dir) is not None
+        else is_stale(data, stale_after, now, host)
+    )
 
 
 def mark_killed(project: Project, run: Run) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from phd_flow import keys
-from phd_flow._io import atomic_write_bytes, sha256_file
+from phd_flow._io import PRIVATE_PREFIX, atomic_write_bytes, sha256_file
 from phd_flow.errors import (
     ChecksumMismatchError,
     InvalidKeyError,
@@ -82,12 +82,15 @@ def scan(root: Path, exclude: Iterable[str] = ()) -> dict[str, Entry]:
     for path, rel in _walk(root):
         if rel.startswith(skip) or rel + "/" in skip:
             continue
-        st = path.stat()
-        old = previous.get(rel)
-        if old and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
-            entries[rel] = old
-        else:
-            entries[rel] = Entry(st.st_size, sha256_file(path), st.st_mtime_ns)
+        try:
+            st = path.stat()
+            old = previous.get(rel)
+            if old and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+                entries[rel] = old
+            else:
+                entries[rel] = Entry(st.st_size, sha256_file(path), st.st_mtime_ns)
+        except FileNotFoundError:
+            continue  # gone since the walk (a file replaced or deleted meanwhile): not part of the tree
     return entries
 
 
@@ -96,7 +99,8 @@ def _walk(root: Path) -> Iterator[tuple[Path, str]]:
         dirnames.sort()
         base = Path(dirpath)
         for name in sorted(filenames):
-            if name in (MANIFEST, JOURNAL) or name.endswith(".phd_flow-part"):
+            # phd_flow's own files: manifests, temp files of atomic writes, lock files, partial downloads
+            if name.startswith(PRIVATE_PREFIX) or name.endswith(".phd_flow-part"):
                 continue
             path = base / name
             if path.is_symlink() or not path.is_file():
@@ -165,10 +169,15 @@ def push(
     report = SyncReport(skipped=len(entries) - len(todo))
 
     changed: list[str] = []
+    vanished: set[str] = set()
 
     def upload(rel: str) -> None:
         path = local_root / rel
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            vanished.add(rel)  # deleted since the scan: skipped, and the manifest does not claim it
+            return
         if (stat.st_size, stat.st_mtime_ns) == (entries[rel].size, entries[rel].mtime_ns):
             if stat.st_size > SNAPSHOT_BYTES:
                 remote.put(path, _join(remote_prefix, rel))
@@ -179,7 +188,11 @@ def push(
             raise StorageError(f"{path} changed while it was being uploaded; sync again.")
         # Small files (logs still being appended to, run.json) are sent from one in-memory
         # snapshot, so the manifest always describes exactly the bytes the remote got.
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            vanished.add(rel)
+            return
         digest = hashlib.sha256(data).hexdigest()
         if digest != entries[rel].sha256:
             entries[rel] = Entry(len(data), digest, stat.st_mtime_ns)
@@ -188,7 +201,11 @@ def push(
 
     try:
         _run_parallel(todo, upload, entries, report, retries, workers or remote.max_workers, label)
-        if changed:
+        for rel in vanished:
+            report.bytes -= entries.pop(rel).size
+            report.transferred.remove(rel)
+            report.skipped += 1
+        if changed or vanished:
             atomic_write_bytes(local_root / MANIFEST, dump_manifest(entries))
         merged = {**remote_entries, **entries}
         _retry(lambda: remote.write_bytes(_join(remote_prefix, MANIFEST), dump_manifest(merged)), retries)
