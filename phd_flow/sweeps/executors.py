@@ -158,7 +158,8 @@ def _start(point: dict[str, Any], sweep: Sweep, package: str, config_path: str |
     command = [sys.executable, "-m", package]
     if config_path:
         command += ["--config", config_path]
-    command += ["run", sweep.data["node_class"], "--key", point["key"], "--sweep", sweep.key, *point["argv"]]
+    # run options before the node name: a field of the node may have the same name (--key)
+    command += ["run", "--key", point["key"], "--sweep", sweep.key, sweep.data["node_class"], *point["argv"]]
     log = logs / f"{point['key']}.log"
     with open(log, "wb") as handle:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
