@@ -1,6 +1,6 @@
 """Executors for sweeps: local processes, or a SLURM job array through submitit.
 
-* ``local``: one ``python -m <package> run <Node> --key <KEY> --sweep <SWEEP> ...`` process per
+* ``local``: one ``python -m <package> run --key <KEY> --sweep <SWEEP> <Node> ...`` process per
   point (so points are isolated like separate runs), at most ``max_parallel`` at a time.
   Ctrl-C (or SIGTERM) is forwarded to the running points, which record ``killed``; points not
   started yet are marked ``killed`` in the sweep so ``--resume`` runs them.
