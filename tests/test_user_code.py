@@ -297,3 +297,15 @@ def test_storage_download_returns_the_local_path_and_keeps_the_report(tmp_path: 
     assert second.last_report is not None and len(second.last_report.transferred) == 1
     one = second.download("datasets/mine/x.csv")
     assert one == tmp_path / "b" / "datasets" / "mine" / "x.csv" and one.read_text() == "a,b\n1,2\n"
+
+
+def test_args_file_in_a_sweep(uproject: Path) -> None:
+    path = uproject / "args.json"
+    path.write_text(json.dumps({"dataset": "d.csv", "inner": {"lr": 0.5}}))
+    proc = cli(uproject, "sweep", "FromFile", "--args-file", str(path), "--grid", "epochs=1,2")
+    assert proc.returncode == 0, proc.stderr
+    results = [result_of(d) for d in run_dirs(uproject / "data_storage") if d.name.startswith("FromFile_")]
+    assert sorted((r["dataset"], r["epochs"], r["inner"]["lr"]) for r in results) == [
+        ("d.csv", 1, 0.5),
+        ("d.csv", 2, 0.5),
+    ]
