@@ -10,8 +10,9 @@
 
 Same names, signatures and defaults as mlflowhelper (``stages="all"``, a stage name or a list,
 ``artifact_path=``, ``local_value_cache=``...); ``get_path()`` returns a ``str``; runs logged by
-mlflowhelper itself (its files at the artifact root) load as well as phd_flow's (verified by
-sha256). The implementation is :mod:`phd_flow.stages.mlflowhelper`; see docs/stages.md.
+mlflowhelper itself (its files at the artifact root) load as well as phd_flow's, once
+``adopt_run(run_id)`` recorded their checksums (everything loaded is verified by sha256).
+The implementation is :mod:`phd_flow.stages.mlflowhelper`; see docs/stages.md.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from phd_flow.stages.mlflowhelper import (
 from phd_flow.stages.mlflowhelper import (
     MlflowManagedArtifact,
     StrPath,
+    adopt_run,
     log_vars,
     managed_artifact,
     managed_artifact_dir,
@@ -36,6 +38,7 @@ __all__ = [
     "MlflowDict",
     "MlflowManagedArtifact",
     "StrPath",
+    "adopt_run",
     "end_run",
     "log_vars",
     "managed_artifact",

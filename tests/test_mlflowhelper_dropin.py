@@ -169,10 +169,15 @@ def rename_run(db: Path, old: str, new: str) -> None:
             columns = [row[1] for row in con.execute(f"PRAGMA table_info({table})")]
             if "run_uuid" in columns:
                 con.execute(f"UPDATE {table} SET run_uuid = ? WHERE run_uuid = ?", (new, old))
+    # MLflow caches each run's artifact repository by run id; an earlier test's run had this id
+    from mlflow.tracking._tracking_service import utils
+
+    utils._artifact_repos_cache.pop(new, None)
 
 
-def legacy_run(db: Path, tmp_path: Path, run_id: str = README_RUN_ID) -> str:
-    """A run laid out as the real mlflowhelper logs one: files at the artifact root."""
+def legacy_run(db: Path, tmp_path: Path, run_id: str = README_RUN_ID, adopt: bool = True) -> str:
+    """A run laid out as the real mlflowhelper logs one: files at the artifact root; adopted
+    (its checksums recorded once, the migration step) unless ``adopt=False``."""
     src = tmp_path / "legacy"
     (src / "data").mkdir(parents=True)
     (src / "data.csv").write_text("a,b\n" + "".join(f"{i},{i % 5}\n" for i in range(150)))
@@ -182,6 +187,10 @@ def legacy_run(db: Path, tmp_path: Path, run_id: str = README_RUN_ID) -> str:
         mlflow.log_artifact(str(src / "data.csv"))
         mlflow.log_artifacts(str(src / "data"), artifact_path="data")
     rename_run(db, run.info.run_id, run_id)
+    if adopt:
+        from phd_flow import mlflowhelper
+
+        assert set(mlflowhelper.adopt_run(run_id)) == {"data.csv", "data/train.csv", "data/test.csv"}
     return run_id
 
 
@@ -273,6 +282,30 @@ def test_set_load_of_a_missing_artifact_says_so(tracking: Path, tmp_path: Path) 
         with (
             pytest.raises(StageError, match=r"nope\.csv"),
             mlflowhelper.managed_artifact("nope.csv", stage="load_data"),
+        ):
+            pass
+
+
+def test_a_run_mlflowhelper_logged_loads_only_once_adopted_and_verified(tracking: Path, tmp_path: Path) -> None:
+    from phd_flow import StageError, mlflowhelper
+
+    source = legacy_run(tracking, tmp_path, adopt=False)
+    with mlflowhelper.start_run():
+        mlflowhelper.set_load(source, "load_data")
+        with (
+            pytest.raises(StageError, match=r"records no checksums.*adopt_run\('e1363f760b1e4ab3a9e93f856f2e9341'\)"),
+            mlflowhelper.managed_artifact_dir("data", stage="load_data"),
+        ):
+            pass
+    mlflowhelper.adopt_run(source)
+    assert mlflow.get_run(source).data.tags["phd_flow.adopted"]
+    stored = Path(mlflow.get_run(source).info.artifact_uri.removeprefix("file://")) / "data" / "train.csv"
+    stored.write_text("a,b\n666,666\n")  # changed after adoption: refused
+    with mlflowhelper.start_run():
+        mlflowhelper.set_load(source, "load_data")
+        with (
+            pytest.raises(StageError, match=r"train\.csv does not match its recorded sha256"),
+            mlflowhelper.managed_artifact_dir("data", stage="load_data"),
         ):
             pass
 

@@ -35,6 +35,7 @@ from phd_flow.stages.sources import MLFLOW_CHECKSUMS, digest, hash_tree, mlflow_
 __all__ = [
     "MlflowDict",
     "StrPath",
+    "adopt_run",
     "log_vars",
     "managed_artifact",
     "managed_artifact_dir",
@@ -45,6 +46,7 @@ __all__ = [
 
 
 ALL = "all"  # mlflowhelper's "every stage"
+ADOPTED = "_adopted"  # phd_flow-stages/_adopted.json: the checksums adopt_run() records
 
 
 @dataclass
@@ -114,7 +116,8 @@ def set_load(run_id: str, stages: str | Sequence[str] = ALL) -> None:
 
     Applies to the active run and the runs nested in it, or to the next run started when none is
     active. The run may have been logged by phd_flow (``<stage>/<name>``, verified by sha256) or by
-    mlflowhelper itself (``<name>`` at the artifact root, used unverified with a warning).
+    mlflowhelper itself (``<name>`` at the artifact root) once :func:`adopt_run` recorded its
+    checksums; either way the files are verified by sha256 before use.
     """
     settings = _settings(create_for_run=False)
     for stage in _stage_list(stages):
@@ -125,6 +128,32 @@ def set_skip_log(stages: str | Sequence[str] = ALL) -> None:
     """Do not log ``stages``' ("all", one stage, or a list) managed artifacts to MLflow (they are
     still usable in the block)."""
     _settings(create_for_run=False).skip_log.update(_stage_list(stages))
+
+
+def adopt_run(run_id: str) -> dict[str, str]:
+    """Record the sha256 of every artifact of MLflow run ``run_id`` (one that mlflowhelper
+    logged: it recorded none), so that :func:`set_load` can load from it, verified from then on.
+
+    Call it once per old run, having decided that its artifacts are what you expect: it trusts
+    them as they are now (phd_flow never loads unverified files). The checksums are logged to
+    that run as ``phd_flow-stages/_adopted.json`` and the run gets the tag ``phd_flow.adopted``.
+    Returns ``{artifact path: sha256}``.
+    """
+    from datetime import datetime, timezone
+
+    mlflow = _mlflow()
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    client = MlflowClient(uri)
+    with tempfile.TemporaryDirectory(prefix="phd_flow-adopt-") as tmp:
+        root = mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(Path(tmp) / "run"), tracking_uri=uri)
+        files = {k: v for k, v in hash_tree(Path(root)).items() if not k.startswith(f"{MLFLOW_CHECKSUMS}/")}
+        checksums = Path(tmp) / f"{ADOPTED}.json"
+        checksums.write_text(json.dumps(files, indent=1, sort_keys=True))
+        client.log_artifact(run_id, str(checksums), artifact_path=MLFLOW_CHECKSUMS)
+    client.set_tag(run_id, "phd_flow.adopted", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return files
 
 
 def start_run(
@@ -264,36 +293,46 @@ class MlflowManagedArtifact(ArtifactPath):
     def _load(self, run_id: str) -> None:
         mlflow = _mlflow()
         uri = mlflow.get_tracking_uri()
-        stage = self.stage or ""
+        where = f"MLflow at {uri}"
+        expected = mlflow_checksums(uri, run_id, self.stage) if self.stage else None
+        # (artifact path in the run, its name in the checksums, the checksums)
+        if expected is not None:  # logged by phd_flow: <stage>/<rel>, checksums per stage
+            plan = [(self.remote, self.rel, expected)]
+        else:  # logged by mlflowhelper: at the artifact root, checksums from adopt_run()
+            adopted = mlflow_checksums(uri, run_id, ADOPTED)
+            if adopted is None:
+                raise StageError(
+                    f"set_load(run_id={run_id!r}, stages=[{self.stage!r}]): MLflow run {run_id} "
+                    f"records no checksums for stage {self.stage!r} (a run logged by mlflowhelper?), "
+                    "so its files cannot be verified: nothing of it was used. If you trust that "
+                    "run's artifacts as they are now, adopt it once: "
+                    f"`phd_flow.mlflowhelper.adopt_run({run_id!r})`; or drop the rule to compute the stage."
+                )
+            plan = [(path, path, adopted) for path in dict.fromkeys([self.remote, *self._legacy()])]
         staging = Path(tempfile.mkdtemp(prefix="phd_flow-load-"))
         try:
-            expected = mlflow_checksums(uri, run_id, stage) if stage else None
-            # phd_flow's layout first; then mlflowhelper's: the file at the artifact root
-            candidates = [self.remote] if expected is not None else list(dict.fromkeys([self.remote, *self._legacy()]))
-            got, errors = None, []
-            for candidate in candidates:
+            got, errors, name, mine = None, [], "", {}
+            for remote, name, sums in plan:
+                mine = {k: v for k, v in sums.items() if k == name or k.startswith(f"{name}/")}
+                if not mine:
+                    errors.append(f"{remote} (not in its checksums)")
+                    continue
                 try:
                     got = mlflow.artifacts.download_artifacts(
-                        run_id=run_id,
-                        artifact_path=candidate,
-                        dst_path=str(staging / "download"),
-                        tracking_uri=uri,
+                        run_id=run_id, artifact_path=remote, dst_path=str(staging / "download"), tracking_uri=uri
                     )
                     break
                 except Exception as exc:
-                    errors.append(f"{candidate} ({type(exc).__name__}: {exc})")
+                    errors.append(f"{remote} ({type(exc).__name__}: {exc})")
             if got is None:
                 raise StageError(
                     f"set_load(run_id={run_id!r}, stages=[{self.stage!r}]): MLflow run {run_id} has no "
-                    f"artifact {' or '.join(candidates)}: {'; '.join(errors)}."
+                    f"artifact {' or '.join(p for p, _, _ in plan)}: {'; '.join(errors)}."
                 )
-            checked = staging / "checked" / self.rel  # laid out as the checksums name files
+            checked = staging / "checked" / name  # laid out as the checksums name files
             checked.parent.mkdir(parents=True)
             Path(got).replace(checked)
-            mine = None
-            if expected is not None:
-                mine = {k: v for k, v in expected.items() if k == self.rel or k.startswith(f"{self.rel}/")}
-            verify(staging / "checked", mine, stage or self.name, run_id, f"MLflow at {uri}")
+            verify(staging / "checked", mine, self.stage or self.name, run_id, where)
             if self.path.is_dir():
                 shutil.rmtree(self.path)
             else:
