@@ -169,7 +169,9 @@ def config_path(project_root: Path, explicit: str | os.PathLike[str] | None = No
     return project_root / "config" / "default.toml"
 
 
-def load_config(project_root: str | os.PathLike[str], path: str | os.PathLike[str] | None = None) -> Config:
+def load_config(
+    project_root: str | os.PathLike[str], path: str | os.PathLike[str] | None = None, *, reason: str | None = None
+) -> Config:
     """Load and validate the config for a project.
 
     ``path`` (or $PHD_FLOW_CONFIG) must exist when given; the default
@@ -184,9 +186,10 @@ def load_config(project_root: str | os.PathLike[str], path: str | os.PathLike[st
             origin = "--config" if path is not None else f"${ENV_CONFIG}"
             raise ConfigError(f"Config file {file} (from {origin}) does not exist.")
         config = default_config(root)
-        _say(f"No config file at {file}; using the defaults (local_path={config.local_path}).")
+        why = f" ({reason})" if reason else ""
+        _say(f"No config file at {file}{why}; using the defaults (local_path={config.local_path}).")
         return config
-    _say(f"Loading config from file: {file}")
+    _say(f"Loading config from file: {file}" + (f" ({reason})" if reason else ""))
     return parse_config(file.read_bytes(), root, file)
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phd_flow.config import Config, load_config
+from phd_flow.config import ENV_CONFIG, Config, load_config
 
 if TYPE_CHECKING:
     from phd_flow.storage.base import Remote
@@ -26,23 +27,78 @@ if TYPE_CHECKING:
 ConfigLike = Config | str | os.PathLike[str] | None
 
 
-def project_root(package: str | None) -> Path:
-    """PROJECT_ROOT: the directory holding ``package`` (the cwd when there is none)."""
-    module = sys.modules.get(package or "")
-    if module is None and package:
+CONFIG_FILE = Path("config") / "default.toml"
+
+
+@dataclass(frozen=True)
+class ConfigChoice:
+    """Where a project's config comes from: PROJECT_ROOT, the file (None: the embedded
+    defaults) and why, in words for the log."""
+
+    root: Path
+    file: Path | None
+    reason: str
+
+
+def package_dir(package: str | None) -> Path | None:
+    """The directory holding ``package`` (``.../root/pkg/__init__.py`` or ``.../root/mod.py`` -> root)."""
+    if not package:
+        return None
+    module = sys.modules.get(package)
+    if module is None:
         module = importlib.import_module(package)
     file = getattr(module, "__file__", None)
     if not file:
-        return Path.cwd()
+        return None
     path = Path(file).resolve()
-    # a package: .../root/pkg/__init__.py -> root; a single module: .../root/mod.py -> root
     return path.parent.parent if path.name == "__init__.py" else path.parent
 
 
-def discover_root() -> Path:
-    """The nearest directory, from the cwd upwards, holding ``config/default.toml`` (else the cwd)."""
-    cwd = Path.cwd()
-    return next((p for p in (cwd, *cwd.parents) if (p / "config" / "default.toml").is_file()), cwd)
+def _nearest(start: Path) -> Path | None:
+    """The first of ``start`` and its parents holding ``config/default.toml``."""
+    return next((p for p in (start, *start.parents) if (p / CONFIG_FILE).is_file()), None)
+
+
+def discover_config(package: str | None, explicit: str | os.PathLike[str] | None = None) -> ConfigChoice:
+    """The one config discovery, used by nodes, ``find_runs``, ``load_result`` and the CLI.
+
+    PROJECT_ROOT is the nearest directory holding ``config/default.toml``: first from the
+    package's directory upwards (a ``src/`` layout finds the project above it), then from the
+    current directory upwards (a notebook in ``project/notebooks/`` finds ``project/``); when
+    neither has one, the package's directory (or the cwd). The file read is ``explicit``
+    (``--config``, ``config=``), else ``$PHD_FLOW_CONFIG`` (both are deliberate choices, so they
+    win over a discovered file), else ``PROJECT_ROOT/config/default.toml``, else none: the
+    embedded defaults.
+    """
+    home = package_dir(package)
+    root, reason = None, ""
+    if home is not None:
+        root = _nearest(home)
+        reason = f"the nearest {CONFIG_FILE.as_posix()} above package {package} ({home})"
+    if root is None:
+        cwd = Path.cwd()
+        root = _nearest(cwd)
+        reason = f"the nearest {CONFIG_FILE.as_posix()} above the current directory ({cwd})"
+    if explicit is not None:
+        return ConfigChoice(root or home or Path.cwd(), Path(explicit), "given with --config / config=")
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        return ConfigChoice(root or home or Path.cwd(), Path(env), f"${ENV_CONFIG}")
+    if root is None:
+        where = f"above package {package} ({home}) or " if home is not None else ""
+        base = home or Path.cwd()
+        return ConfigChoice(base, None, f"no {CONFIG_FILE.as_posix()} {where}above the current directory")
+    return ConfigChoice(root, root / CONFIG_FILE, reason)
+
+
+def project_root(package: str | None) -> Path:
+    """PROJECT_ROOT for ``package`` (see :func:`discover_config`)."""
+    return discover_config(package).root
+
+
+def discover_root(package: str | None = None) -> Path:
+    """PROJECT_ROOT for ``package``, or from the cwd upwards without one (see :func:`discover_config`)."""
+    return discover_config(package).root
 
 
 class Project:
@@ -50,7 +106,8 @@ class Project:
 
     ``config`` is a :class:`Config`, a path to a TOML file, or None for
     ``PROJECT_ROOT/config/default.toml`` (or ``$PHD_FLOW_CONFIG``, or the embedded defaults).
-    Without a package, PROJECT_ROOT is found from the cwd upwards (see :func:`discover_root`).
+    PROJECT_ROOT and the file are found by :func:`discover_config` (the package's directory
+    upwards, then the cwd upwards, ``--config`` and ``$PHD_FLOW_CONFIG`` winning).
     ``remote`` replaces the configured remote (a simulator in tests, an already open client).
     """
 
@@ -81,13 +138,14 @@ class Project:
         """PROJECT_ROOT: where ``config/default.toml`` is looked for."""
         if self._config is not None:
             return self._config.project_root
-        return project_root(self.package) if self.package else discover_root()
+        return discover_config(self.package, self._config_path).root
 
     @property
     def config(self) -> Config:
-        """The validated config (loaded on first access)."""
+        """The validated config (loaded on first access; the log says which file and why)."""
         if self._config is None:
-            self._config = load_config(self.root, self._config_path)
+            choice = discover_config(self.package, self._config_path)
+            self._config = load_config(choice.root, self._config_path, reason=choice.reason)
         return self._config
 
     @property

@@ -397,9 +397,10 @@ def test_parallel_runs_with_managed_artifacts_do_not_clash(stage_project: Path) 
 
 def test_stages_doc_examples_are_the_tested_code() -> None:
     section = (REPO / "docs" / "stages.md").read_text()
-    tested = (REPO / "tests" / "stage_nodes.py").read_text() + (
-        REPO / "tests" / "test_stages_mlflowhelper.py"
-    ).read_text()
+    tested = "".join(
+        (REPO / "tests" / name).read_text()
+        for name in ("stage_nodes.py", "test_stages_mlflowhelper.py", "test_mlflowhelper_dropin.py")
+    )
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) >= 2
     for block in blocks:

@@ -212,7 +212,7 @@ def test_s3_slow_down_errors_are_retried_and_contents_verify(
     assert_remote_identical(moto_server, bucket, f"{PREFIX}/run_1", storage.path("run_1"))
 
     second = s3_storage(proxy.url, bucket, tmp_path / "machine2", retries=3)
-    assert len(second.download("run_1").transferred) == files
+    assert len(second.download_report("run_1").transferred) == files
     assert sha256_tree(second.path("run_1")) == sha256_tree(storage.path("run_1"))
 
 

@@ -12,20 +12,30 @@ if TYPE_CHECKING:
     from phd_flow.project import Project
 
 
+OPTIONS_TITLE = "phd_flow run options"
+OPTIONS_NOTE = (
+    "accepted before the node name (`run --key K NodeName ...`) always, and after it too "
+    "unless one of the node's fields has the same name"
+)
+
+
 def register_run(commands: Any) -> None:
     parser = commands.add_parser(
         "run",
-        help="run a node: run NodeName [--field value ...]",
+        help="run a node: run [RUN OPTIONS] NodeName [--field value ...]",
         description="Run a node. `run NodeName --help` lists the node's arguments.",
+        usage="%(prog)s [RUN OPTIONS] NodeName [--field value ...]",
         add_help=False,
     )
     parser.add_argument("node", nargs="?", help="node class name or dotted path")
     parser.add_argument("node_args", nargs=argparse.REMAINDER, help="the node's arguments")
     parser.add_argument("-h", "--help", action="store_true", dest="help_requested")
+    _add_run_options(parser, set(), with_args_file=True)
     parser.set_defaults(func=_cmd_run, run_parser=parser)
 
 
 def _cmd_run(project: Project, args: argparse.Namespace) -> int:
+    from phd_flow.run.args import option_strings
     from phd_flow.run.discovery import find_nodes, resolve_node
 
     if args.node is None or args.node.startswith("-"):
@@ -37,9 +47,9 @@ def _cmd_run(project: Project, args: argparse.Namespace) -> int:
     node_cls = resolve_node(project.package_name, args.node)
     argv = list(args.node_args) + (["--help"] if args.help_requested else [])
     parser = node_cls.argument_parser(prog=f"python -m {project.package_name} run {node_cls.__name__}")
-    _add_run_options(parser)
-    parsed = parser.parse_args(argv)
-    node = node_cls(parsed.args, config=project, options=_run_options(parsed))
+    _add_run_options(parser, option_strings(parser), with_args_file=False)
+    parsed = node_cls.parse_with(parser, argv, args.pf_args_file)
+    node = node_cls(parsed.args, config=project, options=_run_options(args, parsed))
     node.run()
     if node.kill_signal is not None:
         # The signal came after the run completed (during the final sync, which was finished):
@@ -49,70 +59,117 @@ def _cmd_run(project: Project, args: argparse.Namespace) -> int:
     return EXIT_NOT_SYNCED if sync_state == "not_synced" else EXIT_OK
 
 
-def _add_run_options(parser: Any) -> None:
-    group = parser.add_argument_group("phd_flow run options")
-    group.add_argument(
-        "--load",
-        action="append",
-        default=[],
-        metavar="STAGE=KEY",
-        help="load STAGE from run KEY (a key, key prefix, MLflow run id or 'latest')",
-    )
-    group.add_argument(
-        "--skip-log",
-        action="append",
-        default=[],
-        metavar="STAGE",
-        help="keep STAGE local: not synced, not logged to MLflow",
-    )
-    cache = group.add_mutually_exclusive_group()
-    cache.add_argument(
-        "--cache",
-        dest="cache",
-        action="store_const",
-        const=True,
-        default=None,
-        help="reuse stages whose fingerprint matches an earlier run",
-    )
-    cache.add_argument("--no-cache", dest="cache", action="store_const", const=False, help="recompute every stage")
-    group.add_argument(
-        "--rerun",
-        action="append",
-        default=[],
-        metavar="NODE",
-        help="run NODE again even where require() could reuse an earlier run",
-    )
-    group.add_argument("--key", dest="run_key", default=None, metavar="KEY", help="use this run key (resume)")
-    group.add_argument(
-        "--sweep",
-        dest="sweep_key",
-        default=None,
-        metavar="SWEEP",
-        help="record this run as a point of sweep SWEEP (set by the sweep command)",
-    )
+def _add_run_options(parser: Any, taken: set[str], with_args_file: bool) -> None:
+    """phd_flow's own options of `run`, each left out where a node field already has its name
+    (``taken``: the node's option strings; empty before the node name)."""
+    from phd_flow.run.args import same_option
+
+    options: list[tuple[str, dict[str, Any]]] = [
+        (
+            "--load",
+            dict(
+                dest="pf_load",
+                action="append",
+                default=[],
+                metavar="STAGE=KEY",
+                help="load STAGE from run KEY (a key, key prefix, MLflow run id or 'latest')",
+            ),
+        ),
+        (
+            "--skip-log",
+            dict(
+                dest="pf_skip_log",
+                action="append",
+                default=[],
+                metavar="STAGE",
+                help="keep STAGE local: not synced, not logged to MLflow",
+            ),
+        ),
+        (
+            "--cache",
+            dict(
+                dest="pf_cache",
+                action="store_const",
+                const=True,
+                default=None,
+                help="reuse stages whose fingerprint matches an earlier run",
+            ),
+        ),
+        ("--no-cache", dict(dest="pf_cache", action="store_const", const=False, help="recompute every stage")),
+        (
+            "--rerun",
+            dict(
+                dest="pf_rerun",
+                action="append",
+                default=[],
+                metavar="NODE",
+                help="run NODE again even where require() could reuse an earlier run",
+            ),
+        ),
+        ("--key", dict(dest="pf_key", default=None, metavar="KEY", help="use this run key (resume)")),
+        (
+            "--sweep",
+            dict(
+                dest="pf_sweep",
+                default=None,
+                metavar="SWEEP",
+                help="record this run as a point of sweep SWEEP (set by the sweep command)",
+            ),
+        ),
+    ]
+    if with_args_file:
+        options.append(
+            (
+                "--args-file",
+                dict(
+                    dest="pf_args_file",
+                    default=None,
+                    metavar="FILE",
+                    help="the node's arguments from FILE (.json, .toml, .yaml); options on the command line win",
+                ),
+            )
+        )
+    shadowed = [flag for flag, _ in options if same_option(flag, taken)]
+    note = OPTIONS_NOTE
+    if shadowed:
+        note += f"; here {', '.join(shadowed)} are this node's fields: give phd_flow's before the node name"
+    group = parser.add_argument_group(OPTIONS_TITLE, f"{note}.")
+    for flag, kwargs in options:
+        if flag not in shadowed:
+            group.add_argument(flag, **kwargs)
 
 
-def _run_options(parsed: argparse.Namespace) -> Any:
+def _run_options(before: argparse.Namespace, after: argparse.Namespace) -> Any:
+    """RunOptions from the options given before the node name and after it (after wins)."""
     from phd_flow.errors import ArgsError
     from phd_flow.keys import check_run_key
     from phd_flow.run.node import RunOptions
 
-    if parsed.run_key is not None:
-        check_run_key(parsed.run_key, "--key")
+    def merged(name: str) -> Any:
+        later = getattr(after, name, None)
+        earlier = getattr(before, name, None)
+        if isinstance(earlier, list):
+            return [*earlier, *(later or [])]
+        return later if later is not None else earlier
+
+    key = merged("pf_key")
+    if key is not None:
+        check_run_key(key, "--key")
     load = {}
-    for item in parsed.load:
+    for item in merged("pf_load"):
         stage, sep, source = item.partition("=")
         if not sep or not stage or not source:
             raise ArgsError(f"--load {item!r}: write it as STAGE=KEY, e.g. --load load_data=latest.")
         load[stage] = source
+    sweep = merged("pf_sweep")
     return RunOptions(
-        key=parsed.run_key,
+        key=key,
         load=load,
-        skip_log=list(parsed.skip_log),
-        cache=parsed.cache,
-        rerun=list(parsed.rerun),
-        sweep=parsed.sweep_key,
-        tags={"phd_flow.sweep": parsed.sweep_key} if parsed.sweep_key else {},
+        skip_log=list(merged("pf_skip_log")),
+        cache=merged("pf_cache"),
+        rerun=list(merged("pf_rerun")),
+        sweep=sweep,
+        tags={"phd_flow.sweep": sweep} if sweep else {},
     )
 
 

@@ -54,6 +54,6 @@ def _cmd_download(project: Project, args: argparse.Namespace) -> int:
     storage = project.storage
     key = resolve_key(project, args.key, remote=True)
     target = f"{key}/{keys.normalize(args.subpath)}" if args.subpath else key
-    report = storage.download(target)
+    report = storage.download_report(target)
     print(f"Downloaded {target} to {storage.path(target)}: {report}")
     return 0

@@ -1,36 +1,59 @@
-"""A node's arguments: the ``Args`` base dataclass, building Args from dicts, and Args as JSON."""
+"""A node's arguments: the ``Args`` base class, building Args from dicts or files, and Args as JSON."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import os
+import sys
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 from phd_flow.errors import ArgsError, NodeDefinitionError, closest
 
-__all__ = ["Args", "args_to_dict", "check_args_class", "from_mapping"]
+__all__ = [
+    "Args",
+    "args_file_argv",
+    "args_to_dict",
+    "check_args_class",
+    "from_mapping",
+    "load_args_file",
+    "option_strings",
+    "same_option",
+]
 
 
-@dataclass
 class Args:
-    """Base class for a node's arguments. Subclass it as a ``@dataclasses.dataclass``.
+    """Base class for a node's arguments. Subclass it as a ``@dataclasses.dataclass`` (frozen
+    or not: ``@dataclasses.dataclass(frozen=True)`` works too).
 
     Each field becomes a CLI option (``--field``); a comment after the field, or a docstring
-    below it, is its ``--help`` text; a field without a default is required.
+    below it, is its ``--help`` text; a field without a default is required. ``Args`` itself is
+    a plain marker class, not a dataclass, so it forces nothing (frozenness, slots) on yours.
     """
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # set by @dataclass on every subclass
 
 
 def check_args_class(node: type, args_cls: Any) -> None:
-    """Raise NodeDefinitionError unless ``args_cls`` (from ``Node[Args, ...]``) is a dataclass."""
+    """Raise NodeDefinitionError unless ``args_cls`` (from ``Node[Args, ...]``) is a dataclass
+    that declares all of its own fields (a subclass without ``@dataclass`` would drop them)."""
     if isinstance(args_cls, TypeVar):
         return
+    fix = f"add `@dataclasses.dataclass` above `class {getattr(args_cls, '__name__', args_cls)}`"
     if not (isinstance(args_cls, type) and dataclasses.is_dataclass(args_cls)):
         raise NodeDefinitionError(
-            f"{node.__qualname__}: the first parameter of Node[...] must be a dataclass "
-            f"(subclass phd_flow.node.Args with @dataclasses.dataclass), got {args_cls!r}."
+            f"{node.__qualname__}: its Args {getattr(args_cls, '__qualname__', repr(args_cls))} "
+            f"must be a dataclass: {fix}."
+        )
+    own = [n for n in inspect.get_annotations(args_cls) if n not in args_cls.__dataclass_fields__]
+    if own:
+        raise NodeDefinitionError(
+            f"{node.__qualname__}: its Args {args_cls.__qualname__} declares {', '.join(own)} without "
+            f"being a dataclass itself: {fix}."
         )
 
 
@@ -69,3 +92,93 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     return str(value)
+
+
+def option_strings(parser: Any) -> set[str]:
+    """The option strings a simple-parsing parser gives the node's fields (``--key``, ``-a``...).
+
+    simple-parsing adds a dataclass's options when it parses; this asks it to add them now so
+    that phd_flow's own options can be left out where a field already uses the name.
+    """
+    prepare = getattr(parser, "_preprocessing", None)
+    if prepare is not None and not getattr(parser, "_preprocessing_done", False):
+        prepare()
+    return {s for action in parser._actions for s in action.option_strings}
+
+
+def same_option(flag: str, taken: set[str]) -> bool:
+    """True when ``flag`` (``--skip-log``) names the same thing as a taken option (``--skip_log``)."""
+    norm = flag.lstrip("-").replace("-", "_")
+    return any(t.startswith("--") and t.lstrip("-").replace("-", "_") == norm for t in taken) or flag in taken
+
+
+def load_args_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A node's args from a ``.json``, ``.toml`` or ``.yaml``/``.yml`` file (a table of fields)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ArgsError(f"--args-file {file}: no such file.")
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(file.read_text())
+        elif suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover - exercised on 3.10 only
+                import tomli as tomllib
+            data = tomllib.loads(file.read_text())
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ArgsError(f"--args-file {file}: reading YAML needs PyYAML: pip install pyyaml.") from None
+            data = yaml.safe_load(file.read_text())
+        else:
+            raise ArgsError(f"--args-file {file}: use a .json, .toml or .yaml file.")
+    except ArgsError:
+        raise
+    except Exception as exc:  # each parser has its own error class
+        raise ArgsError(f"--args-file {file}: cannot be read ({type(exc).__name__}: {exc}).") from None
+    if not isinstance(data, dict):
+        raise ArgsError(f"--args-file {file}: holds a {type(data).__name__}; write a table of field = value.")
+    return data
+
+
+def args_file_argv(parser: Any, args_cls: type[Any], values: dict[str, Any], source: str) -> list[str]:
+    """``values`` (from an args file) as command-line options of ``parser``, to be put in front
+    of the command line's own options (so those, coming later, win)."""
+    by_dest = {action.dest: action for action in parser._actions}
+    argv: list[str] = []
+
+    def walk(cls: type[Any], data: dict[str, Any], prefix: str) -> None:
+        names = {f.name for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            if name not in names:
+                raise ArgsError(
+                    f"{source}: unknown argument {prefix + name!r} for {cls.__name__}."
+                    f"{closest(name, names)} Fields: {', '.join(names)}."
+                )
+            hint = hints.get(name)
+            if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+                walk(hint, dict(value), f"{prefix}{name}.")
+                continue
+            action = by_dest.get(f"args.{prefix}{name}")
+            flag = next((s for s in action.option_strings if s.startswith("--")), None) if action else None
+            if flag is None:
+                raise ArgsError(f"{source}: {prefix + name!r} cannot be set from a file; give it on the command line.")
+            if action is not None and action.nargs in ("*", "+") and isinstance(value, (list, tuple)):
+                argv.extend([flag, *(_token(v) for v in value)])
+            else:
+                argv.append(f"{flag}={_token(value)}")
+
+    walk(args_cls, values, "")
+    return argv
+
+
+def _token(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    return json.dumps(value)

@@ -27,7 +27,15 @@ from phd_flow.config import Config
 from phd_flow.errors import ArgsError, NodeDefinitionError, PhdFlowError
 from phd_flow.log import logger
 from phd_flow.project import Project
-from phd_flow.run.args import Args, check_args_class, from_mapping
+from phd_flow.run.args import (
+    Args,
+    args_file_argv,
+    check_args_class,
+    from_mapping,
+    load_args_file,
+    option_strings,
+    same_option,
+)
 from phd_flow.run.options import RunOptions
 from phd_flow.run.record import CHECKPOINT_DIR
 
@@ -45,6 +53,9 @@ ArgsT = TypeVar("ArgsT", bound=Args)
 ResultT = TypeVar("ResultT")
 ArgsU = TypeVar("ArgsU", bound=Args)
 ResultU = TypeVar("ResultU")
+
+ARGS_FILE_FLAG = "--args-file"
+ARGS_FILE_DEST = "phd_flow_args_file"
 
 
 class Node(Generic[ArgsT, ResultT]):
@@ -122,22 +133,57 @@ class Node(Generic[ArgsT, ResultT]):
         )
 
     @classmethod
-    def parse_argv(cls, argv: list[str], prog: str | None = None) -> ArgsT:
-        """Parse command-line arguments into this node's Args (exits 2 on bad input)."""
+    def parse_argv(cls, argv: list[str], prog: str | None = None, *, args_file: str | None = None) -> ArgsT:
+        """Parse command-line arguments into this node's Args (exits 2 on bad input).
+
+        ``--args-file FILE`` in ``argv`` (or ``args_file``) reads the args from a .json, .toml or
+        .yaml file first; options in ``argv`` override the file's values.
+        """
         parser = cls.argument_parser(prog)
-        return typing.cast(ArgsT, parser.parse_args(argv).args)
+        return typing.cast(ArgsT, cls.parse_with(parser, argv, args_file).args)
+
+    @classmethod
+    def parse_with(cls, parser: Any, argv: Sequence[str], args_file: str | None = None) -> Any:
+        """Parse ``argv`` with ``parser`` (from :meth:`argument_parser`, maybe with more options),
+        after the values of the args file (``--args-file`` in ``argv`` wins over ``args_file``)."""
+        import argparse
+
+        argv = list(argv)
+        if any(a.dest == ARGS_FILE_DEST for a in parser._actions):
+            pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+            pre.add_argument(ARGS_FILE_FLAG, dest="file", action="append", default=[])
+            known, _ = pre.parse_known_args(argv)
+            args_file = known.file[-1] if known.file else args_file
+        if args_file:
+            values = load_args_file(args_file)
+            option_strings(parser)
+            argv = args_file_argv(parser, cls.args_type(), values, f"--args-file {args_file}") + argv
+        return parser.parse_args(argv)
 
     @classmethod
     def argument_parser(cls, prog: str | None = None) -> Any:
-        """The simple-parsing parser for this node's Args."""
+        """The simple-parsing parser for this node's Args (plus ``-h``/``--help`` and
+        ``--args-file`` where no field of the node has those names)."""
         import simple_parsing
 
         parser = simple_parsing.ArgumentParser(
             prog=prog or cls.__name__,
             description=cls.description(),
             add_config_path_arg=False,
+            add_help=False,
         )
         parser.add_arguments(cls.args_type(), dest="args")
+        taken = option_strings(parser)
+        help_flags = [flag for flag in ("-h", "--help") if flag not in taken]
+        if help_flags:
+            parser.add_argument(*help_flags, action="help", help="show this help message and exit")
+        if not same_option(ARGS_FILE_FLAG, taken):
+            parser.add_argument(
+                ARGS_FILE_FLAG,
+                dest=ARGS_FILE_DEST,
+                metavar="FILE",
+                help="read the node's arguments from FILE (.json, .toml, .yaml); options given here override it",
+            )
         return parser
 
     @classmethod

@@ -34,12 +34,19 @@ from phd_flow.stages.sources import MLFLOW_CHECKSUMS, digest, hash_tree, mlflow_
 
 __all__ = [
     "MlflowDict",
+    "StrPath",
+    "adopt_run",
     "log_vars",
     "managed_artifact",
     "managed_artifact_dir",
     "set_load",
     "set_skip_log",
+    "start_run",
 ]
+
+
+ALL = "all"  # mlflowhelper's "every stage"
+ADOPTED = "_adopted"  # phd_flow-stages/_adopted.json: the checksums adopt_run() records
 
 
 @dataclass
@@ -47,8 +54,22 @@ class _RunSettings:
     """Stage rules and logged checksums of one MLflow run."""
 
     load: dict[str, str] = field(default_factory=dict)  # stage -> source MLflow run id
-    skip_log: set[str] = field(default_factory=set)
+    skip_log: set[str] = field(default_factory=set)  # stages, or {"all"}
     files: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> {file: sha256}
+    tmp_dir: str | None = None  # start_run(tmp_dir=...): where managed artifacts are written
+
+    def source(self, stage: str | None) -> str | None:
+        """The run to load ``stage`` from, if any."""
+        if stage is None:
+            return None
+        return self.load.get(stage) or self.load.get(ALL)
+
+    def skips(self, stage: str | None) -> bool:
+        return stage is not None and (stage in self.skip_log or ALL in self.skip_log)
+
+    def inherited(self) -> _RunSettings:
+        """A nested run's settings: the parent's rules (mlflowhelper has one set per process)."""
+        return _RunSettings(dict(self.load), set(self.skip_log), tmp_dir=self.tmp_dir)
 
 
 # Keyed by MLflow run id; None holds rules set before a run started (taken by the next run).
@@ -62,51 +83,164 @@ def _mlflow() -> Any:
     return import_mlflow()
 
 
-def _active_run_id() -> str | None:
-    run = _mlflow().active_run()
-    return str(run.info.run_id) if run is not None else None
+def _active_run() -> Any:
+    return _mlflow().active_run()
 
 
 def _settings(create_for_run: bool = True) -> _RunSettings:
-    run_id = _active_run_id()
-    if run_id is None:
+    run = _active_run()
+    if run is None:
         if create_for_run:
             raise PhdFlowError(
                 "Managed artifacts need an active MLflow run: use them inside `with mlflow.start_run():`."
             )
         return _SETTINGS.setdefault(None, _RunSettings())
+    run_id = str(run.info.run_id)
     if run_id not in _SETTINGS:
         pending = _SETTINGS.pop(None, None)
-        _SETTINGS[run_id] = pending if pending is not None else _RunSettings()
+        parent = _SETTINGS.get(run.data.tags.get("mlflow.parentRunId") or "")
+        _SETTINGS[run_id] = pending or (parent.inherited() if parent is not None else _RunSettings())
     return _SETTINGS[run_id]
 
 
-def set_load(run_id: str, stages: Sequence[str]) -> None:
-    """Load ``stages`` from MLflow run ``run_id`` (any experiment) instead of computing them.
+def _stage_list(stages: str | Sequence[str] | None) -> list[str]:
+    """mlflowhelper's ``stages``: "all", one stage name, or a list of them."""
+    if stages is None:
+        return [ALL]
+    return [stages] if isinstance(stages, str) else list(stages)
 
-    Applies to the active run, or to the next run started when none is active.
+
+def set_load(run_id: str, stages: str | Sequence[str] = ALL) -> None:
+    """Load ``stages`` ("all", one stage, or a list) from MLflow run ``run_id`` (any experiment)
+    instead of computing them.
+
+    Applies to the active run and the runs nested in it, or to the next run started when none is
+    active. The run may have been logged by phd_flow (``<stage>/<name>``, verified by sha256) or by
+    mlflowhelper itself (``<name>`` at the artifact root) once :func:`adopt_run` recorded its
+    checksums; either way the files are verified by sha256 before use.
     """
     settings = _settings(create_for_run=False)
-    for stage in stages:
+    for stage in _stage_list(stages):
         settings.load[stage] = run_id
 
 
-def set_skip_log(stages: Sequence[str]) -> None:
-    """Do not log ``stages``' managed artifacts to MLflow (they are still usable in the block)."""
-    _settings(create_for_run=False).skip_log.update(stages)
+def set_skip_log(stages: str | Sequence[str] = ALL) -> None:
+    """Do not log ``stages``' ("all", one stage, or a list) managed artifacts to MLflow (they are
+    still usable in the block)."""
+    _settings(create_for_run=False).skip_log.update(_stage_list(stages))
+
+
+def adopt_run(run_id: str) -> dict[str, str]:
+    """Record the sha256 of every artifact of MLflow run ``run_id`` (one that mlflowhelper
+    logged: it recorded none), so that :func:`set_load` can load from it, verified from then on.
+
+    Call it once per old run, having decided that its artifacts are what you expect: it trusts
+    them as they are now (phd_flow never loads unverified files). The checksums are logged to
+    that run as ``phd_flow-stages/_adopted.json`` and the run gets the tag ``phd_flow.adopted``.
+    Returns ``{artifact path: sha256}``.
+    """
+    from datetime import datetime, timezone
+
+    mlflow = _mlflow()
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    client = MlflowClient(uri)
+    with tempfile.TemporaryDirectory(prefix="phd_flow-adopt-") as tmp:
+        root = mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(Path(tmp) / "run"), tracking_uri=uri)
+        files = {k: v for k, v in hash_tree(Path(root)).items() if not k.startswith(f"{MLFLOW_CHECKSUMS}/")}
+        checksums = Path(tmp) / f"{ADOPTED}.json"
+        checksums.write_text(json.dumps(files, indent=1, sort_keys=True))
+        client.log_artifact(run_id, str(checksums), artifact_path=MLFLOW_CHECKSUMS)
+    client.set_tag(run_id, "phd_flow.adopted", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return files
+
+
+def start_run(
+    run_id: str | None = None,
+    experiment_id: str | None = None,
+    run_name: str | None = None,
+    nested: bool = False,
+    tmp_dir: str | None = None,
+    delete_tmp_dir: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """``mlflow.start_run`` (same arguments and return value), as mlflowhelper's ``start_run``.
+
+    ``tmp_dir``: where managed artifacts are written (default: a fresh temporary folder each);
+    ``delete_tmp_dir`` is accepted for mlflowhelper's sake (artifacts are deleted per block, see
+    ``delete=``). A nested run takes over its parent's :func:`set_load` / :func:`set_skip_log`.
+    """
+    mlflow = _mlflow()
+    active = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, nested=nested, **kwargs)
+    settings = _settings()
+    if tmp_dir is not None:
+        settings.tmp_dir = str(tmp_dir)
+    return active
+
+
+class StrPath(str):
+    """A path that is a ``str`` (mlflowhelper returned strings: ``path + ".bak"`` works) and
+    also answers pathlib's attributes (``.name``, ``.parent``, ``.exists()``, ``/``...)."""
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+    @property
+    def path(self) -> Path:
+        """The same path as a :class:`pathlib.Path`."""
+        return Path(self)
+
+    def __truediv__(self, other: str | os.PathLike[str]) -> StrPath:
+        return StrPath(os.path.join(self, os.fspath(other)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(Path(self), name)
 
 
 class MlflowManagedArtifact(ArtifactPath):
-    """A file or folder logged to the active MLflow run when its ``with`` block ends."""
+    """A file or folder logged to the active MLflow run when its ``with`` block ends.
 
-    def __init__(self, name: str, stage: str | None, is_dir: bool, delete: bool = True) -> None:
-        if not name or name.startswith("/") or ".." in name.split("/"):
-            raise PhdFlowError(f"Managed artifact name {name!r} must be a relative path without '..'.")
-        self.name, self.stage, self.is_dir, self.delete = name, stage, is_dir, delete
+    It is logged at ``[<stage>/]<name>`` (a file with ``artifact_path``: at
+    ``[<stage>/]<artifact_path>/<file name>``, as mlflowhelper does).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stage: str | None,
+        is_dir: bool,
+        delete: bool | None = True,
+        artifact_path: str | None = None,
+        load: bool | str | None = None,
+        skip_log: bool | None = None,
+    ) -> None:
+        name = name.rstrip("/")
+        for part in (name, artifact_path or ""):
+            if part.startswith("/") or ".." in part.split("/"):
+                raise PhdFlowError(f"Managed artifact name {part!r} must be a relative path without '..'.")
+        if not name:
+            raise PhdFlowError("A managed artifact needs a name.")
+        self.name, self.stage, self.is_dir = name, stage, is_dir
+        self.delete = True if delete is None else delete
+        self.artifact_path = artifact_path.strip("/") if artifact_path else None
+        self._load_override, self._skip_override = load, skip_log
         self.loaded = False
         self.loaded_from: str | None = None
         self._tmp: Path | None = None
         self._settings = _RunSettings()
+
+    @property
+    def rel(self) -> str:
+        """Where the artifact is logged, relative to its stage folder (or the run's artifact root)."""
+        if self.artifact_path and not self.is_dir:
+            return f"{self.artifact_path}/{self.name.rsplit('/', 1)[-1]}"
+        return self.name
+
+    @property
+    def remote(self) -> str:
+        """Where the artifact is logged in the MLflow run."""
+        return "/".join(filter(None, [self.stage, self.rel]))
 
     @property
     def path(self) -> Path:
@@ -115,11 +249,39 @@ class MlflowManagedArtifact(ArtifactPath):
             raise PhdFlowError("A managed artifact has a path inside its `with` block only.")
         return self._tmp / self.name
 
+    def get_path(self, name: str | None = None) -> StrPath:  # type: ignore[override]
+        """The artifact's path as a ``str`` (mlflowhelper's type; pathlib's attributes work too);
+        for a folder, ``get_path("epoch_1/loss.txt")`` is a file inside it, its folder created."""
+        if name is None:
+            return StrPath(self.path)
+        if not self.is_dir:
+            raise PhdFlowError(f"{self.path.name} is a single file; get_path() takes no name.")
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return StrPath(path)
+
+    @property
+    def skip_log(self) -> bool:
+        """True when this artifact is not logged (``skip_log=`` or :func:`set_skip_log`)."""
+        if self._skip_override is not None:
+            return self._skip_override
+        return self._settings.skips(self.stage)
+
+    def _source(self) -> str | None:
+        if self._load_override is False:
+            return None
+        if isinstance(self._load_override, str):
+            return self._load_override
+        return self._settings.source(self.stage)
+
     def __enter__(self) -> MlflowManagedArtifact:
         self._settings = _settings()
-        self._tmp = Path(tempfile.mkdtemp(prefix="phd_flow-artifact-"))
+        base = self._settings.tmp_dir
+        if base is not None:
+            Path(base).mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix="phd_flow-artifact-", dir=base))
         (self.path if self.is_dir else self.path.parent).mkdir(parents=True, exist_ok=True)
-        source = self._settings.load.get(self.stage) if self.stage else None
+        source = self._source()
         if source:
             try:
                 self._load(source)
@@ -129,36 +291,64 @@ class MlflowManagedArtifact(ArtifactPath):
         return self
 
     def _load(self, run_id: str) -> None:
-        assert self.stage is not None
         mlflow = _mlflow()
         uri = mlflow.get_tracking_uri()
-        staging = Path(tempfile.mkdtemp(prefix="phd_flow-load-"))
-        try:
-            try:
-                got = mlflow.artifacts.download_artifacts(
-                    run_id=run_id,
-                    artifact_path=f"{self.stage}/{self.name}",
-                    dst_path=str(staging / "download"),
-                    tracking_uri=uri,
-                )
-            except Exception as exc:
+        where = f"MLflow at {uri}"
+        expected = mlflow_checksums(uri, run_id, self.stage) if self.stage else None
+        # (artifact path in the run, its name in the checksums, the checksums)
+        if expected is not None:  # logged by phd_flow: <stage>/<rel>, checksums per stage
+            plan = [(self.remote, self.rel, expected)]
+        else:  # logged by mlflowhelper: at the artifact root, checksums from adopt_run()
+            adopted = mlflow_checksums(uri, run_id, ADOPTED)
+            if adopted is None:
                 raise StageError(
                     f"set_load(run_id={run_id!r}, stages=[{self.stage!r}]): MLflow run {run_id} "
-                    f"has no artifact {self.stage}/{self.name} ({type(exc).__name__}: {exc})."
-                ) from None
-            checked = staging / "checked" / self.name  # laid out as the checksums name files
+                    f"records no checksums for stage {self.stage!r} (a run logged by mlflowhelper?), "
+                    "so its files cannot be verified: nothing of it was used. If you trust that "
+                    "run's artifacts as they are now, adopt it once: "
+                    f"`phd_flow.mlflowhelper.adopt_run({run_id!r})`; or drop the rule to compute the stage."
+                )
+            plan = [(path, path, adopted) for path in dict.fromkeys([self.remote, *self._legacy()])]
+        staging = Path(tempfile.mkdtemp(prefix="phd_flow-load-"))
+        try:
+            got, errors, name, mine = None, [], "", {}
+            for remote, name, sums in plan:
+                mine = {k: v for k, v in sums.items() if k == name or k.startswith(f"{name}/")}
+                if not mine:
+                    errors.append(f"{remote} (not in its checksums)")
+                    continue
+                try:
+                    got = mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path=remote, dst_path=str(staging / "download"), tracking_uri=uri
+                    )
+                    break
+                except Exception as exc:
+                    errors.append(f"{remote} ({type(exc).__name__}: {exc})")
+            if got is None:
+                raise StageError(
+                    f"set_load(run_id={run_id!r}, stages=[{self.stage!r}]): MLflow run {run_id} has no "
+                    f"artifact {' or '.join(p for p, _, _ in plan)}: {'; '.join(errors)}."
+                )
+            checked = staging / "checked" / name  # laid out as the checksums name files
             checked.parent.mkdir(parents=True)
             Path(got).replace(checked)
-            expected = mlflow_checksums(uri, run_id, self.stage)
-            mine = None
-            if expected is not None:
-                mine = {k: v for k, v in expected.items() if k == self.name or k.startswith(f"{self.name}/")}
-            verify(staging / "checked", mine, self.stage, run_id, f"MLflow at {uri}")
-            shutil.rmtree(self.path, ignore_errors=True)
+            verify(staging / "checked", mine, self.stage or self.name, run_id, where)
+            if self.path.is_dir():
+                shutil.rmtree(self.path)
+            else:
+                self.path.unlink(missing_ok=True)
             checked.replace(self.path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.loaded, self.loaded_from = True, run_id
+
+    def _legacy(self) -> list[str]:
+        """Where mlflowhelper itself logged this artifact: at the artifact root (a file under
+        its ``artifact_path``, or its base name)."""
+        if self.is_dir:
+            return [self.name]
+        base = self.name.rsplit("/", 1)[-1]
+        return [f"{self.artifact_path}/{base}" if self.artifact_path else base, self.name]
 
     def __exit__(
         self,
@@ -175,19 +365,20 @@ class MlflowManagedArtifact(ArtifactPath):
 
     def _log(self) -> None:
         mlflow = _mlflow()
-        skip = self.stage is not None and self.stage in self._settings.skip_log
+        skip = self.skip_log
         if not skip and self.path.exists():
-            if self.is_dir:
-                mlflow.log_artifacts(str(self.path), artifact_path="/".join(filter(None, [self.stage, self.name])))
+            folder, _, _ = self.remote.rpartition("/")
+            if self.path.is_dir():
+                mlflow.log_artifacts(str(self.path), artifact_path=self.remote)
             else:
-                mlflow.log_artifact(str(self.path), artifact_path=self.stage)
+                mlflow.log_artifact(str(self.path), artifact_path=folder or None)
         if self.stage is None:
             return
         files = self._settings.files.setdefault(self.stage, {})
-        if self.is_dir:
-            files.update({f"{self.name}/{rel}": sha for rel, sha in hash_tree(self.path).items()})
+        if self.path.is_dir():
+            files.update({f"{self.rel}/{rel}": sha for rel, sha in hash_tree(self.path).items()})
         elif self.path.is_file():
-            files.update({self.name: hash_tree(self.path.parent)[self.path.name]})
+            files.update({self.rel: hash_tree(self.path.parent)[self.path.name]})
         tags = {
             f"phd_flow.stage.{self.stage}.logged": str(not skip).lower(),
             f"phd_flow.stage.{self.stage}.sha256": digest(files),
@@ -202,45 +393,86 @@ class MlflowManagedArtifact(ArtifactPath):
                 mlflow.log_artifact(str(checksums), artifact_path=MLFLOW_CHECKSUMS)
 
 
-def managed_artifact(name: str, stage: str | None = None, delete: bool = True) -> MlflowManagedArtifact:
-    """A file logged to the active MLflow run at the end of the ``with`` block.
+def managed_artifact(
+    file_path: str,
+    artifact_path: str | None = None,
+    stage: str | None = None,
+    load: bool | str | None = None,
+    skip_log: bool | None = None,
+    delete: bool | None = None,
+) -> MlflowManagedArtifact:
+    """A file logged to the active MLflow run at the end of the ``with`` block (mlflowhelper's
+    signature).
 
     With ``stage`` and :func:`set_load`, the file comes from the earlier run (``.loaded``) and is
-    verified; with :func:`set_skip_log` it is not logged. ``delete=False`` keeps the temp copy.
+    verified; with :func:`set_skip_log` it is not logged. ``artifact_path``: the folder it is
+    logged in; ``load``: False never loads, a run id loads from that run; ``skip_log``:
+    True/False overrides :func:`set_skip_log`; ``delete=False`` keeps the temp copy.
     """
-    return MlflowManagedArtifact(name, stage, is_dir=False, delete=delete)
+    return MlflowManagedArtifact(file_path, stage, False, delete, artifact_path, load, skip_log)
 
 
-def managed_artifact_dir(name: str, stage: str | None = None, delete: bool = True) -> MlflowManagedArtifact:
+def managed_artifact_dir(
+    dir_path: str,
+    stage: str | None = None,
+    load: bool | str | None = None,
+    skip_log: bool | None = None,
+    delete: bool | None = None,
+) -> MlflowManagedArtifact:
     """A folder logged to the active MLflow run at the end of the ``with`` block
     (``.get_path("plot1.png")``); see :func:`managed_artifact`."""
-    return MlflowManagedArtifact(name, stage, is_dir=True, delete=delete)
+    return MlflowManagedArtifact(dir_path, stage, True, delete, None, load, skip_log)
 
 
-def log_vars(exclude: Sequence[str] = ()) -> dict[str, Any]:
-    """Log the calling function's parameters (and its ``**kwargs``) as MLflow params.
+def log_vars(
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    include_args: bool = True,
+    include_varargs: bool = True,
+    include_kwargs: bool = True,
+    include_locals: bool = False,
+    varargs_prefix: str = "vararg_",
+    verbose: int = 0,
+) -> dict[str, Any]:
+    """Log the calling function's parameters (and its ``**kwargs``) as MLflow params
+    (mlflowhelper's signature: ``*args`` become ``vararg_0``, ``vararg_1``...).
 
     >>> def main(param1, param2, param3="defaultvalue", verbose=0, **kwargs):  # doctest: +SKIP
     ...     with mlflow.start_run():
     ...         phd_flow.log_vars(exclude=["verbose"])
     >>> main("a", "b", something_else=6)   # logs param1, param2, param3, something_else
 
-    Returns the dict that was logged.
+    ``include`` or ``exclude`` (not both) pick names; ``include_locals`` adds the other local
+    variables. Returns the dict that was logged.
     """
+    if include is not None and exclude is not None:
+        raise PhdFlowError("log_vars(): give `include` or `exclude`, not both.")
     frame = inspect.currentframe()
     caller = frame.f_back if frame is not None else None
     if caller is None:
         raise PhdFlowError("log_vars() must be called from inside a function.")
     try:
         info = inspect.getargvalues(caller)
-        values = {name: info.locals[name] for name in info.args if name in info.locals}
-        if info.varargs and info.locals.get(info.varargs):
-            values[info.varargs] = list(info.locals[info.varargs])
-        if info.keywords:
+        values: dict[str, Any] = {}
+        if include_args:
+            values.update({name: info.locals[name] for name in info.args if name in info.locals})
+        if include_kwargs and info.keywords:
             values.update(info.locals.get(info.keywords) or {})
+        if include_varargs and info.varargs:
+            for i, value in enumerate(info.locals.get(info.varargs) or ()):
+                values[f"{varargs_prefix}{i}"] = value
+        if include_locals:
+            special = {*info.args, info.varargs, info.keywords}
+            values.update({k: v for k, v in info.locals.items() if k not in special and k not in values})
     finally:
         del frame, caller
-    values = {k: v for k, v in values.items() if k not in set(exclude)}
+    if include is not None:
+        values = {k: v for k, v in values.items() if k in set(include)}
+    values = {k: v for k, v in values.items() if k not in set(exclude or ())}
+    if verbose:
+        print("mlflowhelper: Logging variables:")
+        for k, v in values.items():
+            print(f"  * {k}={v}")
     mlflow = _mlflow()
     if mlflow.active_run() is None:
         raise PhdFlowError("log_vars() logs to the active MLflow run: call it inside `with mlflow.start_run():`.")
@@ -265,18 +497,30 @@ class MlflowDict(MutableMapping[str, Any]):
     _PREFIX = "phd_flow.item."
     _MAX = 8000
 
-    def __init__(self, name: str = "default", tracking_uri: str | None = None, client: Any = None) -> None:
+    def __init__(
+        self,
+        name: str = "default",
+        tracking_uri: str | None = None,
+        client: Any = None,
+        *,
+        experiment: str | None = None,
+        local_value_cache: bool = False,
+        read_only: bool = False,
+    ) -> None:
         mlflow = _mlflow()
         from mlflow.tracking import MlflowClient
 
         self.name = name
+        self.experiment = experiment or self.EXPERIMENT
+        self.read_only = read_only
+        self._cache: dict[str, Any] | None = {} if local_value_cache else None
         self._client = client or MlflowClient(tracking_uri or mlflow.get_tracking_uri())
         self._run_id = self._find_or_create()
 
     def _find_or_create(self) -> str:
         client = self._client
-        experiment = client.get_experiment_by_name(self.EXPERIMENT)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.EXPERIMENT)
+        experiment = client.get_experiment_by_name(self.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
         found = client.search_runs(
             [experiment_id], filter_string=f"tags.`phd_flow.dict` = '{self.name}'", max_results=1
         )
@@ -297,21 +541,35 @@ class MlflowDict(MutableMapping[str, Any]):
         return {item["k"]: item["v"] for item in items}
 
     def __getitem__(self, key: str) -> Any:
+        if self._cache is not None and key in self._cache:
+            return json.loads(self._cache[key])
         raw = self._client.get_run(self._run_id).data.tags.get(self._tag(key))
         if raw is None:
             raise KeyError(key)
+        if self._cache is not None:
+            self._cache[key] = json.dumps(json.loads(raw)["v"])
         return json.loads(raw)["v"]
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise TypeError(f"MlflowDict {self.name!r} was opened with read_only=True.")
+
     def __setitem__(self, key: str, value: Any) -> None:
+        self._writable()
         blob = json.dumps({"k": key, "v": value})
         if len(blob) > self._MAX:
             raise ValueError(f"MlflowDict[{key!r}] is {len(blob)} characters as JSON; MLflow tags hold {self._MAX}.")
         self._client.set_tag(self._run_id, self._tag(key), blob)
+        if self._cache is not None:
+            self._cache[key] = json.dumps(value)
 
     def __delitem__(self, key: str) -> None:
+        self._writable()
         if key not in self:
             raise KeyError(key)
         self._client.delete_tag(self._run_id, self._tag(key))
+        if self._cache is not None:
+            self._cache.pop(key, None)
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self._tag(key) in self._client.get_run(self._run_id).data.tags

@@ -38,6 +38,8 @@ class Storage:
         #: ``sync`` push the deferred keys later.
         self.defer_failed_uploads = False
         self.deferred: list[str] = []
+        #: What the last :meth:`download` transferred (None before the first one).
+        self.last_report: engine.SyncReport | None = None
 
     # --- local side ---------------------------------------------------------------------------
 
@@ -106,8 +108,16 @@ class Storage:
             return engine.SyncReport(transferred=[rel], bytes=path.stat().st_size)
         return engine.push(remote, path, rel, exclude=list(exclude or []), retries=retries, workers=workers, label=rel)
 
-    def download(self, key: KeyLike) -> engine.SyncReport:
-        """Pull ``key`` (a run, a subdirectory or one file) from the remote, verified."""
+    def download(self, key: KeyLike) -> Path:
+        """Pull ``key`` (a run, a subdirectory or one file) from the remote, verified, and return
+        its local path (``local_path / key``). What was transferred is in :attr:`last_report`;
+        :meth:`download_report` returns it instead of the path."""
+        self.last_report = self.download_report(key)
+        return self.path(key)
+
+    def download_report(self, key: KeyLike) -> engine.SyncReport:
+        """Like :meth:`download`, but returns the :class:`~phd_flow.storage.engine.SyncReport`
+        (files transferred, unchanged, bytes, seconds)."""
         rel = keys.normalize(key)
         if rel.split("/", 1)[0] == ".phd_flow":  # the local indexes and the ledger of what was made here
             raise InvalidKeyError(f"{rel!r} is phd_flow's own bookkeeping in local_path; it is never downloaded.")

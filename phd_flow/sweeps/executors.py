@@ -1,6 +1,6 @@
 """Executors for sweeps: local processes, or a SLURM job array through submitit.
 
-* ``local``: one ``python -m <package> run <Node> --key <KEY> --sweep <SWEEP> ...`` process per
+* ``local``: one ``python -m <package> run --key <KEY> --sweep <SWEEP> <Node> ...`` process per
   point (so points are isolated like separate runs), at most ``max_parallel`` at a time.
   Ctrl-C (or SIGTERM) is forwarded to the running points, which record ``killed``; points not
   started yet are marked ``killed`` in the sweep so ``--resume`` runs them.
@@ -158,7 +158,8 @@ def _start(point: dict[str, Any], sweep: Sweep, package: str, config_path: str |
     command = [sys.executable, "-m", package]
     if config_path:
         command += ["--config", config_path]
-    command += ["run", sweep.data["node_class"], "--key", point["key"], "--sweep", sweep.key, *point["argv"]]
+    # run options before the node name: a field of the node may have the same name (--key)
+    command += ["run", "--key", point["key"], "--sweep", sweep.key, sweep.data["node_class"], *point["argv"]]
     log = logs / f"{point['key']}.log"
     with open(log, "wb") as handle:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)

@@ -147,7 +147,7 @@ def parse_point(node_cls: type[Node[Any, Any]], argv: Sequence[str]) -> Any:
         raise ArgsError(f"{node_cls.__name__} {' '.join(argv)}: {message}.")
 
     parser.error = fail
-    return parser.parse_args(list(argv)).args
+    return node_cls.parse_with(parser, list(argv)).args  # with the values of --args-file
 
 
 # --- the record ---------------------------------------------------------------------------------

@@ -180,10 +180,11 @@ class RemoteContract:
         report = storage.upload("run_1")
         assert sorted(report.transferred) == sorted(RUN_TREE) and report.skipped == 0
         assert storage.remote_ls("run_1") == sorted(f"run_1/{rel}" for rel in RUN_TREE)
-        pulled = second.download("run_1")
-        assert len(pulled.transferred) == len(RUN_TREE)
+        local = second.download("run_1")
+        assert local == second.path("run_1") and second.last_report is not None
+        assert len(second.last_report.transferred) == len(RUN_TREE)
         assert read_tree(second.path("run_1")) == RUN_TREE
-        again = second.download("run_1")
+        again = second.download_report("run_1")
         assert again.transferred == [] and again.skipped == len(RUN_TREE)
 
     def test_unchanged_resync_transfers_nothing_and_a_change_only_itself(self, storage: Storage) -> None:
