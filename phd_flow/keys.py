@@ -8,6 +8,7 @@ PurePosixPath('datasets/FitOLS_2026-11-23T10-00-00.000000Z_ab12cd34/datasets.pic
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -89,6 +90,15 @@ def check_run_key(text: str, label: str = "Run key") -> RunKey:
     return RunKey(text)
 
 
+#: What :func:`new_key` makes (sweeps: ``Sweep_...``): ``<Node>_<UTC time>_<8 of [0-9a-z]>``.
+RUN_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]*_\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d\.\d{6}Z_[0-9a-z]{8}")
+
+
+def is_run_key(name: str) -> bool:
+    """True when ``name`` has the form of a key :func:`new_key` makes."""
+    return RUN_KEY.fullmatch(name) is not None
+
+
 def normalize(key: KeyLike) -> str:
     """Validate a relative storage key and return it in POSIX form.
 
@@ -123,6 +133,14 @@ def _problem(text: str) -> str:
         if len(segment.encode()) > 250:
             return "a path segment is longer than 250 bytes"
     return ""
+
+
+def run_name(name: object) -> str:
+    """A run key read from data (a sweep's points, a record): one path segment by the rules of
+    :func:`remote_relpath`; raises :class:`InvalidKeyError` otherwise (never a path to follow)."""
+    if not isinstance(name, str) or "/" in name:
+        raise InvalidKeyError(f"{name!r} is not a run key: a run key is one name, without '/'.")
+    return remote_relpath(name)
 
 
 def remote_relpath(name: str) -> str:

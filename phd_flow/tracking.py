@@ -253,7 +253,8 @@ class MlflowRun:
         with store_lock(self.tracking_uri):
             self.client = MlflowClient(self.tracking_uri)
             self.experiment_id = self._experiment_id()
-        self.run_id = existing_run_id or self._find_by_key(tags.get("phd_flow.key"))
+        key = tags.get("phd_flow.key")
+        self.run_id = self._own_run(existing_run_id, key) or self._find_by_key(key)
         if self.run_id is None:
             if parent_run_id:
                 tags = {**tags, "mlflow.parentRunId": parent_run_id}
@@ -268,6 +269,22 @@ class MlflowRun:
             mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None)
             self._fluent = True
+
+    def _own_run(self, run_id: str | None, key: str | None) -> str | None:
+        """``run_id`` when that MLflow run is tagged ``phd_flow.key`` = ``key``; else None (a
+        record names the run id, and a record may come from a bucket: never act on another run)."""
+        if not run_id:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tagged = self.client.get_run(run_id).data.tags.get("phd_flow.key")
+        except MlflowException:
+            tagged = None
+        if key and tagged == key:
+            return run_id
+        logger.warning(f"MLflow run {run_id} is not tagged phd_flow.key={key!r}: it is left alone.")
+        return None
 
     def _find_by_key(self, key: str | None) -> str | None:
         """The MLflow run already tagged with this phd_flow key (a `sync` after a crash)."""
@@ -370,17 +387,18 @@ def catch_up(run_dir: Path, data: dict[str, Any], tracking_uri: str, experiment:
     """
     section = dict(data.get("mlflow", {}))
     tags = {
-        "phd_flow.key": str(data["key"]),
+        **{k: str(v) for k, v in (data.get("tags") or {}).items()},
+        "phd_flow.key": str(data["key"]),  # after the record's tags: no tag names another run
         "phd_flow.node": str(data.get("node")),
         "host": str(data.get("host")),
-        **{k: str(v) for k, v in data.get("tags", {}).items()},
     }
     commit = (data.get("git") or {}).get("commit")
     if commit:
         tags["mlflow.source.git.commit"] = commit
     run = MlflowRun(tracking_uri, experiment)
     run.open(str(data["key"]), tags, param_values(data.get("args", {})), None, section.get("run_id"), activate=False)
-    sent = run.replay(run_dir, int(section.get("metrics_sent", 0)))
+    already = int(section.get("metrics_sent", 0)) if run.run_id == section.get("run_id") else 0
+    sent = run.replay(run_dir, already)
     status = str(data.get("status"))
     if status != "running":
         run.client.set_terminated(run.run_id, STATUS.get(status, "FAILED"))

@@ -819,3 +819,303 @@ def test_row8_password_in_tracking_uri_is_redacted_everywhere(tmp_path: Path) ->
     leaked = [name for name, text in where.items() if password in text]
     assert not leaked, f"the password appears in {leaked}"
     assert "user:***@" in proc.stderr + where["run.json"] + where["output.log"]  # named, redacted
+
+
+# === hostile review ================================================================================
+# A second look, by a reviewer with write access to the bucket and the code (issue 13).
+
+
+def shared_remote(tmp_path: Path) -> Backend:
+    return Backend("shared", tmp_path / "remote-side")
+
+
+def shared_prefix(backend: Backend) -> Path:
+    return backend.root / "shared" / backend.prefix
+
+
+def test_hostile_symlink_at_the_temp_name_is_never_written_through(seed: Seed, tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)
+    precious = tmp_path / "authorized_keys"
+    precious.write_bytes(SECRET)
+    index = shared_prefix(backend) / ".phd_flow" / "runs_index.json.gz"
+    index.parent.mkdir(parents=True)
+    (index.parent / (index.name + ".phd_flow-tmp")).symlink_to(precious)  # the old fixed temp name
+    proc = backend.cli(project, "ls", "--remote")  # learns the run: writes the shared index
+    assert_ok(proc)
+    assert precious.read_bytes() == SECRET, "the victim's file was overwritten through the link"
+    assert index.is_file() and not index.is_symlink()
+
+
+def test_hostile_symlinked_prefix_folder_is_refused(tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    outside = tmp_path / "outside"  # stands for ~ or another project's local_path
+    outside.mkdir()
+    shared_prefix(backend).parent.mkdir(parents=True)
+    shared_prefix(backend).symlink_to(outside)
+    project = victim(tmp_path, backend)
+    proc = backend.cli(project, "run", "Add", "--a", "1")
+    assert not list(outside.iterdir()), f"pushed through the linked prefix: {list(outside.rglob('*'))}"
+    assert proc.returncode == 3 and "symlink" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_hostile_forged_sweep_record_cannot_write_files_or_pick_the_config(seed: Seed, tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.log").write_text("victim's log\n")
+    evil_config = shared_prefix(backend) / "cfg" / "evil.toml"
+    evil_config.parent.mkdir(parents=True)
+    evil_config.write_text(f'local_path = "{outside / "attacker_local_path"}"\n[mlflow]\nenabled = false\n')
+    argv = ["--a", "1"]
+    procs = []
+    for name, point_key in [
+        ("Sweep_2026-11-01T00-00-00.000000Z_sweep001", str(outside / "precious")),  # a path as a key
+        ("Sweep_2026-11-01T00-00-00.000000Z_sweep002", "Add_2026-11-01T00-00-00.000000Z_pt000002"),
+    ]:
+        record = {
+            "kind": "sweep",
+            "key": name,
+            "node": "Add",
+            "node_class": "my_project.small_nodes.Add",
+            "package": "my_project",
+            "status": "failed",
+            "config_path": str(evil_config),
+            "executor": "local",
+            "slurm_job_ids": [],
+            "points": [{"key": point_key, "params": {}, "argv": argv, "status": "failed"}],
+        }
+        assert backend.put(f"{name}/run.json", json.dumps(record).encode())
+        assert_ok(backend.cli(project, "download", name))
+        procs.append(backend.cli(project, "sweep", "--resume", name))
+        assert (outside / "precious.log").read_text() == "victim's log\n", procs[-1].stderr[-2000:]
+        assert not (outside / "attacker_local_path").exists(), "the sweep record chose the config"
+    assert procs[0].returncode == 2 and "not a run key" in procs[0].stderr, procs[0].stderr[-2000:]
+    assert_ok(procs[1])  # a valid point runs, with this project's config
+    assert (local_path(project) / "Add_2026-11-01T00-00-00.000000Z_pt000002" / "run.json").is_file()
+
+
+def test_hostile_sweep_node_class_outside_the_package_is_refused(tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    name = "Sweep_2026-11-01T00-00-00.000000Z_sweep003"
+    record = {
+        "kind": "sweep",
+        "key": name,
+        "node": "Add",
+        "node_class": "tests.nodes.Add",
+        "status": "failed",
+        "executor": "local",
+        "points": [{"key": "Add_2026-11-01T00-00-00.000000Z_pt000003", "params": {}, "argv": [], "status": "x"}],
+    }
+    assert backend.put(f"{name}/run.json", json.dumps(record).encode())
+    assert_ok(backend.cli(project, "download", name))
+    proc = backend.cli(project, "sweep", "--resume", name)
+    assert proc.returncode == 2 and "tests.nodes.Add" in proc.stderr, proc.stderr[-2000:]
+    assert not (local_path(project) / "Add_2026-11-01T00-00-00.000000Z_pt000003").exists()
+
+
+def test_hostile_show_of_a_sweep_never_follows_a_point_key_that_is_a_path(tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    trap = shared_prefix(backend) / "trap"
+    trap.mkdir(parents=True)
+    os.mkfifo(trap / "run.json")  # reading it blocks forever
+    name = "Sweep_2026-11-01T00-00-00.000000Z_sweep004"
+    record = {"key": name, "status": "completed", "kind": "sweep", "points": [{"key": str(trap), "status": "x"}]}
+    assert backend.put(f"{name}/run.json", json.dumps(record).encode())
+    proc = cli(project, "show", name, timeout=60)
+    assert_ok(proc)
+    assert "invalid key" in proc.stdout, proc.stdout
+
+
+def test_hostile_downloaded_run_is_never_pushed_back_by_sync(seed: Seed, tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    private = local_path(project) / "private"
+    private.mkdir(parents=True)
+    (private / "notes.txt").write_bytes(SECRET)
+    evil = "Add_2026-11-01T00-00-00.000000Z_evil0002"
+    edit = {"sync": {"state": "not_synced", "pending": ["private"]}, "mlflow": {"state": "not_synced"}}
+    backend.plant_run(seed.run_dir(seed.add), evil, edit=edit)
+    assert_ok(backend.cli(project, "download", evil))
+    proc = backend.cli(project, "sync")
+    assert_ok(proc)
+    assert not [name for name in backend.objects() if name.startswith("private")], "exfiltrated"
+    assert evil in proc.stderr and "downloaded" in proc.stderr
+
+
+def test_hostile_pending_uploads_outside_the_run_are_dropped(seed: Seed, tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    private = local_path(project) / "private"
+    private.mkdir(parents=True)
+    (private / "notes.txt").write_bytes(SECRET)
+    key = "Add_2026-11-01T00-00-00.000000Z_evil0003"  # a run copied in by hand (rsync, a colleague)
+    shutil.copytree(seed.run_dir(seed.add), local_path(project) / key)
+    record = json.loads((local_path(project) / key / "run.json").read_text())
+    record.update(key=key, sync={"state": "not_synced", "pending": ["private", f"{key}/args.json"]})
+    record["mlflow"] = {"state": "disabled"}
+    (local_path(project) / key / "run.json").write_text(json.dumps(record))
+    proc = backend.cli(project, "sync")
+    assert_ok(proc)
+    uploaded = backend.objects()
+    assert not [name for name in uploaded if name.startswith("private")], "uploaded a folder outside the run"
+    assert f"{key}/run.json" in uploaded and "'private'" in proc.stderr
+
+
+def test_hostile_sync_never_reopens_another_runs_mlflow_run(seed: Seed, tmp_path: Path) -> None:
+    import mlflow
+
+    backend = shared_remote(tmp_path)
+    db = tmp_path / "home" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    uri = f"sqlite:///{db}"
+    project = victim(tmp_path, backend, mlflow=f'enabled = true\ntracking_uri = "{uri}"\nexperiment = "victim"\n')
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("victim")
+    precious = client.create_run(experiment, tags={"phd_flow.key": seed.add}).info.run_id
+    client.set_terminated(precious, "FINISHED")
+    key = "Add_2026-11-01T00-00-00.000000Z_evil0004"  # a record naming the genuine MLflow run
+    shutil.copytree(seed.run_dir(seed.add), local_path(project) / key)
+    record = json.loads((local_path(project) / key / "run.json").read_text())
+    record.update(key=key, status="failed", sync={"state": "local"}, tags={"phd_flow.key": seed.add, "note": "x"})
+    record["mlflow"] = {"state": "not_synced", "run_id": precious}
+    (local_path(project) / key / "run.json").write_text(json.dumps(record))
+    proc = backend.cli(project, "sync")
+    assert_ok(proc)
+    genuine = client.get_run(precious)
+    assert genuine.data.tags["phd_flow.key"] == seed.add and "note" not in genuine.data.tags, proc.stderr[-1500:]
+    assert genuine.info.status == "FINISHED" and not genuine.data.params
+    mine = json.loads((local_path(project) / key / "run.json").read_text())["mlflow"]["run_id"]
+    assert mine != precious and client.get_run(mine).data.tags["phd_flow.key"] == key
+
+
+def test_hostile_mlflow_backend_refuses_a_second_run_tagged_with_a_key(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from phd_flow.errors import StorageError
+    from phd_flow.storage.mlflow_artifacts import KEY_TAG, MlflowRemote
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    key = "FitOLS_2026-11-01T00-00-00.000000Z_genuine1"
+    source = tmp_path / "run.json"
+    source.write_text('{"genuine": true}')
+    MlflowRemote(uri, "exp").put(source, f"{key}/run.json")
+    client = MlflowClient(uri)
+    evil = client.create_run(client.get_experiment_by_name("exp").experiment_id, tags={KEY_TAG: key})
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "run.json").write_text('{"forged": true}')
+    client.log_artifact(evil.info.run_id, str(tmp_path / "evil" / "run.json"))
+    with pytest.raises(StorageError) as caught:
+        MlflowRemote(uri, "exp").read_bytes(f"{key}/run.json")  # the victim's next command
+    assert evil.info.run_id in str(caught.value) and key in str(caught.value)
+
+
+def test_hostile_planted_names_never_win_a_key_prefix(seed: Seed, tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)  # the victim's run, only in the bucket
+    suffix = seed.add.rsplit("_", 1)[1]
+    backend.plant_run(seed.run_dir(seed.add), f"{suffix}_evil", edit={"args": {"a": 666}})
+    backend.plant_run(seed.run_dir(seed.add), f"{seed.add}x")  # a longer name the full key prefixes
+    proc = backend.cli(project, "show", suffix)
+    assert_ok(proc)
+    assert seed.add in proc.stdout and "666" not in proc.stdout, proc.stdout
+    assert_ok(backend.cli(project, "download", seed.add))
+    assert (local_path(project) / seed.add / "run.json").is_file()
+
+
+def test_hostile_malformed_remote_records_never_break_latest(seed: Seed, tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend, extra='[stages.load_data]\nload_from = "latest"\n')
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
+    no_key = {"status": "completed", "node": "Prepare", "stages": {"load_data": {"status": "completed"}}}
+    assert backend.put(f"Prepare_{now}_zzzzzzz1/run.json", json.dumps(no_key).encode())
+    listed = {"key": f"Prepare_{now}_zzzzzzz2", "status": "completed", "node": "Prepare", "stages": [1]}
+    assert backend.put(f"Prepare_{now}_zzzzzzz2/run.json", json.dumps(listed).encode())
+    proc = backend.cli(project, "run", "Prepare", "--dataset", DATASET)
+    assert_ok(proc)
+    assert "zzzzzzz1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        '{"key": "K", "status": "completed", "sync": "x", "mlflow": []}',
+        '{"status": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"key": "K", "status": "completed", "result": "x"}',
+    ],
+    ids=["sync-not-object", "deep-json", "result-not-object"],
+)
+def test_hostile_malformed_run_json_is_one_message(record: str, tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    key = "Add_2026-11-01T00-00-00.000000Z_evil0005"
+    assert backend.put(f"{key}/run.json", record.replace('"K"', f'"{key}"').encode())
+    for args in (["ls", "--remote"], ["show", key], ["result", key]):
+        proc = backend.cli(project, *args)
+        assert "Traceback" not in proc.stderr, f"{args}: {proc.stderr[-1500:]}"
+        assert proc.returncode in (0, 2), f"{args}: {proc.stderr[-1500:]}"
+    assert key in backend.cli(project, "ls", "--remote").stderr
+
+
+def test_hostile_poisoned_index_entry_is_dropped(seed: Seed, tmp_path: Path) -> None:
+    import gzip
+
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)
+    entry = {"key": seed.add, "status": "completed", "node": "Add", "args": {"a": 1}, "sync": 7}
+    assert backend.put(".phd_flow/runs_index.json.gz", gzip.compress(json.dumps({seed.add: entry}).encode()))
+    proc = backend.cli(project, "ls", "--remote")
+    assert_ok(proc)
+    assert seed.add in proc.stdout and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    ['{"files": []}', '{"files": {"run.json": {"size": 1e999, "sha256": ""}}}', "[" * 100_000],
+    ids=["list", "overflow", "deep"],
+)
+def test_hostile_malformed_manifest_is_not_a_traceback(seed: Seed, manifest: str, tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)
+    assert backend.put(f"{seed.add}/{MANIFEST}", manifest.encode())
+    proc = backend.cli(project, "download", seed.add)
+    assert_ok(proc)
+    assert (local_path(project) / seed.add / "results.pickle").is_file()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["data", "data/x"], [f"{MANIFEST}/x"], ["a.phd_flow-part"], ["st/b.phd_flow-tmp"]],
+    ids=["file-and-folder", "manifest-as-folder", "part", "tmp"],
+)
+def test_hostile_listing_with_a_name_both_file_and_folder_or_reserved_is_refused(
+    seed: Seed, names: list[str], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    backend = make_backend("s3", request, tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)
+    for name in names:
+        assert backend.put(f"{seed.add}/{name}", b"x")
+    proc = backend.cli(project, "download", seed.add)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert seed.add in proc.stderr and names[0].split("/")[0] in proc.stderr
+    assert not (local_path(project) / seed.add / "run.json").exists()
+
+
+def test_hostile_result_section_names_no_other_file(seed: Seed, tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    record = json.loads((seed.run_dir(seed.add) / "run.json").read_text())
+    backend.plant_run(seed.run_dir(seed.add), seed.add, edit={"result": {**record["result"], "file": ".."}})
+    proc = backend.cli(project, "result", seed.add, "--trust-remote")
+    assert_ok(proc)
+    assert "AddResult(total=3)" in proc.stdout

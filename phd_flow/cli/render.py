@@ -14,7 +14,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from phd_flow.errors import CorruptRunError
+from phd_flow.errors import CorruptRunError, InvalidKeyError
+from phd_flow.keys import run_name
 from phd_flow.run.record import RUN_FILE, RunRecord
 from phd_flow.runs.query import Run, arg_text, parse_time
 
@@ -275,10 +276,16 @@ def _sweep_lines(run: Run) -> list[str]:
 
     rows = []
     for point in run.data.get("points") or []:
+        if not isinstance(point, dict):
+            continue
         key = str(point.get("key") or "-")
         status = str(point.get("status") or "?")
-        local = run.run_dir.parent / key
-        if (local / RUN_FILE).exists():
+        try:
+            local = run.run_dir.parent / run_name(point.get("key"))  # data: a run key, never a path
+        except InvalidKeyError:
+            rows.append((arg_text(key), "invalid key", ""))
+            continue
+        if (local / RUN_FILE).is_file():
             try:
                 status = RunRecord.load(local).status
             except CorruptRunError:

@@ -84,6 +84,21 @@ def check_key(data: dict[str, Any], expected: str, where: str) -> None:
         )
 
 
+#: The sections of run.json that are objects whenever present.
+_SECTIONS = ("sync", "mlflow", "stages", "result", "tags")
+
+
+def schema_problem(data: Any) -> str:
+    """Why ``data`` is not a run record's shape ("" when it is): an object with a ``status``,
+    a string ``key`` (when set) and objects for its sections. Every reader relies on it."""
+    if not isinstance(data, dict) or "status" not in data:
+        return "no status"
+    if data.get("key") is not None and not isinstance(data["key"], str):
+        return "its key is not a string"
+    bad = [name for name in _SECTIONS if name in data and not isinstance(data[name], dict)]
+    return f"{bad[0]!r} is not an object" if bad else ""
+
+
 class RunRecord:
     """The ``run.json`` of one run. Mutate ``data`` through :meth:`update`, which saves.
 
@@ -149,10 +164,11 @@ class RunRecord:
         """
         try:
             data = json.loads(raw)
-        except ValueError as exc:
-            raise CorruptRunError(f"{where} is unreadable or not valid JSON ({exc}).") from None
-        if not isinstance(data, dict) or "status" not in data:
-            raise CorruptRunError(f"{where} is not a phd_flow run record.")
+        except (ValueError, RecursionError, OverflowError) as exc:
+            raise CorruptRunError(f"{where} is unreadable or not valid JSON ({type(exc).__name__}).") from None
+        problem = schema_problem(data)
+        if problem:
+            raise CorruptRunError(f"{where} is not a phd_flow run record ({problem}).")
         check_key(data, run_dir.name, where)
         return cls(run_dir, data)
 

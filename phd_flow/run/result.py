@@ -49,7 +49,7 @@ def save_result(record: RunRecord, result: Any, node_name: str, config: Config) 
 
 def result_path(run_dir: Path, info: dict[str, Any]) -> Path:
     """Where the result of a run with run.json ``result`` section ``info`` lives."""
-    return run_dir / Path(str(info.get("file") or RESULT_FILE)).name
+    return run_dir / RESULT_FILE  # never the record's "file": a record from a bucket is data
 
 
 def check_authentic(

@@ -6,10 +6,13 @@ import socket
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from phd_flow.errors import InvalidKeyError
+from phd_flow.keys import normalize
 from phd_flow.log import logger
 from phd_flow.run.push import push_run
 from phd_flow.run.record import RUNNING, RunRecord, describe_process, is_live, is_stale
 from phd_flow.runs.listing import local_records, resolve_key
+from phd_flow.storage.facade import DOWNLOADED
 
 if TYPE_CHECKING:
     from phd_flow.config import Config
@@ -75,9 +78,34 @@ def sync_runs(project: Project, keys: list[str]) -> dict[str, bool]:
 
 def sync_one(project: Project, record: RunRecord) -> bool:
     """Catch one run up with MLflow and the remote; True when both succeeded."""
+    mark = project.config.local_path / DOWNLOADED / record.key
+    if mark.exists():  # its record came from the bucket: data, not a to-do
+        logger.warning(
+            f"{record.key} was downloaded from the remote: `sync` neither pushes it back nor "
+            f"records it in MLflow (delete {mark} if it is your own run)."
+        )
+        return True
     ok = _sync_mlflow(project.config, record)
-    pending = list(record.data.get("sync", {}).get("pending") or [])  # uploads that failed in the run
+    pending = _own_pending(record)  # uploads that failed in the run
     return push_run(project.storage, record, record.key, pending) and ok
+
+
+def _own_pending(record: RunRecord) -> list[str]:
+    """The record's failed uploads that belong to the run: its directory, or a folder named
+    after its key (``datasets/<key>``); other names are dropped with a warning."""
+    section = record.data.get("sync")
+    pending = section.get("pending") if isinstance(section, dict) else None
+    kept = []
+    for name in pending if isinstance(pending, list) else []:
+        try:
+            ok = isinstance(name, str) and record.key in normalize(name).split("/")
+        except InvalidKeyError:
+            ok = False
+        if ok:
+            kept.append(name)
+        else:
+            logger.warning(f"{record.key}: run.json lists {name!r} to upload, outside the run: not uploaded.")
+    return kept
 
 
 def _sync_mlflow(config: Config, record: RunRecord) -> bool:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from phd_flow._io import atomic_write_bytes
 from phd_flow.errors import CorruptRunError, InvalidKeyError, RunNotFoundError, StorageError
-from phd_flow.run.record import FINISHED, RUN_FILE, RunRecord
+from phd_flow.run.record import FINISHED, RUN_FILE, RunRecord, schema_problem
 
 if TYPE_CHECKING:
     from phd_flow.config import Config
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 REMOTE_INDEX = ".phd_flow/remote_index"
 SHARED_INDEX = ".phd_flow/runs_index.json.gz"
 FETCH_WORKERS = 32
+#: The shared index is remote data: never inflated beyond this.
+MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 
 def local_run_dirs(local_path: Path) -> Iterator[Path]:
@@ -140,7 +142,7 @@ def remote_records(config: Config, remote: Remote, refresh: bool = False) -> Ite
 
 def read_remote_record(config: Config, remote: Remote, key: str) -> RunRecord | None:
     """The run.json of ``key`` in the remote, or None when the remote has no such run."""
-    raw = remote.read_bytes(f"{key}/{RUN_FILE}")
+    raw = remote.read_small(f"{key}/{RUN_FILE}")
     if raw is None:
         return None
     return RunRecord.from_bytes(config.local_path / key, raw, f"{remote.describe()}/{key}/{RUN_FILE}")
@@ -168,7 +170,7 @@ def remote_run_names(remote: Remote) -> tuple[list[str], list[tuple[str, str]]]:
 def _fetch_all(remote: Remote, names: list[str]) -> dict[str, bytes | Exception | None]:
     def fetch(name: str) -> bytes | Exception | None:
         try:
-            return remote.read_bytes(f"{name}/{RUN_FILE}")
+            return remote.read_small(f"{name}/{RUN_FILE}")
         except StorageError as exc:
             return exc
 
@@ -190,20 +192,27 @@ def _read_index(raw: bytes | None) -> dict[str, dict[str, Any]]:
     """Parse an index (gzipped JSON ``{key: record}``); anything unreadable is an empty index."""
     if not raw:
         return {}
-    import gzip
+    import zlib
 
     try:
-        data = json.loads(gzip.decompress(raw))
-    except (OSError, ValueError, EOFError):
+        inflate = zlib.decompressobj(wbits=31)  # gzip; never more than MAX_INDEX_BYTES in memory
+        text = inflate.decompress(raw, MAX_INDEX_BYTES)
+        if inflate.unconsumed_tail or len(text) >= MAX_INDEX_BYTES:
+            return {}  # too big for an index: it only saves time, so it is ignored
+        data = json.loads(text)
+    except (zlib.error, ValueError, RecursionError, OverflowError):
         return {}
     if not isinstance(data, dict):
         return {}
-    return {k: v for k, v in data.items() if isinstance(v, dict) and v.get("status") in FINISHED}
+    # the same shape check as every run.json: a malformed entry is dropped, never listed
+    return {
+        k: v for k, v in data.items() if isinstance(v, dict) and v.get("status") in FINISHED and not schema_problem(v)
+    }
 
 
 def _read_remote_index(remote: Remote) -> bytes | None:
     try:
-        return remote.read_bytes(SHARED_INDEX)
+        return remote.read_small(SHARED_INDEX, MAX_INDEX_BYTES)
     except StorageError:
         return None  # the index only saves time: without it every run.json is fetched
 
@@ -235,11 +244,13 @@ def key_time(key: str) -> str:
 def resolve_key(project: Project, prefix: str, remote: bool = False) -> str:
     """The one run key that equals or starts with ``prefix`` (like a git hash prefix).
 
-    A prefix of the key's random suffix works too (``show 916y`` for ``..._916ykrf7``).
+    A prefix of the key's random suffix works too (``show 916y`` for ``..._916ykrf7``); a key
+    matching both ways counts, so a planted run named after a suffix makes it ambiguous instead
+    of winning. An exact key always wins; remote names not of the run-key form only by exact name.
     Looks in ``local_path`` first, then (with ``remote``) in the storage's run prefixes.
     Raises :class:`RunNotFoundError` listing candidates when there are none or several.
     """
-    from phd_flow.keys import normalize
+    from phd_flow.keys import is_run_key, normalize
 
     config = project.config
     normalize(prefix)
@@ -251,7 +262,9 @@ def resolve_key(project: Project, prefix: str, remote: bool = False) -> str:
     if not candidates and remote:
         storage_remote = project.remote
         if storage_remote is not None:
-            candidates = _matching(remote_run_names(storage_remote)[0], prefix)
+            names = remote_run_names(storage_remote)[0]
+            # an exact name wins; a prefix only picks among names of the run-key form
+            candidates = [prefix] if prefix in names else _matching([n for n in names if is_run_key(n)], prefix)
             searched += f" or {storage_remote.describe()}"
     if len(candidates) == 1:
         return candidates[0]
@@ -269,5 +282,5 @@ def resolve_key(project: Project, prefix: str, remote: bool = False) -> str:
 
 def _matching(keys: list[str], prefix: str) -> list[str]:
     """Keys starting with ``prefix``; failing that, keys whose random suffix starts with it."""
-    found = [k for k in keys if k.startswith(prefix)]
-    return found or [k for k in keys if k.rsplit("_", 1)[-1].startswith(prefix)]
+    found = [k for k in keys if k.startswith(prefix) or k.rsplit("_", 1)[-1].startswith(prefix)]
+    return [prefix] if prefix in found else found  # both kinds of match together: ambiguous

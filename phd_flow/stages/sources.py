@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phd_flow._io import sha256_file
-from phd_flow.errors import CorruptRunError, InvalidKeyError, RunNotFoundError, StageError, closest
+from phd_flow.errors import CorruptRunError, InvalidKeyError, PhdFlowError, RunNotFoundError, StageError, closest
 from phd_flow.keys import RunKey, remote_relpath
 from phd_flow.log import logger
 from phd_flow.run import signing
@@ -108,7 +108,7 @@ def read_record(project: Project, path: str) -> dict[str, Any] | None:
         raw: bytes | None = local.read_bytes()
     except FileNotFoundError:
         remote = storage.remote
-        raw = remote.read_bytes(f"{path}/{RUN_FILE}") if remote is not None else None
+        raw = remote.read_small(f"{path}/{RUN_FILE}") if remote is not None else None
     if raw is None:
         return None
     return RunRecord.from_bytes(config.local_path / path, raw, f"the run.json of run {path}").data
@@ -207,22 +207,21 @@ def latest(project: Project, node: str, stage: str) -> Source | None:
         newer = sorted((d for d in names if d.startswith(f"{node}_") and d > floor), reverse=True)
         newer = [d for d in newer if not _from_the_future(d, {}, origin)]
         for key in newer[:_REMOTE_LATEST_LIMIT]:
-            try:
+            try:  # one bad record never breaks the run: it is skipped with a warning
                 found = read_record(project, key)
-            except CorruptRunError as exc:
-                logger.warning(f"{origin} skips run {key}: {exc}")
-                continue
-            stages = (found or {}).get("stages") or {}
-            if (
-                found
-                and found.get("status") == COMPLETED
-                and is_complete(stages.get(stage))
-                and not _from_the_future(key, found, origin)
-            ):
-                try:  # unverifiable (no file list) or, with a signing key, unsigned: the next older
+                if found is not None and found.get("key") != key:
+                    raise CorruptRunError("its run.json does not name the run (no 'key').")
+                stages = (found or {}).get("stages") or {}
+                if (
+                    found
+                    and found.get("status") == COMPLETED
+                    and is_complete(stages.get(stage))
+                    and not _from_the_future(key, found, origin)
+                ):
+                    # unverifiable (no file list) or, with a signing key, unsigned: the next older
                     return phd_flow_source(project, key, stage, origin)
-                except (StageError, CorruptRunError) as exc:
-                    logger.warning(f"{origin} skips run {key}: {exc}")
+            except (PhdFlowError, OSError, ValueError, TypeError, AttributeError) as exc:
+                logger.warning(f"{origin} skips run {key}: {exc}")
     if best is None:
         return None
     try:

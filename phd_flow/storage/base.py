@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from phd_flow.errors import StorageNotFoundError
+from phd_flow.errors import StorageError, StorageNotFoundError
+
+#: The most a run.json or manifest read from a remote may weigh.
+MAX_SMALL_BYTES = 16 * 1024 * 1024
 
 if TYPE_CHECKING:
     from phd_flow.config import Config
@@ -91,6 +94,17 @@ class Remote(ABC):
             except (FileNotFoundError, StorageNotFoundError):
                 return None
             return target.read_bytes()
+
+    def read_small(self, key: str, limit: int = MAX_SMALL_BYTES) -> bytes | None:
+        """:meth:`read_bytes` for a record or manifest: an object over ``limit`` bytes is refused
+        (:class:`~phd_flow.errors.StorageError`) before it is read; a remote holds data of any size."""
+        found = self.stat(key)
+        if found is not None and found.size > limit:
+            raise StorageError(f"{self.describe()}/{key} is {found.size} bytes, more than a record can be: refused.")
+        data = self.read_bytes(key)
+        if data is not None and len(data) > limit:
+            raise StorageError(f"{self.describe()}/{key} is more than {limit} bytes: refused.")
+        return data
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Upload a small object from memory."""

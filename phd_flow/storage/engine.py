@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -116,12 +118,33 @@ def load_manifest(root: Path) -> dict[str, Entry]:
         return {}
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def parse_manifest(raw: bytes | None) -> dict[str, Entry]:
-    """Decode manifest JSON; raises ValueError on garbage."""
+    """Decode manifest JSON: ``{"files": {name: {"size": int >= 0, "sha256": 64 hex}}}``;
+    raises ValueError on anything else (it may come from a remote: data of any shape)."""
     if not raw:
         return {}
-    data = json.loads(raw)
-    return {k: Entry(int(v["size"]), str(v["sha256"]), int(v.get("mtime_ns", 0))) for k, v in data["files"].items()}
+    try:
+        data = json.loads(raw)
+    except (RecursionError, OverflowError) as exc:
+        raise ValueError(f"not a manifest ({type(exc).__name__})") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        raise ValueError("not a manifest (no 'files' object)")
+    entries = {}
+    for name, v in files.items():
+        v = v if isinstance(v, dict) else {}
+        size, digest, mtime = v.get("size"), v.get("sha256"), v.get("mtime_ns", 0)
+        if not (_count(size) and _count(mtime) and isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise ValueError(f"not a manifest (bad entry for {name!r})")
+        entries[name] = Entry(typing.cast(int, size), digest, typing.cast(int, mtime))
+    return entries
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def dump_manifest(entries: dict[str, Entry]) -> bytes:
@@ -294,6 +317,17 @@ def _checked_names(
         listed[rel] = size
     for rel in manifest:
         _check_name(remote, prefix, rel)
+    folders = {
+        "/".join(parts[:i]) for parts in (r.split("/") for r in (*listed, *manifest)) for i in range(1, len(parts))
+    }
+    for rel in sorted({*listed, *manifest}):
+        if rel in folders:  # possible in an object store, never in a folder
+            raise _unsafe(remote, prefix, rel, "it is both a file and a folder")
+        segments = rel.split("/")
+        reserved = [s for s in segments[:-1] if s in (MANIFEST, JOURNAL)]
+        reserved += [s for s in segments if s.endswith((".phd_flow-part", ".phd_flow-tmp"))]
+        if reserved:
+            raise _unsafe(remote, prefix, rel, f"{reserved[0]!r} is a name phd_flow reserves")
     return listed
 
 
@@ -345,10 +379,10 @@ def _verify(path: Path, expected: Entry, where: str) -> None:
 
 
 def _remote_manifest(remote: Remote, prefix: str, retries: int) -> dict[str, Entry]:
-    raw = _retry(lambda: remote.read_bytes(_join(prefix, MANIFEST)), retries)
+    raw = _retry(lambda: remote.read_small(_join(prefix, MANIFEST)), retries)
     try:
         return parse_manifest(raw)
-    except (ValueError, KeyError, TypeError):
+    except ValueError:
         return {}  # a damaged remote manifest only costs a full re-transfer
 
 

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 KeyLike = str | PurePosixPath
 
 
+#: Below local_path: one empty file per top-level folder (a run) that ``download`` wrote.
+DOWNLOADED = ".phd_flow/downloaded"
+
+
 class Storage:
     """Files below ``local_path``, mirrored to a remote (S3, B2, MLflow, shared directory).
 
@@ -124,8 +128,19 @@ class Storage:
         remote = self._require_remote(rel)
         retries, workers = self.config.storage.retries, self.config.storage.workers
         if _is_single_file(remote, rel):
-            return self._download_file(remote, rel)
-        return engine.pull(remote, rel, self.local_path / rel, retries=retries, workers=workers, label=rel)
+            report = self._download_file(remote, rel)
+        else:
+            report = engine.pull(remote, rel, self.local_path / rel, retries=retries, workers=workers, label=rel)
+        self.downloaded_mark(rel.split("/", 1)[0]).touch()  # this tree came from the remote
+        return report
+
+    def downloaded_mark(self, top: str) -> Path:
+        """The local sidecar saying ``local_path/<top>`` was filled by :meth:`download`: a
+        run that came from the bucket is data, so ``sync`` never pushes it back nor records it
+        in MLflow (its run.json's sync and MLflow sections are not instructions)."""
+        folder = self.local_path / DOWNLOADED
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / keys.remote_relpath(top)
 
     def _download_file(self, remote: Remote, rel: str) -> engine.SyncReport:
         parent, _, name = rel.rpartition("/")

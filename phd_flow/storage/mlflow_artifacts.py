@@ -164,7 +164,14 @@ class MlflowRemote(Remote):
         with self._lock:
             if run_key in self._repos:
                 return self._repos[run_key]
-            found = self._search(_filter(run_key), max_results=1)
+            found = self._search(_filter(run_key), max_results=2)
+            if len(found) > 1:  # one of them was planted (anyone can tag a run): use neither
+                ids = " and ".join(sorted(r.info.run_id for r in found))
+                raise StorageError(
+                    f"{self.describe()}: more than one MLflow run is tagged {KEY_TAG}={run_key!r} "
+                    f"(runs {ids}), so which holds {run_key or 'the root'}'s files is ambiguous and "
+                    "neither is used. Delete the run that does not belong (`mlflow runs delete`)."
+                )
             if found:
                 run = found[0]
             elif create:

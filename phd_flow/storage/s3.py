@@ -32,7 +32,7 @@ from phd_flow.errors import (
     StorageNotFoundError,
     StorageUnavailableError,
 )
-from phd_flow.storage.base import Remote, RemoteFile
+from phd_flow.storage.base import MAX_SMALL_BYTES, Remote, RemoteFile
 
 if TYPE_CHECKING:
     from phd_flow.config import Config
@@ -227,6 +227,23 @@ class S3Remote(Remote):
         except StorageNotFoundError:
             return None
         data: bytes = self._call(response["Body"].read, what=key)
+        return data
+
+    def read_small(self, key: str, limit: int = MAX_SMALL_BYTES) -> bytes | None:
+        """One GET (no HEAD first): the size is checked from the response before the body is read."""
+        try:
+            response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(key), what=key)
+        except StorageNotFoundError:
+            return None
+        body = response["Body"]
+        if int(response.get("ContentLength") or 0) > limit:
+            body.close()
+            raise StorageError(
+                f"{self.describe()}/{key} is more than {limit} bytes, more than a record can be: refused."
+            )
+        data: bytes = self._call(lambda: body.read(limit + 1), what=key)
+        if len(data) > limit:
+            raise StorageError(f"{self.describe()}/{key} is more than {limit} bytes: refused.")
         return data
 
     def delete(self, keys: builtins.list[str]) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from phd_flow import keys
 from phd_flow.errors import ConfigError, RunKilledError, UserError, closest
 from phd_flow.run.record import COMPLETED, KILLED, RUNNING, RunRecord, utcnow
 from phd_flow.sweeps.grid import FINISHED, LOST, PENDING, STALE, SUBMITTED, Sweep, describe_point
@@ -160,7 +161,7 @@ def _start(point: dict[str, Any], sweep: Sweep, package: str, config_path: str |
         command += ["--config", config_path]
     # run options before the node name: a field of the node may have the same name (--key)
     command += ["run", "--key", point["key"], "--sweep", sweep.key, sweep.data["node_class"], *point["argv"]]
-    log = logs / f"{point['key']}.log"
+    log = logs / f"{keys.run_name(point['key'])}.log"  # a run key: never a path
     with open(log, "wb") as handle:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     return _Started(point, proc, log, time.monotonic())

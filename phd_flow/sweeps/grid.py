@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from phd_flow import keys
-from phd_flow._io import atomic_write_json, read_json
-from phd_flow.errors import ArgsError, CorruptRunError, RunNotFoundError, closest
+from phd_flow._io import atomic_write_json
+from phd_flow.errors import ArgsError, CorruptRunError, InvalidKeyError, RunNotFoundError, closest
 from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUN_FILE, RUNNING, RunRecord, utcnow
 
 if typing.TYPE_CHECKING:
@@ -209,11 +209,25 @@ class Sweep:
         from phd_flow.runs.listing import resolve_key
 
         key = resolve_key(project, key_or_prefix)
-        path = project.config.local_path / key / RUN_FILE
-        data = read_json(path)
-        if not isinstance(data, dict) or data.get("kind") != SWEEP_KIND:
+        data = RunRecord.load(project.config.local_path / key).data  # the key is checked there
+        if data.get("kind") != SWEEP_KIND:
             raise RunNotFoundError(f"{key} is a run, not a sweep: `sweep --resume` takes a Sweep_... key.")
-        return cls(path.parent, data)
+        # A sweep record may come from the bucket: it is data. Its points must be run keys,
+        # the config is this project's, and the node class must live in this project's package.
+        where = f"Sweep {key} ({project.config.local_path / key / RUN_FILE})"
+        points = data.get("points")
+        if not isinstance(points, list) or not all(_valid_point(p) for p in points):
+            raise CorruptRunError(
+                f"{where} has a point that is not a run key with an argument list; it is refused. "
+                "Delete it, or download the sweep again from a trusted copy."
+            )
+        node_class = data.get("node_class")
+        package = project.package
+        if not isinstance(node_class, str) or (package and not node_class.startswith(f"{package}.")):
+            raise CorruptRunError(f"{where} runs {node_class!r}, which is not a node of package {package!r}.")
+        data["key"] = key
+        data["config_path"] = str(Path(project.config_path).resolve()) if project.config_path else None
+        return cls(project.config.local_path / key, data)
 
     @property
     def key(self) -> str:
@@ -246,6 +260,18 @@ class Sweep:
         self.data["status"] = overall_status(counts, self.data["status"])
         self.save()
         return counts
+
+
+def _valid_point(point: Any) -> bool:
+    if not isinstance(point, dict) or not isinstance(point.get("argv"), list):
+        return False
+    if not all(isinstance(a, str) for a in point["argv"]) or not isinstance(point.get("params", {}), dict):
+        return False
+    try:
+        keys.run_name(point.get("key"))
+    except InvalidKeyError:
+        return False
+    return isinstance(point.get("status", PENDING), str)
 
 
 def point_status(run_dir: Path, recorded: str, stale_after: float) -> str:
