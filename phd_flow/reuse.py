@@ -14,11 +14,13 @@ read one small file, never every run directory.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,6 +34,25 @@ _DYNAMIC_IMPORTS = frozenset({"import_module", "__import__", "run_module", "run_
 _SCANNED: dict[Path, tuple[tuple[int, int], str, frozenset[str], bool]] = {}
 _NOT_GIT: set[Path] = set()  # source roots outside a git work tree (or git missing)
 _DIFFS: dict[tuple[Path, str, tuple[tuple[str, str], ...]], str] = {}  # -> sha256 of the diff
+# While a run goes on: what each file and git work tree looked like when the run first read them.
+_PINNED: dict[Path, tuple[str, frozenset[str], bool] | None] = {}
+_PINNED_GIT: dict[tuple[Path, tuple[tuple[str, str], ...]], dict[str, str] | None] = {}
+_PIN_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def pinned() -> Iterator[None]:
+    """While a run goes on (its nested runs included), every file is read once: an edit made
+    during the run (the run keeps the code it imported) does not change the fingerprints of its
+    later stages and children, which would then claim code they did not run."""
+    _PIN_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _PIN_DEPTH[0] -= 1
+        if not _PIN_DEPTH[0]:
+            _PINNED.clear()
+            _PINNED_GIT.clear()
 
 
 def code_of(node_cls: type) -> dict[str, Any]:
@@ -102,6 +123,15 @@ def _source_root(module: ModuleType | None, name: str) -> tuple[Path, str, Path]
 
 def _scan(path: Path) -> tuple[str, frozenset[str], bool] | None:
     """(sha256, the module names its import statements name, whether it imports dynamically)."""
+    if _PIN_DEPTH[0] and path in _PINNED:
+        return _PINNED[path]
+    scanned = _scan_now(path)
+    if _PIN_DEPTH[0]:
+        _PINNED[path] = scanned
+    return scanned
+
+
+def _scan_now(path: Path) -> tuple[str, frozenset[str], bool] | None:
     try:
         stat = path.stat()
         stamp = (stat.st_mtime_ns, stat.st_size)
@@ -172,7 +202,11 @@ def _package_tree(root: Path, top: str) -> dict[str, str]:
     for path in paths:
         if "__pycache__" in path.parts or any(p.startswith(".") for p in path.relative_to(root).parts):
             continue
-        try:
+        scanned = _scan(path)
+        if scanned is not None:
+            files[path.relative_to(root).as_posix()] = scanned[0]
+            continue
+        try:  # does not parse: its bytes still count
             files[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError:
             continue
@@ -186,6 +220,16 @@ def _git_state(root: Path, files: dict[str, str]) -> dict[str, str] | None:
     One ``git`` call per fingerprint: outside a work tree the answer is remembered, and the diff
     is remembered per commit and file contents (which determine it).
     """
+    pin = (root, tuple(sorted(files.items())))
+    if _PIN_DEPTH[0] and pin in _PINNED_GIT:
+        return _PINNED_GIT[pin]
+    state = _git_state_now(root, files)
+    if _PIN_DEPTH[0]:
+        _PINNED_GIT[pin] = state
+    return state
+
+
+def _git_state_now(root: Path, files: dict[str, str]) -> dict[str, str] | None:
     if root in _NOT_GIT:
         return None
     commit = _git(root, "rev-parse", "HEAD")

@@ -72,3 +72,12 @@ def test_a_new_import_and_a_commit_are_named(tmp_path: Path) -> None:
     assert reuse.explain_changes({"code": old}, {"code": new}) == (
         "code of pkg/extra.py is new, git commit changed 1111111111 → 2222222222"
     )
+
+
+def test_an_edit_during_a_run_does_not_change_its_later_fingerprints(tmp_path: Path) -> None:
+    make_package(tmp_path, PACKAGE)
+    with reuse.pinned():
+        first = files_of(tmp_path)
+        (tmp_path / "pkg" / "shared.py").write_text("VALUE = 22\n")  # the run keeps the imported code
+        assert files_of(tmp_path) == first
+    assert files_of(tmp_path)["pkg/shared.py"] != first["pkg/shared.py"]  # the next run sees the edit

@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from phd_flow import keys
+from phd_flow import keys, reuse
 from phd_flow._io import atomic_write_json
 from phd_flow.errors import RunFailedError, RunKilledError, UserError
 from phd_flow.log import RunLogging, logger
@@ -76,7 +76,7 @@ def execute(run: ActiveRun) -> Any:
     # at its end and by `sync`.
     storage.defer_failed_uploads = True
     try:
-        with RunLogging(run_dir / OUTPUT_LOG, run_dir / OUTPUT_JSONL) as logging:
+        with RunLogging(run_dir / OUTPUT_LOG, run_dir / OUTPUT_JSONL) as logging, reuse.pinned():
             heartbeat.start()
             try:
                 return _run_logged(run, run.record, args, logging)
