@@ -168,15 +168,14 @@ def _failed_to_record(run: ActiveRun, record: RunRecord, exc: OSError) -> RunFai
     where = run.project.config.where("local_path")
     cause = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
     if run.metrics is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):  # closed already, or the disk still full
             run.metrics.close()
     try:
         record.update(status=FAILED, ended_at=utcnow(), error=f"OSError: {cause}")
         recorded = "run.json says failed"
     except OSError:
         recorded = "run.json could not be updated either (it still says running; `ls --stale --fix` marks it)"
-    _close_mlflow(run, record, FAILED)
-    state = "; MLflow says FAILED" if run.mlflow is not None else ""
+    state = "; MLflow says FAILED" if _close_mlflow(run, record, FAILED) else ""
     return RunFailedError(
         f"{run.node_name} {run.key} failed: writing its record in {run.run_dir} failed ({cause}). "
         f"Free space in local_path ({where}) and run it again; {recorded}{state}."
@@ -278,10 +277,11 @@ def _autolog(mlflow: Any) -> None:
     mlflow.autolog(silent=True)
 
 
-def _close_mlflow(run: ActiveRun, record: RunRecord, status: str) -> None:
+def _close_mlflow(run: ActiveRun, record: RunRecord, status: str) -> bool:
+    """Close the run's MLflow run with ``status``; True when MLflow got it."""
     mlflow_run = run.mlflow
     if mlflow_run is None:
-        return
+        return False
     try:
         mlflow_run.close(status)
         ok = mlflow_run.error is None
@@ -297,3 +297,4 @@ def _close_mlflow(run: ActiveRun, record: RunRecord, status: str) -> None:
         )
     except OSError as exc:
         logger.warning(f"Recording the MLflow state of {run.key} failed ({exc}); `sync {run.key}` redoes it.")
+    return ok
