@@ -56,6 +56,8 @@ class ActiveRun:
 
         stages = prepare(node)
         name = type(node).__name__
+        if node.options.key:
+            keys.normalize(node.options.key)  # a name the filesystem refuses is an InvalidKeyError, not an OSError
         key = keys.RunKey(node.options.key) if node.options.key else keys.new_key(name)
         parent = node.options.parent
         return cls(node, key, parent.active if parent is not None else None, stages)
