@@ -112,6 +112,15 @@ class RunsConfig:
 
 
 @dataclass
+class SecurityConfig:
+    """``[security]``: the lab's signing key (``$PHD_FLOW_SIGNING_KEY`` wins). Results and stages
+    made with it are signed; from a remote, only validly signed ones are loaded. Never printed,
+    logged or written anywhere."""
+
+    signing_key: str | None = field(default=None, repr=False)
+
+
+@dataclass
 class Config:
     """The whole configuration of one project on one machine."""
 
@@ -122,6 +131,7 @@ class Config:
     stages: dict[str, StageRule] = field(default_factory=dict)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     runs: RunsConfig = field(default_factory=RunsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     source: Path | None = None  # the file it came from, None for defaults
 
     def where(self, key: str) -> str:
@@ -142,7 +152,8 @@ class Config:
 
 
 _FLAT_SEED_KEYS = {"b2_key_id", "b2_key", "b2_bucket", "b2_prefix"}
-_SECRET_KEYS = {"b2_key", "key"}
+#: Config keys whose values are secrets (any table): never logged, redacted from git diffs.
+SECRET_KEYS = frozenset({"b2_key", "b2_key_id", "key", "key_id", "signing_key"})
 
 
 def default_config(project_root: Path) -> Config:
@@ -210,7 +221,7 @@ def _from_dict(data: dict[str, Any], project_root: Path, source: Path | None) ->
     flat = {k: data.pop(k) for k in list(data) if k in _FLAT_SEED_KEYS}
     local_path = data.pop("local_path", None)
     _check_type("local_path", local_path, str | None, source)
-    allowed = {"storage", "mlflow", "stages", "executor", "runs"}
+    allowed = {"storage", "mlflow", "stages", "executor", "runs", "security"}
     _reject_unknown(data, allowed | {"local_path"} | _FLAT_SEED_KEYS, "", source)
     config = Config(
         local_path=_as_path(local_path, project_root) if local_path else project_root / "data_storage",
@@ -219,6 +230,7 @@ def _from_dict(data: dict[str, Any], project_root: Path, source: Path | None) ->
         mlflow=_build(MlflowConfig, data.get("mlflow", {}), "mlflow", source),
         executor=_build(ExecutorConfig, data.get("executor", {}), "executor", source),
         runs=_build(RunsConfig, data.get("runs", {}), "runs", source),
+        security=_build(SecurityConfig, data.get("security", {}), "security", source),
         source=source,
     )
     stages = data.get("stages", {})
@@ -455,7 +467,12 @@ def _locate(source: Path | None, dotted: str) -> str:
 def _warn_readable_secrets(data: dict[str, Any], source: Path | None) -> None:
     if source is None:
         return
-    has_secret = "b2_key" in data or "key" in data.get("storage", {})
+    storage, security = data.get("storage", {}), data.get("security", {})
+    has_secret = (
+        "b2_key" in data
+        or (isinstance(storage, dict) and "key" in storage)
+        or (isinstance(security, dict) and "signing_key" in security)
+    )
     if not has_secret:
         return
     mode = source.stat().st_mode
@@ -463,7 +480,7 @@ def _warn_readable_secrets(data: dict[str, Any], source: Path | None) -> None:
         from phd_flow.log import logger
 
         logger.warning(
-            f"{source} holds a storage secret and is readable by other users "
-            f"(mode {stat.filemode(mode)}). Run `chmod 600 {source}`, or better, move the key "
-            "to the environment (B2_APPLICATION_KEY)."
+            f"{source} holds a secret (a storage key or the signing key) and is readable by other "
+            f"users (mode {stat.filemode(mode)}). Run `chmod 600 {source}`, or better, move the "
+            "key to the environment (B2_APPLICATION_KEY, PHD_FLOW_SIGNING_KEY)."
         )

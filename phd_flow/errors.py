@@ -44,12 +44,21 @@ class CorruptRunError(UserError):
     """A run's record (run.json) or result (results.pickle) cannot be read."""
 
 
+class UntrustedResultError(UserError):
+    """A result from a remote is not known to be authentic (not made here, not validly signed,
+    not trusted by the caller), so it is not unpickled."""
+
+
 class NoResultError(UserError):
     """A run has no result to load (it failed, was killed or is still running)."""
 
 
 class InvalidKeyError(UserError):
     """A storage key is not a safe relative path (``..``, absolute, forbidden characters)."""
+
+
+class UnsafeRemoteNameError(UserError):
+    """A name listed by the remote storage is not a safe relative path: nothing of that run is written."""
 
 
 class StageError(UserError):

@@ -7,9 +7,10 @@ PurePosixPath('datasets/FitOLS_2026-11-23T10-00-00.000000Z_ab12cd34/datasets.pic
 
 from __future__ import annotations
 
+import os
 import secrets
 from datetime import datetime, timezone
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Union
 
 from phd_flow.errors import InvalidKeyError
@@ -93,3 +94,38 @@ def _problem(text: str) -> str:
         if len(segment.encode()) > 250:
             return "a path segment is longer than 250 bytes"
     return ""
+
+
+def remote_relpath(name: str) -> str:
+    """Check a name that comes from a remote (a listing, a manifest, a record) before it
+    touches the local tree; returns it unchanged.
+
+    The rules of :func:`normalize`, and stricter: no leading or trailing ``/``, no empty, ``.``
+    or ``..`` segment, no drive letter (``C:``), no backslash, no NUL or other control
+    character anywhere. Raises :class:`InvalidKeyError` naming the problem.
+    """
+    problem = "it is empty" if not name else _problem(name)
+    if not problem and name.endswith("/"):
+        problem = "it ends with '/'"
+    if not problem and any(0x80 <= ord(c) <= 0x9F for c in name):
+        problem = "it contains a control character"
+    if not problem and any(len(s) >= 2 and s[1] == ":" and s[0].isalpha() for s in name.split("/")):
+        problem = "it contains a drive letter"
+    if problem:
+        raise InvalidKeyError(f"Remote name {name!r} is not allowed: {problem}.")
+    return name
+
+
+def safe_join(root: Path, rel: str) -> Path:
+    """``root / rel`` for a name checked by :func:`remote_relpath`, refused (InvalidKeyError)
+    when an existing component below ``root`` is a symlink or the resolved path leaves ``root``."""
+    path = root
+    for segment in remote_relpath(rel).split("/"):
+        path = path / segment
+        if path.is_symlink():
+            raise InvalidKeyError(f"{path} is a symlink: nothing is written through it.")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise InvalidKeyError(f"Remote name {rel!r} resolves outside {root}.")
+    return path

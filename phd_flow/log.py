@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
 
 from loguru import logger
 
-__all__ = ["FILE_FORMAT", "InterceptHandler", "RunLogging", "configure_cli_stderr", "logger"]
+__all__ = ["FILE_FORMAT", "InterceptHandler", "RunLogging", "configure_cli_stderr", "logger", "redact_url"]
 
 #: The seed's line format: ``time | LEVEL | module:function:line - message``.
 FILE_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}"
@@ -29,6 +30,39 @@ STDERR_FORMAT = (
 MLFLOW_LOGGERS = ("mlflow", "sqlalchemy.engine", "alembic", "huey")
 #: The id of loguru's default stderr handler (0 at import; RunLogging re-adds it under a new id).
 _DEFAULT_STDERR = {"id": 0}
+#: ``scheme://user:password@``: the password is what :func:`redact_url` hides.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*):(?P<password>[^\s/@]*(?:@[^\s/@]*)*)@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every URL in it replaced: ``http://user:***@host``.
+
+    Applied to every log record (see :func:`redact_record`), to the tracking URI stored in
+    run.json and to error messages.
+    """
+    if "://" not in text:
+        return text
+    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}:***@", text)
+
+
+def redact_record(record: Any) -> None:
+    """loguru patcher: passwords in URLs never reach a sink (stderr, output.log, output.jsonl)."""
+    record["message"] = redact_url(record["message"])
+    exception = record.get("exception")
+    if exception is None or exception.value is None:
+        return
+    chain: list[BaseException] = []
+    error: BaseException | None = exception.value
+    while error is not None and len(chain) < 20:  # the traceback prints causes and contexts too
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    if any(redact_url(str(error)) != str(error) for error in chain):  # it would show a password
+        record["exception"] = None
+        record["message"] += f" ({type(exception.value).__name__}: {redact_url(str(exception.value))})"
+
+
+def _redact_everywhere() -> None:
+    logger.configure(patcher=redact_record)
 
 
 class InterceptHandler(logging.Handler):
@@ -49,6 +83,7 @@ class InterceptHandler(logging.Handler):
 def configure_cli_stderr(level: str = "INFO") -> None:
     """Replace loguru's default stderr sink with phd_flow's (CLI only; libraries keep theirs)."""
     logger.remove()
+    _redact_everywhere()
     logger.add(sys.stderr, level=level, format=STDERR_FORMAT, colorize=None, diagnose=False)
 
 
@@ -128,6 +163,7 @@ class RunLogging:
         self._saved_showwarning = warnings.showwarning
 
     def __enter__(self) -> RunLogging:
+        _redact_everywhere()
         self._files = [SafeFile(self.text_log), SafeFile(self.json_log)]
         self._quiet_default_stderr()
         self._sinks = [

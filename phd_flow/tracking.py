@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from phd_flow.log import logger, repoint_mlflow_loggers
+from phd_flow.log import logger, redact_url, repoint_mlflow_loggers
 from phd_flow.run.record import METRICS_FILE
 
 MAX_PARAM_LENGTH = 6000
@@ -152,7 +152,7 @@ def ui_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     """The run's page in the MLflow UI when the tracking store is a server."""
     if not tracking_uri.startswith(("http://", "https://")):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{redact_url(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 class MetricLog:
@@ -289,6 +289,8 @@ class MlflowRun:
         mlflow = self.mlflow = import_mlflow()
         from mlflow.tracking import MlflowClient
 
+        tags = {k: redact_url(str(v)) for k, v in tags.items()}  # no password in a URL reaches MLflow
+
         with store_lock(self.tracking_uri):
             self.client = MlflowClient(self.tracking_uri)
             self.experiment_id = self._experiment_id()
@@ -345,7 +347,7 @@ class MlflowRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        items = [RunTag(k, redact_url(str(v))) for k, v in tags.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, tags=items[i : i + 100])
 
@@ -428,7 +430,7 @@ def catch_up(run_dir: Path, data: dict[str, Any], tracking_uri: str, experiment:
         run_id=run.run_id,
         experiment_id=run.experiment_id,
         experiment=experiment,
-        tracking_uri=tracking_uri,
+        tracking_uri=redact_url(tracking_uri),
         metrics_sent=sent,
         status_sent=status,
     )

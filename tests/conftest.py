@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Before any test module imports mlflow (collection runs before fixtures): with telemetry on,
+# mlflow's config-fetching thread and `mlflow.autolog`'s import hook can deadlock on the import
+# lock (seen as a hang in test_tracking's autolog test). CI=true turns it off too; a laptop doesn't.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 EXAMPLES = REPO / "examples"
 
 # Environment that would leak the developer's machine into a test.

@@ -236,13 +236,14 @@ def test_corrupt_run_json_and_pickle_are_reported(project: Path) -> None:
     (run_dir,) = run_dirs(project / "data_storage")
     pickle_path = run_dir / "results.pickle"
     pickle_path.write_bytes(pickle_path.read_bytes()[:-7])  # truncated
+    from phd_flow.config import load_config
     from phd_flow.errors import CorruptRunError
     from phd_flow.run.record import RunRecord
     from phd_flow.run.result import load_verified
 
     record = RunRecord.load(run_dir)
     with pytest.raises(CorruptRunError, match="sha256"):
-        load_verified(run_dir, record.data["result"], record.key)
+        load_verified(load_config(project), run_dir, record.data["result"], record.key)
     (run_dir / "run.json").write_text('{"status": "compl')  # torn by hand
     before = _tree(project)
     proc = cli(project, "sync", run_dir.name)

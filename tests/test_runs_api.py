@@ -13,7 +13,7 @@ import pytest
 import phd_flow
 from phd_flow import Config, RunFailedError
 from phd_flow.config import MlflowConfig, RunsConfig, StorageConfig
-from phd_flow.errors import ArgsError, CorruptRunError, NoResultError, RunNotFoundError
+from phd_flow.errors import ArgsError, CorruptRunError, NoResultError, RunNotFoundError, UntrustedResultError
 from phd_flow.runs.query import is_stale, parse_duration
 from tests.nodes import Add, AddArgs, Fail, FailArgs
 
@@ -92,7 +92,10 @@ def test_runs_of_another_machine_are_listed_and_loaded_from_storage(history: Con
     assert [r.state for r in runs] == ["completed", "completed", "failed"]
     key = runs[1].key
     assert phd_flow.load_args(key, config=other)["a"] == 2
-    assert phd_flow.load_result(key, config=other).total == 4  # downloaded and verified
+    with pytest.raises(UntrustedResultError, match="--trust-remote"):  # no signing key: not unpickled
+        phd_flow.load_result(key, config=other)
+    assert not (other.local_path / key / "results.pickle").exists()  # refused before the download
+    assert phd_flow.load_result(key, config=other, trust_remote=True).total == 4  # downloaded and verified
     assert (other.local_path / key / "results.pickle").is_file()
     mine = phd_flow.find_runs(remote=True, config=history)
     assert {r.where for r in mine} == {"local+remote"}

@@ -349,6 +349,8 @@ def test_ls_remote_lists_runs_of_another_machine(project: Path, tmp_path: Path) 
     out = cli(other, "show", add1[:-3]).stdout
     assert "(only in storage)" in out and "  results.pickle " in out
     proc = cli(other, "result", add1, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "--trust-remote" in proc.stderr  # no signing key configured
+    proc = cli(other, "result", add1, "--trust-remote", env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and proc.stdout.strip() == "AddResult(total=3)", proc.stderr
 
 

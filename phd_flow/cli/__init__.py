@@ -93,5 +93,7 @@ def main(package: str, argv: Sequence[str] | None = None) -> int:
 
 
 def _print_paragraph(text: str) -> None:
+    from phd_flow.log import redact_url
+
     sys.stderr.flush()
-    print(text, file=sys.stderr)
+    print(redact_url(text), file=sys.stderr)

@@ -7,6 +7,7 @@ and statuses are coloured, unless ``$NO_COLOR`` is set.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
@@ -19,6 +20,24 @@ from phd_flow.runs.query import Run, arg_text, parse_time
 
 _COLORS = {"completed": "32", "failed": "31", "killed": "35", "stale": "33", "running": "36"}
 MAX_FILES = 40
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+#: C0 controls (ESC among them), DEL, C1 controls (CSI 0x9b ...), and the Unicode format
+#: characters that reorder or hide text (bidi overrides, isolates, line/paragraph separators).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text: object) -> str:
+    r"""``text`` as a string safe to print on a terminal: control and escape characters from run
+    data are shown escaped (``\x1b``, ``\n``, ``\u202e``) instead of acting on the terminal."""
+    return _UNSAFE.sub(_escape, str(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def use_color(stream: Any = None) -> bool:
@@ -35,7 +54,10 @@ def status_text(status: str, color: bool, width: int = 0) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], color: bool = False) -> str:
-    """Left-aligned columns separated by two spaces; a ``STATUS`` column is coloured."""
+    """Left-aligned columns separated by two spaces; a ``STATUS`` column is coloured. Every cell
+    goes through :func:`clean` (run data is shown escaped)."""
+    headers = [clean(h) for h in headers]
+    rows = [[clean(c) for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     status_col = headers.index("STATUS") if "STATUS" in headers else -1
     lines = [paint("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), "1", color)]
@@ -103,9 +125,14 @@ def synced_text(run: Run) -> str:
 def render_show(
     run: Run, files: list[tuple[str, int]], package: str, color: bool, log_tail: list[str]
 ) -> Iterator[str]:
-    """The lines of ``show KEY``."""
+    """The lines of ``show KEY``; each goes through :func:`clean` (run data is shown escaped)."""
+    yield paint(clean(run.key), "1", color) + ("   (only in storage)" if run.where == "remote" else "")
+    for line in _show_body(run, files, package, log_tail):
+        yield clean(line)
+
+
+def _show_body(run: Run, files: list[tuple[str, int]], package: str, log_tail: list[str]) -> Iterator[str]:
     data = run.data
-    yield paint(run.key, "1", color) + ("   (only in storage)" if run.where == "remote" else "")
     yield from _fields(_overview(run))
     yield from _section("args", _args_lines(run.args))
     yield from _section("stages", _stage_lines(data.get("stages") or {}))

@@ -34,6 +34,8 @@ class Removal:
     local_bytes: int = 0
     remote_keys: list[str] = field(default_factory=list)
     mlflow_run_ids: list[str] = field(default_factory=list)
+    #: The run key each MLflow run must carry in its ``phd_flow.key`` tag to be deleted.
+    mlflow_keys: dict[str, str] = field(default_factory=dict)
 
     def describe(self, remote: str | None, delete_remote: bool) -> str:
         from phd_flow.cli.render import size_text
@@ -97,20 +99,22 @@ def _plan(run: Run, storage_remote: Any) -> Removal:
             if path.is_file():
                 plan.local_files += 1
                 plan.local_bytes += path.stat().st_size
-        plan.mlflow_run_ids = _mlflow_ids(run.run_dir, run.data)
-    elif run.data.get("mlflow", {}).get("run_id"):
-        plan.mlflow_run_ids = [str(run.data["mlflow"]["run_id"])]
+        plan.mlflow_keys = _mlflow_ids(run.run_dir, run.data)
+    elif (run.data.get("mlflow") or {}).get("run_id"):
+        plan.mlflow_keys = {str(run.data["mlflow"]["run_id"]): run.key}
+    plan.mlflow_run_ids = list(plan.mlflow_keys)
     if storage_remote is not None:
-        plan.remote_keys = [f.key for f in storage_remote.list(run.key)]
+        # the run's own prefix: its name comes from where the record was found, never from it
+        plan.remote_keys = [f.key for f in storage_remote.list(run.run_dir.name)]
     return plan
 
 
-def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> list[str]:
-    """The run's MLflow run id and those of the child runs inside its directory."""
+def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> dict[str, str]:
+    """``{MLflow run id: run key}`` of the run and of the child runs inside its directory."""
     from phd_flow.errors import CorruptRunError
     from phd_flow.run.record import RUN_FILE, RunRecord
 
-    ids = [str(data["mlflow"]["run_id"])] if (data.get("mlflow") or {}).get("run_id") else []
+    ids = {str(data["mlflow"]["run_id"]): run_dir.name} if (data.get("mlflow") or {}).get("run_id") else {}
     for child in sorted(run_dir.rglob(RUN_FILE)):
         if child.parent == run_dir:
             continue
@@ -119,7 +123,7 @@ def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> list[str]:
         except (CorruptRunError, AttributeError):
             continue
         if run_id:
-            ids.append(str(run_id))
+            ids[str(run_id)] = child.parent.name
     return ids
 
 
@@ -166,8 +170,17 @@ def _delete_mlflow(project: Project, plan: Removal) -> bool:
     from mlflow.exceptions import MlflowException
 
     uri = project.config.tracking_uri()
-    for run_id in plan.mlflow_run_ids:
+    for run_id, key in plan.mlflow_keys.items():
         try:
+            tagged = client.get_run(run_id).data.tags.get("phd_flow.key")
+            if tagged != key:
+                print(
+                    f"error: {plan.run.key}: MLflow run {run_id} in {uri} belongs to "
+                    f"{tagged or 'no phd_flow run'}, not to {key}: it is not deleted, and the run "
+                    "directory is kept. Its record points at another MLflow run.",
+                    file=sys.stderr,
+                )
+                return False
             client.delete_run(run_id)
         except MlflowException as exc:
             if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":

@@ -52,6 +52,12 @@ def register_compare(commands: Any) -> None:
 def register_result(commands: Any) -> None:
     parser = commands.add_parser("result", help="print a run's result (verified, unpickled)")
     parser.add_argument("key", metavar="KEY", help="run key or unique prefix")
+    parser.add_argument(
+        "--trust-remote",
+        action="store_true",
+        help="unpickle a result made elsewhere although no signing key is configured "
+        "(only if you trust everyone who can write to the storage)",
+    )
     parser.set_defaults(func=_cmd_result)
 
 
@@ -70,14 +76,15 @@ def _cmd_ls(project: Project, args: argparse.Namespace) -> int:
         raise ArgsError("--fix marks stale runs killed: use it as `ls --stale --fix`.")
     runs = select(project, args)
     if args.fix:
+        from phd_flow.cli.render import clean
         from phd_flow.runs.query import mark_killed
 
         failure: UserError | None = None
         for run in runs:
             try:
-                print(mark_killed(project, run))
+                print(clean(mark_killed(project, run)))
             except UserError as exc:  # a full disk: the others are still tried, the first error is shown
-                print(f"{run.key}: not marked killed (see the error below).")
+                print(clean(f"{run.key}: not marked killed (see the error below)."))
                 failure = failure or exc
         if not runs:
             print("No stale runs.")
@@ -154,7 +161,7 @@ def _cmd_compare(project: Project, args: argparse.Namespace) -> int:
 
     runs = [get_run(project, key) for key in args.keys]
     for number, run in enumerate(runs, 1):
-        print(f"[{number}] {run.key}  {view.status_text(run.state, view.use_color())}")
+        print(f"[{number}] {view.clean(run.key)}  {view.status_text(view.clean(run.state), view.use_color())}")
     flat = [flatten(run.args) for run in runs]
     names = list(dict.fromkeys(name for args_ in flat for name in args_))
     differ = [n for n in names if len({arg_text(a.get(n, "-")) for a in flat}) > 1]
@@ -168,7 +175,7 @@ def _cmd_compare(project: Project, args: argparse.Namespace) -> int:
     if differ:
         print(_indent(view.table(columns, rows)))
     if same:
-        print("same in all: " + ", ".join(f"{n}={arg_text(flat[0][n])}" for n in same))
+        print(view.clean("same in all: " + ", ".join(f"{n}={arg_text(flat[0][n])}" for n in same)))
     print()
     print("final metrics" if metric_names else "metrics: none logged")
     if metric_names:
@@ -199,7 +206,7 @@ def _indent(text: str) -> str:
 def _cmd_result(project: Project, args: argparse.Namespace) -> int:
     from phd_flow.runs.query import load_result
 
-    print(repr(load_result(args.key, project)))
+    print(repr(load_result(args.key, project, trust_remote=args.trust_remote)))
     return 0
 
 
@@ -216,7 +223,9 @@ def _cmd_ui(project: Project, args: argparse.Namespace) -> int:
         raise ArgsError(f"--port {args.port}: give a port from 1 to 65535.")
     uri = project.config.tracking_uri()
     if uri.startswith(("http://", "https://")):
-        print(f"The tracking store is an MLflow server already: open {uri}")
+        from phd_flow.log import redact_url
+
+        print(f"The tracking store is an MLflow server already: open {redact_url(uri)}")
         return 0
     with socket.socket() as probe:
         if probe.connect_ex((args.host, args.port)) == 0:

@@ -15,7 +15,7 @@ from typing import Any
 from phd_flow import keys, reuse
 from phd_flow._io import atomic_write_json
 from phd_flow.errors import RunFailedError, RunKilledError, UserError
-from phd_flow.log import RunLogging, logger
+from phd_flow.log import RunLogging, logger, redact_url
 from phd_flow.run import repro
 from phd_flow.run.active import ActiveRun
 from phd_flow.run.args import args_to_dict
@@ -107,9 +107,10 @@ def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any], logging
     config = run.project.config
     name = run.node_name
     logger.info(f"Run node {name} {run.key} in {run.run_dir}")
-    git = repro.git_info(config.project_root)
+    secrets = repro.secret_values(config)
+    git = repro.git_info(config.project_root, secrets)
     record.update(fingerprint=node_fingerprint(type(run.node), args))
-    atomic_write_json(run.run_dir / REPRO_FILE, repro.snapshot(config.project_root, git))
+    atomic_write_json(run.run_dir / REPRO_FILE, repro.snapshot(config.project_root, git, secrets))
     record.update(git={k: git.get(k) for k in ("commit", "branch", "dirty")} if git else {})
     from phd_flow.tracking import MetricLog
 
@@ -119,7 +120,7 @@ def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any], logging
     status, error, result = run.call_user_code()
     metrics.close()
     if status == COMPLETED:
-        status, error = save_result(record, result, name)
+        status, error = save_result(record, result, name, config)
     if status == COMPLETED:
         try:
             remember(run)
@@ -183,7 +184,8 @@ def _failed_to_record(run: ActiveRun, record: RunRecord, exc: OSError) -> RunFai
 
 
 def _describe(error: Any) -> str:
-    return f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    """The error as run.json and the final message show it (no password of a URL in it)."""
+    return redact_url(f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error))
 
 
 # --- MLflow -------------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit
             f"MLflow at {uri} could not be opened ({type(exc).__name__}: {exc}). The run goes on "
             f"locally; `sync {run.key}` records it in MLflow later."
         )
-        record.update_section("mlflow", state="not_synced", tracking_uri=uri, experiment=experiment)
+        record.update_section("mlflow", state="not_synced", tracking_uri=redact_url(uri), experiment=experiment)
         return
     run.mlflow = mlflow_run
     record.update_section(
@@ -228,7 +230,7 @@ def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit
         run_id=mlflow_run.run_id,
         experiment_id=mlflow_run.experiment_id,
         experiment=experiment,
-        tracking_uri=uri,
+        tracking_uri=redact_url(uri),
     )
     url = ui_url(uri, str(mlflow_run.experiment_id), str(mlflow_run.run_id))
     if url:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phd_flow import reuse
-from phd_flow.errors import CorruptRunError
+from phd_flow.errors import CorruptRunError, UntrustedResultError
 from phd_flow.log import logger
 from phd_flow.run.args import args_to_dict
 from phd_flow.run.options import RunOptions
@@ -73,13 +73,18 @@ def require(parent: ActiveRun, node_cls: type[Node[Any, Any]], args: Any, rerun:
     else:
         found, reason = find_reusable(local_path, name, wanted)
         if found is not None:
-            logger.info(f"Reusing {name} {found.name}: {reason}.")
-            parent.record.data.setdefault("children", []).append(
-                {"node": name, "path": os.path.relpath(found, local_path), "reused": True}
-            )
-            parent.record.save()
             record = RunRecord.load(found)
-            return load_verified(found, record.data.get("result") or {}, record.key)
+            try:
+                result = load_verified(parent.project.config, found, record.data.get("result") or {}, record.key)
+            except UntrustedResultError as exc:  # not made here, not signed: computed anew instead
+                reason = f"{found.name} cannot be reused ({exc})"
+            else:
+                logger.info(f"Reusing {name} {found.name}: {reason}.")
+                parent.record.data.setdefault("children", []).append(
+                    {"node": name, "path": os.path.relpath(found, local_path), "reused": True}
+                )
+                parent.record.save()
+                return result
         logger.info(f"Running {name}: {reason}.")
     child_options = RunOptions(parent=parent.node, rerun=list(options.rerun), tags=dict(options.tags))
     child = node_cls(child_args, config=parent.project, options=child_options)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from phd_flow.errors import UserError
-from phd_flow.log import logger
+from phd_flow.log import logger, redact_url
 from phd_flow.run.record import RunRecord, utcnow
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ def push_run(storage: Storage, record: RunRecord, run_path: str, pending: list[s
         remote = storage.remote
     except UserError as exc:
         logger.error(f"Storage is not usable, so run {record.key} was not synced: {exc}")
-        record.update_section("sync", state="not_synced", error=str(exc), at=utcnow(), pending=pending)
+        record.update_section("sync", state="not_synced", error=redact_url(str(exc)), at=utcnow(), pending=pending)
         return False
     if remote is None:
         record.update_section("sync", state="local", at=utcnow())
@@ -39,7 +39,8 @@ def push_run(storage: Storage, record: RunRecord, run_path: str, pending: list[s
                 storage.upload(key)
         report = storage.upload(run_path, exclude=local_only_stages(record))
         logger.info(f"Synced {record.key} to {remote.describe()}: {report}")
-        record.update_section("sync", state="synced", error=None, at=utcnow(), remote=remote.describe(), pending=[])
+        where = redact_url(remote.describe())
+        record.update_section("sync", state="synced", error=None, at=utcnow(), remote=where, pending=[])
         storage.upload(run_path, exclude=local_only_stages(record))  # sends run.json, the logs and the manifest
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
@@ -47,7 +48,7 @@ def push_run(storage: Storage, record: RunRecord, run_path: str, pending: list[s
             f"Run {record.key} was not synced to {remote.describe()} ({message}). Its files are "
             f"safe in {record.run_dir}; run `sync {record.key}` once the storage is reachable."
         )
-        record.update_section("sync", state="not_synced", error=message, at=utcnow(), pending=pending)
+        record.update_section("sync", state="not_synced", error=redact_url(message), at=utcnow(), pending=pending)
         return False
     finally:
         storage.defer_failed_uploads = deferring

@@ -40,6 +40,17 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+def parse_time(text: Any) -> datetime | None:
+    """An ISO timestamp from run.json as an aware datetime (UTC when it has no zone)."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
 def slurm_ids() -> dict[str, str]:
     """SLURM job ids of this process, when it runs in a SLURM job."""
     names = {
@@ -50,6 +61,17 @@ def slurm_ids() -> dict[str, str]:
         "node": "SLURMD_NODENAME",
     }
     return {k: os.environ[v] for k, v in names.items() if os.environ.get(v)}
+
+
+def check_key(data: dict[str, Any], expected: str, where: str) -> None:
+    """Raise :class:`CorruptRunError` when a record's ``key`` is not ``expected`` (its location)."""
+    key = data.get("key")
+    if key is not None and key != expected:
+        raise CorruptRunError(
+            f"{where} says it is run {key!r} but it was found as run {expected!r}: a record must "
+            f"name the run it belongs to, so {expected} is refused (it was copied or renamed by "
+            "hand, or planted). Delete it, or put it back where it belongs."
+        )
 
 
 class RunRecord:
@@ -98,13 +120,19 @@ class RunRecord:
 
     @classmethod
     def from_bytes(cls, run_dir: Path, raw: bytes, where: str) -> RunRecord:
-        """Parse run.json's bytes (local or from a remote); :class:`CorruptRunError` names ``where``."""
+        """Parse run.json's bytes (local or from a remote); :class:`CorruptRunError` names ``where``.
+
+        A record is data, not an instruction: its ``key`` must be the name of the directory it
+        was found in (``run_dir.name``; a child run lives at ``<parent>/<child key>``), else it is
+        refused, so no command acts on the run a record merely claims to be.
+        """
         try:
             data = json.loads(raw)
         except ValueError as exc:
             raise CorruptRunError(f"{where} is unreadable or not valid JSON ({exc}).") from None
         if not isinstance(data, dict) or "status" not in data:
             raise CorruptRunError(f"{where} is not a phd_flow run record.")
+        check_key(data, run_dir.name, where)
         return cls(run_dir, data)
 
     @property

@@ -1,31 +1,94 @@
 """The reproducibility snapshot of a run (``reproducible.json``).
 
 Records git commit, branch, dirty flag and diff, installed packages, Python, platform, CPU/GPU
-and hostname. It records no environment variables at all, so no secret can leak through it.
+and hostname. It records no environment variables, and the git diff (and argv) is scrubbed: every
+value of a secret config key or credential environment variable is replaced by ``***``, and so is
+the value of every ``key = ...`` line of a secret key name in a ``.toml`` file's hunks (an
+uncommitted config with B2 keys in it). Hunks are redacted, never dropped.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from phd_flow.config import SECRET_KEYS
+
+if TYPE_CHECKING:
+    from phd_flow.config import Config
 
 MAX_DIFF_BYTES = 2_000_000
+REDACTED = "***"
+#: Environment variables that hold credentials: their values never reach reproducible.json.
+SECRET_ENV_VARS = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "B2_APPLICATION_KEY",
+    "B2_APPLICATION_KEY_ID",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "PHD_FLOW_SIGNING_KEY",
+)
+_MIN_SECRET = 4  # shorter values would redact ordinary text; no real credential is this short
+_TOML_ASSIGNMENT = re.compile(
+    r"^(?P<head>[-+ ]\s*[\"']?(?P<name>[A-Za-z0-9_.\-]+)[\"']?\s*=\s*)(?P<value>.*?)(?P<end>\r?\n?)$"
+)
 
 
-def git_info(cwd: Path) -> dict[str, Any]:
-    """Commit, branch, dirty flag and diff of the git repository at ``cwd`` (empty if none)."""
+def secret_values(config: Config) -> list[str]:
+    """The secrets this process knows (config keys, credential env vars), longest first."""
+    values = [config.storage.key_id, config.storage.key, config.security.signing_key]
+    values += [os.environ.get(name) for name in SECRET_ENV_VARS]
+    return sorted({v for v in values if v and len(v) >= _MIN_SECRET}, key=len, reverse=True)
+
+
+def _secret_name(name: str) -> bool:
+    name = name.lower().rsplit(".", 1)[-1]
+    return name in SECRET_KEYS or any(word in name for word in ("password", "token", "secret"))
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every value in ``secrets`` replaced by ``***``."""
+    for value in secrets:
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def redact_diff(diff: str, secrets: Sequence[str]) -> str:
+    """A ``git diff`` with secret values replaced by ``***``, and with the value of every
+    ``name = ...`` line of a secret key name (``key``, ``b2_key``, ``signing_key`` ...) in a
+    ``.toml`` file's hunks replaced too (the value may be one this process does not know)."""
+    lines = []
+    in_toml = False
+    for line in redact(diff, secrets).splitlines(keepends=True):
+        if line.startswith("diff --git "):
+            in_toml = line.rstrip().endswith(".toml")
+        elif in_toml and not line.startswith(("+++ ", "--- ")):
+            match = _TOML_ASSIGNMENT.match(line)
+            if match and _secret_name(match.group("name")):
+                line = f'{match.group("head")}"{REDACTED}"{match.group("end")}'
+        lines.append(line)
+    return "".join(lines)
+
+
+def git_info(cwd: Path, secrets: Sequence[str] = ()) -> dict[str, Any]:
+    """Commit, branch, dirty flag and diff (secrets redacted, see :func:`redact_diff`) of the git
+    repository at ``cwd`` (empty if none)."""
     commit = _git(cwd, "rev-parse", "HEAD")
     if commit is None:
         return {}
     status = _git(cwd, "status", "--porcelain") or ""
-    diff = _git(cwd, "diff", "HEAD") or ""
+    diff = redact_diff(_git(cwd, "diff", "HEAD") or "", secrets)
     if len(diff) > MAX_DIFF_BYTES:
         diff = diff[:MAX_DIFF_BYTES] + "\n[diff truncated by phd_flow]\n"
     return {
@@ -80,11 +143,12 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def snapshot(project_root: Path, git: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything above, as one JSON-serialisable dict."""
+def snapshot(project_root: Path, git: dict[str, Any] | None = None, secrets: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything above, as one JSON-serialisable dict (``secrets`` redacted from git and argv)."""
+    argv = [redact(arg, secrets) for arg in sys.argv]
     return {
-        "git": git if git is not None else git_info(project_root),
-        "python": {"version": sys.version, "executable": sys.executable, "argv": sys.argv},
+        "git": git if git is not None else git_info(project_root, secrets),
+        "python": {"version": sys.version, "executable": sys.executable, "argv": argv},
         "cwd": os.getcwd(),
         "platform": {"system": platform.platform(), "machine": platform.machine()},
         "hostname": socket.gethostname(),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phd_flow._io import atomic_write_bytes
-from phd_flow.errors import CorruptRunError, RunNotFoundError, StorageError
+from phd_flow.errors import CorruptRunError, InvalidKeyError, RunNotFoundError, StorageError
 from phd_flow.run.record import FINISHED, RUN_FILE, RunRecord
 
 if TYPE_CHECKING:
@@ -92,7 +92,6 @@ INDEX_FIELDS = (
     "error",
     "sweep",
     "kind",
-    "path",
 )
 
 
@@ -105,11 +104,15 @@ def remote_records(config: Config, remote: Remote, refresh: bool = False) -> Ite
     every other run's run.json is fetched, in parallel. Prefixes without a run.json
     (``datasets/`` ...) are skipped. ``refresh`` ignores both indexes.
     """
-    names = [n for n in _remote_names(remote) if not n.startswith(".")]
+    names, refused = remote_run_names(remote)
+    for name, problem in refused:
+        yield CorruptRunError(f"{remote.describe()}: skipped {name!r}, not a valid run key ({problem}).")
     local_index = _local_index_path(config, remote)
     index = {} if refresh else _read_index(local_index.read_bytes() if local_index.exists() else None)
     if not refresh and any(name not in index for name in names):
         index.update(_read_index(_read_remote_index(remote)))
+    # the shared index is remote data too: an entry counts only when its key is where it is filed
+    index = {name: data for name, data in index.items() if data.get("key", name) == name}
     todo = [name for name in names if name not in index]
     fetched = _fetch_all(remote, todo)
     learned = 0
@@ -143,9 +146,23 @@ def read_remote_record(config: Config, remote: Remote, key: str) -> RunRecord | 
     return RunRecord.from_bytes(config.local_path / key, raw, f"{remote.describe()}/{key}/{RUN_FILE}")
 
 
-def _remote_names(remote: Remote) -> list[str]:
-    names: list[str] = remote.list_dirs("")
-    return sorted(names)
+def remote_run_names(remote: Remote) -> tuple[list[str], list[tuple[str, str]]]:
+    """The remote's run prefixes that are valid run keys (sorted), and the refused names with
+    why; hidden names (``.phd_flow``) are neither."""
+    from phd_flow.keys import remote_relpath
+
+    names: list[str] = []
+    refused: list[tuple[str, str]] = []
+    for name in sorted(remote.list_dirs("")):
+        try:
+            if "/" in remote_relpath(name):
+                raise InvalidKeyError("it contains '/'")
+        except InvalidKeyError as exc:
+            refused.append((name, str(exc)))
+            continue
+        if not name.startswith("."):
+            names.append(name)
+    return names, refused
 
 
 def _fetch_all(remote: Remote, names: list[str]) -> dict[str, bytes | Exception | None]:
@@ -234,8 +251,7 @@ def resolve_key(project: Project, prefix: str, remote: bool = False) -> str:
     if not candidates and remote:
         storage_remote = project.remote
         if storage_remote is not None:
-            remote_dirs: list[str] = storage_remote.list_dirs("")
-            candidates = _matching(remote_dirs, prefix)
+            candidates = _matching(remote_run_names(storage_remote)[0], prefix)
             searched += f" or {storage_remote.describe()}"
     if len(candidates) == 1:
         return candidates[0]

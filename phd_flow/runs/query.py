@@ -30,7 +30,8 @@ from phd_flow.errors import (
 )
 from phd_flow.project import Project
 from phd_flow.run.record import ARGS_FILE, COMPLETED, KILLED, RUN_FILE, RUNNING, STALE, STATUS_CHOICES, RunRecord
-from phd_flow.run.result import load_verified, result_path
+from phd_flow.run.record import parse_time as parse_time  # re-exported: cli/render.py imports it here
+from phd_flow.run.result import check_authentic, load_verified, result_path
 from phd_flow.runs.listing import (
     local_records,
     read_remote_record,
@@ -231,12 +232,17 @@ def load_args(key: str, config: Config | Project | None = None) -> dict[str, Any
     return run.args
 
 
-def load_result(key: str, config: Config | Project | None = None) -> Any:
+def load_result(key: str, config: Config | Project | None = None, trust_remote: bool = False) -> Any:
     """The unpickled result of run ``key`` (or a unique prefix), downloaded when not local.
 
-    The pickle's sha256 is checked against run.json before unpickling (a warning says so when
-    run.json recorded none). Raises :class:`~phd_flow.errors.NoResultError` for a run that did
-    not complete and :class:`~phd_flow.errors.CorruptRunError` when the check fails.
+    Unpickling runs code, so the result must be authentic first: made on this machine, else
+    signed with the configured signing key (``$PHD_FLOW_SIGNING_KEY`` or ``[security]
+    signing_key``), else, when no key is configured, ``trust_remote=True`` says you trust everyone
+    who can write to the storage. Its sha256 is checked against run.json in every case. Raises
+    :class:`~phd_flow.errors.NoResultError` for a run that did not complete,
+    :class:`~phd_flow.errors.UntrustedResultError` for a result not known to be authentic, and
+    :class:`~phd_flow.errors.CorruptRunError` when run.json records no sha256 or the bytes do not
+    match it.
     """
     project = Project.of(config)
     run = get_run(project, key)
@@ -244,10 +250,12 @@ def load_result(key: str, config: Config | Project | None = None) -> Any:
     if run.status != COMPLETED or not info:
         error = f" ({run.data['error']})" if run.data.get("error") else ""
         raise NoResultError(f"Run {run.key} is {run.state}{error}, so it has no result to load.")
+    local = run.where != "remote"
+    check_authentic(project.config, info, run.key, trust_remote, local)  # before downloading anything
     path = result_path(run.run_dir, info)
     if not path.exists():
         project.storage.download(f"{run.key}/{path.name}")
-    return load_verified(run.run_dir, info, run.key)
+    return load_verified(project.config, run.run_dir, info, run.key, trust_remote, local)
 
 
 # --- building blocks (also used by the CLI) -----------------------------------------------------
@@ -435,17 +443,6 @@ def _ago(duration: timedelta) -> datetime:
         return _now() - duration
     except OverflowError:  # before the year 1
         raise ArgsError(f"{duration} ago is before the year 1: give a shorter duration.") from None
-
-
-def parse_time(text: Any) -> datetime | None:
-    """An ISO timestamp from run.json as an aware datetime (UTC when it has no zone)."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def arg_text(value: Any) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 from phd_flow import reuse
 from phd_flow.errors import PhdFlowError, StageError
 from phd_flow.log import logger
+from phd_flow.run import signing
 from phd_flow.run.args import args_to_dict
 from phd_flow.run.record import RESERVED_NAMES, utcnow
 from phd_flow.stages import sources as stage_sources
@@ -340,7 +341,11 @@ class StageManager:
         files = stage_sources.hash_tree(stage.path)
         stage.sha256 = stage_sources.digest(files)
         stage.completed = True
-        self._record(stage, status="completed", files=files)
+        config, key = self.node.config, str(self.node.key)
+        secret = signing.signing_key(config)
+        mac = signing.stage_mac(secret, key, stage.name, stage.sha256) if secret is not None else None
+        signing.remember_stage(config.local_path, key, stage.name, stage.sha256)
+        self._record(stage, status="completed", files=files, mac=mac)
         tags = {f"phd_flow.stage.{stage.name}.logged": str(not stage.skip_log).lower()}
         if stage.loaded_from:
             tags[f"phd_flow.stage.{stage.name}.loaded_from"] = stage.loaded_from
@@ -349,23 +354,21 @@ class StageManager:
         except Exception as exc:  # MLflow trouble never fails the run; run.json has the tags
             logger.warning(f"Could not tag stage {stage.name!r} in MLflow ({type(exc).__name__}: {exc}).")
 
-    def _record(self, stage: Stage, status: str, files: dict[str, str] | None = None) -> None:
-        self.node.record.update_section(
-            "stages",
-            **{
-                stage.name: {
-                    "status": status,
-                    "loaded": stage.loaded,
-                    "loaded_from": stage.loaded_from,
-                    "cached": stage.cached,
-                    "skip_log": stage.skip_log,
-                    "fingerprint": stage.fingerprint,
-                    "inputs": stage.inputs,
-                    "sha256": stage.sha256,
-                    "files": files or {},
-                }
-            },
-        )
+    def _record(self, stage: Stage, status: str, files: dict[str, str] | None = None, mac: str | None = None) -> None:
+        info = {
+            "status": status,
+            "loaded": stage.loaded,
+            "loaded_from": stage.loaded_from,
+            "cached": stage.cached,
+            "skip_log": stage.skip_log,
+            "fingerprint": stage.fingerprint,
+            "inputs": stage.inputs,
+            "sha256": stage.sha256,
+            "files": files or {},
+        }
+        if mac is not None:
+            info["hmac"] = mac  # over run key + stage + digest(files), with the lab's signing key
+        self.node.record.update_section("stages", **{stage.name: info})
 
     def finish(self) -> None:
         """At the end of a completed run: index its computed stages, warn about unused rules."""

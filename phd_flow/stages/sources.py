@@ -15,15 +15,19 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phd_flow._io import sha256_file
 from phd_flow.errors import CorruptRunError, InvalidKeyError, RunNotFoundError, StageError, closest
+from phd_flow.keys import RunKey, remote_relpath
 from phd_flow.log import logger
-from phd_flow.run.record import COMPLETED, RUN_FILE, RunRecord
+from phd_flow.run import signing
+from phd_flow.run.record import COMPLETED, RUN_FILE, RunRecord, parse_time
 
 if TYPE_CHECKING:
+    from phd_flow.config import Config
     from phd_flow.project import Project
 
 LATEST = "latest"
@@ -31,6 +35,8 @@ LATEST = "latest"
 MLFLOW_CHECKSUMS = "phd_flow-stages"
 _MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _REMOTE_LATEST_LIMIT = 50  # run.json files read from the remote when looking for "latest"
+#: How far in the future a run's start may lie (clocks of lab machines differ) for ``latest``.
+CLOCK_SKEW = timedelta(minutes=5)
 
 
 @dataclass
@@ -93,8 +99,10 @@ def resolve(project: Project, node: str, stage: str, value: str, origin: str) ->
 
 
 def read_record(project: Project, path: str) -> dict[str, Any] | None:
-    """A run's run.json: the local copy, else the remote's, else None."""
+    """A run's run.json: the local copy, else the remote's, else None. A record whose ``key``
+    is not its location is refused (:class:`CorruptRunError`)."""
     config, storage = project.config, project.storage
+    remote_relpath(path)
     local = config.local_path / path / RUN_FILE
     try:
         raw: bytes | None = local.read_bytes()
@@ -112,7 +120,7 @@ def phd_flow_source(project: Project, key: str, stage: str, origin: str) -> Sour
     data = read_record(project, key)
     if data is None:
         raise StageError(f"{origin}: run {key} has no run.json in {config.local_path} or the remote storage.")
-    path = str(data.get("path") or key)
+    path = key  # where the run was found: never the record's own "path" field
     if data.get("status") != COMPLETED:
         raise StageError(
             f"{origin}: run {key} is {data.get('status')}, not completed, so its stage {stage!r} "
@@ -132,17 +140,56 @@ def phd_flow_source(project: Project, key: str, stage: str, origin: str) -> Sour
             f"{data.get('host')} and is not in {config.local_path}. Load it on that machine, or "
             "from a run whose stage was synced."
         )
+    files = info.get("files")
+    if not isinstance(files, dict):
+        raise StageError(
+            f"{origin}: stage {stage!r} of run {key} records no file checksums in its {RUN_FILE}, "
+            "so its files cannot be verified: nothing of it is used. Load it from another run, "
+            "or drop the rule to compute it."
+        )
+    authenticate(project.config, key, stage, info, origin)
     return Source(key=key, path=path, info=dict(info))
 
 
-def latest(project: Project, node: str, stage: str) -> Source | None:
-    """The newest completed run of ``node`` with ``stage`` (local runs, then newer remote ones)."""
-    config, storage = project.config, project.storage
-    from phd_flow.runs.listing import local_records
+def authenticate(config: Config, key: str, stage: str, info: dict[str, Any], origin: str) -> None:
+    """With a signing key configured, check that ``stage`` of run ``key`` was made on this machine
+    or carries a valid signature over its file list; raises :class:`StageError` otherwise.
 
+    Without a key, a stage is verified by its checksums only (they catch accidents, not forgery).
+    """
+    secret = signing.signing_key(config)
+    if secret is None:
+        return
+    files = {str(k): str(v) for k, v in (info.get("files") or {}).items()}
+    stage_digest = digest(files)
+    if signing.stage_made_here(config.local_path, key, stage, stage_digest):
+        return
+    if signing.valid(signing.stage_mac(secret, key, stage, stage_digest), info.get("hmac")):
+        return
+    state = "has a signature that does not match" if info.get("hmac") else "is not signed"
+    raise StageError(
+        f"{origin}: stage {stage!r} of run {key} was not made on this machine and its file list "
+        f"{state} the signing key configured here ({signing.key_source(config)}): nothing of it is "
+        f"used. The machine that made the run must use the same key (set {signing.ENV_KEY} to the "
+        "lab's secret on both machines); or drop the rule to compute the stage."
+    )
+
+
+def latest(project: Project, node: str, stage: str) -> Source | None:
+    """The newest completed run of ``node`` with ``stage`` (local runs, then newer remote ones).
+
+    Only runs with a verified record (its key is where it was found) count, and never one that
+    started (key time or ``started_at``) more than :data:`CLOCK_SKEW` in the future; skipped
+    runs are named in a warning.
+    """
+    config, storage = project.config, project.storage
+    from phd_flow.runs.listing import local_records, remote_run_names
+
+    origin = f"[stages.{stage}] load_from = 'latest'"
     best: dict[str, Any] | None = None
     for record in local_records(config.local_path):
         if isinstance(record, CorruptRunError):
+            logger.warning(f"{origin} skips a run: {record}")
             continue
         data = record.data
         if (
@@ -150,26 +197,50 @@ def latest(project: Project, node: str, stage: str) -> Source | None:
             and data.get("status") == COMPLETED
             and is_complete((data.get("stages") or {}).get(stage))
             and (best is None or str(data.get("key")) > str(best.get("key")))
+            and not _from_the_future(record.key, data, origin)
         ):
             best = data
     remote = storage.remote
     if remote is not None:
-        dirs = remote.list_dirs("")
         floor = str(best["key"]) if best is not None else ""
-        newer = sorted((d for d in dirs if d.startswith(f"{node}_") and d > floor), reverse=True)
+        names = remote_run_names(remote)[0]
+        newer = sorted((d for d in names if d.startswith(f"{node}_") and d > floor), reverse=True)
+        newer = [d for d in newer if not _from_the_future(d, {}, origin)]
         for key in newer[:_REMOTE_LATEST_LIMIT]:
-            found = read_record(project, key)
+            try:
+                found = read_record(project, key)
+            except CorruptRunError as exc:
+                logger.warning(f"{origin} skips run {key}: {exc}")
+                continue
             stages = (found or {}).get("stages") or {}
-            if found and found.get("status") == COMPLETED and is_complete(stages.get(stage)):
-                best = found
-                break
+            if (
+                found
+                and found.get("status") == COMPLETED
+                and is_complete(stages.get(stage))
+                and not _from_the_future(key, found, origin)
+            ):
+                try:  # unverifiable (no file list) or, with a signing key, unsigned: the next older
+                    return phd_flow_source(project, key, stage, origin)
+                except (StageError, CorruptRunError) as exc:
+                    logger.warning(f"{origin} skips run {key}: {exc}")
     if best is None:
         return None
     try:
-        return phd_flow_source(project, str(best["key"]), stage, f"[stages.{stage}] load_from = 'latest'")
-    except StageError as exc:
+        return phd_flow_source(project, str(best.get("key") or ""), stage, origin)
+    except (StageError, CorruptRunError) as exc:
         logger.warning(f"{exc} Computing the stage instead.")
         return None
+
+
+def _from_the_future(key: str, data: dict[str, Any], origin: str) -> bool:
+    """True (and a warning naming the run) when the run's key time or ``started_at`` is more than
+    :data:`CLOCK_SKEW` after now: no genuine run started there, so ``latest`` never picks it."""
+    limit = datetime.now(timezone.utc) + CLOCK_SKEW
+    times = [RunKey(key).created, parse_time(data.get("started_at"))]
+    if any(t is not None and t > limit for t in times):
+        logger.warning(f"{origin} skips run {key}: it claims to start in the future (clock skew allowed: 5 min).")
+        return True
+    return False
 
 
 def _mlflow_source(project: Project, run_id: str, stage: str, origin: str) -> Source:
@@ -192,6 +263,12 @@ def _mlflow_source(project: Project, run_id: str, stage: str, origin: str) -> So
     if not client.list_artifacts(run_id, stage):
         raise StageError(f"{origin}: MLflow run {run_id} has no artifacts under {stage}/.")
     files = mlflow_checksums(config.tracking_uri(), run_id, stage)
+    if files is None:
+        raise StageError(
+            f"{origin}: MLflow run {run_id} logged no checksums for {stage}/ "
+            f"({MLFLOW_CHECKSUMS}/{stage}.json), so its files cannot be verified: nothing of it is "
+            "used. Log the stage with phd_flow's managed_artifact, or drop the rule to compute it."
+        )
     return Source(key=run_id, path=None, info={"files": files})
 
 
@@ -243,9 +320,12 @@ def _download(project: Project, source: Source, stage: str, staging: Path) -> st
     if source.path is None:
         _download_mlflow(project, source, stage, staging)
         return f"MLflow run {source.key}"
+    remote_relpath(f"{source.path}/{stage}")  # a key checked by resolve_key; checked again here
     local = config.local_path / source.path / stage
-    if local.is_dir():
-        shutil.copytree(local, staging, dirs_exist_ok=True)
+    if local.is_dir() and not local.is_symlink():
+        # symlinks are copied as links, never followed; verify() hashes regular files only and
+        # only those move into the run
+        shutil.copytree(local, staging, symlinks=True, dirs_exist_ok=True)
         return str(local)
     remote = storage.remote
     if remote is None:
@@ -279,10 +359,13 @@ def _download_mlflow(project: Project, source: Source, stage: str, staging: Path
 
 def verify(root: Path, expected: dict[str, str] | None, stage: str, key: str, where: str) -> dict[str, str]:
     """Hash ``root`` and compare with ``expected``; raises :class:`StageError` on any difference."""
-    actual = hash_tree(root)
     if expected is None:
-        logger.warning(f"Stage {stage!r} from {key} has no recorded checksums; it is used unverified.")
-        return actual
+        raise StageError(
+            f"Stage {stage!r} from run {key} ({where}) records no checksums, so its files cannot be "
+            "verified: nothing of it was used. Load the stage from another run, or drop the rule "
+            "to compute it."
+        )
+    actual = hash_tree(root)
     missing = sorted(set(expected) - set(actual))
     wrong = sorted(rel for rel in expected if rel in actual and actual[rel] != expected[rel])
     extra = sorted(set(actual) - set(expected))

@@ -11,7 +11,8 @@ backend. A backend translates these few methods to one SDK and translates the SD
 * :class:`~phd_flow.errors.StorageNotFoundError` for a missing object or bucket.
 
 Keys are relative POSIX paths below the remote's root (its bucket prefix or directory),
-already validated by :func:`phd_flow.keys.normalize`.
+already validated by :func:`phd_flow.keys.normalize`. Names a backend lists are untrusted: the
+engine checks each with :func:`phd_flow.keys.remote_relpath` before it touches the local tree.
 """
 
 from __future__ import annotations

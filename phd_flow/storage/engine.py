@@ -23,12 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from phd_flow import keys
 from phd_flow._io import atomic_write_bytes, sha256_file
 from phd_flow.errors import (
     ChecksumMismatchError,
+    InvalidKeyError,
     StorageError,
     StorageNotFoundError,
     StorageUnavailableError,
+    UnsafeRemoteNameError,
     UserError,
 )
 from phd_flow.storage.base import Remote
@@ -213,17 +216,17 @@ def pull(
     """Download what differs from ``remote_prefix`` into ``local_root``, verified by sha256."""
     started = time.perf_counter()
     manifest = _remote_manifest(remote, remote_prefix, retries)
-    listed = {
-        f.key[len(remote_prefix) :].lstrip("/") if remote_prefix else f.key: f.size
-        for f in _retry(lambda: list(remote.list(remote_prefix)), retries)
-    }
+    files = _retry(lambda: list(remote.list(remote_prefix)), retries)
+    # Every name crosses into the local tree: all of them are checked before anything is written.
+    listed = _checked_names(remote, remote_prefix, [(f.key, f.size) for f in files], manifest)
     listed.pop(MANIFEST, None)
     if not listed:
         raise StorageNotFoundError(f"Nothing found at {remote.describe()}/{remote_prefix}.")
+    targets = {rel: _safe_target(remote, remote_prefix, local_root, rel) for rel in listed}
     local = load_manifest(local_root)
     todo = []
     for rel, size in listed.items():
-        target = local_root / rel
+        target = targets[rel]
         expected = manifest.get(rel)
         if target.is_file() and target.stat().st_size == size:
             known = local.get(rel)
@@ -236,7 +239,7 @@ def pull(
     report = SyncReport(skipped=len(listed) - len(todo))
 
     def download(rel: str) -> None:
-        target = local_root / rel
+        target = _safe_target(remote, remote_prefix, local_root, rel)  # no symlink appeared since
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(target.name + ".phd_flow-part")
         try:
@@ -251,11 +254,53 @@ def pull(
         fresh = {
             rel: Entry(e.size, e.sha256, (local_root / rel).stat().st_mtime_ns)
             for rel, e in manifest.items()
-            if (local_root / rel).is_file()
+            if (local_root / rel).is_file() and not (local_root / rel).is_symlink()
         }
         atomic_write_bytes(local_root / MANIFEST, dump_manifest(fresh))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _checked_names(
+    remote: Remote, prefix: str, files: list[tuple[str, int]], manifest: dict[str, Entry]
+) -> dict[str, int]:
+    """``{name relative to prefix: size}`` of a listing; raises :class:`UnsafeRemoteNameError`
+    for the first name (listed or in the manifest) that could leave the local folder. S3 folder
+    markers (names ending in '/') are skipped: they hold no file."""
+    base = f"{prefix.rstrip('/')}/" if prefix else ""
+    listed: dict[str, int] = {}
+    for name, size in files:
+        if name.endswith("/"):
+            continue
+        rel = name[len(base) :] if name.startswith(base) else name
+        _check_name(remote, prefix, rel if name.startswith(base) else f"/{name}")
+        listed[rel] = size
+    for rel in manifest:
+        _check_name(remote, prefix, rel)
+    return listed
+
+
+def _check_name(remote: Remote, prefix: str, rel: str) -> None:
+    try:
+        keys.remote_relpath(rel)
+    except InvalidKeyError as exc:
+        raise _unsafe(remote, prefix, rel, str(exc)) from None
+
+
+def _safe_target(remote: Remote, prefix: str, local_root: Path, rel: str) -> Path:
+    try:
+        return keys.safe_join(local_root, rel)
+    except InvalidKeyError as exc:
+        raise _unsafe(remote, prefix, rel, str(exc)) from None
+
+
+def _unsafe(remote: Remote, prefix: str, rel: str, why: str) -> UnsafeRemoteNameError:
+    run = prefix.split("/", 1)[0] or remote.describe()
+    return UnsafeRemoteNameError(
+        f"Run {run}: {remote.describe()}/{_join(prefix, rel)} has the unsafe name {rel!r} ({why}) "
+        f"Nothing of {prefix or 'it'} was written locally. Someone with write access to the "
+        "storage planted it or a tool wrote it wrongly: delete that object in the storage."
+    )
 
 
 def _load_journal(local_root: Path, target: str) -> dict[str, Entry]:

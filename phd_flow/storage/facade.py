@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
 from phd_flow import keys
-from phd_flow.errors import StorageError, StorageNotFoundError
+from phd_flow.errors import InvalidKeyError, StorageError, StorageNotFoundError
 from phd_flow.storage import engine
 from phd_flow.storage.base import Remote
 
@@ -109,6 +109,8 @@ class Storage:
     def download(self, key: KeyLike) -> engine.SyncReport:
         """Pull ``key`` (a run, a subdirectory or one file) from the remote, verified."""
         rel = keys.normalize(key)
+        if rel.split("/", 1)[0] == ".phd_flow":  # the local indexes and the ledger of what was made here
+            raise InvalidKeyError(f"{rel!r} is phd_flow's own bookkeeping in local_path; it is never downloaded.")
         remote = self._require_remote(rel)
         retries, workers = self.config.storage.retries, self.config.storage.workers
         if _is_single_file(remote, rel):
@@ -119,7 +121,7 @@ class Storage:
         parent, _, name = rel.rpartition("/")
         # A file inside a synced tree is verified against the nearest manifest above it.
         entry = _manifest_entry(remote, parent, name, self.config.storage.retries)
-        target = self.local_path / rel
+        target = keys.safe_join(self.local_path, rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(target.name + ".phd_flow-part")
 

@@ -1,0 +1,821 @@
+"""Issue 13: what comes from a bucket is untrusted input (black-box: the real CLI and the public API).
+
+An attacker with write access to the shared bucket plants objects; a colleague then runs an
+ordinary command. Every test plants through the backend itself (boto3 on moto's S3 server, the
+B2 RawSimulator's bucket, files in the shared directory) and looks only at what the victim's
+command did. "Attacker code ran" is a sentinel file the forged pickle creates in tmp_path.
+
+B2 through the CLI: b2sdk's simulator lives in one process, so the CLI subprocess is started by
+a small bootstrap (``B2_BOOT``) that points ``b2sdk.v2.B2Api`` at a RawSimulator, fills the bucket
+from a JSON state file, runs ``python -m my_project ARGS`` and writes the bucket back at exit.
+Only b2sdk is patched, never phd_flow. The in-process property test patches b2sdk the same way.
+
+Tests marked ``xfail(strict=True)`` fail on 88f7b9f because the attack works; the fix for
+issue 13 removes the markers.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import phd_flow
+from tests import s3_fixtures
+from tests.conftest import EXAMPLES, REPO, cli, write_config
+from tests.s3_fixtures import S3Server, closed_port_url, make_bucket
+
+moto_server = s3_fixtures.moto_server  # the session's S3 server fixture
+
+B2_BUCKET = "tb-bucket"
+MANIFEST = ".phd_flow-manifest.json"  # the manifest file name the README documents
+DATASET = "data/diabetes.csv"
+SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- not-a-real-key-0xC0FFEE\n"
+
+XF = "issue 13 row {}: {}"
+
+
+def xfail(row: str, what: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(strict=True, reason=XF.format(row, what))
+
+
+# --- the B2 simulator behind the CLI ----------------------------------------------------------
+
+B2_BOOT = r"""
+import base64, io, json, os, runpy, sys
+from b2sdk.v2 import B2Api, B2HttpApiConfig, InMemoryAccountInfo, RawSimulator
+
+_init = B2Api.__init__
+_shared = {}
+
+
+def _simulated_init(self, account_info=None, *args, **kwargs):
+    kwargs["api_config"] = B2HttpApiConfig(_raw_api_class=RawSimulator)
+    _init(self, account_info or InMemoryAccountInfo(), *args, **kwargs)
+    if "raw" in _shared:
+        self.session.raw_api = _shared["raw"]  # one simulated account for every B2Api
+
+
+B2Api.__init__ = _simulated_init
+api = B2Api()
+_shared["raw"] = api.session.raw_api
+key_id, key = _shared["raw"].create_account()
+api.authorize_account("production", key_id, key)
+bucket = api.create_bucket(os.environ["TB_B2_BUCKET"], "allPrivate")
+state = os.environ["TB_B2_STATE"]
+if os.path.exists(state):
+    with open(state) as handle:
+        for name, data in json.load(handle).items():
+            bucket.upload_bytes(base64.b64decode(data), name)
+os.environ["B2_APPLICATION_KEY_ID"], os.environ["B2_APPLICATION_KEY"] = key_id, key
+
+
+def _dump():
+    out = {}
+    for version, _ in bucket.ls("", latest_only=True, recursive=True):
+        buf = io.BytesIO()
+        bucket.download_file_by_id(version.id_).save(buf)
+        out[version.file_name] = base64.b64encode(buf.getvalue()).decode()
+    with open(state + ".tmp", "w") as handle:
+        json.dump(out, handle)
+    os.replace(state + ".tmp", state)
+
+
+sys.path.insert(0, os.getcwd())
+sys.argv = ["my_project", *sys.argv[1:]]
+try:
+    runpy.run_module("my_project", run_name="__main__", alter_sys=True)
+finally:
+    _dump()  # before interpreter shutdown: b2sdk downloads need its thread pool
+"""
+
+
+@contextlib.contextmanager
+def simulated_b2_in_process() -> Iterator[tuple[Any, str, str]]:
+    """Patch b2sdk (not phd_flow) in this process: every B2Api talks to one RawSimulator."""
+    from b2sdk.v2 import B2Api, B2HttpApiConfig, InMemoryAccountInfo, RawSimulator
+
+    original = B2Api.__init__
+    shared: dict[str, Any] = {}
+
+    def init(self: Any, account_info: Any = None, *args: Any, **kwargs: Any) -> None:
+        kwargs["api_config"] = B2HttpApiConfig(_raw_api_class=RawSimulator)
+        original(self, account_info or InMemoryAccountInfo(), *args, **kwargs)
+        if "raw" in shared:
+            self.session.raw_api = shared["raw"]
+
+    B2Api.__init__ = init  # type: ignore[method-assign]
+    try:
+        api = B2Api()
+        shared["raw"] = api.session.raw_api
+        key_id, key = shared["raw"].create_account()
+        api.authorize_account("production", key_id, key)
+        bucket = api.create_bucket(B2_BUCKET, "allPrivate")
+        yield bucket, key_id, key
+    finally:
+        B2Api.__init__ = original  # type: ignore[method-assign]
+
+
+# --- backends as the attacker and the victim see them -------------------------------------------
+
+
+@dataclass
+class Backend:
+    """One remote: how to configure it, how to plant objects in it, how to run the CLI on it."""
+
+    kind: str  # s3 | b2 | shared
+    root: Path  # a private folder for this test (B2 state, shared directory)
+    prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+    server: S3Server | None = None
+    bucket: str = ""
+
+    def toml(self) -> str:
+        if self.kind == "s3":
+            assert self.server is not None
+            return (
+                f'[storage]\nbackend = "s3"\nbucket = "{self.bucket}"\nprefix = "{self.prefix}"\n'
+                f'endpoint_url = "{self.server.endpoint_url}"\nretries = 2\n'
+            )
+        if self.kind == "b2":
+            return f'[storage]\nbackend = "b2"\nbucket = "{B2_BUCKET}"\nprefix = "{self.prefix}"\nretries = 2\n'
+        return f'[storage]\nbackend = "local"\nremote = "{self.root / "shared"}"\nprefix = "{self.prefix}"\n'
+
+    # the attacker's side
+
+    def put(self, name: str, data: bytes) -> bool:
+        """Plant ``<prefix>/<name>``; False when the backend itself refuses the name."""
+        full = f"{self.prefix}/{name}"
+        if self.kind == "s3":
+            assert self.server is not None
+            self.server.client().put_object(Bucket=self.bucket, Key=full, Body=data)
+            return True
+        if self.kind == "b2":
+            if full.startswith("/") or full.endswith("/") or "//" in full or "\\" in full or "\x7f" in full:
+                return False  # b2sdk refuses these names itself
+            state = self._state()
+            state[full] = base64.b64encode(data).decode()
+            self._state_path().write_text(json.dumps(state))
+            return True
+        segments = name.split("/")
+        if any(s in ("", ".", "..") or "\x00" in s for s in segments):
+            return False  # not a file name a directory can hold
+        path = self.root / "shared" / self.prefix / name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        except OSError:
+            return False
+        return True
+
+    def objects(self) -> dict[str, bytes]:
+        """Every object below the prefix (name relative to it) and its bytes."""
+        if self.kind == "s3":
+            assert self.server is not None
+            client = self.server.client()
+            out = {}
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/"):
+                for obj in page.get("Contents", []):
+                    body = client.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
+                    out[obj["Key"].removeprefix(f"{self.prefix}/")] = body
+            return out
+        if self.kind == "b2":
+            return {
+                k.removeprefix(f"{self.prefix}/"): base64.b64decode(v)
+                for k, v in self._state().items()
+                if k.startswith(f"{self.prefix}/")
+            }
+        base = self.root / "shared" / self.prefix
+        return {p.relative_to(base).as_posix(): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+
+    def plant_run(
+        self, run_dir: Path, key: str, edit: dict[str, Any] | None = None, extra: dict[str, bytes] | None = None
+    ) -> None:
+        """Plant a copy of ``run_dir`` as run ``key`` (run.json fields in ``edit`` replaced,
+        ``extra`` files added) with a manifest that vouches for every planted file."""
+        files = {
+            p.relative_to(run_dir).as_posix(): p.read_bytes()
+            for p in run_dir.rglob("*")
+            if p.is_file() and p.name != MANIFEST
+        }
+        record = json.loads(files["run.json"])
+        record.update({"key": key, "path": key, "sync": {"state": "synced"}, "mlflow": {"state": "disabled"}})
+        record.update(edit or {})
+        files["run.json"] = json.dumps(record, indent=2).encode()
+        files.update(extra or {})
+        manifest = {rel: {"size": len(data), "sha256": sha(data), "mtime_ns": 0} for rel, data in sorted(files.items())}
+        files[MANIFEST] = json.dumps({"version": 1, "files": manifest}).encode()
+        for rel, data in files.items():
+            assert self.put(f"{key}/{rel}", data), rel
+
+    def _state_path(self) -> Path:
+        return self.root / "b2-state.json"
+
+    def _state(self) -> dict[str, str]:
+        path = self._state_path()
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    # the victim's side
+
+    def cli(self, project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        if self.kind == "s3":
+            assert self.server is not None
+            return cli(project, *args, env={**self.server.env(), **(env or {})})
+        if self.kind == "shared":
+            return cli(project, *args, env=env)
+        boot = self.root / "b2_boot.py"
+        boot.write_text(B2_BOOT)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MLFLOW_", "B2_"))}
+        full_env.update(
+            {"MLFLOW_DISABLE_TELEMETRY": "true", "TB_B2_STATE": str(self._state_path()), "TB_B2_BUCKET": B2_BUCKET}
+        )
+        full_env.update(env or {})
+        return subprocess.run(
+            [sys.executable, str(boot), *args],
+            cwd=project,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(moto_server: S3Server) -> str:
+    """One bucket for the module; every test gets its own prefix in it."""
+    return make_bucket(moto_server)
+
+
+def make_backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    root = tmp_path / "remote-side"
+    root.mkdir()
+    if kind == "s3":
+        server = request.getfixturevalue("moto_server")
+        return Backend("s3", root, server=server, bucket=request.getfixturevalue("s3_bucket"))
+    return Backend(kind, root)
+
+
+@pytest.fixture(params=["s3", "b2"])
+def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """S3 (moto server) and B2 (simulator): the object stores."""
+    return make_backend(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["s3", "b2", "shared"])
+def any_remote(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Every backend that can hold a planted run, the shared directory included."""
+    return make_backend(request.param, request, tmp_path)
+
+
+# --- genuine runs, made once in-process with the public API ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Seed:
+    root: Path
+    add: str  # a completed Add run (result AddResult(total=3))
+    prep: str  # a completed Prepare run (stages load_data, summary, report), seed 0
+    older_prep: str  # an older completed Prepare run, seed 1
+
+    def run_dir(self, key: str) -> Path:
+        return self.root / "data_storage" / key
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory: pytest.TempPathFactory) -> Seed:
+    from tests.nodes import Add, AddArgs
+    from tests.stage_nodes import Prepare
+
+    root = tmp_path_factory.mktemp("tb-seed")
+    write_config(root, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n')
+    config = phd_flow.load_config(root)
+    dataset = str(EXAMPLES / DATASET)
+    older = Prepare({"dataset": dataset, "seed": 1}, config=config)
+    older.run()
+    add = Add(AddArgs(a=1), config=config)
+    add.run()
+    prep = Prepare({"dataset": dataset, "seed": 0}, config=config)
+    prep.run()
+    return Seed(root, str(add.key), str(prep.key), str(older.key))
+
+
+def victim(tmp_path: Path, backend: Backend | None, extra: str = "", mlflow: str = "enabled = false\n") -> Path:
+    """The colleague's project: the example package plus the test nodes, no runs yet."""
+    root = tmp_path / "home" / "proj"
+    shutil.copytree(EXAMPLES / "my_project", root / "my_project", ignore=shutil.ignore_patterns("__pycache__"))
+    # over the example's prepare.py (the same Prepare, plus Broken): one Prepare in the package
+    shutil.copy(REPO / "tests" / "stage_nodes.py", root / "my_project" / "prepare.py")
+    shutil.copy(REPO / "tests" / "nodes.py", root / "my_project" / "small_nodes.py")
+    shutil.copytree(EXAMPLES / "data", root / "data")
+    text = f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[mlflow]\n{mlflow}' + extra
+    write_config(root, text + (backend.toml() if backend else ""))
+    return root
+
+
+def local_path(project: Path) -> Path:
+    return project / "data_storage"
+
+
+def new_runs(project: Path) -> list[Path]:
+    base = local_path(project)
+    return sorted(p for p in base.iterdir() if (p / "run.json").is_file()) if base.exists() else []
+
+
+def files_outside(root: Path, inside: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and inside not in p.parents}
+
+
+class Touch:
+    """A pickle that, when loaded, creates ``path`` (the "attacker code ran" sentinel)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "a"))
+
+
+def forged_result(seed: Seed, sentinel: Path, drop_sha: bool = False) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """run.json edits and files of the Add run with results.pickle replaced by a payload."""
+    payload = pickle.dumps(Touch(sentinel))
+    record = json.loads((seed.run_dir(seed.add) / "run.json").read_text())
+    result = {**record["result"], "sha256": sha(payload)}
+    if drop_sha:
+        result.pop("sha256")
+    return {"result": result}, {"results.pickle": payload}
+
+
+def prep_with(
+    seed: Seed, key: str, train: bytes, started: str | None = None, **edit: Any
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """run.json edits and files of the Prepare run with load_data/train.csv replaced (and its
+    recorded sha256 updated, as an attacker with write access can)."""
+    record = json.loads((seed.run_dir(seed.prep) / "run.json").read_text())
+    stages = json.loads(json.dumps(record["stages"]))
+    stages["load_data"]["files"] = {"train.csv": sha(train)}
+    changes: dict[str, Any] = {"stages": stages}
+    if started:
+        changes.update(started_at=started, ended_at=started, heartbeat_at=started)
+    changes.update(edit)
+    return changes, {"load_data/train.csv": train}
+
+
+def loaded_from(project: Path) -> Any:
+    (run,) = new_runs(project)
+    return json.loads((run / "run.json").read_text())["stages"]["load_data"]["loaded_from"]
+
+
+def assert_ok(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# === row 1: a remote name with '..' writes outside local_path ====================================
+
+
+def test_row1_download_never_writes_outside_local_path(seed: Seed, remote: Backend, tmp_path: Path) -> None:
+    project = victim(tmp_path, remote)
+    remote.plant_run(seed.run_dir(seed.add), seed.add)
+    assert remote.put(f"{seed.add}/../../../escape.txt", b"planted")  # -> tmp_path/home/escape.txt
+    proc = remote.cli(project, "download", seed.add)
+    assert not (tmp_path / "home" / "escape.txt").exists(), proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "escape.txt" in proc.stderr and seed.add in proc.stderr  # reported
+
+
+def test_row1_stage_load_never_writes_outside_local_path(seed: Seed, remote: Backend, tmp_path: Path) -> None:
+    project = victim(tmp_path, remote)
+    # the stage is pulled into <local_path>/<new key>/.load_data.*.phd_flow-part: 4 levels up is home/
+    remote.plant_run(seed.run_dir(seed.prep), seed.prep, extra={"load_data/../../../../escape.txt": b"planted"})
+    proc = remote.cli(project, "run", "Prepare", "--dataset", DATASET, "--load", f"load_data={seed.prep}")
+    assert not (tmp_path / "home" / "escape.txt").exists(), proc.stderr[-2000:]
+    assert proc.returncode != 0 and "escape.txt" in proc.stderr  # reported, nothing of the stage used
+
+
+def test_row1_latest_never_writes_outside_local_path(seed: Seed, remote: Backend, tmp_path: Path) -> None:
+    project = victim(tmp_path, remote, extra='[stages.load_data]\nload_from = "latest"\n')
+    remote.plant_run(seed.run_dir(seed.prep), seed.prep)
+    evil = "Prepare_2099-01-01T00-00-00.000000Z_evil0001"
+    edit, files = prep_with(seed, evil, b"x,y\n666,666\n", started="2099-01-01T00:00:00+00:00")
+    files["load_data/../../../../escape.txt"] = b"planted"
+    remote.plant_run(seed.run_dir(seed.prep), evil, edit=edit, extra=files)
+    proc = remote.cli(project, "run", "Prepare", "--dataset", DATASET)  # an ordinary run
+    assert not (tmp_path / "home" / "escape.txt").exists(), proc.stderr[-2000:]
+
+
+def test_row1_listing_reports_names_that_are_not_run_keys(
+    seed: Seed, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    backend = make_backend("s3", request, tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)
+    backend.put("../evil/run.json", b"{}")  # lists as the run prefix '..'
+    backend.put("/evil/run.json", b"{}")  # lists as the run prefix ''
+    proc = backend.cli(project, "ls", "--remote", "--json")
+    assert_ok(proc)
+    assert [run["key"] for run in json.loads(proc.stdout)] == [seed.add]
+    assert "'..'" in proc.stderr and "''" in proc.stderr, proc.stderr
+
+
+# --- the property: hostile names never write outside local_path; good names round-trip ----------
+
+BAD_SEGMENTS = ["..", ".", "", "/", "\\", "..\\..", "C:", "c:\\win", "a\x00b", "\x01", "\x1b[31m", "\x7f", "/etc", "~"]
+GOOD_SEGMENT = st.text(alphabet="abcxyz0189._-", min_size=1, max_size=6).filter(lambda s: s not in (".", ".."))
+HOSTILE_NAME = (
+    st.lists(st.one_of(st.sampled_from(BAD_SEGMENTS), GOOD_SEGMENT), min_size=1, max_size=5)
+    .map("/".join)
+    .filter(lambda n: n.split("/").count("..") <= 3)  # the sandbox is 5 levels deep: never above it
+)
+GOOD_NAME = st.lists(GOOD_SEGMENT, min_size=1, max_size=3).map("/".join)
+
+
+def _no_file_dir_clash(names: list[str]) -> bool:
+    return not any(b.startswith(a + "/") for a in names for b in names)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "s3",
+        "b2",
+        "shared",
+    ],
+)
+def test_property_hostile_remote_names_stay_inside_local_path(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    if kind == "s3":
+        server: S3Server = request.getfixturevalue("moto_server")
+        bucket = request.getfixturevalue("s3_bucket")
+    with contextlib.ExitStack() as stack:
+        if kind == "b2":
+            b2_bucket, key_id, key = stack.enter_context(simulated_b2_in_process())
+            mp = stack.enter_context(pytest.MonkeyPatch.context())
+            mp.setenv("B2_APPLICATION_KEY_ID", key_id)
+            mp.setenv("B2_APPLICATION_KEY", key)
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @given(
+            hostile=st.lists(HOSTILE_NAME, min_size=1, max_size=6),
+            good=st.lists(GOOD_NAME, min_size=1, max_size=6, unique=True).filter(_no_file_dir_clash),
+        )
+        @example(hostile=["../../../escape.txt", "ok.txt"], good=["a.txt", "d/b.txt"])
+        def check(hostile: list[str], good: list[str]) -> None:
+            sandbox = tmp_path / uuid.uuid4().hex
+            base = sandbox / "l1" / "l2" / "l3" / "l4" / "local"
+            base.mkdir(parents=True)
+            prefix = f"p{uuid.uuid4().hex[:8]}"
+            backend = Backend(kind, sandbox / "remote-side" if kind == "shared" else sandbox, prefix=prefix)
+            (sandbox / "remote-side").mkdir(exist_ok=True)
+            if kind == "s3":
+                backend.server, backend.bucket = server, bucket
+            if kind == "b2":
+
+                def b2_put(name: str, data: bytes) -> bool:
+                    full = f"{prefix}/{name}"
+                    if full.endswith("/") or "//" in full or "\\" in full or "\x7f" in full:
+                        return False  # b2sdk refuses these names itself
+                    b2_bucket.upload_bytes(data, full)
+                    return True
+
+                backend.put = b2_put  # type: ignore[method-assign]
+            config_path = sandbox / "config" / "default.toml"
+            config_path.parent.mkdir()
+            config_path.write_text(f'local_path = "{base}"\n[mlflow]\nenabled = false\n' + backend.toml())
+            config = phd_flow.load_config(sandbox, config_path)
+
+            bad_key, good_key = f"Evil_{uuid.uuid4().hex[:12]}", f"Good_{uuid.uuid4().hex[:12]}"
+            for i, name in enumerate(hostile):
+                backend.put(f"{bad_key}/{name}", f"hostile {i}".encode())
+            for i, name in enumerate(good):
+                assert backend.put(f"{good_key}/{name}", f"good {i}".encode()), name
+            before = files_outside(sandbox, base)
+            storage = phd_flow.Storage(config)
+            with contextlib.suppress(Exception):  # refusing is fine; writing outside is not
+                storage.download(bad_key)
+            written = files_outside(sandbox, base) - before
+            assert not written, f"written outside local_path: {sorted(map(str, written))}"
+
+            storage.download(good_key)
+            got = {
+                p.relative_to(base / good_key).as_posix(): p.read_bytes()
+                for p in (base / good_key).rglob("*")
+                if p.is_file() and p.name != MANIFEST
+            }
+            assert got == {name: f"good {i}".encode() for i, name in enumerate(good)}
+
+        check()
+
+
+# === row 2: a forged pickle (checksum rewritten, or missing) is unpickled =========================
+
+
+def test_row2_forged_remote_result_is_not_unpickled(seed: Seed, any_remote: Backend, tmp_path: Path) -> None:
+    project = victim(tmp_path, any_remote)
+    sentinel = tmp_path / "attacker-code-ran"
+    edit, files = forged_result(seed, sentinel)
+    any_remote.plant_run(seed.run_dir(seed.add), seed.add, edit=edit, extra=files)
+    proc = any_remote.cli(project, "result", seed.add)
+    assert not sentinel.exists(), "the forged pickle was unpickled: " + proc.stdout
+    assert proc.returncode == 2 and seed.add in proc.stderr
+
+
+def test_row2_result_without_checksum_is_refused_by_load_result(seed: Seed, tmp_path: Path) -> None:
+    backend = Backend("shared", tmp_path / "remote-side")
+    project = victim(tmp_path, backend)
+    sentinel = tmp_path / "attacker-code-ran"
+    edit, files = forged_result(seed, sentinel, drop_sha=True)
+    backend.plant_run(seed.run_dir(seed.add), seed.add, edit=edit, extra=files)
+    config = phd_flow.load_config(project)
+    with contextlib.suppress(phd_flow.PhdFlowError):
+        phd_flow.load_result(seed.add, config=config)
+    assert not sentinel.exists(), "load_result unpickled a remote result with no checksum"
+    with pytest.raises(phd_flow.PhdFlowError):  # no "loaded unverified" fallback, even when trusted
+        phd_flow.load_result(seed.add, config=config, trust_remote=True)
+    assert not sentinel.exists()
+
+
+def test_row2_stage_without_file_list_is_refused(seed: Seed, remote: Backend, tmp_path: Path) -> None:
+    project = victim(tmp_path, remote)
+    planted = b"x,y\n666,666\n"
+    edit, files = prep_with(seed, seed.prep, planted)
+    edit["stages"]["load_data"].pop("files")
+    remote.plant_run(seed.run_dir(seed.prep), seed.prep, edit=edit, extra=files)
+    proc = remote.cli(project, "run", "Prepare", "--dataset", DATASET, "--load", f"load_data={seed.prep}")
+    used = [
+        r
+        for r in new_runs(project)
+        if (r / "load_data" / "train.csv").is_file() and (r / "load_data" / "train.csv").read_bytes() == planted
+    ]
+    assert not used, "the unverified stage was used: " + proc.stderr[-1500:]
+    assert proc.returncode == 2 and seed.prep in proc.stderr and "unverified" not in proc.stderr
+
+
+def test_row2_signing_key_refuses_an_unsigned_remote_result(seed: Seed, remote: Backend, tmp_path: Path) -> None:
+    project = victim(tmp_path, remote)
+    sentinel = tmp_path / "attacker-code-ran"
+    edit, files = forged_result(seed, sentinel)
+    remote.plant_run(seed.run_dir(seed.add), seed.add, edit=edit, extra=files)
+    proc = remote.cli(project, "result", seed.add, env={"PHD_FLOW_SIGNING_KEY": "lab-secret-for-tests"})
+    assert not sentinel.exists(), "the unsigned pickle was unpickled"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert seed.add in errors[0] and "sign" in errors[0].lower()
+    assert "lab-secret-for-tests" not in proc.stderr + proc.stdout
+
+
+def test_remote_only_result_needs_trust_remote(seed: Seed, tmp_path: Path) -> None:
+    backend = Backend("shared", tmp_path / "remote-side")
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)  # a genuine result, only in storage
+    env = {"PYTHONPATH": str(REPO)}
+    proc = cli(project, "result", seed.add, env=env)
+    assert proc.returncode == 2, "loaded without --trust-remote: " + proc.stdout
+    assert seed.add in proc.stderr and "--trust-remote" in proc.stderr
+    proc = cli(project, "result", seed.add, "--trust-remote", env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "AddResult(total=3)", proc.stderr
+    config = phd_flow.load_config(project)
+    assert phd_flow.load_result(seed.add, config=config, trust_remote=True).total == 3
+
+
+def test_local_results_made_here_keep_loading(seed: Seed, tmp_path: Path) -> None:
+    project = victim(tmp_path, None)
+    shutil.copytree(seed.run_dir(seed.add), local_path(project) / seed.add)
+    proc = cli(project, "result", seed.add, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "AddResult(total=3)", proc.stderr
+    assert phd_flow.load_result(seed.add, config=phd_flow.load_config(project)).total == 3
+
+
+# === row 3: run.json's `path` field points at a private directory =================================
+
+
+def test_row3_path_field_is_never_followed(seed: Seed, any_remote: Backend, tmp_path: Path) -> None:
+    project = victim(tmp_path, any_remote)
+    private = tmp_path / "home" / "private"
+    (private / "load_data").mkdir(parents=True)
+    (private / "load_data" / "secret.txt").write_bytes(SECRET)
+    record = json.loads((seed.run_dir(seed.prep) / "run.json").read_text())
+    stages = record["stages"]
+    stages["load_data"]["files"] = {"secret.txt": sha(SECRET)}  # a guessable file (id_rsa.pub ...)
+    any_remote.plant_run(seed.run_dir(seed.prep), seed.prep, edit={"path": str(private), "stages": stages})
+    proc = any_remote.cli(project, "run", "Prepare", "--dataset", DATASET, "--load", f"load_data={seed.prep}")
+    copied = [p for p in local_path(project).rglob("*") if p.is_file() and p.read_bytes() == SECRET]
+    assert not copied, f"private files copied into the run: {copied}\n{proc.stderr[-1500:]}"
+    leaked = [name for name, data in any_remote.objects().items() if data == SECRET]
+    assert not leaked, f"private files uploaded to the bucket: {leaked}"
+
+
+# === row 4 and "key disagrees with its location" ===================================================
+
+
+def test_row4_rm_never_acts_on_the_key_a_record_claims(seed: Seed, any_remote: Backend, tmp_path: Path) -> None:
+    project = victim(tmp_path, any_remote)
+    any_remote.plant_run(seed.run_dir(seed.add), seed.add)
+    junk = "Add_2026-01-01T00-00-00.000000Z_junk0001"
+    any_remote.plant_run(seed.run_dir(seed.add), junk, edit={"key": seed.add, "path": seed.add})
+    proc = any_remote.cli(project, "rm", "--remote", junk, "--force")
+    left = any_remote.objects()
+    assert f"{seed.add}/run.json" in left and f"{seed.add}/results.pickle" in left, (
+        "the other run was deleted: " + proc.stdout
+    )
+    assert proc.returncode == 2 and junk in proc.stderr and seed.add in proc.stderr
+
+
+def test_row4_rm_never_deletes_an_mlflow_run_tagged_with_another_key(seed: Seed, tmp_path: Path) -> None:
+    import mlflow
+
+    backend = Backend("shared", tmp_path / "remote-side")
+    db = tmp_path / "home" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    uri = f"sqlite:///{db}"
+    project = victim(tmp_path, backend, mlflow=f'enabled = true\ntracking_uri = "{uri}"\n')
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("victim")
+    precious = client.create_run(experiment, tags={"phd_flow.key": seed.add}).info.run_id
+    junk = "Add_2026-01-01T00-00-00.000000Z_junk0002"  # a consistent record, another run's MLflow id
+    backend.plant_run(seed.run_dir(seed.add), junk, edit={"mlflow": {"state": "logged", "run_id": precious}})
+    proc = backend.cli(project, "rm", "--remote", junk, "--force")
+    assert client.get_run(precious).info.lifecycle_stage == "active", proc.stdout + proc.stderr
+    assert proc.returncode != 0 and precious in proc.stderr and seed.add in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["show", "result", "load"])
+def test_record_whose_key_disagrees_with_its_location_is_refused(
+    seed: Seed, command: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    backend = make_backend("s3", request, tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.prep), seed.prep)
+    junk = seed.prep.rsplit("_", 1)[0] + "_zzzzjunk"
+    backend.plant_run(seed.run_dir(seed.prep), junk, edit={"key": seed.prep, "path": seed.prep})
+    args = {
+        "show": ["show", junk],
+        "result": ["result", junk],
+        "load": ["run", "Prepare", "--dataset", DATASET, "--load", f"load_data={junk}"],
+    }[command]
+    proc = backend.cli(project, *args)
+    assert proc.returncode == 2, f"exit {proc.returncode}: {proc.stdout[-800:]}{proc.stderr[-800:]}"
+    assert junk in proc.stderr and seed.prep in proc.stderr, proc.stderr
+    assert not new_runs(project) or command != "load"
+
+
+def test_latest_skips_a_record_whose_key_disagrees_with_its_location(
+    seed: Seed, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    backend = make_backend("s3", request, tmp_path)
+    project = victim(tmp_path, backend, extra='[stages.load_data]\nload_from = "latest"\n')
+    backend.plant_run(seed.run_dir(seed.older_prep), seed.older_prep)
+    backend.plant_run(seed.run_dir(seed.prep), seed.prep)
+    junk = seed.prep.rsplit("_", 1)[0] + "_zzzzjunk"  # newest key, its record claims the oldest run
+    backend.plant_run(seed.run_dir(seed.prep), junk, edit={"key": seed.older_prep, "path": seed.older_prep})
+    proc = backend.cli(project, "run", "Prepare", "--dataset", DATASET)
+    assert_ok(proc)
+    assert loaded_from(project) == seed.prep, proc.stderr[-1500:]
+    assert junk in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "s3",
+        "shared",
+    ],
+)
+def test_latest_never_picks_a_run_from_the_future(
+    seed: Seed, kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    backend = make_backend(kind, request, tmp_path)
+    project = victim(tmp_path, backend, extra='[stages.load_data]\nload_from = "latest"\n')
+    backend.plant_run(seed.run_dir(seed.prep), seed.prep)
+    evil = "Prepare_2099-01-01T00-00-00.000000Z_evil0001"
+    edit, files = prep_with(seed, evil, b"x,y\n666,666\n", started="2099-01-01T00:00:00+00:00")
+    backend.plant_run(seed.run_dir(seed.prep), evil, edit=edit, extra=files)
+    proc = backend.cli(project, "run", "Prepare", "--dataset", DATASET)
+    assert_ok(proc)
+    assert loaded_from(project) == seed.prep, proc.stderr[-1500:]
+
+
+# === row 5: a symlink in a shared-directory run ====================================================
+
+
+def test_row5_symlinks_in_a_shared_directory_are_not_followed(seed: Seed, tmp_path: Path) -> None:
+    backend = Backend("shared", tmp_path / "remote-side")
+    project = victim(tmp_path, backend)
+    ssh = tmp_path / "home" / ".ssh"
+    ssh.mkdir(parents=True)
+    (ssh / "id_rsa").write_bytes(SECRET)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)
+    link = tmp_path / "remote-side" / "shared" / backend.prefix / seed.add / "st" / "x"
+    link.parent.mkdir()
+    link.symlink_to(ssh / "id_rsa")
+    proc = backend.cli(project, "download", seed.add)
+    copied = [p for p in local_path(project).rglob("*") if p.is_symlink() or (p.is_file() and p.read_bytes() == SECRET)]
+    assert not copied, f"{copied}: {proc.stdout}{proc.stderr[-1000:]}"
+
+
+def test_row5_a_symlinked_run_directory_in_a_shared_directory_is_not_a_run(seed: Seed, tmp_path: Path) -> None:
+    backend = Backend("shared", tmp_path / "remote-side")
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)
+    elsewhere = tmp_path / "home" / "private-run"
+    shutil.copytree(tmp_path / "remote-side" / "shared" / backend.prefix / seed.add, elsewhere)
+    (elsewhere / "secret.txt").write_bytes(SECRET)
+    linked = seed.add.rsplit("_", 1)[0] + "_link0001"
+    (tmp_path / "remote-side" / "shared" / backend.prefix / linked).symlink_to(elsewhere)
+    proc = backend.cli(project, "ls", "--remote", "--json")
+    assert_ok(proc)
+    assert [run["key"] for run in json.loads(proc.stdout)] == [seed.add]
+    proc = backend.cli(project, "download", linked)
+    assert proc.returncode == 2 and linked in proc.stderr, proc.stdout + proc.stderr
+    assert not [p for p in local_path(project).rglob("*") if p.is_file() and p.read_bytes() == SECRET]
+
+
+# === row 6: escape sequences in args reach the terminal raw ========================================
+
+ANSI = "\x1b]0;pwned\x07\x1b[2J\x1b[31mRED"
+
+
+def ansi_project(seed: Seed, tmp_path: Path) -> tuple[Path, str, str]:
+    project = victim(tmp_path, None)
+    other = seed.add.rsplit("_", 1)[0] + "_ansi0002"
+    for key, value in ((seed.add, ANSI), (other, "plain")):
+        run_dir = local_path(project) / key
+        shutil.copytree(seed.run_dir(seed.add), run_dir)
+        record = json.loads((run_dir / "run.json").read_text())
+        record.update(key=key, path=key, args={**record["args"], "a": value})
+        (run_dir / "run.json").write_text(json.dumps(record))
+        (run_dir / "args.json").write_text(json.dumps(record["args"]))
+    return project, seed.add, other
+
+
+@pytest.mark.parametrize("command", ["ls", "show", "compare"])
+def test_row6_escape_sequences_from_run_data_are_shown_escaped(seed: Seed, command: str, tmp_path: Path) -> None:
+    project, key, other = ansi_project(seed, tmp_path)
+    args = {"ls": ["ls"], "show": ["show", key], "compare": ["compare", key, other]}[command]
+    proc = cli(project, *args)
+    assert_ok(proc)
+    assert "RED" in proc.stdout, proc.stdout
+    assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout, repr(proc.stdout[-600:])
+
+
+# === row 7: secrets of an uncommitted config change land in reproducible.json ======================
+
+
+def test_row7_secrets_in_an_uncommitted_config_never_reach_reproducible_json(tmp_path: Path) -> None:
+    backend = Backend("b2", tmp_path / "remote-side")
+    backend.root.mkdir(parents=True)
+    project = victim(tmp_path, None)
+    head = 'local_path = "${{PROJECT_ROOT}}/data_storage"\n[mlflow]\nenabled = false\n'
+    seed_form = head.replace(
+        "[mlflow]", 'b2_bucket = "{b}"\nb2_prefix = "{p}"\nb2_key_id = "{i}"\nb2_key = "{k}"\n[mlflow]'
+    )
+    write_config(project, seed_form.format(b=B2_BUCKET, p=backend.prefix, i="CHANGEME", k="CHANGEME"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], cwd=project, check=True)
+    subprocess.run([*git, "add", "config/default.toml"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "config"], cwd=project, check=True)
+    key_id, key = "0012ab34cd56ef0000000001", "K001SuperSecretApplicationKeyValue9"
+    write_config(project, seed_form.format(b=B2_BUCKET, p=backend.prefix, i=key_id, k=key))
+    proc = backend.cli(project, "run", "Add", "--a", "1")
+    assert_ok(proc)
+    (run,) = new_runs(project)
+    repro = (run / "reproducible.json").read_text()
+    assert "CHANGEME" in repro or "config/default.toml" in repro  # the diff was recorded at all
+    texts = {f"local {p.relative_to(run)}": p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    texts.update({f"bucket {name}": data for name, data in backend.objects().items()})
+    leaked = sorted(where for where, data in texts.items() if key_id.encode() in data or key.encode() in data)
+    assert not leaked, f"the B2 keys appear in {leaked}"
+
+
+# === row 8: a password in tracking_uri is logged ===================================================
+
+
+def test_row8_password_in_tracking_uri_is_redacted_everywhere(tmp_path: Path) -> None:
+    password = "Pa55w0rdTB13"
+    host = closed_port_url().removeprefix("http://")
+    project = victim(tmp_path, None, mlflow=f'tracking_uri = "http://user:{password}@{host}"\n')
+    proc = cli(project, "run", "Add", "--a", "1")
+    assert proc.returncode in (0, 3), proc.stderr[-2000:]
+    (run,) = new_runs(project)
+    where = {"stderr": proc.stderr, "stdout": proc.stdout}
+    where.update({name: (run / name).read_text() for name in ("run.json", "output.log", "output.jsonl")})
+    leaked = [name for name, text in where.items() if password in text]
+    assert not leaked, f"the password appears in {leaked}"
+    assert "user:***@" in proc.stderr + where["run.json"] + where["output.log"]  # named, redacted
