@@ -49,8 +49,8 @@ def allow_telemetry(allowed: bool) -> None:
 def import_mlflow() -> Any:
     """Import mlflow (≈2 s) with its stdout noise, logger takeover and telemetry undone.
 
-    MLflow's telemetry starts threads at import that fetch a config over HTTP; one of them
-    deadlocked against ``mlflow.autolog``'s import hook on the import lock. Unless the user opted
+    ``import mlflow`` creates a telemetry client whose threads fetch a config and send events
+    over HTTP; one deadlocked against ``mlflow.autolog``'s import hook on the import lock. Unless the user opted
     in (``[mlflow] telemetry = true``, or ``MLFLOW_DISABLE_TELEMETRY`` set), it is switched off
     before the first import, and dropped if someone imported mlflow before phd_flow did.
     """
