@@ -39,6 +39,7 @@ CI_VARS = ("CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "TRAVIS", "BUILDK
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 20 processes that import mlflow + sklearn: ~200 s on 2 busy cores
 def test_row9_autolog_runs_twenty_times_without_a_hang(project: Path) -> None:
     pytest.importorskip("sklearn")
     (project / "my_project" / "autofit.py").write_text(AUTOLOG_NODE)
