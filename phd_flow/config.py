@@ -9,6 +9,7 @@ file, the key (and its line when it can be found) and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import stat
@@ -65,6 +66,7 @@ class MlflowConfig:
     tracking_uri: str | None = None  # default: sqlite:///<local_path>/mlflow.db
     experiment: str | None = None  # default: $MLFLOW_EXPERIMENT_NAME, else the package name
     autolog: bool = False  # call mlflow.autolog() before _run
+    telemetry: bool = False  # let MLflow's usage telemetry run (phd_flow turns it off otherwise)
 
 
 @dataclass
@@ -181,7 +183,11 @@ def load_config(
     root = Path(project_root).resolve()
     explicit = path is not None or bool(os.environ.get(ENV_CONFIG))
     file = config_path(root, path)
-    if not file.is_file():
+    try:
+        exists = file.is_file()
+    except OSError as exc:  # e.g. a file name longer than the filesystem allows
+        raise ConfigError(f"Config file {str(file)[:200]!r} cannot be read: {exc.strerror or exc}.") from None
+    if not exists:
         if explicit:
             origin = "--config" if path is not None else f"${ENV_CONFIG}"
             raise ConfigError(f"Config file {file} (from {origin}) does not exist.")
@@ -236,7 +242,69 @@ def _from_dict(data: dict[str, Any], project_root: Path, source: Path | None) ->
         config.stages[stage] = _build(StageRule, rule, f"stages.{stage}", source)
     _apply_flat_seed_keys(config, flat, source)
     _validate_storage(config, source)
+    _validate_ranges(config, source)
+    _validate_local_path(config, source)
     return config
+
+
+#: The longest file name (one path component) common filesystems allow, in bytes.
+NAME_MAX = 255
+
+
+def _validate_local_path(config: Config, source: Path | None) -> None:
+    for part in config.local_path.parts:
+        if len(part.encode()) > NAME_MAX:
+            raise ConfigError(
+                f"{_locate(source, 'local_path')}: local_path has a component of {len(part.encode())} bytes "
+                f"({part[:40]!r}...); filesystems allow at most {NAME_MAX}."
+            )
+
+
+def _validate_ranges(config: Config, source: Path | None) -> None:
+    """Values of the right type but out of range (a zero heartbeat spins a core, an empty
+    ``load_from`` would be ignored): :class:`ConfigError` naming the file, line and key."""
+    runs, executor, storage = config.runs, config.executor, config.storage
+    limits: list[tuple[str, bool, str]] = [
+        (
+            "runs.heartbeat_seconds",
+            0 < runs.heartbeat_seconds < math.inf,
+            "a number of seconds above 0, e.g. 30",
+        ),
+        (
+            "runs.stale_after_seconds",
+            runs.stale_after_seconds > runs.heartbeat_seconds,
+            f"longer than heartbeat_seconds ({runs.heartbeat_seconds:g}), e.g. 6 heartbeats",
+        ),
+        ("storage.workers", storage.workers >= 1, "at least 1"),
+        ("storage.retries", storage.retries >= 1, "at least 1 (attempts per file)"),
+        ("executor.max_parallel", executor.max_parallel >= 1, "at least 1"),
+        ("executor.slurm.timeout_min", executor.slurm.timeout_min >= 1, "at least 1 (minutes)"),
+        ("executor.slurm.cpus_per_task", executor.slurm.cpus_per_task >= 1, "at least 1"),
+        ("executor.slurm.gpus_per_node", executor.slurm.gpus_per_node >= 0, "0 or more"),
+        ("executor.slurm.mem_gb", executor.slurm.mem_gb is None or executor.slurm.mem_gb >= 1, "at least 1 (GB)"),
+        ("executor.slurm.signal_delay_s", executor.slurm.signal_delay_s >= 0, "0 or more (seconds)"),
+    ]
+    for name, rule in config.stages.items():
+        fine = rule.load_from is None or bool(rule.load_from.strip())
+        limits.append((f"stages.{name}.load_from", fine, "a run key, an MLflow run id or 'latest' (or no load_from)"))
+    for dotted, fine, expected in limits:
+        if fine:
+            continue
+        *section, leaf = dotted.split(".")
+        value = _lookup(config, dotted)
+        raise ConfigError(
+            f"{_locate(source, dotted)}: [{'.'.join(section)}] {leaf} = {value!r}: it must be {expected}."
+        )
+
+
+def _lookup(config: Config, dotted: str) -> Any:
+    *path, leaf = dotted.split(".")
+    if path[0] == "stages":
+        return getattr(config.stages[".".join(path[1:])], leaf)
+    node: Any = config
+    for part in path:
+        node = getattr(node, part)
+    return getattr(node, leaf)
 
 
 def _apply_flat_seed_keys(config: Config, flat: dict[str, Any], source: Path | None) -> None:

@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 from loguru import logger
 
@@ -28,6 +28,8 @@ STDERR_FORMAT = (
 )
 # Loggers that `import mlflow` takes over (own handler, propagate=False): we re-point them.
 MLFLOW_LOGGERS = ("mlflow", "sqlalchemy.engine", "alembic", "huey")
+#: The id of loguru's default stderr handler (0 at import; RunLogging re-adds it under a new id).
+_DEFAULT_STDERR = {"id": 0}
 #: ``scheme://user:password@``: the password is what :func:`redact_url` hides.
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*):(?P<password>[^\s/@]*(?:@[^\s/@]*)*)@")
 
@@ -97,6 +99,53 @@ def repoint_mlflow_loggers() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+class SafeFile:
+    """A log file sink that swallows ``OSError`` (a full disk): the run's log must not turn into
+    loguru's "Logging error in Loguru Handler" tracebacks on stderr, one per log line.
+
+    The first error is kept in :attr:`error` (the run reports it once); writing is tried again
+    with every record, so the log goes on as soon as there is space again.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error: OSError | None = None
+        self._file: TextIO | None = None
+        try:
+            # line-buffered, as loguru's own file sink: the log is complete on disk at every line
+            self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            self.error = exc
+
+    def write(self, message: str) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.write(message)
+        except OSError as exc:
+            self.error = self.error or exc
+        except ValueError:  # written after close() (a record from a lingering thread)
+            return
+
+    def flush(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+        except ValueError:
+            return
+
+    def close(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.close()
+        except OSError as exc:
+            self.error = self.error or exc
+
+
 class RunLogging:
     """Context manager: while active, every log record of this process reaches the run's files.
 
@@ -108,15 +157,19 @@ class RunLogging:
         self.text_log, self.json_log = text_log, json_log
         self.level = level
         self._sinks: list[int] = []
+        self._files: list[SafeFile] = []
+        self._stderr: int | None = None  # the diagnose=False stand-in for loguru's default handler
         self._saved_root: tuple[list[logging.Handler], int] | None = None
         self._saved_showwarning = warnings.showwarning
 
     def __enter__(self) -> RunLogging:
         _redact_everywhere()
+        self._files = [SafeFile(self.text_log), SafeFile(self.json_log)]
+        self._quiet_default_stderr()
         self._sinks = [
             # diagnose=False: tracebacks must not print local variables (they may hold secrets)
-            logger.add(self.text_log, level=self.level, format=FILE_FORMAT, encoding="utf-8", diagnose=False),
-            logger.add(self.json_log, level=self.level, serialize=True, encoding="utf-8", diagnose=False),
+            logger.add(self._files[0], level=self.level, format=FILE_FORMAT, diagnose=False),
+            logger.add(self._files[1], level=self.level, serialize=True, diagnose=False),
         ]
         root = logging.getLogger()
         self._saved_root = (list(root.handlers), root.level)
@@ -139,6 +192,36 @@ class RunLogging:
         for sink in self._sinks:
             logger.remove(sink)
         self._sinks = []
+        for file in self._files:
+            file.close()
+        self._files = []
+        self._restore_default_stderr()
+
+    @property
+    def write_error(self) -> OSError | None:
+        """The first error writing the run's log files (a full disk), or None."""
+        return next((f.error for f in self._files if f.error is not None), None)
+
+    def _quiet_default_stderr(self) -> None:
+        """Swap loguru's default stderr handler, if still installed, for one with
+        ``diagnose=False``: its tracebacks would print local variables (secrets) to stderr."""
+        self._stderr = None
+        try:
+            logger.remove(_DEFAULT_STDERR["id"])
+        except ValueError:  # removed or replaced by the user (or the CLI): theirs stays
+            return
+        self._stderr = logger.add(sys.stderr, diagnose=False)
+
+    def _restore_default_stderr(self) -> None:
+        if self._stderr is None:
+            return
+        try:
+            logger.remove(self._stderr)
+        except ValueError:  # the user removed it during the run: leave their setup alone
+            return
+        finally:
+            self._stderr = None
+        _DEFAULT_STDERR["id"] = logger.add(sys.stderr)  # loguru's defaults again
 
 
 def _show_warning(

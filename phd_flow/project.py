@@ -182,9 +182,10 @@ class Project:
     def mlflow_client(self) -> Any:
         """An ``MlflowClient`` on the configured tracking store (imports mlflow on first call)."""
         if self._mlflow_client is None:
-            from phd_flow.tracking import import_mlflow
+            from phd_flow.tracking import allow_telemetry, import_mlflow
 
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm on stderr
+            allow_telemetry(self.config.mlflow.telemetry)
             import_mlflow()
             from mlflow.tracking import MlflowClient
 

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,8 +33,31 @@ BATCH = 1000
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED", "running": "RUNNING"}
 
 
+#: ``[mlflow] telemetry`` of the project in use (see :func:`allow_telemetry`).
+_TELEMETRY = {"allowed": False, "env_set": False}
+TELEMETRY_ENV = "MLFLOW_DISABLE_TELEMETRY"
+
+
+def allow_telemetry(allowed: bool) -> None:
+    """``[mlflow] telemetry``: whether MLflow's usage telemetry may run in this process."""
+    _TELEMETRY["allowed"] = allowed
+    if allowed and _TELEMETRY["env_set"]:  # undo phd_flow's own default, never the user's
+        os.environ.pop(TELEMETRY_ENV, None)
+        _TELEMETRY["env_set"] = False
+
+
 def import_mlflow() -> Any:
-    """Import mlflow (≈2 s) with its stdout noise and logger takeover undone."""
+    """Import mlflow (≈2 s) with its stdout noise, logger takeover and telemetry undone.
+
+    ``import mlflow`` creates a telemetry client whose threads fetch a config and send events
+    over HTTP; one deadlocked against ``mlflow.autolog``'s import hook on the import lock. Unless the user opted
+    in (``[mlflow] telemetry = true``, or ``MLFLOW_DISABLE_TELEMETRY`` set), it is switched off
+    before the first import, and dropped if someone imported mlflow before phd_flow did.
+    """
+    if not _TELEMETRY["allowed"] and TELEMETRY_ENV not in os.environ:
+        os.environ[TELEMETRY_ENV] = "true"
+        _TELEMETRY["env_set"] = True
+    imported_before = "mlflow" in sys.modules
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # MLflow's HTTP default (7 retries, exponential backoff) stalls an offline node for minutes;
     # phd_flow keeps everything locally and `sync` catches up, so fail fast instead.
@@ -41,8 +65,22 @@ def import_mlflow() -> Any:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     import mlflow
 
+    if imported_before and not _TELEMETRY["allowed"]:
+        _drop_telemetry_client()
     repoint_mlflow_loggers()
     return mlflow
+
+
+def _drop_telemetry_client() -> None:
+    """Drop the telemetry client an earlier ``import mlflow`` started (best effort)."""
+    try:
+        from mlflow.telemetry.client import get_telemetry_client, set_telemetry_client
+        from mlflow.telemetry.utils import is_telemetry_disabled
+
+        if get_telemetry_client() is not None and is_telemetry_disabled():
+            set_telemetry_client()  # type: ignore[no-untyped-call]  # disabled: sets the client to None
+    except Exception:  # an mlflow without telemetry, or with another layout
+        return
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -163,7 +201,10 @@ class MetricLog:
 
     def _loop(self, step: Callable[[], None]) -> None:
         while not self._stop.wait(self._interval):
-            step()
+            try:
+                step()
+            except OSError:  # a full disk: the unwritten points stay buffered; close() reports it
+                continue
 
     def _drain(self) -> None:
         queue = self.queue

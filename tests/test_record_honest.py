@@ -312,7 +312,6 @@ def test_row2_unchanged_code_is_reused_by_require(hproject: Path) -> None:
     assert phd_flow.load_result(_newest(hproject, "Use").name, config=phd_flow.load_config(hproject)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 2: require() reuses a run whose helper module changed")
 def test_row2_a_changed_helper_module_defeats_require_reuse(hproject: Path) -> None:
     first = cli(hproject, "run", "Use")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -334,7 +333,6 @@ def test_row2_unchanged_code_is_reused_by_the_stage_cache(hproject: Path) -> Non
     assert "Stage 'numbers': reused from" in second.stderr, second.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 2: the stage cache reuses a stage whose helper module changed")
 def test_row2_a_changed_helper_module_defeats_the_stage_cache(hproject: Path) -> None:
     first = cli(hproject, "run", "Staged", "--cache")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -395,9 +393,6 @@ def _mlflow_statuses(project: Path) -> list[str]:
         return [row[0] for row in db.execute("select status from runs")]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 14 row 3: disk full during _run leaves run.json running and MLflow FINISHED"
-)
 def test_row3_disk_full_while_the_run_writes_is_recorded_failed(hproject: Path, small_disk: Path) -> None:
     _disk_project(hproject, small_disk)
     proc = cli(hproject, "run", "Fill")
@@ -411,7 +406,6 @@ def test_row3_disk_full_while_the_run_writes_is_recorded_failed(hproject: Path, 
     assert record(run_dir)["status"] == "failed" or statuses == ["FAILED"], (record(run_dir), statuses)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 3: a disk full before the run gives a traceback")
 def test_row3_disk_full_before_the_run_is_one_message_naming_local_path(hproject: Path, small_disk: Path) -> None:
     _disk_project(hproject, small_disk)
     (small_disk / "runs").mkdir()
@@ -423,7 +417,6 @@ def test_row3_disk_full_before_the_run_is_one_message_naming_local_path(hproject
     assert len(lines) == 1 and "local_path" in lines[0], lines
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 3: `ls --stale --fix` crashes on a full disk")
 def test_row3_ls_stale_fix_works_on_a_full_disk(hproject: Path, small_disk: Path) -> None:
     _disk_project(hproject, small_disk)
     marker = small_disk / "started"
@@ -584,7 +577,6 @@ def test_row7_odd_keys_are_refused_or_first_class(hproject: Path, tmp_path: Path
 # --- row 8: values that are out of range or too big ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 8: out-of-range config values are accepted")
 @pytest.mark.parametrize(
     ("text", "name"),
     [
@@ -605,13 +597,10 @@ def test_row8_out_of_range_config_exits_2_naming_the_key(hproject: Path, text: s
 @pytest.mark.parametrize(
     "argv",
     [
-        pytest.param(["run", "Nap", "--key", "K" * 300], id="key-300-bytes"),  # refused by row 7's key check
-        pytest.param(
-            ["ls", "--last", "99999999999999w"],
-            id="last-overflow",
-            marks=pytest.mark.xfail(strict=True, reason="issue 14 row 8: a huge --last is a raw traceback"),
-        ),
+        ["run", "Nap", "--key", "K" * 300],
+        ["ls", "--last", "99999999999999w"],
     ],
+    ids=["key-300-bytes", "last-overflow"],
 )
 def test_row8_huge_cli_values_exit_2_with_one_line(hproject: Path, argv: list[str]) -> None:
     proc = cli(hproject, *argv)
@@ -624,7 +613,6 @@ def test_row8_huge_cli_values_exit_2_with_one_line(hproject: Path, argv: list[st
 CI_VARS = ("CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "TRAVIS", "BUILDKITE", "DO_NOT_TRACK")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 9: phd_flow never disables MLflow telemetry")
 def test_row9_mlflow_telemetry_is_off_during_a_run(hproject: Path) -> None:
     configure(hproject, '[mlflow]\nexperiment = "test"\n')
     env = {
@@ -658,7 +646,6 @@ phd_flow.logger.info("after the run")
 """
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 row 10: loguru's default handler prints locals of a failed run")
 def test_row10_a_failed_python_api_run_prints_no_locals(hproject: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", API_SCRIPT],

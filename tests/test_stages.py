@@ -261,7 +261,8 @@ def test_changed_code_recomputes_a_cached_stage(tmp_path: Path, monkeypatch: pyt
     changed.run()
 
     assert stages(changed)["numbers"]["cached"] is False
-    assert f"Stage 'numbers': recomputed because code of {name} changed (compared with {first.key})." in log_of(changed)
+    explain = f"Stage 'numbers': recomputed because code of {name}.py changed (compared with {first.key})."
+    assert explain in log_of(changed)
 
 
 # --- verification and rule errors ----------------------------------------------------------------

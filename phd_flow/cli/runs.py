@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from phd_flow.cli.selection import add_filters, select
-from phd_flow.errors import ArgsError
+from phd_flow.errors import ArgsError, UserError
 from phd_flow.run.record import METRICS_FILE, OUTPUT_LOG
 
 if TYPE_CHECKING:
@@ -79,10 +79,17 @@ def _cmd_ls(project: Project, args: argparse.Namespace) -> int:
         from phd_flow.cli.render import clean
         from phd_flow.runs.query import mark_killed
 
+        failure: UserError | None = None
         for run in runs:
-            print(clean(mark_killed(project, run)))
+            try:
+                print(clean(mark_killed(project, run)))
+            except UserError as exc:  # a full disk: the others are still tried, the first error is shown
+                print(clean(f"{run.key}: not marked killed (see the error below)."))
+                failure = failure or exc
         if not runs:
             print("No stale runs.")
+        if failure is not None:
+            raise failure
         return 0
     if args.json:
         # one run per line: readable, and the C encoder (indent= would use the slow Python one)
@@ -212,6 +219,8 @@ def _cmd_ui(project: Project, args: argparse.Namespace) -> int:
     import socket
     import subprocess
 
+    if not 0 < args.port < 65536:
+        raise ArgsError(f"--port {args.port}: give a port from 1 to 65535.")
     uri = project.config.tracking_uri()
     if uri.startswith(("http://", "https://")):
         from phd_flow.log import redact_url

@@ -7,11 +7,12 @@ touched; a failing MLflow or remote never changes the run's own status.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any
 
-from phd_flow import keys
+from phd_flow import keys, reuse
 from phd_flow._io import atomic_write_json
 from phd_flow.errors import CorruptRunError, RunFailedError, RunKilledError, UserError
 from phd_flow.log import RunLogging, logger, redact_url
@@ -68,21 +69,31 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
     config = run.project.config
     node = run.node
     args = args_to_dict(node.args)
-    atomic_write_json(run_dir / ARGS_FILE, args)
     parent = run.parent
-    run.record = RunRecord.create(
-        run_dir,
-        key=str(run.key),
-        node=run.node_name,
-        node_class=f"{type(node).__module__}.{type(node).__qualname__}",
-        package=type(node).package,
-        args=args,
-        parent=parent.run_path if parent is not None else None,
-        path=run.run_path,
-        tags=dict(node.options.tags),
-        sweep=node.options.sweep,
-        resumed=run.resumed,
-    )
+    target = run_dir / ARGS_FILE
+    try:
+        atomic_write_json(target, args)
+        target = run_dir / RUN_FILE
+        run.record = RunRecord.create(
+            run_dir,
+            key=str(run.key),
+            node=run.node_name,
+            node_class=f"{type(node).__module__}.{type(node).__qualname__}",
+            package=type(node).package,
+            args=args,
+            parent=parent.run_path if parent is not None else None,
+            path=run.run_path,
+            tags=dict(node.options.tags),
+            sweep=node.options.sweep,
+            resumed=run.resumed,
+        )
+    except OSError as exc:  # a full disk before the run: nothing ran, nothing to record
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only if empty: never a run dir with files, e.g. a resumed one
+        raise UserError(
+            f"Cannot write {target}: {exc.strerror or exc}. Nothing ran. Check that local_path "
+            f"({config.where('local_path')}) points to a writable directory with free space."
+        ) from None
     saved_signals = run.install_signal_handlers()
     heartbeat = Heartbeat(run.record, config.runs.heartbeat_seconds)
     storage = run.project.storage
@@ -91,9 +102,12 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
     # at its end and by `sync`.
     storage.defer_failed_uploads = True
     try:
-        with RunLogging(run_dir / OUTPUT_LOG, run_dir / OUTPUT_JSONL):
+        with RunLogging(run_dir / OUTPUT_LOG, run_dir / OUTPUT_JSONL) as logging, reuse.pinned():
             heartbeat.start()
-            return _run_logged(run, run.record, args)
+            try:
+                return _run_logged(run, run.record, args, logging)
+            except OSError as exc:  # writing the record failed (a full disk): the run did not complete
+                raise _failed_to_record(run, run.record, exc) from None
     finally:
         storage.defer_failed_uploads = deferring
         heartbeat.stop()
@@ -115,7 +129,7 @@ def _make_run_dir(local_path: Path, key: str, where: str) -> Path:
     return run_dir
 
 
-def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any]) -> Any:
+def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any], logging: RunLogging) -> Any:
     config = run.project.config
     name = run.node_name
     logger.info(f"Run node {name} {run.key} in {run.run_dir}")
@@ -134,8 +148,13 @@ def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any]) -> Any:
     if status == COMPLETED:
         status, error = save_result(record, result, name, config)
     if status == COMPLETED:
-        remember(run)
-        run.stages.finish()  # index the computed stages, warn about unused stage rules
+        try:
+            remember(run)
+            run.stages.finish()  # index the computed stages, warn about unused stage rules
+        except OSError as exc:  # the result is whole: the run completed, only reuse misses it
+            logger.warning(f"{name} {run.key}: the reuse index could not be written ({exc}); it will not be reused.")
+    if logging.write_error is not None:
+        logger.warning(f"{OUTPUT_LOG} of {run.key} is incomplete: writing it failed ({logging.write_error}).")
     status = _finish(run, record, status, error)
     if status == FAILED:
         raise RunFailedError(f"{name} {run.key} failed: {_describe(error)}. See {run.run_dir / OUTPUT_LOG}.") from (
@@ -156,12 +175,38 @@ def _finish(run: ActiveRun, record: RunRecord, status: str, error: Any) -> str:
     fields: dict[str, Any] = {"status": status, "ended_at": utcnow()}
     if error is not None:
         fields["error"] = _describe(error)
-    record.update(**fields)
+    record.update(**fields)  # an OSError here: the caller fails the run (_failed_to_record)
     logger.info(f"Run {run.key} {status}.")
     _close_mlflow(run, record, status)
     storage = run.project.storage
-    push_run(storage, record, run.run_path, list(storage.deferred))
+    try:
+        push_run(storage, record, run.run_path, list(storage.deferred))
+    except OSError as exc:  # the status is written; the sync state could not be: `sync` redoes it
+        logger.warning(f"Recording the sync of {run.key} failed ({exc}); `sync {run.key}` redoes it.")
     return status
+
+
+def _failed_to_record(run: ActiveRun, record: RunRecord, exc: OSError) -> RunFailedError:
+    """A write of the run's record failed before its final status was written (a full disk).
+
+    The run did not complete: run.json says ``failed`` if it can still be written, MLflow says
+    FAILED either way, and the error is one paragraph naming ``local_path`` and the OS error.
+    """
+    where = run.project.config.where("local_path")
+    cause = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    if run.metrics is not None:
+        with contextlib.suppress(OSError, ValueError):  # closed already, or the disk still full
+            run.metrics.close()
+    try:
+        record.update(status=FAILED, ended_at=utcnow(), error=f"OSError: {cause}")
+        recorded = "run.json says failed"
+    except OSError:
+        recorded = "run.json could not be updated either (it still says running; `ls --stale --fix` marks it)"
+    state = "; MLflow says FAILED" if _close_mlflow(run, record, FAILED) else ""
+    return RunFailedError(
+        f"{run.node_name} {run.key} failed: writing its record in {run.run_dir} failed ({cause}). "
+        f"Free space in local_path ({where}) and run it again; {recorded}{state}."
+    )
 
 
 def _describe(error: Any) -> str:
@@ -177,8 +222,9 @@ def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit
     if not config.mlflow.enabled:
         record.update_section("mlflow", state="disabled")
         return
-    from phd_flow.tracking import MlflowRun, param_values, ui_url
+    from phd_flow.tracking import MlflowRun, allow_telemetry, param_values, ui_url
 
+    allow_telemetry(config.mlflow.telemetry)
     package = type(run.node).package
     uri, experiment = config.tracking_uri(), config.experiment_name(package)
     tags = {
@@ -216,22 +262,67 @@ def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit
     if url:
         logger.info(f"MLflow run: {url}")
     if config.mlflow.autolog:
-        mlflow_run.mlflow.autolog(silent=True)
+        _autolog(mlflow_run.mlflow)
 
 
-def _close_mlflow(run: ActiveRun, record: RunRecord, status: str) -> None:
+#: The libraries whose import ``mlflow.autolog`` hooks, and the flavour module each hook imports
+#: (mlflow.tracking.fluent.autolog's LIBRARY_TO_AUTOLOG_MODULE, the classic ML part).
+AUTOLOG_FLAVOURS = {
+    "sklearn": "mlflow.sklearn",
+    "xgboost": "mlflow.xgboost",
+    "lightgbm": "mlflow.lightgbm",
+    "statsmodels": "mlflow.statsmodels",
+    "tensorflow": "mlflow.tensorflow",
+    "keras": "mlflow.keras",
+    "pytorch_lightning": "mlflow.pytorch",
+    "lightning": "mlflow.pytorch",
+    "transformers": "mlflow.transformers",
+    "setfit": "mlflow.transformers",
+}
+
+
+def _autolog(mlflow: Any) -> None:
+    """``mlflow.autolog()``, with the flavour modules of already imported libraries imported first.
+
+    For a library that is already imported, ``mlflow.autolog`` runs its hook at once, inside
+    ``register_post_import_hook`` and holding that function's lock, and the hook imports the
+    flavour module (``mlflow.sklearn``, hundreds of modules). Any other thread importing a module
+    meanwhile passes through MLflow's import finder, which waits for that lock while holding its
+    own module's import lock: a deadlock if the flavour import needs that module (seen with
+    MLflow's telemetry thread in ``requests``). Imported here first, outside the lock, the hook
+    finds the flavour in ``sys.modules`` and imports nothing new. Libraries imported later fire
+    their hook after their import, with the lock released.
+    """
+    import importlib
+    import sys
+
+    for library, flavour in AUTOLOG_FLAVOURS.items():
+        if library in sys.modules and flavour not in sys.modules:
+            try:
+                importlib.import_module(flavour)
+            except Exception as exc:  # mlflow's own hook reports it (silently: silent=True)
+                logger.debug(f"autolog: importing {flavour} failed ({type(exc).__name__}: {exc})")
+    mlflow.autolog(silent=True)
+
+
+def _close_mlflow(run: ActiveRun, record: RunRecord, status: str) -> bool:
+    """Close the run's MLflow run with ``status``; True when MLflow got it."""
     mlflow_run = run.mlflow
     if mlflow_run is None:
-        return
+        return False
     try:
         mlflow_run.close(status)
         ok = mlflow_run.error is None
     except Exception as exc:
         logger.warning(f"Closing the MLflow run failed ({type(exc).__name__}: {exc}); `sync` retries.")
         ok = False
-    record.update_section(
-        "mlflow",
-        state="synced" if ok else "not_synced",
-        metrics_sent=mlflow_run.sent,
-        status_sent=status if ok else None,
-    )
+    try:
+        record.update_section(
+            "mlflow",
+            state="synced" if ok else "not_synced",
+            metrics_sent=mlflow_run.sent,
+            status_sent=status if ok else None,
+        )
+    except OSError as exc:
+        logger.warning(f"Recording the MLflow state of {run.key} failed ({exc}); `sync {run.key}` redoes it.")
+    return ok

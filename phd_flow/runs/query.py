@@ -25,6 +25,7 @@ from phd_flow.errors import (
     CorruptRunError,
     NoResultError,
     RunNotFoundError,
+    UserError,
 )
 from phd_flow.project import Project
 from phd_flow.run.record import (
@@ -363,10 +364,16 @@ def mark_killed(project: Project, run: Run) -> str:
     if run.where == "remote":
         return f"{run.key}: only in storage; mark it on the machine that has it (or download it)."
     ended = run.data.get("heartbeat_at") or run.data.get("started_at")
-    run.update(status=KILLED, ended_at=ended, error=f"lost: no heartbeat since {ended} (marked killed)")
+    try:
+        run.update(status=KILLED, ended_at=ended, error=f"lost: no heartbeat since {ended} (marked killed)")
+        if run.data.get("sync", {}).get("state") == "synced":
+            run.update_section("sync", state="pending")
+    except OSError as exc:  # a full disk: say so in one line, no traceback
+        raise UserError(
+            f"{run.key}: not marked killed: writing its run.json failed ({exc.strerror or exc}). Free "
+            f"space in local_path ({project.config.where('local_path')}) and run `ls --stale --fix` again."
+        ) from None
     run.stale = False
-    if run.data.get("sync", {}).get("state") == "synced":
-        run.update_section("sync", state="pending")
     run_id = run.data.get("mlflow", {}).get("run_id")
     if not run_id:
         return f"{run.key}: marked killed in run.json."
@@ -411,7 +418,10 @@ def parse_duration(text: str) -> timedelta:
             f"{text!r} is not a duration: write a number and a unit, s (seconds), m (minutes), "
             "h (hours), d (days) or w (weeks), e.g. 30m, 3h, 2d, 1w."
         )
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    try:
+        return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    except OverflowError:
+        raise ArgsError(f"{text!r} reaches back before the year 1: give a shorter duration.") from None
 
 
 def time_bound(value: TimeBound) -> datetime:
@@ -420,10 +430,10 @@ def time_bound(value: TimeBound) -> datetime:
     Naive datetimes and dates are local time.
     """
     if isinstance(value, timedelta):
-        return _now() - value
+        return _ago(value)
     if isinstance(value, str):
         if _DURATION.match(value):
-            return _now() - parse_duration(value)
+            return _ago(parse_duration(value))
         try:
             value = datetime.fromisoformat(value)
         except ValueError:
@@ -433,6 +443,13 @@ def time_bound(value: TimeBound) -> datetime:
     if not isinstance(value, datetime):
         value = datetime(value.year, value.month, value.day)
     return value if value.tzinfo else value.astimezone()
+
+
+def _ago(duration: timedelta) -> datetime:
+    try:
+        return _now() - duration
+    except OverflowError:  # before the year 1
+        raise ArgsError(f"{duration} ago is before the year 1: give a shorter duration.") from None
 
 
 def arg_text(value: Any) -> str:

@@ -273,7 +273,9 @@ def _mlflow_source(project: Project, run_id: str, stage: str, origin: str) -> So
 
 def mlflow_checksums(tracking_uri: str, run_id: str, stage: str) -> dict[str, str] | None:
     """The ``{file: sha256}`` map phd_flow.compat logged for ``stage`` of an MLflow run."""
-    import mlflow
+    from phd_flow.tracking import import_mlflow
+
+    mlflow = import_mlflow()
 
     with tempfile.TemporaryDirectory(prefix="phd_flow-") as tmp:
         try:
@@ -344,9 +346,9 @@ def _download(project: Project, source: Source, stage: str, staging: Path) -> st
 
 def _download_mlflow(project: Project, source: Source, stage: str, staging: Path) -> None:
     config = project.config
+    project.mlflow_client()  # imports mlflow the way phd_flow does (telemetry off)
     import mlflow
 
-    project.mlflow_client()
     with tempfile.TemporaryDirectory(prefix="phd_flow-") as tmp:
         got = mlflow.artifacts.download_artifacts(
             run_id=source.key, artifact_path=stage, dst_path=tmp, tracking_uri=config.tracking_uri()
