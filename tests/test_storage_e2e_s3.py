@@ -53,7 +53,9 @@ def aws_ls(server: S3Server, bucket: str) -> set[str]:
 
 def files_below(root: Path) -> dict[str, bytes]:
     return {
-        p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".phd_flow-")
     }
 
 

@@ -37,7 +37,6 @@ import pytest
 from phd_flow.config import Config, StorageConfig
 from phd_flow.errors import StorageAuthError, StorageNotFoundError, UserError
 from phd_flow.storage.base import Remote
-from phd_flow.storage.engine import MANIFEST
 from phd_flow.storage.facade import Storage
 
 #: A run-like directory: names exercise nesting, empty files and unicode.
@@ -72,11 +71,12 @@ def write_tree(root: Path, files: Mapping[str, bytes]) -> None:
 
 
 def read_tree(root: Path) -> dict[str, bytes]:
-    """Every file below ``root`` (relative POSIX path -> content), manifests left out."""
+    """Every file below ``root`` (relative POSIX path -> content), phd_flow's own bookkeeping
+    (``.phd_flow-*``: manifests, journals, locks; never synced) left out."""
     out: dict[str, bytes] = {}
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            if name != MANIFEST:
+            if not name.startswith(".phd_flow-"):
                 path = Path(dirpath) / name
                 out[path.relative_to(root).as_posix()] = path.read_bytes()
     return out
