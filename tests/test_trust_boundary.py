@@ -1116,6 +1116,6 @@ def test_hostile_result_section_names_no_other_file(seed: Seed, tmp_path: Path) 
     project = victim(tmp_path, backend)
     record = json.loads((seed.run_dir(seed.add) / "run.json").read_text())
     backend.plant_run(seed.run_dir(seed.add), seed.add, edit={"result": {**record["result"], "file": ".."}})
-    proc = backend.cli(project, "result", seed.add, "--trust-remote")
+    proc = backend.cli(project, "result", seed.add, "--trust-remote", env={"PYTHONPATH": str(REPO)})
     assert_ok(proc)
     assert "AddResult(total=3)" in proc.stdout

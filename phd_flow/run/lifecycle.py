@@ -43,7 +43,17 @@ def execute(run: ActiveRun) -> Any:
     config = run.project.config
     run_dir = _make_run_dir(config.local_path, run.run_path, config.where("local_path"))
     lock = RunLock(run_dir)
-    lock.acquire(str(run.key))  # a second process on this key is refused here
+    try:
+        lock.acquire(str(run.key))  # a second process on this key is refused here
+    except OSError as exc:  # a full disk before the run: nothing ran, nothing to record
+        with contextlib.suppress(OSError):
+            for leftover in run_dir.glob(".phd_flow-*.lock"):
+                leftover.unlink()
+            run_dir.rmdir()  # only if empty: never a run dir with files, e.g. a resumed one
+        raise UserError(
+            f"Cannot lock {run_dir}: {exc.strerror or exc}. Nothing ran. Check that local_path "
+            f"({config.where('local_path')}) points to a writable directory with free space."
+        ) from None
     try:
         _refuse_completed(run_dir, str(run.key))
         return _execute_locked(run, run_dir)
