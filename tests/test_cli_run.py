@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -177,6 +178,32 @@ def test_local_remote_mirrors_every_run(project: Path, tmp_path: Path) -> None:
         assert (mirrored / name).read_bytes() == (run_dir / name).read_bytes(), name
     assert json.loads((mirrored / "run.json").read_text())["sync"]["state"] == "synced"
     assert (shared / "my_project" / "datasets" / run_dir.name / "datasets.pickle").is_file()
+
+
+def test_sync_checksum_sends_a_same_size_edit_whose_old_mtime_was_restored(project: Path, tmp_path: Path) -> None:
+    """docs/storage.md: a plain sync trusts an unchanged size+mtime (like rsync); `sync --checksum`
+    (alias `--verify`) re-hashes every local file of every run and sends what differs."""
+    shared = tmp_path / "shared"
+    write_config(
+        project,
+        f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[storage]\nbackend = "local"\nremote = "{shared}"\nprefix = "p"\n',
+    )
+    proc = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_dirs(project / "data_storage")
+    local, mirrored = run_dir / "args.json", shared / "p" / run_dir.name / "args.json"
+    original = local.read_bytes()
+    for flag, word in (("--checksum", b"TARGET"), ("--verify", b"tArGeT")):
+        old, before = local.stat(), local.read_bytes()
+        edited = original.replace(b"target", word)
+        assert edited != before and len(edited) == len(before)
+        local.write_bytes(edited)
+        os.utime(local, ns=(old.st_atime_ns, old.st_mtime_ns))
+        assert cli(project, "sync", run_dir.name).returncode == 0
+        assert mirrored.read_bytes() == before  # the documented limit of the size+mtime quick check
+        proc = cli(project, "sync", flag)
+        assert proc.returncode == 0, proc.stderr
+        assert mirrored.read_bytes() == edited, flag
 
 
 def test_run_imports_only_the_module_that_defines_the_node(project: Path) -> None:

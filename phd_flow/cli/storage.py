@@ -19,6 +19,14 @@ def register_sync(commands: Any) -> None:
         "ones). Safe to repeat: only what is missing is sent.",
     )
     parser.add_argument("keys", nargs="*", metavar="KEY", help="run keys or unique prefixes (default: all)")
+    parser.add_argument(
+        "--checksum",
+        "--verify",
+        action="store_true",
+        help="re-hash every local file instead of trusting an unchanged size and mtime (like rsync "
+        "--checksum): also sends same-size edits whose old mtime was set back; without KEY, "
+        "re-checks every local run, synced or not",
+    )
     parser.set_defaults(func=_cmd_sync)
 
 
@@ -36,8 +44,16 @@ def register_download(commands: Any) -> None:
 
 def _cmd_sync(project: Project, args: argparse.Namespace) -> int:
     from phd_flow.runs.catchup import sync_runs
+    from phd_flow.storage.engine import checksum_mode
 
-    results = sync_runs(project, args.keys)
+    keys = list(args.keys)
+    if args.checksum and not keys:
+        keys = _own_run_keys(project)  # every run, not only those recorded behind
+        if not keys:
+            logger.info("Everything is synced.")
+            return 0
+    with checksum_mode(args.checksum):
+        results = sync_runs(project, keys)
     failed = [key for key, ok in results.items() if not ok]
     if not results and not args.keys:
         logger.info("Everything is synced.")
@@ -45,6 +61,20 @@ def _cmd_sync(project: Project, args: argparse.Namespace) -> int:
         logger.error(f"{len(failed)} run(s) still not synced: {', '.join(failed)}")
         return 3
     return 0
+
+
+def _own_run_keys(project: Project) -> list[str]:
+    """The keys of the local runs made here (not those downloaded from the remote)."""
+    from phd_flow.run.record import RunRecord
+    from phd_flow.runs.listing import local_records
+    from phd_flow.storage.facade import DOWNLOADED
+
+    local_path = project.config.local_path
+    return [
+        r.key
+        for r in local_records(local_path)
+        if isinstance(r, RunRecord) and not (local_path / DOWNLOADED / r.key).exists()
+    ]
 
 
 def _cmd_download(project: Project, args: argparse.Namespace) -> int:

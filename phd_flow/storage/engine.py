@@ -7,6 +7,13 @@ did not arrive (and ``Storage.remove`` drops removed files from it). When the re
 already vouches for every local file, the listing is skipped: an unchanged re-sync costs one
 GET. Pulling verifies every downloaded file against the manifest's sha256 and
 retries a mismatch; a file is only renamed into place once verified.
+
+What a push notices (like rsync): by default a file is re-hashed when its size or mtime differs
+from the local manifest's, so any edit that changes either is sent, whatever its size. An edit
+that keeps the size *and* sets the old mtime back (``touch -d``, ``os.utime``, a restore that
+preserves times), or a file replaced by another of the same size and mtime, is only seen in
+checksum mode (``checksum=True``, :func:`checksum_mode`, ``sync --checksum``/``--verify``),
+which re-hashes every file like ``rsync --checksum``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import time
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +55,20 @@ JOURNAL = ".phd_flow-pushed.json"
 #: Files up to this size are uploaded from an in-memory snapshot (consistent even while written).
 SNAPSHOT_BYTES = 4 * 1024 * 1024
 _T = TypeVar("_T")
+#: Checksum mode for pushes in this context (see :func:`checksum_mode`).
+_CHECKSUM: ContextVar[bool] = ContextVar("phd_flow_sync_checksum", default=False)
+
+
+@contextmanager
+def checksum_mode(on: bool = True) -> Iterator[None]:
+    """Within this block every push re-hashes every local file instead of trusting an unchanged
+    size and mtime (``sync --checksum``): same-size edits with the old mtime set back, and files
+    replaced by others of the same size and mtime, are then sent too."""
+    token = _CHECKSUM.set(on)
+    try:
+        yield
+    finally:
+        _CHECKSUM.reset(token)
 
 
 @dataclass
@@ -76,9 +99,10 @@ class SyncReport:
 # --- manifests --------------------------------------------------------------------------------
 
 
-def scan(root: Path, exclude: Iterable[str] = ()) -> dict[str, Entry]:
-    """Hash every file below ``root``, reusing the stored manifest for unchanged size+mtime."""
-    previous = load_manifest(root)
+def scan(root: Path, exclude: Iterable[str] = (), *, checksum: bool | None = None) -> dict[str, Entry]:
+    """Hash every file below ``root``, reusing the stored manifest for unchanged size+mtime
+    (unless ``checksum``, default: :func:`checksum_mode`, asks to re-hash every file)."""
+    previous = {} if (_CHECKSUM.get() if checksum is None else checksum) else load_manifest(root)
     skip = tuple(e.rstrip("/") + "/" for e in exclude)
     entries: dict[str, Entry] = {}
     for path, rel in _walk(root):
@@ -165,10 +189,12 @@ def push(
     retries: int = 4,
     workers: int | None = None,
     label: str = "",
+    checksum: bool | None = None,
 ) -> SyncReport:
-    """Upload what differs between ``local_root`` and ``remote_prefix``, verified by sha256."""
+    """Upload what differs between ``local_root`` and ``remote_prefix``, verified by sha256
+    (``checksum``: re-hash every local file, see :func:`checksum_mode`)."""
     started = time.perf_counter()
-    entries = scan(local_root, exclude)
+    entries = scan(local_root, exclude, checksum=checksum)
     atomic_write_bytes(local_root / MANIFEST, dump_manifest(entries))
     remote_entries = _remote_manifest(remote, remote_prefix, retries)
     target = f"{remote.describe()}/{remote_prefix}"

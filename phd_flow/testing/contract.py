@@ -36,6 +36,7 @@ import pytest
 
 from phd_flow.config import Config, StorageConfig
 from phd_flow.errors import StorageAuthError, StorageNotFoundError, UserError
+from phd_flow.storage import engine
 from phd_flow.storage.base import Remote
 from phd_flow.storage.facade import Storage
 
@@ -196,6 +197,59 @@ class RemoteContract:
         storage.path("run_1/new.txt").write_bytes(b"new")
         changed = storage.upload("run_1")
         assert sorted(changed.transferred) == ["nested/a/b/c/deep.txt", "new.txt"]
+
+    #: run.json edited in place to other bytes of the same size.
+    SAME_SIZE_EDIT: ClassVar[bytes] = b'{"status": "failed!!!"}\n'
+
+    def _edited_in_place(self, storage: Storage) -> tuple[Path, os.stat_result]:
+        write_tree(storage.path("run_1"), RUN_TREE)
+        storage.upload("run_1")
+        path = storage.path("run_1/run.json")
+        assert len(self.SAME_SIZE_EDIT) == len(RUN_TREE["run.json"]) != 0
+        return path, path.stat()
+
+    def _assert_remote_holds(self, storage: Storage, second: Storage, data: bytes) -> None:
+        # a second machine's download is verified against the remote manifest: bytes and
+        # manifest agree, and both are the new version
+        second.download("run_1")
+        assert second.path("run_1/run.json").read_bytes() == data
+        assert read_tree(second.path("run_1")) == {**RUN_TREE, "run.json": data}
+        assert storage.upload("run_1").transferred == [], "once sent, an unchanged re-sync sends nothing"
+
+    def test_a_same_size_edit_is_sent(self, storage: Storage, second: Storage) -> None:
+        path, old = self._edited_in_place(storage)
+        path.write_bytes(self.SAME_SIZE_EDIT)
+        # a newer mtime, whatever the filesystem's timestamp granularity
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 2_000_000_000))
+        report = storage.upload("run_1")
+        assert report.transferred == ["run.json"], "a same-size edit with a new mtime must be sent"
+        self._assert_remote_holds(storage, second, self.SAME_SIZE_EDIT)
+
+    def test_checksum_mode_sends_a_same_size_edit_with_the_old_mtime_restored(
+        self, storage: Storage, second: Storage
+    ) -> None:
+        path, old = self._edited_in_place(storage)
+        path.write_bytes(self.SAME_SIZE_EDIT)
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+        with engine.checksum_mode():
+            report = storage.upload("run_1")
+        assert report.transferred == ["run.json"], "checksum mode must see an edit size and mtime hide"
+        self._assert_remote_holds(storage, second, self.SAME_SIZE_EDIT)
+
+    def test_checksum_mode_sends_a_file_replaced_by_one_of_same_size_and_mtime(
+        self, storage: Storage, second: Storage
+    ) -> None:
+        path, old = self._edited_in_place(storage)
+        replacement = path.with_name("replacement.tmp")
+        replacement.write_bytes(self.SAME_SIZE_EDIT)
+        os.utime(replacement, ns=(old.st_atime_ns, old.st_mtime_ns))
+        os.replace(replacement, path)
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+        with engine.checksum_mode():
+            report = storage.upload("run_1")
+        assert report.transferred == ["run.json"], "checksum mode must see a replaced file"
+        self._assert_remote_holds(storage, second, self.SAME_SIZE_EDIT)
 
     def test_large_file_above_multipart_threshold(self, storage: Storage, second: Storage) -> None:
         data = random.Random(0).randbytes(self.large_file_size)
