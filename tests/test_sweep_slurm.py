@@ -1,11 +1,15 @@
 """Sweeps on a real SLURM cluster (../shared/slurm/start_slurm.sh): job arrays, scancel, requeue.
 
-Skipped where SLURM is not installed. MLflow is off in these projects to keep the jobs small.
+Skipped only where SLURM is not installed (no ``sinfo``) and ``CI`` is not set. They fail (one
+error per test, naming the cause) when ``sinfo`` is installed but no controller answers, and
+when ``CI`` is set and SLURM is missing: the real-SLURM lane must never vanish into skips.
+MLflow is off in these projects to keep the jobs small.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -27,14 +31,64 @@ def _slurm_answers() -> bool:
         return False
 
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM is not installed (no sinfo on PATH)"),
-    pytest.mark.skipif(
-        shutil.which("sinfo") is not None and not _slurm_answers(),
-        reason="sinfo is installed but no SLURM controller answers (start_slurm.sh)",
-    ),
-]
+START_SCRIPT = Path(__file__).resolve().parents[1].parent / "shared" / "slurm" / "start_slurm.sh"
+
+
+def slurm_verdict(installed: bool, answers: Callable[[], bool], ci: bool, start_script: bool) -> tuple[str, str]:
+    """("run" | "skip" | "fail", why) for the SLURM lane."""
+    if not installed:
+        if not ci:
+            return "skip", "SLURM is not installed (no sinfo on PATH) and CI is not set"
+        where = f"{START_SCRIPT} exists but did not install/start it" if start_script else "install SLURM"
+        return "fail", f"CI is set but SLURM is not installed (no sinfo on PATH): {where}"
+    if not answers():
+        return "fail", (
+            "sinfo is installed but no SLURM controller answers (`sinfo -h` failed): start the cluster "
+            f"({START_SCRIPT}; its log under CI is /tmp/local-slurm/start.log)"
+        )
+    return "run", "a SLURM controller answers"
+
+
+@pytest.fixture(scope="module")
+def slurm_lane() -> None:
+    verdict, why = slurm_verdict(
+        shutil.which("sinfo") is not None, _slurm_answers, bool(os.environ.get("CI")), START_SCRIPT.is_file()
+    )
+    if verdict == "skip":
+        pytest.skip(why)
+    if verdict == "fail":
+        pytest.fail(why, pytrace=False)
+
+
+def _answers() -> bool:
+    return True
+
+
+def _silent() -> bool:
+    return False
+
+
+@pytest.mark.parametrize(
+    ("installed", "answers", "ci", "script", "verdict"),
+    [
+        (False, _silent, False, False, "skip"),
+        (False, _silent, False, True, "skip"),
+        (False, _silent, True, True, "fail"),  # CI, and start_slurm.sh failed to install/start it
+        (False, _silent, True, False, "fail"),
+        (True, _silent, False, False, "fail"),  # sinfo answers, no controller does
+        (True, _silent, True, True, "fail"),
+        (True, _answers, False, False, "run"),
+        (True, _answers, True, True, "run"),
+    ],
+)
+def test_the_slurm_lane_skips_only_without_slurm_outside_ci(
+    installed: bool, answers: Callable[[], bool], ci: bool, script: bool, verdict: str
+) -> None:
+    assert slurm_verdict(installed, answers, ci, script)[0] == verdict
+
+
+#: The real-SLURM tests: marked ``slurm`` and gated by :func:`slurm_lane`.
+real_slurm = pytest.mark.usefixtures("slurm_lane")
 
 
 def until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -73,6 +127,8 @@ def sproject(tmp_path: Path) -> Path:
     return make_project(tmp_path / "proj")
 
 
+@pytest.mark.slurm
+@real_slurm
 def test_a_grid_runs_as_a_job_array_and_records_the_slurm_ids(sproject: Path) -> None:
     proc = cli(sproject, "sweep", "Scale", "--alpha", "2", "--grid", "seed=1,2,3", "--executor", "slurm", "--wait")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -89,6 +145,8 @@ def test_a_grid_runs_as_a_job_array_and_records_the_slurm_ids(sproject: Path) ->
         assert result.value == 2 * point["params"]["seed"]
 
 
+@pytest.mark.slurm
+@real_slurm
 def test_scancel_of_one_array_task_marks_that_run_killed(sproject: Path, tmp_path: Path) -> None:
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -105,6 +163,8 @@ def test_scancel_of_one_array_task_marks_that_run_killed(sproject: Path, tmp_pat
     assert "SIGTERM" in json.loads((sproject / "data_storage" / slow["key"] / "run.json").read_text())["error"]
 
 
+@pytest.mark.slurm
+@real_slurm
 def test_a_preempted_job_is_requeued_and_resumes_the_same_key(sproject: Path, tmp_path: Path) -> None:
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -127,6 +187,8 @@ def test_a_preempted_job_is_requeued_and_resumes_the_same_key(sproject: Path, tm
     until(lambda: not squeue(job).strip(), 30, "the job to leave the queue")
 
 
+@pytest.mark.slurm
+@real_slurm
 def test_an_unknown_partition_fails_before_anything_is_submitted(tmp_path: Path) -> None:
     slurm = '[executor]\nkind = "slurm"\n[executor.slurm]\npartition = "gpu"\n'
     project = make_project(tmp_path / "proj", NO_MLFLOW + slurm)
@@ -134,3 +196,22 @@ def test_an_unknown_partition_fails_before_anything_is_submitted(tmp_path: Path)
     assert proc.returncode == 2
     assert "[executor.slurm] partition = 'gpu' is not a partition" in proc.stderr and "debug" in proc.stderr
     assert "Traceback" not in proc.stderr and nothing_created(project / "data_storage")
+
+
+def test_ci_fails_when_the_slurm_start_script_fails(tmp_path: Path) -> None:
+    """.ci/run beside a ../shared/slurm/start_slurm.sh that fails stops with an error before the
+    tests (a fake python3 on PATH records whether it got that far)."""
+    repo, scripts, bin_dir = tmp_path / "repo", tmp_path / "shared" / "slurm", tmp_path / "bin"
+    for folder in (repo / ".ci", scripts, bin_dir):
+        folder.mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / ".ci" / "run", repo / ".ci" / "run")
+    (scripts / "start_slurm.sh").write_text("echo 'slurmctld: cannot bind' >&2\nexit 1\n")
+    reached = tmp_path / "tests-started"
+    (bin_dir / "python3").write_text(f"#!/bin/sh\ntouch {reached}\nexit 0\n")
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_LOG_DIR": str(tmp_path / "log")}
+    proc = subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "SLURM could not start" in proc.stderr and "cannot bind" in proc.stderr
+    assert not reached.exists(), "the test suite must not run after SLURM failed to start"
+    assert "cannot bind" in (tmp_path / "log" / "start.log").read_text()
