@@ -111,21 +111,68 @@ def _shared_remote_config(remote: Path) -> str:
 # --- path safety -------------------------------------------------------------------------------
 
 
+#: Path segments a key must never smuggle past keys.normalize (alone or inside a longer segment).
+HOSTILE_SEGMENTS = [
+    "..",
+    ".",
+    "",
+    "/",
+    "\\",
+    "/etc",
+    "/etc/passwd",
+    "C:",
+    "C:\\win",
+    "c:x",
+    "\x00",
+    "\n",
+    "\x1b",
+    "\x7f",
+]
+#: Good segments: what run keys, stage names and file names look like (unicode included).
+GOOD_SEGMENT = st.one_of(
+    st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,15}", fullmatch=True),
+    st.text(alphabet=st.characters(categories=["L", "N"]), min_size=1, max_size=8).filter(lambda t: t[1:2] != ":"),
+    st.sampled_from(["run.json", "2024-01-01T00-00-00_ab12", "données", "résumé ✓.txt", "a..b", ".hidden", "x."]),
+)
+HOSTILE_SEGMENT = st.one_of(
+    st.sampled_from(HOSTILE_SEGMENTS),
+    st.characters(max_codepoint=31).map(lambda c: f"a{c}b"),  # control characters inside a name
+    st.tuples(GOOD_SEGMENT, st.sampled_from(["..", "\\", "\x00"])).map(lambda t: t[0] + t[1]),
+)
+
+
+def _hostile(segment: str) -> bool:
+    return segment in {"", ".", ".."} or "\\" in segment or any(ord(c) < 32 or ord(c) == 127 for c in segment)
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=5))
+@given(st.lists(st.one_of(HOSTILE_SEGMENT, GOOD_SEGMENT), min_size=1, max_size=6))
 def test_normalize_never_escapes_local_path(tmp_path: Path, parts: list[str]) -> None:
-    """Property: any key either is refused with InvalidKeyError or stays below local_path."""
+    """Property: a key built from hostile segments ('..', '.', '', '/', '\\', absolute, 'C:', NUL,
+    control characters) mixed with good ones is refused with InvalidKeyError, or names a path below
+    local_path made only of good segments."""
     raw = "/".join(parts)
     try:
         rel = keys.normalize(raw)
     except InvalidKeyError as exc:
-        assert str(exc)
+        assert raw in str(exc) or repr(raw) in str(exc) or "empty" in str(exc), str(exc)
         return
     root = (tmp_path / "local").resolve()
     target = (root / rel).resolve()
-    assert target == root or root in target.parents
-    assert not PurePosixPath(rel).is_absolute() and ".." not in PurePosixPath(rel).parts
-    assert "\\" not in str(rel) and not any(ord(c) < 32 for c in str(rel))
+    assert root in target.parents, (raw, rel)
+    path = PurePosixPath(rel)
+    assert not path.is_absolute() and rel.split("/") == list(path.parts), (raw, rel)
+    assert not any(_hostile(part) for part in path.parts), (raw, rel)
+    assert ":" not in rel[1:2], (raw, rel)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(GOOD_SEGMENT, min_size=1, max_size=6), st.booleans())
+def test_normalize_accepts_good_keys_unchanged(parts: list[str], trailing_slash: bool) -> None:
+    """The other half of the property: refusing everything is not safety. Keys of good segments
+    (run keys, nested files, unicode) are accepted as they are (a trailing '/' dropped)."""
+    key = "/".join(parts)
+    assert keys.normalize(key + ("/" if trailing_slash else "")) == key
 
 
 @settings(max_examples=200, deadline=None)
