@@ -112,6 +112,22 @@ def mlflow_run(project: Path, run_id: str):  # type: ignore[no-untyped-def]
     return MlflowClient(f"sqlite:///{project / 'data_storage' / 'mlflow.db'}").get_run(run_id)
 
 
+def mlflow_children(project: Path, parent_id: str) -> list[str]:
+    """The MLflow run ids below ``parent_id`` (children, grandchildren ...), by their
+    ``mlflow.parentRunId`` tags."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'data_storage' / 'mlflow.db'}")
+    experiment = client.get_run(parent_id).info.experiment_id
+    found: list[str] = []
+    todo = [parent_id]
+    while todo:
+        runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{todo.pop()}'")
+        todo += [run.info.run_id for run in runs]
+        found += [run.info.run_id for run in runs]
+    return sorted(found)
+
+
 # --- ls -----------------------------------------------------------------------------------------
 
 
@@ -277,13 +293,22 @@ def test_rm_asks_and_deletes_local_dir_and_mlflow_runs(project: Path) -> None:
     assert proc.returncode == 1 and "Nothing deleted." in proc.stdout
     assert f"{failed}  failed: local dir (" in proc.stdout and "MLflow run " in proc.stdout
     assert (project / "data_storage" / failed).is_dir()
-    mlflow_ids = [record(project, evaluate)["mlflow"]["run_id"]]
+    parent_id = record(project, evaluate)["mlflow"]["run_id"]
+    children = mlflow_children(project, parent_id)  # asked of MLflow, not of rm's own plan
+    nested = {
+        json.loads(path.read_text())["mlflow"]["run_id"]
+        for path in (project / "data_storage" / evaluate).rglob("run.json")
+        if path.parent.name != evaluate
+    }
+    assert len(children) >= 2 and nested == set(children), (children, nested)
+    assert all(mlflow_run(project, run_id).info.lifecycle_stage == "active" for run_id in [parent_id, *children])
     proc = answer(project, "y", "rm", evaluate[:-2])
     assert proc.returncode == 0 and "Deleted 1 run(s)." in proc.stdout, proc.stderr
     assert not (project / "data_storage" / evaluate).exists()
     assert keys(project) == [add1, add2, failed]
-    assert mlflow_run(project, mlflow_ids[0]).info.lifecycle_stage == "deleted"
-    assert proc.stdout.count("MLflow run ") == 1 and proc.stdout.count(", ") >= 2  # + 2 child runs
+    stages = {run_id: mlflow_run(project, run_id).info.lifecycle_stage for run_id in [parent_id, *children]}
+    assert set(stages.values()) == {"deleted"}, f"every MLflow run of the pipeline must be deleted: {stages}"
+    assert proc.stdout.count("MLflow run ") == 1 and all(run_id in proc.stdout for run_id in children)
 
 
 def test_rm_force_no_match_and_bad_keys(project: Path) -> None:
