@@ -103,18 +103,21 @@ def test_bad_argument_value_is_a_usage_error(project: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["--help"], ["nodes"], ["run", "FitOLS", "--help"], ["run", "FitOLS"], ["run", "Nope"]],
+    ("argv", "exit_code"),
+    [(["--help"], 0), (["nodes"], 0), (["run", "FitOLS", "--help"], 0), (["run", "FitOLS"], 2), (["run", "Nope"], 2)],
 )
-def test_help_nodes_and_argument_errors_do_not_import_heavy_sdks(project: Path, argv: list[str]) -> None:
+def test_help_nodes_and_argument_errors_do_not_import_heavy_sdks(
+    project: Path, argv: list[str], exit_code: int
+) -> None:
     code = textwrap.dedent(
         f"""
         import sys
         from phd_flow.cli import main
         try:
-            main("my_project", {argv!r})
-        except SystemExit:
-            pass
+            code = main("my_project", {argv!r})
+        except SystemExit as exc:
+            code = exc.code
+        print("EXIT", code or 0)
         heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"mlflow", "boto3", "b2sdk", "botocore"}})
         print("HEAVY", heavy)
         """
@@ -123,6 +126,7 @@ def test_help_nodes_and_argument_errors_do_not_import_heavy_sdks(project: Path, 
         [sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=60, check=False
     )
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert f"EXIT {exit_code}\n" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_config_option_and_env_var_pick_another_config(project: Path, tmp_path: Path) -> None:

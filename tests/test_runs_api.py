@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -77,11 +78,20 @@ def test_load_result_and_args_by_prefix(history: Config) -> None:
         phd_flow.load_result("Add_", config=history)
 
 
-def test_a_tampered_result_is_not_unpickled(history: Config) -> None:
+def _mkdir_payload(path: Path) -> bytes:
+    """A pickle that, when loaded, creates the directory ``path`` (a harmless, visible sentinel)."""
+    return b"cos\nmkdir\n(S'" + str(path).encode() + b"'\ntR."
+
+
+def test_a_tampered_result_is_not_unpickled(history: Config, tmp_path: Path) -> None:
+    probe, sentinel = tmp_path / "payload-works", tmp_path / "payload-ran"
+    pickle.loads(_mkdir_payload(probe))  # the payload is live: unpickling it runs code
+    assert probe.is_dir()
     first = phd_flow.find_runs(node="Add", config=history)[0]
-    (first.run_dir / "results.pickle").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    (first.run_dir / "results.pickle").write_bytes(_mkdir_payload(sentinel))
     with pytest.raises(CorruptRunError, match="does not match the sha256"):
         phd_flow.load_result(first.key, config=history)
+    assert not sentinel.exists(), "the tampered pickle was unpickled"
 
 
 def test_runs_of_another_machine_are_listed_and_loaded_from_storage(history: Config, tmp_path: Path) -> None:

@@ -164,7 +164,9 @@ def test_store_dies_mid_sync_then_resync_sends_exactly_the_missing_files(
     assert sha256_tree(storage.path("run_1")) == before, "nothing local may change"
     arrived = remote_objects(moto_server, bucket, f"{PREFIX}/run_1")
     assert MANIFEST not in arrived, "the remote manifest must not vouch for an incomplete upload"
-    assert len(arrived) == 77  # requests 1 and 2 read the remote manifest and listed the prefix
+    # the store died at request 80 (1 and 2 read the manifest and listed): some files arrived,
+    # not all; how many depends on botocore's requests per upload, so no exact count
+    assert 0 < len(arrived) < len(files) and len(arrived) <= 80 - 3
     for rel, data in arrived.items():
         assert data == files[rel]
     journal = json.loads(storage.path(f"run_1/{JOURNAL}").read_text())

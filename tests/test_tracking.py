@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,17 +62,26 @@ def test_hundred_thousand_metrics_arrive_in_mlflow_complete_and_in_order(tmp_pat
     assert run.record.data["mlflow"]["metrics_sent"] == 100_002
 
 
+def until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.01)
+
+
 class OutageMidRun(Node[ManyArgs, int]):
     """Log; then MLflow refuses writes (fault injected at the SDK boundary); log more."""
 
     def _run(self) -> int:
         from mlflow.exceptions import MlflowException
 
+        assert self.active.mlflow is not None
+        mlflow_run = self.active.mlflow
         for step in range(50):
             self.log_metric("x", step, step=step)
-        time.sleep(0.6)  # the writer thread sends the first 50
-        assert self.active.mlflow is not None
-        client = self.active.mlflow.client
+        until(lambda: mlflow_run.sent == 50, "the writer thread to send the first 50 points")
+        client = mlflow_run.client
         working = client.log_batch
 
         def locked(*args: object, **kwargs: object) -> None:
@@ -80,7 +90,7 @@ class OutageMidRun(Node[ManyArgs, int]):
         client.log_batch = locked
         for step in range(50, 120):
             self.log_metric("x", step, step=step)
-        time.sleep(0.6)
+        until(lambda: mlflow_run.error is not None, "the writer thread to meet the outage")
         client.log_batch = working  # MLflow is back before the run ends; the rest waits for sync
         return 120
 
