@@ -36,7 +36,8 @@ class Removal:
     remote_keys: list[str] = field(default_factory=list)
     mlflow_run_ids: list[str] = field(default_factory=list)
     #: The run key each MLflow run must carry in its ``phd_flow.key`` tag to be deleted.
-    mlflow_keys: dict[str, str] = field(default_factory=dict)
+    #: MLflow run id -> (the phd_flow key its tag must carry, the parent key a child's tag must carry)
+    mlflow_keys: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
     def describe(self, remote: str | None, delete_remote: bool) -> str:
         from phd_flow.cli.render import size_text
@@ -118,7 +119,7 @@ def _plan(run: Run, storage_remote: Any) -> Removal:
                 plan.local_bytes += path.stat().st_size
         plan.mlflow_keys = _mlflow_ids(run.run_dir, run.data)
     elif (run.data.get("mlflow") or {}).get("run_id"):
-        plan.mlflow_keys = {str(run.data["mlflow"]["run_id"]): run.key}
+        plan.mlflow_keys = {str(run.data["mlflow"]["run_id"]): (run.key, None)}
     plan.mlflow_run_ids = list(plan.mlflow_keys)
     if storage_remote is not None:
         # the run's own prefix: its name comes from where the record was found, never from it
@@ -126,12 +127,14 @@ def _plan(run: Run, storage_remote: Any) -> Removal:
     return plan
 
 
-def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> dict[str, str]:
-    """``{MLflow run id: run key}`` of the run and of the child runs inside its directory."""
+def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
+    """``{MLflow run id: (run key, parent key)}`` of the run and of the child runs inside its
+    directory. A child's MLflow run is deleted only if its tags name it and its parent (below)."""
     from phd_flow.errors import CorruptRunError
     from phd_flow.run.record import RUN_FILE, RunRecord
 
-    ids = {str(data["mlflow"]["run_id"]): run_dir.name} if (data.get("mlflow") or {}).get("run_id") else {}
+    own = (data.get("mlflow") or {}).get("run_id")
+    ids: dict[str, tuple[str, str | None]] = {str(own): (run_dir.name, None)} if own else {}
     for child in sorted(run_dir.rglob(RUN_FILE)):
         if child.parent == run_dir:
             continue
@@ -140,7 +143,7 @@ def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> dict[str, str]:
         except (CorruptRunError, AttributeError):
             continue
         if run_id:
-            ids[str(run_id)] = child.parent.name
+            ids[str(run_id)] = (child.parent.name, child.parent.parent.name)
     return ids
 
 
@@ -187,10 +190,11 @@ def _delete_mlflow(project: Project, plan: Removal) -> bool:
     from mlflow.exceptions import MlflowException
 
     uri = project.config.tracking_uri()
-    for run_id, key in plan.mlflow_keys.items():
+    for run_id, (key, parent) in plan.mlflow_keys.items():
         try:
-            tagged = client.get_run(run_id).data.tags.get("phd_flow.key")
-            if tagged != key:
+            tags = client.get_run(run_id).data.tags
+            tagged = tags.get("phd_flow.key")
+            if tagged != key or (parent is not None and tags.get("phd_flow.parent_key") != parent):
                 print(
                     f"error: {plan.run.key}: MLflow run {run_id} in {uri} belongs to "
                     f"{tagged or 'no phd_flow run'}, not to {key}: it is not deleted, and the run "

@@ -144,6 +144,19 @@ def _create(project: Project, node: str, node_argv: list[str], grid: list[str], 
     return sweep
 
 
+def _refuse_downloaded(project: Project, key: str) -> None:
+    """A sweep that came from the bucket is data: its points' arguments are not run here."""
+    from phd_flow.storage.facade import DOWNLOADED
+
+    mark = project.config.local_path / DOWNLOADED / key
+    if mark.exists():
+        raise UserError(
+            f"Sweep {key} was downloaded from the remote storage, so its points (their arguments) "
+            "are data from the bucket, not instructions to run here. Resume it on the machine that "
+            f"created it; if you trust whoever can write to the bucket, delete {mark} and resume again."
+        )
+
+
 def _resume(project: Project, key: str, kind: str, max_parallel: int, wait: bool) -> int:
     from phd_flow.run.record import COMPLETED, RUNNING
     from phd_flow.sweeps.executors import active_points
@@ -151,6 +164,7 @@ def _resume(project: Project, key: str, kind: str, max_parallel: int, wait: bool
 
     config = project.config
     sweep = Sweep.load(project, key)
+    _refuse_downloaded(project, sweep.key)
     with _driver_lock(sweep):
         sweep.refresh(config.local_path, config.runs.stale_after_seconds)
         live = active_points(sweep) if sweep.data.get("slurm_job_ids") else set()
