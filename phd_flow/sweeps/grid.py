@@ -32,6 +32,9 @@ SWEEP_KIND = "sweep"
 SWEEP_PREFIX = "Sweep"
 #: Point states that exist only in the sweep record (the point has no run.json yet, or lost it).
 PENDING, SUBMITTED, STALE, LOST = "pending", "submitted", "stale", "lost"
+#: A point whose attempt was killed by SLURM's time limit or a preemption and whose task is back
+#: in the queue (shown by ``sweep --status``; never stored).
+REQUEUED = "requeued"
 FINISHED = (COMPLETED, FAILED, KILLED, LOST)
 
 
@@ -306,7 +309,8 @@ def overall_status(counts: dict[str, int], previous: str) -> str:
 
 def summary(counts: dict[str, int]) -> str:
     """``3 completed, 1 failed`` in a stable order."""
-    order = [COMPLETED, RUNNING, SUBMITTED, PENDING, FAILED, KILLED, STALE, LOST]
+    order = [COMPLETED, RUNNING, SUBMITTED, PENDING, REQUEUED, FAILED, KILLED, STALE, LOST]
+    order += sorted(set(counts) - set(order))
     return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)) or "no points"
 
 
