@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "result": "phd_flow.cli.runs:register_result",
     "ui": "phd_flow.cli.runs:register_ui",
     "sweep": "phd_flow.cli.sweep:register_sweep",
+    "optimize": "phd_flow.cli.optimize:register_optimize",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_SYNCED = 0, 1, 3
