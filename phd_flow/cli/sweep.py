@@ -339,7 +339,7 @@ def _driver_lock(sweep: Sweep) -> Iterator[None]:
 def _show(project: Project, key: str) -> int:
     from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUNNING
     from phd_flow.sweeps.executors import point_error, slurm_queue
-    from phd_flow.sweeps.grid import REQUEUED, SUBMITTED, Sweep, describe_point, summary
+    from phd_flow.sweeps.grid import FINISHED, REQUEUED, STALE, SUBMITTED, Sweep, describe_point, summary
 
     config = project.config
     sweep = Sweep.load(project, key)
@@ -366,6 +366,7 @@ def _show(project: Project, key: str) -> int:
             error = point_error(config.local_path / point["key"])
             if error:
                 print(f"      {error}")
-    if any(p["status"] != COMPLETED for p in sweep.points) and not queue:
+    ended = all(status in FINISHED or status == STALE for status, _ in shown)
+    if ended and any(status != COMPLETED for status, _ in shown):
         print(f"Run what did not complete with: {resume_command(project, sweep)}")
     return 0
