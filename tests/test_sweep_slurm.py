@@ -179,6 +179,11 @@ def test_resume_of_a_slurm_sweep_resubmits_to_slurm_with_its_options_and_keeps_t
     job = scontrol_job(new_job)
     assert "Comment=lab19" in job and "Nice=5" in job
     assert point_records(project)[first["key"]]["slurm"]["job_id"]  # the completed point untouched
+    submitted = sorted(Path(sweep_record(project)["slurm_folder"]).rglob("*_submitted.pkl"))
+    assert len(submitted) >= 3  # 2 tasks, then the resumed one: each with the configured requeue cap
+    for path in submitted:
+        with open(path, "rb") as handle:
+            assert pickle.load(handle)._timeout_countdown == 7
 
 
 def test_an_unknown_slurm_option_fails_with_the_closest_name_before_anything_is_submitted(tmp_path: Path) -> None:
@@ -187,3 +192,21 @@ def test_an_unknown_slurm_option_fails_with_the_closest_name_before_anything_is_
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "'constrant' is not an sbatch option" in proc.stderr and "constraint" in proc.stderr
     assert "Traceback" not in proc.stderr and nothing_created(project / "data_storage")
+
+
+def test_resume_of_a_slurm_sweep_can_be_sent_elsewhere_explicitly_and_keeps_its_slurm_ids(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "proj")
+    allow = tmp_path / "allow"
+    argv = ("sweep", "Scale", "--fail_seed", "2", "--allow_file", str(allow), "--grid", "seed=1,2")
+    proc = cli(project, *argv, "--executor", "slurm", "--wait")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    record = sweep_record(project)
+    ids = {p["key"]: p["slurm_job_id"] for p in record["points"]}
+    allow.touch()
+    resumed = cli(project, "sweep", "--resume", record["key"], "--executor", "local")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "on local" in resumed.stdout and "SLURM job array" not in resumed.stdout
+    after = sweep_record(project)
+    assert after["executor"]["kind"] == "local" and after["slurm_job_ids"] == record["slurm_job_ids"]
+    assert {p["key"]: p["slurm_job_id"] for p in after["points"]} == ids  # never wiped
+    assert [p["status"] for p in after["points"]] == ["completed", "completed"]
