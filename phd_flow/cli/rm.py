@@ -1,7 +1,8 @@
 """``rm``: delete runs by key or filter, after showing what goes and asking.
 
 What is deleted per run: the local run directory, its MLflow run (and its child runs' MLflow
-runs), and with ``--remote`` its files in storage. MLflow goes first and the local directory
+runs; soft-deleted as MLflow does, or for good with ``--purge``), and with ``--remote`` its files
+in storage. MLflow goes first and the local directory
 last, so a failure never leaves a run whose MLflow id is lost. A run that another run's stage
 was loaded from is named in a loud warning before the question.
 
@@ -62,7 +63,7 @@ def remove(project: Project, args: argparse.Namespace) -> int:
         return 0
     _refuse_live(project, runs)
     storage_remote = project.require_remote() if args.remote else None
-    plans = [_plan(run, storage_remote) for run in runs]
+    plans = [plan_removal(run, storage_remote) for run in runs]
     where = storage_remote.describe() if storage_remote is not None else None
     print(f"This deletes {len(plans)} run(s):")
     for plan in plans:
@@ -71,7 +72,7 @@ def remove(project: Project, args: argparse.Namespace) -> int:
     if not args.force and not _confirm(f"Delete {len(plans)} run(s)? [y/N] "):
         print("Nothing deleted.")
         return 1
-    failed = sum(not _delete(project, plan, storage_remote) for plan in plans)
+    failed = sum(not delete_run(project, plan, storage_remote, purge=args.purge) for plan in plans)
     print(f"Deleted {len(plans) - failed} run(s)." + (f" {failed} could not be deleted fully." if failed else ""))
     return 1 if failed else 0
 
@@ -110,7 +111,8 @@ def _refuse_live(project: Project, runs: list[Run]) -> None:
         )
 
 
-def _plan(run: Run, storage_remote: Any) -> Removal:
+def plan_removal(run: Run, storage_remote: Any = None) -> Removal:
+    """What deleting ``run`` deletes (its files, its and its children's MLflow runs)."""
     plan = Removal(run)
     if run.where != "remote":
         for path in run.run_dir.rglob("*"):
@@ -166,11 +168,12 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _delete(project: Project, plan: Removal, storage_remote: Any) -> bool:
-    """Delete MLflow runs, then remote files, then the local dir; True when all went."""
+def delete_run(project: Project, plan: Removal, storage_remote: Any, purge: bool = False) -> bool:
+    """Delete MLflow runs (for good with ``purge``), then remote files, then the local dir;
+    True when all went."""
     ok = True
     if plan.mlflow_run_ids:
-        ok = _delete_mlflow(project, plan)
+        ok = _delete_mlflow(project, plan, purge)
     if storage_remote is not None and plan.remote_keys:
         try:
             storage_remote.delete(plan.remote_keys)
@@ -185,7 +188,7 @@ def _delete(project: Project, plan: Removal, storage_remote: Any) -> bool:
     return ok
 
 
-def _delete_mlflow(project: Project, plan: Removal) -> bool:
+def _delete_mlflow(project: Project, plan: Removal, purge: bool = False) -> bool:
     client = project.mlflow_client()
     from mlflow.exceptions import MlflowException
 
@@ -203,6 +206,8 @@ def _delete_mlflow(project: Project, plan: Removal) -> bool:
                 )
                 return False
             client.delete_run(run_id)
+            if purge:
+                _purge_mlflow(client, run_id, uri)
         except MlflowException as exc:
             if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
                 continue  # already gone: nothing to keep the local dir for
@@ -213,6 +218,31 @@ def _delete_mlflow(project: Project, plan: Removal) -> bool:
             )
             return False
     return True
+
+
+def _purge_mlflow(client: Any, run_id: str, uri: str) -> None:
+    """Delete a (soft-deleted) MLflow run for good: its artifacts, then its row in the tracking
+    store (what ``mlflow gc --backend-store-uri URI --run-ids ID`` does). A store that cannot
+    hard-delete (e.g. MLflow's REST server) keeps it soft-deleted: run ``mlflow gc`` there."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    run = client.get_run(run_id)
+    try:
+        repository: Any = get_artifact_repository(run.info.artifact_uri)
+        repository.delete_artifacts()
+    except Exception as exc:  # artifacts elsewhere (a server without delete): the row still goes
+        print(f"warning: MLflow run {run_id}: its artifacts were not deleted ({exc}).", file=sys.stderr)
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    hard_delete = getattr(store, "_hard_delete_run", None)
+    if callable(hard_delete):
+        hard_delete(run_id)
+    else:
+        print(
+            f"warning: MLflow run {run_id} is deleted but stays in {uri} as deleted: this tracking "
+            f"store cannot purge from here; run `mlflow gc --backend-store-uri <its database URI> "
+            f"--run-ids {run_id}` where the store lives.",
+            file=sys.stderr,
+        )
 
 
 def register_rm(commands: Any) -> None:
@@ -226,4 +256,9 @@ def register_rm(commands: Any) -> None:
     parser.add_argument("keys", nargs="*", metavar="KEY", help="run keys or unique prefixes")
     add_filters(parser)
     parser.add_argument("-f", "--force", action="store_true", help="do not ask")
+    parser.add_argument(
+        "--purge",
+        action="store_true",
+        help="delete the MLflow runs for good (artifacts and rows, like `mlflow gc`), not only mark them deleted",
+    )
     parser.set_defaults(func=remove)
