@@ -889,6 +889,8 @@ def test_hostile_forged_sweep_record_cannot_write_files_or_pick_the_config(seed:
         }
         assert backend.put(f"{name}/run.json", json.dumps(record).encode())
         assert_ok(backend.cli(project, "download", name))
+        # the user vouches for the bucket (deletes the downloaded mark): the record's checks still hold
+        (local_path(project) / ".phd_flow" / "downloaded" / name).unlink()
         procs.append(backend.cli(project, "sweep", "--resume", name))
         assert (outside / "precious.log").read_text() == "victim's log\n", procs[-1].stderr[-2000:]
         assert not (outside / "attacker_local_path").exists(), "the sweep record chose the config"
