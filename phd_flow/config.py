@@ -92,6 +92,12 @@ class SlurmConfig:
     setup: list[str] = field(default_factory=list)
     signal_delay_s: int = 90
     folder: str | None = None  # submitit logs; default <local_path>/.slurm
+    #: any other sbatch option, e.g. ``{constraint = "a100", gres = "gpu:2"}`` (checked against
+    #: submitit's parameters and ``sbatch --help`` before anything is submitted)
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: how often submitit requeues a task that hit its time limit (its default is 3; preemptions
+    #: are requeued without a cap)
+    max_requeues: int = 3
 
 
 @dataclass
@@ -283,6 +289,7 @@ def _validate_ranges(config: Config, source: Path | None) -> None:
         ("executor.slurm.gpus_per_node", executor.slurm.gpus_per_node >= 0, "0 or more"),
         ("executor.slurm.mem_gb", executor.slurm.mem_gb is None or executor.slurm.mem_gb >= 1, "at least 1 (GB)"),
         ("executor.slurm.signal_delay_s", executor.slurm.signal_delay_s >= 0, "0 or more (seconds)"),
+        ("executor.slurm.max_requeues", executor.slurm.max_requeues >= 0, "0 or more"),
     ]
     for name, rule in config.stages.items():
         fine = rule.load_from is None or bool(rule.load_from.strip())

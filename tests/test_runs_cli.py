@@ -455,3 +455,63 @@ def test_ui_starts_mlflow_on_the_tracking_store_and_answers(history: Path) -> No
         proc.wait(timeout=30)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# --- gc and rm --purge (issue 19 row 4) ----------------------------------------------------------
+
+
+def _edit(project: Path, key: str, **fields: object) -> None:
+    path = project / "data_storage" / key / "run.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def _mlflow_gone(project: Path, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_run(project, run_id)
+    except MlflowException as exc:
+        return "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc)
+    return False
+
+
+def test_gc_is_a_dry_run_by_default_and_keeps_what_kept_runs_loaded_or_reused(project: Path) -> None:
+    add1, add2, failed, evaluate = keys(project)
+    old = "2020-01-01T00:00:00+00:00"
+    for key in (add1, add2, failed):
+        _edit(project, key, started_at=old)
+    data = record(project, evaluate)
+    _edit(
+        project,
+        evaluate,
+        stages={**(data.get("stages") or {}), "data": {"loaded": True, "loaded_from": add1}},
+        children=[*(data.get("children") or []), {"node": "Add", "path": add2, "reused": True}],
+    )
+    proc = cli(project, "gc")
+    assert proc.returncode == 2 and "at least one of --older-than" in proc.stderr
+
+    dry = cli(project, "gc", "--older-than", "30d")
+    assert dry.returncode == 0, dry.stderr
+    assert f"kept  {add1}: {evaluate} loaded its stage 'data' from it" in dry.stdout
+    assert f"kept  {add2}: {evaluate} reused its Add result" in dry.stdout
+    assert "Would remove 1 run(s)" in dry.stdout and f"  {failed}  failed" in dry.stdout
+    assert "Dry run: nothing deleted" in dry.stdout and keys(project) == [add1, add2, failed, evaluate]
+
+    held = cli(project, "gc", "--node", "Add", "--status", "completed", "--yes")
+    assert held.returncode == 0 and "every match is held by a kept run" in held.stdout
+
+    failed_mlflow = record(project, failed)["mlflow"]["run_id"]
+    done = cli(project, "gc", "--older-than", "30d", "--status", "failed", "--yes", "--purge")
+    assert done.returncode == 0 and "Deleted 1 run(s)." in done.stdout, done.stdout + done.stderr
+    assert keys(project) == [add1, add2, evaluate]
+    assert _mlflow_gone(project, failed_mlflow)  # purged, not only marked deleted
+
+
+def test_rm_purge_deletes_the_mlflow_runs_for_good(project: Path) -> None:
+    add1, add2, *_ = keys(project)
+    soft, hard = record(project, add1)["mlflow"]["run_id"], record(project, add2)["mlflow"]["run_id"]
+    assert cli(project, "rm", add1, "--force").returncode == 0
+    assert mlflow_run(project, soft).info.lifecycle_stage == "deleted"  # MLflow's soft delete
+    proc = cli(project, "rm", add2, "--force", "--purge")
+    assert proc.returncode == 0, proc.stderr
+    assert _mlflow_gone(project, hard)

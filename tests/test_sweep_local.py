@@ -217,3 +217,36 @@ def test_ctrl_c_stops_the_sweep_and_marks_unfinished_points_killed(sproject: Pat
     assert [p["status"] for p in record["points"]] == ["killed"] * 3 and record["status"] == "killed"
     (started,) = point_records(sproject).values()  # the running point recorded its own end
     assert started["status"] == "killed" and started["key"] == record["points"][0]["key"]
+
+
+def test_resume_keeps_the_recorded_executor_options_unless_overridden_and_hints_the_exact_command(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 row 2 (local half): the sweep records executor and parallelism; --resume uses them,
+    an explicit --max-parallel overrides (and is recorded), and every hint is the full command."""
+    project = make_project(tmp_path / "proj")
+    allow = tmp_path / "allow"
+    argv = (
+        "sweep",
+        "Scale",
+        "--fail_seed",
+        "2",
+        "--allow_file",
+        str(allow),
+        "--grid",
+        "seed=1,2",
+        "--max-parallel",
+        "1",
+    )
+    proc = cli(project, *argv)
+    assert proc.returncode == 1
+    key = sweep_record(project)["key"]
+    hint = f"python -m my_project sweep --resume {key} --executor local"
+    assert hint in proc.stderr
+    shown = cli(project, "sweep", "--status", key)
+    assert hint in shown.stdout and "RuntimeError: seed 2 is set to fail" in shown.stdout
+    allow.touch()
+    resumed = cli(project, "sweep", "--resume", key, "--max-parallel", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "on local" in resumed.stdout
+    assert sweep_record(project)["executor"] == {"kind": "local", "max_parallel": 3}

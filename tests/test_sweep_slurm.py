@@ -176,9 +176,14 @@ def test_a_preempted_job_is_requeued_and_resumes_the_same_key(sproject: Path, tm
     # what SLURM sends signal_delay_s before a time limit, and on preemption
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     until(lambda: "PENDING" in squeue(job) or status_of(sproject, key) == "completed", 30, "the requeue")
+    if status_of(sproject, key) == "killed":  # the requeue hold: --status says so (issue 19 row 6)
+        shown = cli(sproject, "sweep", "--status", sweep_record(sproject)["key"])
+        assert "1 requeued" in shown.stdout and "killed" not in shown.stdout, shown.stdout
     # a requeued job waits for its BeginTime (~2 min by default): let it start now
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False, capture_output=True)
-    until(lambda: status_of(sproject, key) == "completed", 60, "the requeued attempt to complete")
+    until(
+        lambda: status_of(sproject, key) == "completed", 150, "the requeued attempt to complete"
+    )  # SLURM holds a requeued job a while
     run = json.loads((sproject / "data_storage" / key / "run.json").read_text())
     assert run["resumed"] is True and run["slurm"]["restart_count"] == "1"
     result = load_result(sproject / "data_storage" / key)
@@ -215,3 +220,82 @@ def test_ci_fails_when_the_slurm_start_script_fails(tmp_path: Path) -> None:
     assert "SLURM could not start" in proc.stderr and "cannot bind" in proc.stderr
     assert not reached.exists(), "the test suite must not run after SLURM failed to start"
     assert "cannot bind" in (tmp_path / "log" / "start.log").read_text()
+
+
+def scontrol_job(job: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
+
+
+@pytest.mark.slurm
+@real_slurm
+def test_resume_of_a_slurm_sweep_resubmits_to_slurm_with_its_options_and_keeps_the_old_job_ids(tmp_path: Path) -> None:
+    """Issue 19 rows 2 and 6: --resume remembers the executor and its sbatch options (config
+    ``extra`` + ``--slurm-option``), the hint is the exact command, the failed point shows its error
+    line, and the first attempt's job id stays in the record."""
+    slurm = '[executor.slurm]\nextra = {comment = "lab19"}\nmax_requeues = 7\n'
+    project = make_project(tmp_path / "proj", NO_MLFLOW + slurm)
+    allow = tmp_path / "allow"
+    proc = cli(
+        project,
+        *("sweep", "Scale", "--fail_seed", "2", "--allow_file", str(allow), "--grid", "seed=1,2"),
+        *("--executor", "slurm", "--slurm-option", "nice=5", "--wait"),
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "RuntimeError: seed 2 is set to fail" in proc.stdout  # the error line of a failed SLURM point
+    record = sweep_record(project)
+    key, (first, failed) = record["key"], record["points"]
+    assert f"sweep --resume {key} --executor slurm --wait" in proc.stderr
+    executor = record["executor"]
+    assert executor["kind"] == "slurm" and executor["max_requeues"] == 7
+    assert executor["slurm"]["slurm_comment"] == "lab19"
+    assert executor["slurm"]["slurm_additional_parameters"] == {"nice": "5"}
+    old_job = failed["slurm_job_id"]
+    shown = cli(project, "sweep", "--status", key)
+    assert "RuntimeError: seed 2 is set to fail" in shown.stdout
+    allow.touch()
+    resumed = cli(project, "sweep", "--resume", key, "--wait")  # no --executor: the record's
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "on slurm" in resumed.stdout and "SLURM job array" in resumed.stdout
+    point = {p["key"]: p for p in sweep_record(project)["points"]}[failed["key"]]
+    assert point["slurm_job_id"] != old_job and point["slurm_job_history"] == [old_job]
+    run = point_records(project)[failed["key"]]
+    new_job = point["slurm_job_id"].split("_")[0]  # one task: submitit may submit a plain job
+    assert run["status"] == "completed" and new_job in (run["slurm"].get("array_job_id"), run["slurm"]["job_id"])
+    job = scontrol_job(new_job)
+    assert "Comment=lab19" in job and "Nice=5" in job
+    assert point_records(project)[first["key"]]["slurm"]["job_id"]  # the completed point untouched
+    submitted = sorted(Path(sweep_record(project)["slurm_folder"]).rglob("*_submitted.pkl"))
+    assert len(submitted) >= 3  # 2 tasks, then the resumed one: each with the configured requeue cap
+    for path in submitted:
+        with open(path, "rb") as handle:
+            assert pickle.load(handle)._timeout_countdown == 7
+
+
+@pytest.mark.slurm
+@real_slurm
+def test_an_unknown_slurm_option_fails_with_the_closest_name_before_anything_is_submitted(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "proj")
+    proc = cli(project, "sweep", "Scale", "--grid", "seed=1", "--executor", "slurm", "--slurm-option", "constrant=a100")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "'constrant' is not an sbatch option" in proc.stderr and "constraint" in proc.stderr
+    assert "Traceback" not in proc.stderr and nothing_created(project / "data_storage")
+
+
+@pytest.mark.slurm
+@real_slurm
+def test_resume_of_a_slurm_sweep_can_be_sent_elsewhere_explicitly_and_keeps_its_slurm_ids(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "proj")
+    allow = tmp_path / "allow"
+    argv = ("sweep", "Scale", "--fail_seed", "2", "--allow_file", str(allow), "--grid", "seed=1,2")
+    proc = cli(project, *argv, "--executor", "slurm", "--wait")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    record = sweep_record(project)
+    ids = {p["key"]: p["slurm_job_id"] for p in record["points"]}
+    allow.touch()
+    resumed = cli(project, "sweep", "--resume", record["key"], "--executor", "local")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "on local" in resumed.stdout and "SLURM job array" not in resumed.stdout
+    after = sweep_record(project)
+    assert after["executor"]["kind"] == "local" and after["slurm_job_ids"] == record["slurm_job_ids"]
+    assert {p["key"]: p["slurm_job_id"] for p in after["points"]} == ids  # never wiped
+    assert [p["status"] for p in after["points"]] == ["completed", "completed"]

@@ -889,6 +889,8 @@ def test_hostile_forged_sweep_record_cannot_write_files_or_pick_the_config(seed:
         }
         assert backend.put(f"{name}/run.json", json.dumps(record).encode())
         assert_ok(backend.cli(project, "download", name))
+        # the user vouches for the bucket (deletes the downloaded mark): the record's checks still hold
+        (local_path(project) / ".phd_flow" / "downloaded" / name).unlink()
         procs.append(backend.cli(project, "sweep", "--resume", name))
         assert (outside / "precious.log").read_text() == "victim's log\n", procs[-1].stderr[-2000:]
         assert not (outside / "attacker_local_path").exists(), "the sweep record chose the config"
@@ -1119,3 +1121,85 @@ def test_hostile_result_section_names_no_other_file(seed: Seed, tmp_path: Path) 
     proc = backend.cli(project, "result", seed.add, "--trust-remote", env={"PYTHONPATH": str(REPO)})
     assert_ok(proc)
     assert "AddResult(total=3)" in proc.stdout
+
+
+# --- second hostile review -------------------------------------------------------------------------
+
+
+def _victim_with_an_mlflow_run(tmp_path: Path) -> tuple[Backend, Path, str, str]:
+    """A victim project with MLflow on and one genuine run V: (backend, project, V, V's MLflow id)."""
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend, mlflow="")
+    proc = backend.cli(project, "run", "Add", "--a", "1")
+    assert_ok(proc)
+    (run_dir,) = [p for p in local_path(project).iterdir() if p.name.startswith("Add_")]
+    return backend, project, run_dir.name, json.loads((run_dir / "run.json").read_text())["mlflow"]["run_id"]
+
+
+def _mlflow_run(project: Path, run_id: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{local_path(project) / 'mlflow.db'}").get_run(run_id)
+
+
+def test_hostile_stale_fix_never_kills_another_runs_mlflow_run(seed: Seed, tmp_path: Path) -> None:
+    backend, project, _, victim_id = _victim_with_an_mlflow_run(tmp_path)
+    evil = "Add_2026-11-01T00-00-00.000000Z_evil0010"
+    edit = {
+        "status": "running",
+        "host": "other-host",
+        "pid": 1,
+        "heartbeat_at": "2001-01-01T00:00:00+00:00",
+        "mlflow": {"state": "synced", "run_id": victim_id},
+    }
+    backend.plant_run(seed.run_dir(seed.add), evil, edit=edit)
+    assert_ok(backend.cli(project, "download", evil))
+    proc = backend.cli(project, "ls", "--stale", "--fix")
+    assert_ok(proc)
+    assert _mlflow_run(project, victim_id).info.status == "FINISHED", proc.stderr[-2000:]
+
+
+def test_hostile_rm_never_deletes_an_mlflow_run_through_a_planted_child(seed: Seed, tmp_path: Path) -> None:
+    backend, project, victim_key, victim_id = _victim_with_an_mlflow_run(tmp_path)
+    evil = "Add_2026-11-01T00-00-00.000000Z_evil0011"
+    child = {
+        "key": victim_key,
+        "node": "Add",
+        "status": "completed",
+        "mlflow": {"state": "synced", "run_id": victim_id},
+    }
+    backend.plant_run(seed.run_dir(seed.add), evil, extra={f"{victim_key}/run.json": json.dumps(child).encode()})
+    assert_ok(backend.cli(project, "download", evil))
+    backend.cli(project, "rm", "--force", evil)
+    assert _mlflow_run(project, victim_id).info.lifecycle_stage == "active"
+
+
+def test_hostile_downloaded_sweep_is_never_resumed(tmp_path: Path) -> None:
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    private = tmp_path / "private.csv"
+    private.write_bytes(b"age,ssn,target\n34,1234,1\n51,9876,0\n")
+    sweep, point = "Sweep_2026-11-01T00-00-00.000000Z_sweep003", "FitOLS_2026-11-01T00-00-00.000000Z_pt000003"
+    record = {
+        "kind": "sweep",
+        "key": sweep,
+        "node": "FitOLS",
+        "node_class": "my_project.fit_ols.FitOLS",
+        "package": "my_project",
+        "status": "failed",
+        "executor": "local",
+        "slurm_job_ids": [],
+        "base_args": [],
+        "grid": [],
+        "points": [
+            {"key": point, "params": {}, "argv": ["--dataset", str(private), "--target", "target"], "status": "failed"}
+        ],
+    }
+    data = json.dumps(record).encode()
+    manifest = {"run.json": {"size": len(data), "sha256": sha(data), "mtime_ns": 0}}
+    assert backend.put(f"{sweep}/run.json", data)
+    assert backend.put(f"{sweep}/{MANIFEST}", json.dumps({"version": 1, "files": manifest}).encode())
+    assert_ok(backend.cli(project, "download", sweep))
+    proc = backend.cli(project, "sweep", "--resume", sweep)
+    assert proc.returncode == 2 and "downloaded" in proc.stderr, proc.stderr[-2000:]
+    assert not (local_path(project) / point).exists(), "a point of the bucket's sweep ran here"

@@ -24,9 +24,11 @@ COMMANDS: dict[str, str] = {
     "show": "phd_flow.cli.runs:register_show",
     "compare": "phd_flow.cli.runs:register_compare",
     "rm": "phd_flow.cli.rm:register_rm",
+    "gc": "phd_flow.cli.gc:register_gc",
     "result": "phd_flow.cli.runs:register_result",
     "ui": "phd_flow.cli.runs:register_ui",
     "sweep": "phd_flow.cli.sweep:register_sweep",
+    "optimize": "phd_flow.cli.optimize:register_optimize",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_SYNCED = 0, 1, 3

@@ -1,7 +1,8 @@
 """``rm``: delete runs by key or filter, after showing what goes and asking.
 
 What is deleted per run: the local run directory, its MLflow run (and its child runs' MLflow
-runs), and with ``--remote`` its files in storage. MLflow goes first and the local directory
+runs; soft-deleted as MLflow does, or for good with ``--purge``), and with ``--remote`` its files
+in storage. MLflow goes first and the local directory
 last, so a failure never leaves a run whose MLflow id is lost. A run that another run's stage
 was loaded from is named in a loud warning before the question.
 
@@ -36,7 +37,8 @@ class Removal:
     remote_keys: list[str] = field(default_factory=list)
     mlflow_run_ids: list[str] = field(default_factory=list)
     #: The run key each MLflow run must carry in its ``phd_flow.key`` tag to be deleted.
-    mlflow_keys: dict[str, str] = field(default_factory=dict)
+    #: MLflow run id -> (the phd_flow key its tag must carry, the parent key a child's tag must carry)
+    mlflow_keys: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
     def describe(self, remote: str | None, delete_remote: bool) -> str:
         from phd_flow.cli.render import size_text
@@ -61,7 +63,7 @@ def remove(project: Project, args: argparse.Namespace) -> int:
         return 0
     _refuse_live(project, runs)
     storage_remote = project.require_remote() if args.remote else None
-    plans = [_plan(run, storage_remote) for run in runs]
+    plans = [plan_removal(run, storage_remote) for run in runs]
     where = storage_remote.describe() if storage_remote is not None else None
     print(f"This deletes {len(plans)} run(s):")
     for plan in plans:
@@ -70,7 +72,7 @@ def remove(project: Project, args: argparse.Namespace) -> int:
     if not args.force and not _confirm(f"Delete {len(plans)} run(s)? [y/N] "):
         print("Nothing deleted.")
         return 1
-    failed = sum(not _delete(project, plan, storage_remote) for plan in plans)
+    failed = sum(not delete_run(project, plan, storage_remote, purge=args.purge) for plan in plans)
     print(f"Deleted {len(plans) - failed} run(s)." + (f" {failed} could not be deleted fully." if failed else ""))
     return 1 if failed else 0
 
@@ -109,7 +111,8 @@ def _refuse_live(project: Project, runs: list[Run]) -> None:
         )
 
 
-def _plan(run: Run, storage_remote: Any) -> Removal:
+def plan_removal(run: Run, storage_remote: Any = None) -> Removal:
+    """What deleting ``run`` deletes (its files, its and its children's MLflow runs)."""
     plan = Removal(run)
     if run.where != "remote":
         for path in run.run_dir.rglob("*"):
@@ -118,7 +121,7 @@ def _plan(run: Run, storage_remote: Any) -> Removal:
                 plan.local_bytes += path.stat().st_size
         plan.mlflow_keys = _mlflow_ids(run.run_dir, run.data)
     elif (run.data.get("mlflow") or {}).get("run_id"):
-        plan.mlflow_keys = {str(run.data["mlflow"]["run_id"]): run.key}
+        plan.mlflow_keys = {str(run.data["mlflow"]["run_id"]): (run.key, None)}
     plan.mlflow_run_ids = list(plan.mlflow_keys)
     if storage_remote is not None:
         # the run's own prefix: its name comes from where the record was found, never from it
@@ -126,12 +129,14 @@ def _plan(run: Run, storage_remote: Any) -> Removal:
     return plan
 
 
-def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> dict[str, str]:
-    """``{MLflow run id: run key}`` of the run and of the child runs inside its directory."""
+def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
+    """``{MLflow run id: (run key, parent key)}`` of the run and of the child runs inside its
+    directory. A child's MLflow run is deleted only if its tags name it and its parent (below)."""
     from phd_flow.errors import CorruptRunError
     from phd_flow.run.record import RUN_FILE, RunRecord
 
-    ids = {str(data["mlflow"]["run_id"]): run_dir.name} if (data.get("mlflow") or {}).get("run_id") else {}
+    own = (data.get("mlflow") or {}).get("run_id")
+    ids: dict[str, tuple[str, str | None]] = {str(own): (run_dir.name, None)} if own else {}
     for child in sorted(run_dir.rglob(RUN_FILE)):
         if child.parent == run_dir:
             continue
@@ -140,7 +145,7 @@ def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> dict[str, str]:
         except (CorruptRunError, AttributeError):
             continue
         if run_id:
-            ids[str(run_id)] = child.parent.name
+            ids[str(run_id)] = (child.parent.name, child.parent.parent.name)
     return ids
 
 
@@ -163,11 +168,12 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _delete(project: Project, plan: Removal, storage_remote: Any) -> bool:
-    """Delete MLflow runs, then remote files, then the local dir; True when all went."""
+def delete_run(project: Project, plan: Removal, storage_remote: Any, purge: bool = False) -> bool:
+    """Delete MLflow runs (for good with ``purge``), then remote files, then the local dir;
+    True when all went."""
     ok = True
     if plan.mlflow_run_ids:
-        ok = _delete_mlflow(project, plan)
+        ok = _delete_mlflow(project, plan, purge)
     if storage_remote is not None and plan.remote_keys:
         try:
             storage_remote.delete(plan.remote_keys)
@@ -182,15 +188,16 @@ def _delete(project: Project, plan: Removal, storage_remote: Any) -> bool:
     return ok
 
 
-def _delete_mlflow(project: Project, plan: Removal) -> bool:
+def _delete_mlflow(project: Project, plan: Removal, purge: bool = False) -> bool:
     client = project.mlflow_client()
     from mlflow.exceptions import MlflowException
 
     uri = project.config.tracking_uri()
-    for run_id, key in plan.mlflow_keys.items():
+    for run_id, (key, parent) in plan.mlflow_keys.items():
         try:
-            tagged = client.get_run(run_id).data.tags.get("phd_flow.key")
-            if tagged != key:
+            tags = client.get_run(run_id).data.tags
+            tagged = tags.get("phd_flow.key")
+            if tagged != key or (parent is not None and tags.get("phd_flow.parent_key") != parent):
                 print(
                     f"error: {plan.run.key}: MLflow run {run_id} in {uri} belongs to "
                     f"{tagged or 'no phd_flow run'}, not to {key}: it is not deleted, and the run "
@@ -199,6 +206,8 @@ def _delete_mlflow(project: Project, plan: Removal) -> bool:
                 )
                 return False
             client.delete_run(run_id)
+            if purge:
+                _purge_mlflow(client, run_id, uri)
         except MlflowException as exc:
             if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
                 continue  # already gone: nothing to keep the local dir for
@@ -209,6 +218,31 @@ def _delete_mlflow(project: Project, plan: Removal) -> bool:
             )
             return False
     return True
+
+
+def _purge_mlflow(client: Any, run_id: str, uri: str) -> None:
+    """Delete a (soft-deleted) MLflow run for good: its artifacts, then its row in the tracking
+    store (what ``mlflow gc --backend-store-uri URI --run-ids ID`` does). A store that cannot
+    hard-delete (e.g. MLflow's REST server) keeps it soft-deleted: run ``mlflow gc`` there."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    run = client.get_run(run_id)
+    try:
+        repository: Any = get_artifact_repository(run.info.artifact_uri)
+        repository.delete_artifacts()
+    except Exception as exc:  # artifacts elsewhere (a server without delete): the row still goes
+        print(f"warning: MLflow run {run_id}: its artifacts were not deleted ({exc}).", file=sys.stderr)
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    hard_delete = getattr(store, "_hard_delete_run", None)
+    if callable(hard_delete):
+        hard_delete(run_id)
+    else:
+        print(
+            f"warning: MLflow run {run_id} is deleted but stays in {uri} as deleted: this tracking "
+            f"store cannot purge from here; run `mlflow gc --backend-store-uri <its database URI> "
+            f"--run-ids {run_id}` where the store lives.",
+            file=sys.stderr,
+        )
 
 
 def register_rm(commands: Any) -> None:
@@ -222,4 +256,9 @@ def register_rm(commands: Any) -> None:
     parser.add_argument("keys", nargs="*", metavar="KEY", help="run keys or unique prefixes")
     add_filters(parser)
     parser.add_argument("-f", "--force", action="store_true", help="do not ask")
+    parser.add_argument(
+        "--purge",
+        action="store_true",
+        help="delete the MLflow runs for good (artifacts and rows, like `mlflow gc`), not only mark them deleted",
+    )
     parser.set_defaults(func=remove)

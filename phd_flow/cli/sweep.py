@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,6 +68,13 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="points at a time: local processes or the SLURM array's parallelism",
     )
+    group.add_argument(
+        "--slurm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="slurm: any sbatch option (e.g. constraint=a100, gres=gpu:2); adds to [executor.slurm] extra",
+    )
     group.add_argument("--wait", action="store_true", help="slurm: follow the sweep until every point ended")
     group.add_argument("--resume", metavar="SWEEP", help="run the points of SWEEP that did not complete")
     group.add_argument("--status", metavar="SWEEP", help="show the points of SWEEP and their status")
@@ -79,7 +87,7 @@ def _options(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
     inner = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     _add_options(inner)
     later, node_argv = inner.parse_known_args(list(args.node_args))
-    merged = argparse.Namespace(grid=[*args.grid, *later.grid])
+    merged = argparse.Namespace(grid=[*args.grid, *later.grid], slurm_option=[*args.slurm_option, *later.slurm_option])
     for name in ("executor", "max_parallel", "resume", "status"):
         setattr(merged, name, getattr(later, name) if getattr(later, name) is not None else getattr(args, name))
     merged.wait = args.wait or later.wait
@@ -96,20 +104,29 @@ def _cmd_sweep(project: Project, args: argparse.Namespace) -> int:
     config = project.config
     if opts.status:
         return _show(project, opts.status)
+    from phd_flow.sweeps.executors import parse_slurm_option
+
+    options = dict(parse_slurm_option(o) for o in opts.slurm_option)
+    if opts.resume:
+        if opts.grid or node_argv:
+            raise ArgsError("--resume reruns a sweep as it was defined: drop --grid and node arguments.")
+        return _resume(project, opts, options)
     kind = opts.executor or config.executor.kind
-    max_parallel = opts.max_parallel or config.executor.max_parallel
-    if max_parallel < 1:
-        raise ArgsError(f"--max-parallel {max_parallel}: give 1 or more.")
+    max_parallel = _max_parallel(opts.max_parallel or config.executor.max_parallel)
+    if options and kind != "slurm":
+        raise ArgsError("--slurm-option is for SLURM sweeps: add --executor slurm (or [executor] kind = 'slurm').")
     if kind == "slurm":
         from phd_flow.sweeps.executors import check_slurm
 
         check_slurm(config)  # before anything is created or submitted
-    if opts.resume:
-        if opts.grid or node_argv:
-            raise ArgsError("--resume reruns a sweep as it was defined: drop --grid and node arguments.")
-        return _resume(project, opts.resume, kind, max_parallel, opts.wait)
-    sweep = _create(project, args.node, node_argv, opts.grid, kind, max_parallel)
+    sweep = _create(project, args.node, node_argv, opts.grid, kind, max_parallel, options)
     return _execute(project, sweep, sweep.points, kind, max_parallel, opts.wait)
+
+
+def _max_parallel(value: int) -> int:
+    if value < 1:
+        raise ArgsError(f"--max-parallel {value}: give 1 or more.")
+    return value
 
 
 def _help(project: Project, args: argparse.Namespace, opts: argparse.Namespace) -> int:
@@ -122,7 +139,15 @@ def _help(project: Project, args: argparse.Namespace, opts: argparse.Namespace) 
     return 0 if opts.help_requested else 2
 
 
-def _create(project: Project, node: str, node_argv: list[str], grid: list[str], kind: str, max_parallel: int) -> Sweep:
+def _create(
+    project: Project,
+    node: str,
+    node_argv: list[str],
+    grid: list[str],
+    kind: str,
+    max_parallel: int,
+    options: dict[str, Any],
+) -> Sweep:
     from phd_flow.run.discovery import resolve_node
     from phd_flow.sweeps.grid import Sweep, parse_grid
 
@@ -133,7 +158,8 @@ def _create(project: Project, node: str, node_argv: list[str], grid: list[str], 
     if kind == "slurm":
         from phd_flow.sweeps.executors import slurm_parameters
 
-        executor["slurm"] = slurm_parameters(config.executor.slurm, max_parallel, node_cls.__name__)
+        executor["slurm"] = slurm_parameters(config.executor.slurm, max_parallel, f"{node_cls.__name__}-sweep", options)
+        executor["max_requeues"] = config.executor.slurm.max_requeues
     config_path = str(Path(project.config_path).resolve()) if project.config_path else None
     sweep = Sweep.create(config, node_cls, node_argv, axes, executor, config_path)
     print(
@@ -144,13 +170,44 @@ def _create(project: Project, node: str, node_argv: list[str], grid: list[str], 
     return sweep
 
 
-def _resume(project: Project, key: str, kind: str, max_parallel: int, wait: bool) -> int:
+def _refuse_downloaded(project: Project, key: str) -> None:
+    """A sweep that came from the bucket is data: its points' arguments are not run here."""
+    from phd_flow.storage.facade import DOWNLOADED
+
+    mark = project.config.local_path / DOWNLOADED / key
+    if mark.exists():
+        raise UserError(
+            f"Sweep {key} was downloaded from the remote storage, so its points (their arguments) "
+            "are data from the bucket, not instructions to run here. Resume it on the machine that "
+            f"created it; if you trust whoever can write to the bucket, delete {mark} and resume again."
+        )
+
+
+def _resume(project: Project, opts: argparse.Namespace, options: dict[str, Any]) -> int:
+    """Run the points of a sweep that did not complete, on the executor the sweep recorded
+    (with its SLURM parameters) unless ``--executor`` / ``--max-parallel`` / ``--slurm-option``
+    say otherwise."""
     from phd_flow.run.record import COMPLETED, RUNNING
-    from phd_flow.sweeps.executors import active_points
+    from phd_flow.sweeps.executors import active_points, check_slurm
     from phd_flow.sweeps.grid import LOST, Sweep, point_status
 
     config = project.config
-    sweep = Sweep.load(project, key)
+    sweep = Sweep.load(project, opts.resume)
+    _refuse_downloaded(project, sweep.key)
+    recorded = sweep.data.get("executor")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    kind = opts.executor or recorded.get("kind") or config.executor.kind
+    if kind not in ("local", "slurm"):
+        raise ArgsError(f"Sweep {sweep.key} records the executor {kind!r}: give --executor local or slurm.")
+    saved_parallel = recorded.get("max_parallel")
+    saved_parallel = saved_parallel if isinstance(saved_parallel, int) and not isinstance(saved_parallel, bool) else 0
+    max_parallel = _max_parallel(opts.max_parallel or saved_parallel or config.executor.max_parallel)
+    if options and kind != "slurm":
+        raise ArgsError("--slurm-option is for SLURM sweeps: add --executor slurm.")
+    params: dict[str, Any] | None = None
+    if kind == "slurm":
+        check_slurm(config)
+        params = _resume_slurm_params(project, sweep, recorded, max_parallel, options)
     with _driver_lock(sweep):
         sweep.refresh(config.local_path, config.runs.stale_after_seconds)
         live = active_points(sweep) if sweep.data.get("slurm_job_ids") else set()
@@ -163,12 +220,30 @@ def _resume(project: Project, key: str, kind: str, max_parallel: int, wait: bool
         done = sum(p["status"] == COMPLETED for p in sweep.points)
         print(
             f"Resuming sweep {sweep.key}: {len(todo)} of {len(sweep.points)} runs to run "
-            f"({done} completed, {len(live)} still running or queued).",
+            f"({done} completed, {len(live)} still running or queued) on {kind}.",
             flush=True,
         )
         if not todo:
             return 0 if done == len(sweep.points) else 1
-        return _execute_locked(project, sweep, todo, kind, max_parallel, wait)
+        executor: dict[str, Any] = {**recorded, "kind": kind, "max_parallel": max_parallel}
+        if params is not None:
+            executor["slurm"] = params
+        sweep.data["executor"] = executor
+        sweep.save()
+        return _execute_locked(project, sweep, todo, kind, max_parallel, opts.wait, params)
+
+
+def _resume_slurm_params(
+    project: Project, sweep: Sweep, recorded: dict[str, Any], max_parallel: int, options: dict[str, Any]
+) -> dict[str, Any]:
+    """The SLURM parameters the sweep was submitted with (or, for a sweep that ran locally,
+    ``[executor.slurm]``), with ``--slurm-option`` on top."""
+    from phd_flow.sweeps.executors import apply_slurm_options, slurm_parameters
+
+    saved = recorded.get("slurm")
+    if isinstance(saved, dict) and saved:
+        return apply_slurm_options({**saved, "slurm_array_parallelism": max_parallel}, options)
+    return slurm_parameters(project.config.executor.slurm, max_parallel, f"{sweep.data['node']}-sweep", options)
 
 
 def _execute(
@@ -179,7 +254,13 @@ def _execute(
 
 
 def _execute_locked(
-    project: Project, sweep: Sweep, points: list[dict[str, Any]], kind: str, max_parallel: int, wait: bool
+    project: Project,
+    sweep: Sweep,
+    points: list[dict[str, Any]],
+    kind: str,
+    max_parallel: int,
+    wait: bool,
+    params: dict[str, Any] | None = None,
 ) -> int:
     from phd_flow.errors import RunKilledError
     from phd_flow.run.record import COMPLETED
@@ -188,7 +269,10 @@ def _execute_locked(
 
     config = project.config
     if kind == "slurm":
-        ids = executors.submit_slurm(sweep, points, config=config, max_parallel=max_parallel)
+        if params is None:
+            saved = sweep.data.get("executor", {}).get("slurm")
+            params = saved if isinstance(saved, dict) and saved else None
+        ids = executors.submit_slurm(sweep, points, config=config, max_parallel=max_parallel, params=params)
         arrays = sorted({i.split("_")[0] for i in ids})
         print(
             f"Submitted sweep {sweep.key}: SLURM job array {', '.join(arrays)} ({len(ids)} tasks; "
@@ -197,8 +281,9 @@ def _execute_locked(
         )
         if not wait:
             print(f"Follow it with: python -m {project.package_name} sweep --status {sweep.key}")
+            print(f"Run what did not complete with: {resume_command(project, sweep)}")
             return 0
-        counts = executors.wait_slurm(sweep, config)
+        counts = executors.wait_slurm(sweep, config)  # prints each end (with its error line)
     else:
         try:
             counts = executors.run_local(
@@ -229,11 +314,21 @@ def _print_end(project: Project, sweep: Sweep, text: str, interrupted: bool = Fa
     word = "interrupted" if interrupted else "finished"
     print(f"Sweep {sweep.key} {word}: {text}.", flush=True)
     if any(p["status"] != COMPLETED for p in sweep.points):
-        print(
-            f"Run the rest again with: python -m {project.package_name} sweep --resume {sweep.key}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"Run the rest again with: {resume_command(project, sweep)}", file=sys.stderr, flush=True)
+
+
+def resume_command(project: Project, sweep: Sweep) -> str:
+    """The exact command that resumes ``sweep`` on the executor it recorded (``--resume`` alone
+    does that too; the executor is spelled out so the line says where the points will run)."""
+    executor = sweep.data.get("executor")
+    kind = executor.get("kind") if isinstance(executor, dict) else None
+    config = f" --config {shlex.quote(project.config_path)}" if project.config_path else ""
+    command = f"python -m {project.package_name}{config} sweep --resume {sweep.key}"
+    if kind == "slurm":
+        command += " --executor slurm --wait"
+    elif kind == "local":
+        command += " --executor local"
+    return command
 
 
 @contextmanager
@@ -256,13 +351,36 @@ def _driver_lock(sweep: Sweep) -> Iterator[None]:
 
 
 def _show(project: Project, key: str) -> int:
-    from phd_flow.sweeps.grid import Sweep, describe_point, summary
+    from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUNNING
+    from phd_flow.sweeps.executors import point_error, slurm_queue
+    from phd_flow.sweeps.grid import FINISHED, REQUEUED, STALE, SUBMITTED, Sweep, describe_point, summary
 
     config = project.config
     sweep = Sweep.load(project, key)
     counts = sweep.refresh(config.local_path, config.runs.stale_after_seconds)
-    print(f"{sweep.key}  {sweep.data['node']}  {sweep.data['status']}  ({summary(counts)})")
+    queue = slurm_queue([p.get("slurm_job_id") or "" for p in sweep.points]) if sweep.data.get("slurm_job_ids") else {}
+    queue = queue or {}
+    shown: list[tuple[str, dict[str, Any]]] = []
     for point in sweep.points:
+        status = point["status"]
+        state = queue.get(point.get("slurm_job_id") or "")
+        if status == KILLED and state is not None:  # SLURM requeued it: held or waiting to start again
+            status = REQUEUED if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED") else state.lower()
+            counts[KILLED] -= 1
+            counts[status] = counts.get(status, 0) + 1
+        shown.append((status, point))
+    overall = sweep.data["status"]
+    if counts.get(REQUEUED):  # not over: SLURM starts the requeued tasks again
+        overall = RUNNING if counts.get(RUNNING) else SUBMITTED
+    print(f"{sweep.key}  {sweep.data['node']}  {overall}  ({summary(counts)})")
+    for status, point in shown:
         job = f"  job {point['slurm_job_id']}" if point.get("slurm_job_id") else ""
-        print(f"  {point['status']:<9} {point['key']}  {describe_point(point)}{job}")
+        print(f"  {status:<9} {point['key']}  {describe_point(point)}{job}")
+        if status in (FAILED, KILLED):
+            error = point_error(config.local_path / point["key"])
+            if error:
+                print(f"      {error}")
+    ended = all(status in FINISHED or status == STALE for status, _ in shown)
+    if ended and any(status != COMPLETED for status, _ in shown):
+        print(f"Run what did not complete with: {resume_command(project, sweep)}")
     return 0

@@ -378,18 +378,26 @@ def mark_killed(project: Project, run: Run) -> str:
     if not run_id:
         return f"{run.key}: marked killed in run.json."
     try:
-        _terminate_mlflow_run(project, str(run_id), ended)
+        terminated = _terminate_mlflow_run(project, str(run_id), run.key, ended)
     except Exception as exc:  # MLflow unreachable: `sync` sets the status later
         run.update_section("mlflow", state="not_synced")
         return f"{run.key}: marked killed in run.json; MLflow not reachable ({exc}), `sync` will."
+    if not terminated:
+        return f"{run.key}: marked killed in run.json; MLflow run {run_id} is tagged with another run, left alone."
     run.update_section("mlflow", state="synced", status_sent=KILLED)
     return f"{run.key}: marked killed in run.json and in MLflow (run {run_id})."
 
 
-def _terminate_mlflow_run(project: Project, run_id: str, ended: str | None) -> None:
+def _terminate_mlflow_run(project: Project, run_id: str, key: str, ended: str | None) -> bool:
+    """Set MLflow run ``run_id`` KILLED, only if its ``phd_flow.key`` tag is ``key`` (a record
+    from elsewhere may name another run's MLflow id)."""
+    client = project.mlflow_client()
+    if client.get_run(run_id).data.tags.get("phd_flow.key") != key:
+        return False
     end = parse_time(ended)
     end_ms = int(end.timestamp() * 1000) if end else None
-    project.mlflow_client().set_terminated(run_id, "KILLED", end_time=end_ms)
+    client.set_terminated(run_id, "KILLED", end_time=end_ms)
+    return True
 
 
 def dependents(project: Project, keys: Iterable[str]) -> list[tuple[str, str, str]]:

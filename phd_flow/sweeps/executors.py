@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 import shutil
 import signal
 import subprocess
@@ -251,8 +252,16 @@ def slurm_partitions() -> list[str]:
     return sorted({line.strip().rstrip("*") for line in out.splitlines() if line.strip()})
 
 
-def slurm_parameters(slurm: SlurmConfig, max_parallel: int, name: str) -> dict[str, Any]:
-    """``[executor.slurm]`` as submitit ``update_parameters`` keywords."""
+def slurm_parameters(
+    slurm: SlurmConfig, max_parallel: int, name: str, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``[executor.slurm]`` (its ``extra`` table, then ``options`` from ``--slurm-option``) as
+    submitit ``update_parameters`` keywords.
+
+    An option submitit knows (``constraint``, ``gres``, ``account`` ...) becomes ``slurm_<name>``;
+    any other sbatch long option goes through ``slurm_additional_parameters``. Unknown options
+    raise :class:`ConfigError` with the closest name (see :func:`check_slurm_options`).
+    """
     params: dict[str, Any] = {
         "name": name,
         "timeout_min": slurm.timeout_min,
@@ -269,22 +278,110 @@ def slurm_parameters(slurm: SlurmConfig, max_parallel: int, name: str) -> dict[s
         "slurm_qos": slurm.qos,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
-    return params
+    return apply_slurm_options(params, {**slurm.extra, **(options or {})})
 
 
-def submit_slurm(sweep: Sweep, points: Sequence[dict[str, Any]], *, config: Config, max_parallel: int) -> list[str]:
-    """Submit ``points`` as one job array; record and return the job ids (``<array>_<index>``)."""
+def apply_slurm_options(params: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with sbatch ``options`` (``{"constraint": "a100"}``) added, checked first."""
+    if not options:
+        return params
+    known = submitit_slurm_parameters()
+    check_slurm_options(options, known)
+    out = dict(params)
+    additional = dict(out.get("slurm_additional_parameters") or {})
+    for raw, value in options.items():
+        name = raw.removeprefix("--").replace("-", "_")
+        if name in known:
+            out[f"slurm_{name}"] = value
+        else:
+            additional[name] = value
+    if additional:
+        out["slurm_additional_parameters"] = additional
+    return out
+
+
+def submitit_slurm_parameters() -> set[str]:
+    """The sbatch parameters submitit's SLURM executor takes (``constraint``, ``gres`` ...)."""
+    try:
+        from submitit.slurm.slurm import SlurmExecutor
+    except ImportError:
+        return set()
+    return set(SlurmExecutor._valid_parameters()) - {"additional_parameters"}
+
+
+@functools.cache
+def sbatch_options() -> frozenset[str]:
+    """Long options of this cluster's ``sbatch --help`` (``constraint``, ``gres`` ...), or
+    nothing when sbatch cannot answer."""
+    try:
+        out = subprocess.run(["sbatch", "--help"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(m.replace("-", "_") for m in re.findall(r"--([a-z][a-z0-9-]+)", out))
+
+
+def check_slurm_options(options: dict[str, Any], known: set[str] | None = None) -> None:
+    """Raise :class:`ConfigError` for an option neither submitit nor ``sbatch --help`` knows
+    (when neither can answer, the option is passed through unchecked)."""
+    names = (submitit_slurm_parameters() if known is None else known) | sbatch_options()
+    for raw, value in options.items():
+        name = str(raw).removeprefix("--").replace("-", "_")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ConfigError(f"SLURM option {raw!r}: write it as an sbatch long option name, e.g. constraint.")
+        if not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(f"SLURM option {raw}: {value!r} must be a string, a number or true/false.")
+        if names and name not in names:
+            raise ConfigError(
+                f"SLURM option {raw!r} is not an sbatch option.{closest(name, sorted(names))} "
+                "See `sbatch --help` for the options; nothing was submitted."
+            )
+
+
+def parse_slurm_option(text: str) -> tuple[str, Any]:
+    """``--slurm-option KEY=VALUE`` -> (``KEY``, ``VALUE``); a number stays a string (sbatch
+    takes text)."""
+    name, sep, value = text.partition("=")
+    name = name.strip().removeprefix("--")
+    if not sep or not name:
+        raise ConfigError(f"--slurm-option {text!r}: write it as KEY=VALUE, e.g. --slurm-option constraint=a100.")
+    return name, value.strip()
+
+
+def submit_slurm(
+    sweep: Sweep,
+    points: Sequence[dict[str, Any]],
+    *,
+    config: Config,
+    max_parallel: int,
+    params: dict[str, Any] | None = None,
+) -> list[str]:
+    """Submit ``points`` as one job array; record and return the job ids (``<array>_<index>``).
+
+    ``params`` are submitit's parameters (the sweep record's, on a resume); by default they
+    are built from ``[executor.slurm]``. A point's earlier job ids stay in its
+    ``slurm_job_history``.
+    """
     import submitit
 
     slurm = config.executor.slurm
+    if params is None:
+        params = slurm_parameters(slurm, max_parallel, f"{sweep.data['node']}-sweep")
+    params = {**params, "slurm_array_parallelism": max_parallel}
+    recorded = sweep.data.get("executor", {})
+    requeues = recorded.get("max_requeues", slurm.max_requeues) if isinstance(recorded, dict) else slurm.max_requeues
     folder = Path(slurm.folder) if slurm.folder else config.local_path / ".slurm" / sweep.key
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-    executor.update_parameters(**slurm_parameters(slurm, max_parallel, f"{sweep.data['node']}-sweep"))
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=int(requeues))
+    executor.update_parameters(**params)
     specs = point_specs(sweep, points, config.project_root)
     jobs = executor.map_array(PointJob(), specs)
     ids = [str(job.job_id) for job in jobs]
     for point, job_id in zip(points, ids, strict=True):
+        history = [*point.get("slurm_job_history", [])]
+        if point.get("slurm_job_id") and point["slurm_job_id"] not in history:
+            history.append(point["slurm_job_id"])
         point.update(status=SUBMITTED, slurm_job_id=job_id, submitted_at=utcnow())
+        if history:
+            point["slurm_job_history"] = history
     sweep.data["slurm_job_ids"] = sorted({*sweep.data.get("slurm_job_ids", []), *{i.split("_")[0] for i in ids}})
     sweep.data["status"] = SUBMITTED
     sweep.data["slurm_folder"] = str(folder)
@@ -338,13 +435,27 @@ def wait_slurm(sweep: Sweep, config: Config, poll: float = 2.0, out: Printer = _
         for point in done:
             if reported.get(point["key"]) != point["status"]:
                 reported[point["key"]] = point["status"]
-                out(
+                line = (
                     f"[{len(reported)}/{len(sweep.points)}] {point['status']:<9} {point['key']}  "
                     f"{describe_point(point)}  (job {point.get('slurm_job_id')})"
                 )
+                error = point_error(config.local_path / point["key"]) if point["status"] != COMPLETED else ""
+                out(line + (f"\n    {error}" if error else ""))
         if len(done) == len(sweep.points):
             return sweep.refresh(config.local_path, stale_after)
         time.sleep(poll)
+
+
+def point_error(run_dir: Path) -> str:
+    """The error line a point's run.json recorded (``RuntimeError: ...``), or ''."""
+    try:
+        error = RunRecord.load(run_dir).data.get("error")
+    except UserError:
+        return ""
+    if not isinstance(error, str) or not error.strip():
+        return ""
+    lines = [ln for ln in error.strip().splitlines() if ln.strip()]
+    return lines[-1][:300]
 
 
 def _mark_dead(run_dir: Path, job_id: str | None) -> None:

@@ -32,6 +32,9 @@ SWEEP_KIND = "sweep"
 SWEEP_PREFIX = "Sweep"
 #: Point states that exist only in the sweep record (the point has no run.json yet, or lost it).
 PENDING, SUBMITTED, STALE, LOST = "pending", "submitted", "stale", "lost"
+#: A point whose attempt was killed by SLURM's time limit or a preemption and whose task is back
+#: in the queue (shown by ``sweep --status``; never stored).
+REQUEUED = "requeued"
 FINISHED = (COMPLETED, FAILED, KILLED, LOST)
 
 
@@ -84,7 +87,21 @@ def _field_actions(node_cls: type[Node[Any, Any]]) -> dict[str, argparse.Action]
     return {a.dest.removeprefix("args."): a for a in parser._actions if a.dest.startswith("args.")}
 
 
-def _find_action(node_cls: type[Node[Any, Any]], actions: dict[str, argparse.Action], name: str) -> argparse.Action:
+def field_action(node_cls: type[Node[Any, Any]], name: str, option: str = "--grid") -> argparse.Action:
+    """The node parser's action of field ``name``; :class:`ArgsError` with the closest name."""
+    return _find_action(node_cls, _field_actions(node_cls), name, option)
+
+
+def convert_value(
+    node_cls: type[Node[Any, Any]], name: str, action: argparse.Action, text: str, option: str = "--grid"
+) -> Any:
+    """``text`` parsed with the field's type and checked against its choices."""
+    return _convert(node_cls, name, action, text, option)
+
+
+def _find_action(
+    node_cls: type[Node[Any, Any]], actions: dict[str, argparse.Action], name: str, option: str = "--grid"
+) -> argparse.Action:
     if name in actions:
         return actions[name]
     by_option = [a for a in actions.values() if f"--{name}" in a.option_strings]
@@ -92,12 +109,14 @@ def _find_action(node_cls: type[Node[Any, Any]], actions: dict[str, argparse.Act
         return by_option[0]
     known = sorted(actions)
     raise ArgsError(
-        f"--grid {name}: {node_cls.__name__} has no argument {name!r}.{closest(name, known)} "
+        f"{option} {name}: {node_cls.__name__} has no argument {name!r}.{closest(name, known)} "
         f"Its arguments: {', '.join(known)}."
     )
 
 
-def _convert(node_cls: type[Node[Any, Any]], name: str, action: argparse.Action, text: str) -> Any:
+def _convert(
+    node_cls: type[Node[Any, Any]], name: str, action: argparse.Action, text: str, option: str = "--grid"
+) -> Any:
     convert = action.type if callable(action.type) else str
     many = action.nargs in ("*", "+") or (isinstance(action.nargs, int) and action.nargs > 1)
     items = text.split() if many else [text]
@@ -107,14 +126,14 @@ def _convert(node_cls: type[Node[Any, Any]], name: str, action: argparse.Action,
         kind = getattr(convert, "__name__", "value")
         kind = "bool (true/false/yes/no/1/0)" if kind == "str2bool" else kind
         raise ArgsError(
-            f"--grid {name}: {text!r} is not a valid {kind} for {node_cls.__name__}'s argument {name!r}."
+            f"{option} {name}: {text!r} is not a valid {kind} for {node_cls.__name__}'s argument {name!r}."
         ) from None
     if action.choices is not None:
         bad = [v for v in values if v not in action.choices]
         if bad:
             accepted = ", ".join(str(c) for c in action.choices)
             raise ArgsError(
-                f"--grid {name}: {bad[0]!r} is not accepted for {node_cls.__name__}'s "
+                f"{option} {name}: {bad[0]!r} is not accepted for {node_cls.__name__}'s "
                 f"argument {name!r}.{closest(str(bad[0]), [str(c) for c in action.choices])} "
                 f"Accepted values: {accepted}."
             )
@@ -306,7 +325,8 @@ def overall_status(counts: dict[str, int], previous: str) -> str:
 
 def summary(counts: dict[str, int]) -> str:
     """``3 completed, 1 failed`` in a stable order."""
-    order = [COMPLETED, RUNNING, SUBMITTED, PENDING, FAILED, KILLED, STALE, LOST]
+    order = [COMPLETED, RUNNING, SUBMITTED, PENDING, REQUEUED, FAILED, KILLED, STALE, LOST]
+    order += sorted(set(counts) - set(order))
     return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)) or "no points"
 
 

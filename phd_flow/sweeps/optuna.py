@@ -10,6 +10,7 @@ extra: ``pip install 'phd_flow[optuna]'``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import typing
@@ -17,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from phd_flow import keys
-from phd_flow.errors import ConfigError, RunFailedError
+from phd_flow.errors import ArgsError, ConfigError, RunFailedError, RunKilledError, closest
 
 if typing.TYPE_CHECKING:
     from phd_flow.config import Config
@@ -38,7 +39,7 @@ def optimize(
     study_name: str | None = None,
     storage: str | None = None,
     sampler: Any = None,
-    config: Config | str | os.PathLike[str] | None = None,
+    config: Config | Project | str | os.PathLike[str] | None = None,
     timeout: float | None = None,
 ) -> Any:
     """Run ``n_trials`` Optuna trials of ``node`` and return the ``optuna.Study``.
@@ -56,25 +57,55 @@ def optimize(
     optuna = _import_optuna()
     from phd_flow.project import Project
 
+    if isinstance(objective, str):
+        check_objective(node, objective)  # before the first trial, not after it
     project = Project.of(config, node.package)
-    config = project.config
+    settings = project.config
     name = study_name or node.__name__
-    config.local_path.mkdir(parents=True, exist_ok=True)
+    settings.local_path.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         study_name=name,
-        storage=storage or f"sqlite:///{config.local_path / 'optuna.db'}",
+        storage=storage or f"sqlite:///{settings.local_path / 'optuna.db'}",
         direction=direction,
         sampler=sampler,
         load_if_exists=True,
     )
-    parent = _study_mlflow_run(config, node, name)
+    if study.trials and hasattr(study.sampler, "reseed_rng"):
+        # A continued study with a seeded sampler would replay the first call's random points.
+        study.sampler.reseed_rng()
+    parent = _study_mlflow_run(settings, node, name)
     trial_fn = _Objective(node, project, objective, space, dict(base_args or {}), name, parent)
+    status = "killed"
     try:
         study.optimize(trial_fn, n_trials=n_trials, timeout=timeout, catch=(RunFailedError,))
+        status = "completed"
+    except BaseException as exc:
+        status = "killed" if isinstance(exc, (KeyboardInterrupt, RunKilledError)) else "failed"
+        raise
     finally:
         if parent is not None:
-            parent.close("completed")
+            parent.close(status)  # Ctrl-C: the study's MLflow run is KILLED, like the trial's
     return study
+
+
+def check_objective(node: type[Node[Any, Any]], objective: str) -> None:
+    """Raise :class:`ArgsError` when ``objective`` is not a field of the node's Result type (a
+    dataclass, or a class / TypedDict / NamedTuple with annotations), with the closest name.
+    Results without declared fields (``float``, ``dict``, ``Any``) are not checked."""
+    result = getattr(node, "result_class", Any)
+    fields: list[str] = []
+    if isinstance(result, type) and dataclasses.is_dataclass(result):
+        fields = [f.name for f in dataclasses.fields(result)]
+    elif isinstance(result, type) and result.__module__ != "builtins":
+        try:
+            fields = list(typing.get_type_hints(result))
+        except Exception:  # unresolvable annotations: nothing to check against
+            fields = []
+    if fields and objective not in fields:
+        raise ArgsError(
+            f"objective {objective!r} is not a field of {node.__name__}'s result "
+            f"{getattr(result, '__name__', result)}.{closest(objective, fields)} Its fields: {', '.join(fields)}."
+        )
 
 
 class _Objective:
@@ -97,6 +128,12 @@ class _Objective:
         from phd_flow.run.options import RunOptions
 
         values = {**self.base_args, **dict(self.space(trial))}
+        previous = _same_params(trial)
+        if previous is not None:
+            # Already evaluated: reuse its value and run (no second run of the same point).
+            trial.set_user_attr("duplicate_of", previous.number)
+            trial.set_user_attr("run_key", previous.user_attrs.get("run_key"))
+            return float(previous.value)
         key = keys.new_key(self.node.__name__)
         trial.set_user_attr("run_key", str(key))
         tags = {STUDY_TAG: self.study, "optuna.trial": str(trial.number)}
@@ -105,6 +142,16 @@ class _Objective:
         options = RunOptions(key=str(key), tags=tags)
         result = self.node(nest(values), config=self.project, options=options).run()
         return _score(result, self.objective)
+
+
+def _same_params(trial: Any) -> Any:
+    """The earliest completed trial of the study with exactly this trial's parameters, or None."""
+    import optuna
+
+    for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if other.number != trial.number and other.params == trial.params and other.value is not None:
+            return other
+    return None
 
 
 def nest(values: Mapping[str, Any]) -> dict[str, Any]:
