@@ -100,7 +100,7 @@ def prepare(node: Node[Any, Any]) -> StageManager:
     sources: dict[str, Source | None] = {}
     for stage, rule in rules.items():
         _check_name(stage)
-        if rule.load_from:
+        if rule.load_from and rule.load_from != stage_sources.LATEST:  # latest: when opened
             sources[stage] = stage_sources.resolve(node.project, name, stage, rule.load_from, rule.load_origin)
     return StageManager(node, rules, sources)
 
@@ -122,6 +122,7 @@ class Stage:
         self.loaded_from: str | None = None
         self.fingerprint: str | None = None
         self.inputs: dict[str, Any] = {}
+        self.source_inputs: dict[str, Any] | None = None  # a loaded stage's inputs in its source
         self.sha256: str | None = None
         self.completed = False
         self._manager = manager
@@ -281,22 +282,36 @@ class StageManager:
         return reuse.inputs_of(node_cls, values, stages)
 
     def _load(self, stage: Stage, rule: Rule) -> None:
-        source = self.sources.get(stage.name)
+        name = type(self.node).__name__
+        if rule.load_from == stage_sources.LATEST:
+            # only a run whose stage had this run's inputs (depends_on values, code, stages)
+            source = stage_sources.latest(self.node.project, name, stage.name, stage.fingerprint)
+        else:
+            source = self.sources.get(stage.name)
         if source is None:
             logger.info(
-                f"Stage {stage.name!r}: no completed {type(self.node).__name__} run has it yet "
-                f"({rule.load_origin}); computing it."
+                f"Stage {stage.name!r}: no completed {name} run has it yet with the same inputs "
+                f"({reuse.describe_inputs(stage.inputs)}) ({rule.load_origin}); computing it."
             )
             return
+        wanted = stage.fingerprint
         self._fetch(stage, source)
         logger.info(f"Stage {stage.name!r}: loaded from {source.key} ({rule.load_origin}).")
+        theirs = source.info.get("fingerprint")
+        if stage.source_inputs is not None and theirs and theirs != wanted:
+            logger.warning(
+                f"Stage {stage.name!r}: {source.key} made it with other inputs than this run's: "
+                f"{reuse.explain_changes(stage.source_inputs, stage.inputs)}. Its files are used "
+                "as they are (run.json records both inputs)."
+            )
 
     def _fetch(self, stage: Stage, source: Source) -> None:
         files = stage_sources.fetch(self.node.project, source, stage.name, stage.path)
         stage.loaded, stage.loaded_from = True, source.key
         # A loaded stage carries its source's fingerprint: that is what its content came from.
         stage.fingerprint = source.info.get("fingerprint") or stage_sources.digest(files)
-        stage.inputs = source.info.get("inputs") or stage.inputs
+        theirs = source.info.get("inputs")
+        stage.source_inputs = dict(theirs) if isinstance(theirs, dict) else None
 
     def _reuse(self, stage: Stage) -> None:
         config = self.node.config
@@ -328,7 +343,7 @@ class StageManager:
         same_node = [e for e in entries if e.get("node") == name] or entries
         if not same_node:
             return f"no completed run has stage {stage.name!r} yet"
-        last = same_node[-1]
+        last = reuse.closest(same_node, stage.inputs) or same_node[-1]  # the closest earlier run
         changes = reuse.explain_changes(last.get("inputs", {}), stage.inputs)
         return f"{changes} (compared with {last.get('key')})"
 
@@ -366,6 +381,8 @@ class StageManager:
             "sha256": stage.sha256,
             "files": files or {},
         }
+        if stage.loaded:  # this run's inputs above; those the source made the stage with here
+            info["source_inputs"] = stage.source_inputs
         if mac is not None:
             info["hmac"] = mac  # over run key + stage + digest(files), with the lab's signing key
         self.node.record.update_section("stages", **{stage.name: info})

@@ -175,8 +175,12 @@ def authenticate(config: Config, key: str, stage: str, info: dict[str, Any], ori
     )
 
 
-def latest(project: Project, node: str, stage: str) -> Source | None:
+def latest(project: Project, node: str, stage: str, fingerprint: str | None = None) -> Source | None:
     """The newest completed run of ``node`` with ``stage`` (local runs, then newer remote ones).
+
+    With ``fingerprint`` (this run's fingerprint of the stage: its ``depends_on`` values, code
+    and earlier stages), only a run whose recorded stage has that fingerprint counts: a run made
+    with other inputs is never loaded silently.
 
     Only runs with a verified record (its key is where it was found) count, and never one that
     started (key time or ``started_at``) more than :data:`CLOCK_SKEW` in the future; skipped
@@ -196,6 +200,7 @@ def latest(project: Project, node: str, stage: str) -> Source | None:
             data.get("node") == node
             and data.get("status") == COMPLETED
             and is_complete((data.get("stages") or {}).get(stage))
+            and _matches((data.get("stages") or {}).get(stage), fingerprint)
             and (best is None or str(data.get("key")) > str(best.get("key")))
             and not _from_the_future(record.key, data, origin)
         ):
@@ -216,6 +221,7 @@ def latest(project: Project, node: str, stage: str) -> Source | None:
                     found
                     and found.get("status") == COMPLETED
                     and is_complete(stages.get(stage))
+                    and _matches(stages.get(stage), fingerprint)
                     and not _from_the_future(key, found, origin)
                 ):
                     # unverifiable (no file list) or, with a signing key, unsigned: the next older
@@ -229,6 +235,11 @@ def latest(project: Project, node: str, stage: str) -> Source | None:
     except (StageError, CorruptRunError) as exc:
         logger.warning(f"{exc} Computing the stage instead.")
         return None
+
+
+def _matches(info: Any, fingerprint: str | None) -> bool:
+    """True when no fingerprint is wanted, or the recorded stage ``info`` has it."""
+    return fingerprint is None or (isinstance(info, dict) and info.get("fingerprint") == fingerprint)
 
 
 def _from_the_future(key: str, data: dict[str, Any], origin: str) -> bool:

@@ -1,0 +1,49 @@
+"""Issue 19 (rows 1, 3, 5, 8): stage loading respects a stage's inputs, completed stages survive,
+child runs are addressable, stage-name typos fail early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.test_stages import dataset, log_of, make_config, run, stages  # noqa: F401
+
+
+def test_latest_loads_only_a_run_whose_stage_had_this_runs_inputs(tmp_path: Path, dataset: Path) -> None:  # noqa: F811
+    plain = make_config(tmp_path)
+    first = run(plain, dataset, seed=0)
+    config = make_config(tmp_path, '[stages.load_data]\nload_from = "latest"\n')
+
+    other = run(config, dataset, seed=7)  # the newest run has seed 0's data: not loaded silently
+
+    assert stages(other)["load_data"]["loaded"] is False
+    assert "Stage 'load_data': no completed Prepare run has it yet with the same inputs" in log_of(other)
+    assert "seed=7" in log_of(other)
+    same = run(config, dataset, seed=0, note="again")  # seed 0 again: the newest seed-0 run
+    assert stages(same)["load_data"]["loaded_from"] == str(first.key)
+
+
+def test_load_of_a_stage_made_with_other_inputs_warns_and_records_both(tmp_path: Path, dataset: Path) -> None:  # noqa: F811
+    config = make_config(tmp_path)
+    first = run(config, dataset, seed=0)
+
+    second = run(config, dataset, seed=5, load={"load_data": str(first.key)})
+
+    info = stages(second)["load_data"]
+    assert info["loaded_from"] == str(first.key)
+    assert info["inputs"]["args"] == {"dataset": str(dataset), "seed": 5}  # this run's inputs
+    assert info["source_inputs"]["args"] == {"dataset": str(dataset), "seed": 0}  # the source's
+    assert f"{first.key} made it with other inputs than this run's: seed changed 0 → 5" in log_of(second)
+
+
+def test_the_cache_explains_a_recompute_against_the_closest_earlier_run(tmp_path: Path, dataset: Path) -> None:  # noqa: F811
+    config = make_config(tmp_path)
+    closest = run(config, dataset, seed=0, cache=True)
+    run(config, dataset, seed=1, cache=True)  # newer, but further away
+    other = dataset.with_name("other.csv")
+    other.write_text(dataset.read_text() + "99,1\n")
+
+    third = run(config, other, seed=0, cache=True)
+
+    line = next(li for li in log_of(third).splitlines() if "Stage 'load_data': recomputed" in li)
+    assert f"(compared with {closest.key})" in line
+    assert "dataset changed" in line and "seed changed" not in line
