@@ -49,3 +49,18 @@ class Broken(Node[BrokenArgs, int]):
         with self.stage("load_data") as st:
             (st.path / "train.csv").write_text("half done\n")
         raise RuntimeError("crashed after load_data")
+
+
+@dataclasses.dataclass
+class OuterArgs(node.Args):
+    dataset: str  # path to a csv file
+
+
+class Outer(Node[OuterArgs, int]):
+    """A pipeline: requires Prepare (stages load_data, summary, report), then opens stage final."""
+
+    def _run(self) -> int:
+        rows = self.require(Prepare, PrepareArgs(dataset=self.args.dataset))
+        with self.stage("final", depends_on=["dataset"]) as st:
+            (st.path / "rows.txt").write_text(f"{rows}\n")
+        return rows

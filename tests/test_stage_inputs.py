@@ -47,3 +47,43 @@ def test_the_cache_explains_a_recompute_against_the_closest_earlier_run(tmp_path
     line = next(li for li in log_of(third).splitlines() if "Stage 'load_data': recomputed" in li)
     assert f"(compared with {closest.key})" in line
     assert "dataset changed" in line and "seed changed" not in line
+
+
+def test_stage_rules_of_a_pipeline_warn_only_for_stages_no_run_of_it_opened(tmp_path: Path, dataset: Path) -> None:  # noqa: F811
+    from tests.stage_nodes import Outer
+
+    config = make_config(tmp_path, "[stages.load_data]\nskip_log = true\n[stages.final]\nskip_log = true\n")
+    for _ in range(2):  # the second time the child is reused: its stages count as opened too
+        outer = Outer({"dataset": str(dataset)}, config=config)
+        outer.run()
+        logs = [p.read_text() for p in outer.output_dir.rglob("output.log")]
+        assert logs and not any("Stage rules not used" in text for text in logs), logs
+    assert "Reusing Prepare" in log_of(outer)
+
+
+def test_child_runs_are_found_by_key_or_prefix_and_rerun_names_are_checked(project: Path) -> None:
+    import json
+    import shutil
+
+    from tests.conftest import REPO, cli, write_config
+
+    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "prepare.py")
+    write_config(project, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n')
+    done = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv")
+    assert done.returncode == 0, done.stderr
+    store = project / "data_storage"
+    (parent,) = [p for p in store.iterdir() if (p / "run.json").exists()]
+    child_path = json.loads((parent / "run.json").read_text())["children"][0]["path"]
+    child = child_path.rsplit("/", 1)[-1]
+
+    for ref in (child, child[:-3], f"{parent.name}/{child[:-2]}"):
+        shown = cli(project, "show", ref)
+        assert shown.returncode == 0 and child in shown.stdout, (ref, shown.stderr)
+    result = cli(project, "result", child[:-2])
+    assert result.returncode == 0, result.stderr
+    loaded = cli(project, "run", "Prepare", "--dataset", "data/diabetes.csv", "--load", f"load_data={child}")
+    assert loaded.returncode == 0, loaded.stderr
+    assert f"loaded from {child_path}" in loaded.stderr + loaded.stdout
+
+    typo = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv", "--rerun", "Prepar")
+    assert typo.returncode == 2 and "Did you mean 'Prepare'?" in typo.stderr, typo.stderr

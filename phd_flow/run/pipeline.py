@@ -80,6 +80,7 @@ def require(parent: ActiveRun, node_cls: type[Node[Any, Any]], args: Any, rerun:
                 reason = f"{found.name} cannot be reused ({exc})"
             else:
                 logger.info(f"Reusing {name} {found.name}: {reason}.")
+                parent.stages.opened_by_children.update(record.data.get("stages") or {})
                 parent.record.data.setdefault("children", []).append(
                     {"node": name, "path": os.path.relpath(found, local_path), "reused": True}
                 )

@@ -222,6 +222,8 @@ class StageManager:
         self.rules = rules
         self.sources = sources
         self.stages: dict[str, Stage] = {}
+        #: Stages opened by the runs this one required (reused ones: as they recorded them).
+        self.opened_by_children: set[str] = set()
 
     @property
     def run_dir(self) -> Path:
@@ -390,17 +392,25 @@ class StageManager:
     def finish(self) -> None:
         """At the end of a completed run: index its computed stages, warn about unused rules."""
         self._index_stages()
+        parent = self.node.options.parent
+        if parent is not None:  # the pipeline's first run warns, once, for the whole pipeline
+            parent.active.stages.opened_by_children.update(set(self.stages) | self.opened_by_children)
+            return
+        opened_anywhere = set(self.stages) | self.opened_by_children
         unused = [
             rule
             for name, rule in self.rules.items()
-            if name not in self.stages and (rule.load_from or rule.skip_log or rule.cache)
+            if name not in opened_anywhere and (rule.load_from or rule.skip_log or rule.cache)
         ]
         if unused:
-            opened = ", ".join(self.stages) or "none"
+            opened = ", ".join([*self.stages, *sorted(self.opened_by_children - set(self.stages))]) or "none"
+            who = "it never opened these stages; it opened"
+            if self.opened_by_children:
+                who = "no run of the pipeline opened these stages; they opened"
             listed = "; ".join(", ".join(rule.origins) for rule in unused)
             logger.warning(
-                f"Stage rules not used by {type(self.node).__name__} (it never opened these "
-                f"stages; it opened: {opened}): {listed}. Check the stage names."
+                f"Stage rules not used by {type(self.node).__name__} ({who}: {opened}): {listed}. "
+                "Check the stage names."
             )
 
     def _index_stages(self) -> None:
