@@ -87,3 +87,28 @@ def test_child_runs_are_found_by_key_or_prefix_and_rerun_names_are_checked(proje
 
     typo = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv", "--rerun", "Prepar")
     assert typo.returncode == 2 and "Did you mean 'Prepare'?" in typo.stderr, typo.stderr
+
+
+def test_rm_warns_about_runs_that_reused_the_run_through_require(project: Path) -> None:
+    import json
+    import shutil
+
+    from tests.conftest import REPO, cli, write_config
+
+    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "prepare.py")
+    write_config(project, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n')
+    for _ in range(2):
+        done = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv")
+        assert done.returncode == 0, done.stderr
+    first, second = sorted(p for p in (project / "data_storage").iterdir() if (p / "run.json").exists())
+    child = json.loads((first / "run.json").read_text())["children"][0]["path"]
+    assert json.loads((second / "run.json").read_text())["children"][0] == {
+        "node": "Prepare",
+        "path": child,
+        "reused": True,
+    }
+
+    asked = cli(project, "rm", first.name)  # no answer on stdin: nothing is deleted
+
+    assert f"WARNING: run {second.name} reused {child} through require()" in asked.stderr, asked.stderr
+    assert first.exists()
