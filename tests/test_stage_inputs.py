@@ -112,3 +112,41 @@ def test_rm_warns_about_runs_that_reused_the_run_through_require(project: Path) 
 
     assert f"WARNING: run {second.name} reused {child} through require()" in asked.stderr, asked.stderr
     assert first.exists()
+
+
+def test_stage_name_typos_in_config_and_skip_log_exit_2_before_the_run(project: Path) -> None:
+    from tests.conftest import cli, nothing_created, write_config
+
+    base = 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n'
+    write_config(project, base + "[stages.laod_data]\nskip_log = true\n")
+    typo = cli(project, "run", "Prepare", "--dataset", "data/diabetes.csv")
+    assert typo.returncode == 2 and "Did you mean 'load_data'?" in typo.stderr, typo.stderr
+    assert "[stages.laod_data]" in typo.stderr
+    write_config(project, base)
+    typo = cli(project, "run", "Prepare", "--dataset", "data/diabetes.csv", "--skip-log", "sumary")
+    assert typo.returncode == 2 and "--skip-log sumary" in typo.stderr and "Did you mean 'summary'?" in typo.stderr
+    assert nothing_created(project / "data_storage")
+
+
+def test_a_rerun_key_keeps_the_completed_stages_of_the_failed_attempt(tmp_path: Path) -> None:
+    import pytest
+
+    from phd_flow import RunFailedError, RunOptions
+    from tests.conftest import run_dirs
+    from tests.stage_nodes import Flaky
+
+    config = make_config(tmp_path)
+    counter, marker = tmp_path / "counter.txt", tmp_path / "crash"
+    marker.write_text("crash once")
+    args = {"counter": str(counter), "crash_marker": str(marker)}
+    with pytest.raises(RunFailedError):
+        Flaky(args, config=config).run()
+    (failed,) = run_dirs(config.local_path)
+
+    again = Flaky(args, config=config, options=RunOptions(key=failed.name))
+    assert again.run() == len("expensive\n")
+
+    assert counter.read_text() == "computed\n"  # load_data was not computed again
+    assert "Stage 'load_data': kept from the earlier attempt" in log_of(again)
+    info = stages(again)["load_data"]
+    assert info["status"] == "completed" and info["kept"] is True and info["loaded_from"] is None

@@ -81,6 +81,8 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
     args = args_to_dict(node.args)
     parent = run.parent
     target = run_dir / ARGS_FILE
+    if run.resumed:  # an earlier attempt's completed stages are kept when still valid
+        run.stages.remember_earlier(run_dir)
     try:
         atomic_write_json(target, args)
         target = run_dir / RUN_FILE

@@ -89,6 +89,26 @@ def _check_name(name: str) -> None:
         )
 
 
+def _check_declared(node_cls: type, rules: dict[str, Rule]) -> None:
+    """A rule for a stage no code of the node's package opens (by a literal name) is a typo:
+    :class:`StageError` with "did you mean", before anything runs."""
+    from phd_flow.errors import closest
+    from phd_flow.stages.declared import declared_stages
+
+    declared = declared_stages(node_cls.__module__)
+    if declared is None:  # names computed at run time: unused rules are warned about at the end
+        return
+    for stage, rule in rules.items():
+        if stage in declared or not (rule.load_from or rule.skip_log or rule.cache):
+            continue
+        package = node_cls.__module__.split(".", 1)[0]
+        raise StageError(
+            f"{', '.join(rule.origins)}: no code of {package} opens a stage {stage!r}."
+            f"{closest(stage, declared)} The stages its nodes open: {', '.join(sorted(declared)) or 'none'}. "
+            "Fix the stage name or remove the rule."
+        )
+
+
 def prepare(node: Node[Any, Any]) -> StageManager:
     """Check every stage rule before the run starts and resolve what to load.
 
@@ -98,8 +118,11 @@ def prepare(node: Node[Any, Any]) -> StageManager:
     config, name = node.config, type(node).__name__
     rules = merge_rules(config, node.options)
     sources: dict[str, Source | None] = {}
-    for stage, rule in rules.items():
+    for stage in rules:
         _check_name(stage)
+    if node.options.parent is None:  # a pipeline's first run checks for the whole pipeline
+        _check_declared(type(node), rules)
+    for stage, rule in rules.items():
         if rule.load_from and rule.load_from != stage_sources.LATEST:  # latest: when opened
             sources[stage] = stage_sources.resolve(node.project, name, stage, rule.load_from, rule.load_origin)
     return StageManager(node, rules, sources)
@@ -123,6 +146,7 @@ class Stage:
         self.fingerprint: str | None = None
         self.inputs: dict[str, Any] = {}
         self.source_inputs: dict[str, Any] | None = None  # a loaded stage's inputs in its source
+        self.kept = False  # completed by an earlier attempt of this run (same key), verified, kept
         self.sha256: str | None = None
         self.completed = False
         self._manager = manager
@@ -224,6 +248,8 @@ class StageManager:
         self.stages: dict[str, Stage] = {}
         #: Stages opened by the runs this one required (reused ones: as they recorded them).
         self.opened_by_children: set[str] = set()
+        #: run.json ``stages`` of an earlier attempt under this key (requeue, resume, --key).
+        self.earlier: dict[str, Any] = {}
 
     @property
     def run_dir(self) -> Path:
@@ -245,10 +271,24 @@ class StageManager:
 
     # --- opening ------------------------------------------------------------------------------
 
+    def remember_earlier(self, run_dir: Path) -> None:
+        """Before a resumed attempt's record replaces the earlier one: keep its stages."""
+        from phd_flow.errors import CorruptRunError
+        from phd_flow.run.record import RunRecord
+
+        try:
+            stages = RunRecord.load(run_dir).data.get("stages") or {}
+        except (CorruptRunError, OSError):
+            stages = {}
+        self.earlier = {k: v for k, v in stages.items() if stage_sources.is_complete(v)}
+
     def open(self, stage: Stage) -> None:
         stage.path.mkdir(parents=True, exist_ok=True)
         stage.inputs = self._inputs(stage)
         stage.fingerprint = reuse.fingerprint(stage.name, stage.inputs)
+        if self._keep(stage):
+            self._record(stage, status="open")
+            return
         self._record(stage, status="open")  # skip_log is in run.json before any sync
         rule = self.rules.get(stage.name)
         forced = self.node.options.cache  # --cache / --no-cache win over [stages.NAME] cache
@@ -258,6 +298,32 @@ class StageManager:
             self._reuse(stage)
         elif forced is False:
             logger.info(f"Stage {stage.name!r}: recomputed because --no-cache was given.")
+
+    def _keep(self, stage: Stage) -> bool:
+        """Keep a stage an earlier attempt of this run completed, with the same inputs and every
+        file as it recorded: no recompute on a re-run key, resumed sweep point or requeue."""
+        import json
+
+        info = self.earlier.get(stage.name)
+        if info is None or self.node.options.cache is False:
+            return False
+
+        def same(a: Any, b: Any) -> bool:
+            return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+        if not same(info.get("inputs"), stage.inputs):
+            logger.info(f"Stage {stage.name!r}: the earlier attempt's copy had other inputs; not kept.")
+            return False
+        if stage_sources.hash_tree(stage.path) != info.get("files"):
+            logger.info(f"Stage {stage.name!r}: the earlier attempt's files changed since; not kept.")
+            return False
+        stage.loaded, stage.kept = True, True
+        stage.loaded_from, stage.cached = info.get("loaded_from"), bool(info.get("cached"))
+        stage.fingerprint = info.get("fingerprint") or stage.fingerprint
+        theirs = info.get("source_inputs")
+        stage.source_inputs = dict(theirs) if isinstance(theirs, dict) else None
+        logger.info(f"Stage {stage.name!r}: kept from the earlier attempt (files verified).")
+        return True
 
     def _inputs(self, stage: Stage) -> dict[str, Any]:
         from phd_flow.tracking import flatten
@@ -385,6 +451,8 @@ class StageManager:
         }
         if stage.loaded:  # this run's inputs above; those the source made the stage with here
             info["source_inputs"] = stage.source_inputs
+        if stage.kept:
+            info["kept"] = True  # made by an earlier attempt of this run, verified
         if mac is not None:
             info["hmac"] = mac  # over run key + stage + digest(files), with the lab's signing key
         self.node.record.update_section("stages", **{stage.name: info})
@@ -416,7 +484,7 @@ class StageManager:
     def _index_stages(self) -> None:
         ended_at = utcnow()
         for stage in self.stages.values():
-            if not stage.completed or stage.loaded:
+            if not stage.completed or (stage.loaded and (not stage.kept or stage.loaded_from)):
                 continue  # a loaded stage's content is indexed under the run that computed it
             entry = {
                 "key": str(self.node.key),
