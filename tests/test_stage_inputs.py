@@ -85,6 +85,9 @@ def test_child_runs_are_found_by_key_or_prefix_and_rerun_names_are_checked(proje
     assert loaded.returncode == 0, loaded.stderr
     assert f"loaded from {child_path}" in loaded.stderr + loaded.stdout
 
+    listed = cli(project, "ls", "--children")
+    assert listed.returncode == 0 and child_path in listed.stdout, listed.stderr
+    assert child_path not in cli(project, "ls").stdout
     typo = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv", "--rerun", "Prepar")
     assert typo.returncode == 2 and "Did you mean 'Prepare'?" in typo.stderr, typo.stderr
 
