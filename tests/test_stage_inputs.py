@@ -153,3 +153,31 @@ def test_a_rerun_key_keeps_the_completed_stages_of_the_failed_attempt(tmp_path: 
     assert "Stage 'load_data': kept from the earlier attempt" in log_of(again)
     info = stages(again)["load_data"]
     assert info["status"] == "completed" and info["kept"] is True and info["loaded_from"] is None
+
+
+def test_a_failed_runs_completed_stage_can_be_loaded_and_cached(tmp_path: Path) -> None:
+    import pytest
+
+    from phd_flow import RunFailedError, RunOptions
+    from tests.conftest import run_dirs
+    from tests.stage_nodes import Flaky
+
+    config = make_config(tmp_path)
+    counter, marker = tmp_path / "counter.txt", tmp_path / "crash"
+    marker.write_text("crash once")
+    args = {"counter": str(counter), "crash_marker": str(marker)}
+    with pytest.raises(RunFailedError):
+        Flaky(args, config=config).run()
+    (failed,) = run_dirs(config.local_path)
+
+    cached = Flaky(args, config=config, options=RunOptions(cache=True))
+    cached.run()
+    loaded = Flaky(args, config=config, options=RunOptions(load={"load_data": failed.name}))
+    loaded.run()
+
+    assert counter.read_text() == "computed\n"  # computed once, by the failed run
+    for node in (cached, loaded):
+        info = stages(node)["load_data"]
+        assert info["loaded_from"] == failed.name and info["source_status"] == "failed"
+        assert f"{failed.name} is a failed run; its stage completed and its files verified" in log_of(node)
+    assert stages(cached)["load_data"]["cached"] is True

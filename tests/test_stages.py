@@ -296,8 +296,8 @@ def test_rules_pointing_at_failed_runs_or_missing_stages_fail_before_the_run(tmp
     broken = next(d.name for d in run_dirs(config.local_path) if d.name.startswith("Broken"))
     before = len(run_dirs(config.local_path))
 
-    with pytest.raises(StageError, match=rf"--load load_data={broken}: run {broken} is failed, not completed"):
-        run(config, dataset, load={"load_data": broken})
+    with pytest.raises(StageError, match=rf"--load report={broken}: run {broken} is failed, not completed"):
+        run(config, dataset, load={"report": broken})  # a failed run without that completed stage
     with pytest.raises(
         StageError, match=r"--load sumary=.*: no code of tests opens a stage 'sumary'\. Did you mean 'summary'"
     ):

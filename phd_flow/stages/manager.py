@@ -147,6 +147,7 @@ class Stage:
         self.inputs: dict[str, Any] = {}
         self.source_inputs: dict[str, Any] | None = None  # a loaded stage's inputs in its source
         self.kept = False  # completed by an earlier attempt of this run (same key), verified, kept
+        self.source_status: str | None = None  # "failed"/"killed" when loaded from such a run
         self.sha256: str | None = None
         self.completed = False
         self._manager = manager
@@ -380,6 +381,12 @@ class StageManager:
         stage.fingerprint = source.info.get("fingerprint") or stage_sources.digest(files)
         theirs = source.info.get("inputs")
         stage.source_inputs = dict(theirs) if isinstance(theirs, dict) else None
+        if source.status != "completed":
+            stage.source_status = source.status
+            logger.info(
+                f"Stage {stage.name!r}: {source.key} is a {source.status} run; its stage completed and "
+                "its files verified, so it is used (run.json: source_status)."
+            )
 
     def _reuse(self, stage: Stage) -> None:
         config = self.node.config
@@ -429,6 +436,11 @@ class StageManager:
         mac = signing.stage_mac(secret, key, stage.name, stage.sha256) if secret is not None else None
         signing.remember_stage(config.local_path, key, stage.name, stage.sha256)
         self._record(stage, status="completed", files=files, mac=mac)
+        if not stage.loaded:  # indexed now, not at the end: a failed run's completed stages are cached too
+            try:
+                self._index(stage)
+            except OSError as exc:
+                logger.warning(f"Stage {stage.name!r}: the stage cache index could not be written ({exc}).")
         tags = {f"phd_flow.stage.{stage.name}.logged": str(not stage.skip_log).lower()}
         if stage.loaded_from:
             tags[f"phd_flow.stage.{stage.name}.loaded_from"] = stage.loaded_from
@@ -451,6 +463,8 @@ class StageManager:
         }
         if stage.loaded:  # this run's inputs above; those the source made the stage with here
             info["source_inputs"] = stage.source_inputs
+        if stage.source_status:
+            info["source_status"] = stage.source_status  # loaded from a failed or killed run
         if stage.kept:
             info["kept"] = True  # made by an earlier attempt of this run, verified
         if mac is not None:
@@ -458,8 +472,7 @@ class StageManager:
         self.node.record.update_section("stages", **{stage.name: info})
 
     def finish(self) -> None:
-        """At the end of a completed run: index its computed stages, warn about unused rules."""
-        self._index_stages()
+        """At the end of a completed run: warn about unused rules (stages are indexed on close)."""
         parent = self.node.options.parent
         if parent is not None:  # the pipeline's first run warns, once, for the whole pipeline
             parent.active.stages.opened_by_children.update(set(self.stages) | self.opened_by_children)
@@ -481,18 +494,15 @@ class StageManager:
                 "Check the stage names."
             )
 
-    def _index_stages(self) -> None:
-        ended_at = utcnow()
-        for stage in self.stages.values():
-            if not stage.completed or (stage.loaded and (not stage.kept or stage.loaded_from)):
-                continue  # a loaded stage's content is indexed under the run that computed it
-            entry = {
-                "key": str(self.node.key),
-                "path": self.node.run_path,
-                "node": type(self.node).__name__,
-                "fingerprint": stage.fingerprint,
-                "inputs": stage.inputs,
-                "sha256": stage.sha256,
-                "ended_at": ended_at,
-            }
-            reuse.ReuseIndex(self.node.config.local_path, reuse.STAGES, stage.name).append(entry)
+    def _index(self, stage: Stage) -> None:
+        """Add a computed stage to the stage cache (a loaded one is indexed under its maker)."""
+        entry = {
+            "key": str(self.node.key),
+            "path": self.node.run_path,
+            "node": type(self.node).__name__,
+            "fingerprint": stage.fingerprint,
+            "inputs": stage.inputs,
+            "sha256": stage.sha256,
+            "ended_at": utcnow(),
+        }
+        reuse.ReuseIndex(self.node.config.local_path, reuse.STAGES, stage.name).append(entry)
