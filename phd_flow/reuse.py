@@ -266,6 +266,24 @@ def fingerprint(subject: str, inputs: dict[str, Any]) -> str:
 
 def explain_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
     """What differs between two inputs, e.g. ``seed changed 1 → 2, code of my_project.fit changed``."""
+    return ", ".join(changes(before, after)) or "the fingerprint changed"
+
+
+def closest(entries: list[dict[str, Any]], inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The index entry whose recorded ``inputs`` differ least from ``inputs`` (the newest among
+    equals), so an explanation names only what really changed, not what differs from whatever
+    ran last."""
+    best: tuple[int, int] | None = None
+    found: dict[str, Any] | None = None
+    for position, entry in enumerate(entries):
+        rank = (len(changes(entry.get("inputs") or {}, inputs)), -position)
+        if best is None or rank < best:
+            best, found = rank, entry
+    return found
+
+
+def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Each difference between two inputs, one phrase each (see :func:`explain_changes`)."""
     changes: list[str] = []
     old_args, new_args = before.get("args", {}), after.get("args", {})
     if set(old_args) != set(new_args):
@@ -278,7 +296,7 @@ def explain_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
     for name in sorted(set(old_stages) | set(new_stages)):
         if old_stages.get(name) != new_stages.get(name):
             changes.append(f"stage {name} changed")
-    return ", ".join(changes) or "the fingerprint changed"
+    return changes
 
 
 def _code_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

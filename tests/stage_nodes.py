@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pandas as pd
 
@@ -49,3 +50,40 @@ class Broken(Node[BrokenArgs, int]):
         with self.stage("load_data") as st:
             (st.path / "train.csv").write_text("half done\n")
         raise RuntimeError("crashed after load_data")
+
+
+@dataclasses.dataclass
+class OuterArgs(node.Args):
+    dataset: str  # path to a csv file
+
+
+class Outer(Node[OuterArgs, int]):
+    """A pipeline: requires Prepare (stages load_data, summary, report), then opens stage final."""
+
+    def _run(self) -> int:
+        rows = self.require(Prepare, PrepareArgs(dataset=self.args.dataset))
+        with self.stage("final", depends_on=["dataset"]) as st:
+            (st.path / "rows.txt").write_text(f"{rows}\n")
+        return rows
+
+
+@dataclasses.dataclass
+class FlakyArgs(node.Args):
+    counter: str  # a file that gets one line per computation of load_data
+    crash_marker: str  # while this file exists, the run crashes after load_data (and removes it)
+
+
+class Flaky(Node[FlakyArgs, int]):
+    """Computes stage load_data, then crashes once (like a killed or requeued job)."""
+
+    def _run(self) -> int:
+        with self.stage("load_data", depends_on=["counter"]) as st:
+            if not st.loaded:
+                with open(self.args.counter, "a") as handle:
+                    handle.write("computed\n")
+                (st.path / "data.txt").write_text("expensive\n")
+        marker = Path(self.args.crash_marker)
+        if marker.exists():
+            marker.unlink()
+            raise RuntimeError("crashed after load_data")
+        return len((st.path / "data.txt").read_text())

@@ -379,6 +379,22 @@ def prep_with(
     return changes, {"load_data/train.csv": train}
 
 
+def with_victims_inputs(project: Path, seed: Seed, key: str, stages: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A run.json edit giving ``key``'s stage load_data the fingerprint the victim's run of
+    Prepare (data/diabetes.csv, seed 0) computes: ``latest`` loads only a stage made with this
+    run's inputs (issue 19), so a planted run must claim them to be a candidate at all."""
+    code = (
+        "from phd_flow import reuse; from my_project.prepare import Prepare; "
+        "print(reuse.fingerprint('load_data', reuse.inputs_of(Prepare, {'dataset': 'data/diabetes.csv', 'seed': 0})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, check=True)
+    if stages is None:
+        stages = json.loads((seed.run_dir(key) / "run.json").read_text())["stages"]
+    stages = json.loads(json.dumps(stages))
+    stages["load_data"]["fingerprint"] = done.stdout.strip()
+    return {"stages": stages}
+
+
 def loaded_from(project: Path) -> Any:
     (run,) = new_runs(project)
     return json.loads((run / "run.json").read_text())["stages"]["load_data"]["loaded_from"]
@@ -681,10 +697,13 @@ def test_latest_skips_a_record_whose_key_disagrees_with_its_location(
 ) -> None:
     backend = make_backend("s3", request, tmp_path)
     project = victim(tmp_path, backend, extra='[stages.load_data]\nload_from = "latest"\n')
-    backend.plant_run(seed.run_dir(seed.older_prep), seed.older_prep)
-    backend.plant_run(seed.run_dir(seed.prep), seed.prep)
+    backend.plant_run(
+        seed.run_dir(seed.older_prep), seed.older_prep, edit=with_victims_inputs(project, seed, seed.older_prep)
+    )
+    backend.plant_run(seed.run_dir(seed.prep), seed.prep, edit=with_victims_inputs(project, seed, seed.prep))
     junk = seed.prep.rsplit("_", 1)[0] + "_zzzzjunk"  # newest key, its record claims the oldest run
-    backend.plant_run(seed.run_dir(seed.prep), junk, edit={"key": seed.older_prep, "path": seed.older_prep})
+    edit = {"key": seed.older_prep, "path": seed.older_prep, **with_victims_inputs(project, seed, seed.prep)}
+    backend.plant_run(seed.run_dir(seed.prep), junk, edit=edit)
     proc = backend.cli(project, "run", "Prepare", "--dataset", DATASET)
     assert_ok(proc)
     assert loaded_from(project) == seed.prep, proc.stderr[-1500:]
@@ -703,9 +722,10 @@ def test_latest_never_picks_a_run_from_the_future(
 ) -> None:
     backend = make_backend(kind, request, tmp_path)
     project = victim(tmp_path, backend, extra='[stages.load_data]\nload_from = "latest"\n')
-    backend.plant_run(seed.run_dir(seed.prep), seed.prep)
+    backend.plant_run(seed.run_dir(seed.prep), seed.prep, edit=with_victims_inputs(project, seed, seed.prep))
     evil = "Prepare_2099-01-01T00-00-00.000000Z_evil0001"
     edit, files = prep_with(seed, evil, b"x,y\n666,666\n", started="2099-01-01T00:00:00+00:00")
+    edit.update(with_victims_inputs(project, seed, seed.prep, edit["stages"]))
     backend.plant_run(seed.run_dir(seed.prep), evil, edit=edit, extra=files)
     proc = backend.cli(project, "run", "Prepare", "--dataset", DATASET)
     assert_ok(proc)

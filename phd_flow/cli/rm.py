@@ -153,6 +153,13 @@ def _warn_dependents(project: Project, keys: list[str]) -> None:
     from phd_flow.runs.query import dependents
 
     for run, stage, source in dependents(project, keys):
+        if not stage:  # reused through require(): its result came from the deleted run
+            print(
+                f"WARNING: run {run} reused {source} through require(), which this deletes: {run} "
+                "stays, but the run it reused will be gone (a rerun recomputes it).",
+                file=sys.stderr,
+            )
+            continue
         print(
             f"WARNING: run {run} loaded its stage {stage!r} from {source}, which this deletes: "
             f"{run} stays, but its stage provenance will point to a deleted run.",

@@ -49,7 +49,9 @@ def _cmd_run(project: Project, args: argparse.Namespace) -> int:
     parser = node_cls.argument_parser(prog=f"python -m {project.package_name} run {node_cls.__name__}")
     _add_run_options(parser, option_strings(parser), with_args_file=False)
     parsed = node_cls.parse_with(parser, argv, args.pf_args_file)
-    node = node_cls(parsed.args, config=project, options=_run_options(args, parsed))
+    options = _run_options(args, parsed)
+    _check_rerun(project, options.rerun)
+    node = node_cls(parsed.args, config=project, options=options)
     node.run()
     if node.kill_signal is not None:
         # The signal came after the run completed (during the final sync, which was finished):
@@ -171,6 +173,22 @@ def _run_options(before: argparse.Namespace, after: argparse.Namespace) -> Any:
         sweep=sweep,
         tags={"phd_flow.sweep": sweep} if sweep else {},
     )
+
+
+def _check_rerun(project: Project, names: list[str]) -> None:
+    """``--rerun NAME`` must name a node of the package: a typo would silently rerun nothing."""
+    from phd_flow.errors import ArgsError, closest
+    from phd_flow.run.discovery import find_nodes
+
+    if not names:
+        return
+    known = sorted({cls.__name__ for cls in find_nodes(project.package_name).values()})
+    for name in names:
+        if name not in known:
+            raise ArgsError(
+                f"--rerun {name}: no node {name!r} in {project.package_name}.{closest(name, known)} "
+                f"Its nodes: {', '.join(known) or 'none'}."
+            )
 
 
 def register_nodes(commands: Any) -> None:

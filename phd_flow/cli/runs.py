@@ -29,6 +29,11 @@ def register_ls(commands: Any) -> None:
     add_filters(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--fix", action="store_true", help="with --stale: mark the stale runs killed")
+    parser.add_argument(
+        "--children",
+        action="store_true",
+        help="also list the child runs of pipelines (as <parent key>/<child key>) below their parent",
+    )
     parser.set_defaults(func=_cmd_ls)
 
 
@@ -75,6 +80,8 @@ def _cmd_ls(project: Project, args: argparse.Namespace) -> int:
     if args.fix and args.statuses != ["stale"]:
         raise ArgsError("--fix marks stale runs killed: use it as `ls --stale --fix`.")
     runs = select(project, args)
+    if getattr(args, "children", False):
+        runs = _with_children(project, runs)
     if args.fix:
         from phd_flow.cli.render import clean
         from phd_flow.runs.query import mark_killed
@@ -98,6 +105,29 @@ def _cmd_ls(project: Project, args: argparse.Namespace) -> int:
         return 0
     _print_table(runs, with_where=args.remote)
     return 0
+
+
+def _with_children(project: Project, runs: Runs) -> Runs:
+    """``runs`` with each local run's child runs (``<parent>/<child>``, addressable by that path
+    or the child's key) right after it."""
+    from phd_flow.errors import CorruptRunError
+    from phd_flow.run.record import RunRecord
+    from phd_flow.runs.listing import child_run_paths
+    from phd_flow.runs.query import Run, Runs
+
+    local_path = project.config.local_path
+    listed = Runs()
+    for run in runs:
+        listed.append(run)
+        if run.where == "remote":
+            continue
+        for path in child_run_paths(local_path, run.key):
+            try:
+                record = RunRecord.load(local_path / path)
+            except CorruptRunError:
+                continue
+            listed.append(Run(record.run_dir, {**record.data, "key": path}, "local", False, run.has_remote))
+    return listed
 
 
 def _print_table(runs: Runs, with_where: bool) -> None:

@@ -81,6 +81,8 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
     args = args_to_dict(node.args)
     parent = run.parent
     target = run_dir / ARGS_FILE
+    if run.resumed:  # an earlier attempt's completed stages are kept when still valid
+        run.stages.remember_earlier(run_dir)
     try:
         atomic_write_json(target, args)
         target = run_dir / RUN_FILE
@@ -160,7 +162,7 @@ def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any], logging
     if status == COMPLETED:
         try:
             remember(run)
-            run.stages.finish()  # index the computed stages, warn about unused stage rules
+            run.stages.finish()  # warn about unused stage rules
         except OSError as exc:  # the result is whole: the run completed, only reuse misses it
             logger.warning(f"{name} {run.key}: the reuse index could not be written ({exc}); it will not be reused.")
     if logging.write_error is not None:

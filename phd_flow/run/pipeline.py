@@ -56,7 +56,7 @@ def find_reusable(local_path: Path, node_name: str, wanted: dict[str, Any]) -> t
             return run_dir, f"a completed run with the same args and code exists ({entry['path']})"
     if not entries:
         return None, f"no earlier completed {node_name} run"
-    last = entries[-1]
+    last = reuse.closest(entries, wanted["inputs"]) or entries[-1]  # the closest, not the newest
     return None, f"changed since {last.get('path')}: {reuse.explain_changes(last.get('inputs', {}), wanted['inputs'])}"
 
 
@@ -80,6 +80,7 @@ def require(parent: ActiveRun, node_cls: type[Node[Any, Any]], args: Any, rerun:
                 reason = f"{found.name} cannot be reused ({exc})"
             else:
                 logger.info(f"Reusing {name} {found.name}: {reason}.")
+                parent.stages.opened_by_children.update(record.data.get("stages") or {})
                 parent.record.data.setdefault("children", []).append(
                     {"node": name, "path": os.path.relpath(found, local_path), "reused": True}
                 )

@@ -254,11 +254,25 @@ def resolve_key(project: Project, prefix: str, remote: bool = False) -> str:
 
     config = project.config
     normalize(prefix)
-    if "/" not in prefix and (config.local_path / prefix / RUN_FILE).exists():
+    if "/" in prefix:  # <parent>/<child>: the parent by key or prefix, then the child in it
+        parent_prefix, _, child_prefix = prefix.rpartition("/")
+        parent = resolve_key(project, parent_prefix)
+        children = {path.rsplit("/", 1)[-1]: path for path in child_run_paths(config.local_path, parent)}
+        found = _matching(sorted(children), child_prefix) if child_prefix else []
+        if len(found) == 1:
+            return children[found[0]]
+        raise RunNotFoundError(
+            f"{prefix!r} matches {len(found)} child runs of {parent}"
+            + (f": {', '.join(found[:10])}." if found else f" (its children: {', '.join(sorted(children)) or 'none'}).")
+        )
+    if (config.local_path / prefix / RUN_FILE).exists():
         return prefix
     local = [p.name for p in local_run_dirs(config.local_path)]
     candidates = _matching(local, prefix)
     searched = str(config.local_path)
+    if not candidates:  # a child run of a pipeline (<parent>/<child key>), by its own key or prefix
+        children = {path.rsplit("/", 1)[-1]: path for top in local for path in child_run_paths(config.local_path, top)}
+        candidates = [children[name] for name in _matching(sorted(children), prefix)]
     if not candidates and remote:
         storage_remote = project.remote
         if storage_remote is not None:
@@ -278,6 +292,18 @@ def resolve_key(project: Project, prefix: str, remote: bool = False) -> str:
         )
     shown = ", ".join(candidates[:10]) + (" ..." if len(candidates) > 10 else "")
     raise RunNotFoundError(f"{prefix!r} matches {len(candidates)} runs: {shown}. Give more characters of the key.")
+
+
+def child_run_paths(local_path: Path, run_path: str) -> list[str]:
+    """The runs nested in run ``run_path`` (children of a pipeline, and theirs), as paths
+    relative to ``local_path``; only directories holding a run.json count."""
+    found: list[str] = []
+    for name in _subdirs(local_path / run_path):
+        child = f"{run_path}/{name}"
+        if os.path.exists(os.path.join(local_path, child, RUN_FILE)):
+            found.append(child)
+            found += child_run_paths(local_path, child)
+    return found
 
 
 def _matching(keys: list[str], prefix: str) -> list[str]:

@@ -402,16 +402,25 @@ def _terminate_mlflow_run(project: Project, run_id: str, key: str, ended: str | 
 
 def dependents(project: Project, keys: Iterable[str]) -> list[tuple[str, str, str]]:
     """``(run, stage, source)`` for every local run whose stage was loaded from one of ``keys``
-    (or a run inside one of them), the runs in ``keys`` themselves left out."""
+    (or a run inside one of them), the runs in ``keys`` themselves left out. A run that reused
+    one of them (or a child run inside one) through ``require()`` is listed with stage ``""``."""
     targets = set(keys)
+
+    def hit(source: str) -> bool:
+        return bool(source) and (source.split("/", 1)[0] in targets or source.rsplit("/", 1)[-1] in targets)
+
     found = []
     for item in local_records(project.config.local_path):
         if isinstance(item, CorruptRunError) or item.key in targets:
             continue
         for stage, info in (item.data.get("stages") or {}).items():
             source = str(info.get("loaded_from") or "") if isinstance(info, dict) else ""
-            if source and source.split("/", 1)[0] in targets:
+            if hit(source):
                 found.append((item.key, str(stage), source))
+        for child in item.data.get("children") or []:
+            path = str(child.get("path") or "") if isinstance(child, dict) else ""
+            if child.get("reused") and hit(path):
+                found.append((item.key, "", path))
     return found
 
 

@@ -89,6 +89,26 @@ def _check_name(name: str) -> None:
         )
 
 
+def _check_declared(node_cls: type, rules: dict[str, Rule]) -> None:
+    """A rule for a stage no code of the node's package opens (by a literal name) is a typo:
+    :class:`StageError` with "did you mean", before anything runs."""
+    from phd_flow.errors import closest
+    from phd_flow.stages.declared import declared_stages
+
+    declared = declared_stages(node_cls.__module__)
+    if declared is None:  # names computed at run time: unused rules are warned about at the end
+        return
+    for stage, rule in rules.items():
+        if stage in declared or not (rule.load_from or rule.skip_log or rule.cache):
+            continue
+        package = node_cls.__module__.split(".", 1)[0]
+        raise StageError(
+            f"{', '.join(rule.origins)}: no code of {package} opens a stage {stage!r}."
+            f"{closest(stage, declared)} The stages its nodes open: {', '.join(sorted(declared)) or 'none'}. "
+            "Fix the stage name or remove the rule."
+        )
+
+
 def prepare(node: Node[Any, Any]) -> StageManager:
     """Check every stage rule before the run starts and resolve what to load.
 
@@ -98,9 +118,12 @@ def prepare(node: Node[Any, Any]) -> StageManager:
     config, name = node.config, type(node).__name__
     rules = merge_rules(config, node.options)
     sources: dict[str, Source | None] = {}
-    for stage, rule in rules.items():
+    for stage in rules:
         _check_name(stage)
-        if rule.load_from:
+    if node.options.parent is None:  # a pipeline's first run checks for the whole pipeline
+        _check_declared(type(node), rules)
+    for stage, rule in rules.items():
+        if rule.load_from and rule.load_from != stage_sources.LATEST:  # latest: when opened
             sources[stage] = stage_sources.resolve(node.project, name, stage, rule.load_from, rule.load_origin)
     return StageManager(node, rules, sources)
 
@@ -122,6 +145,9 @@ class Stage:
         self.loaded_from: str | None = None
         self.fingerprint: str | None = None
         self.inputs: dict[str, Any] = {}
+        self.source_inputs: dict[str, Any] | None = None  # a loaded stage's inputs in its source
+        self.kept = False  # completed by an earlier attempt of this run (same key), verified, kept
+        self.source_status: str | None = None  # "failed"/"killed" when loaded from such a run
         self.sha256: str | None = None
         self.completed = False
         self._manager = manager
@@ -221,6 +247,10 @@ class StageManager:
         self.rules = rules
         self.sources = sources
         self.stages: dict[str, Stage] = {}
+        #: Stages opened by the runs this one required (reused ones: as they recorded them).
+        self.opened_by_children: set[str] = set()
+        #: run.json ``stages`` of an earlier attempt under this key (requeue, resume, --key).
+        self.earlier: dict[str, Any] = {}
 
     @property
     def run_dir(self) -> Path:
@@ -242,10 +272,24 @@ class StageManager:
 
     # --- opening ------------------------------------------------------------------------------
 
+    def remember_earlier(self, run_dir: Path) -> None:
+        """Before a resumed attempt's record replaces the earlier one: keep its stages."""
+        from phd_flow.errors import CorruptRunError
+        from phd_flow.run.record import RunRecord
+
+        try:
+            stages = RunRecord.load(run_dir).data.get("stages") or {}
+        except (CorruptRunError, OSError):
+            stages = {}
+        self.earlier = {k: v for k, v in stages.items() if stage_sources.is_complete(v)}
+
     def open(self, stage: Stage) -> None:
         stage.path.mkdir(parents=True, exist_ok=True)
         stage.inputs = self._inputs(stage)
         stage.fingerprint = reuse.fingerprint(stage.name, stage.inputs)
+        if self._keep(stage):
+            self._record(stage, status="open")
+            return
         self._record(stage, status="open")  # skip_log is in run.json before any sync
         rule = self.rules.get(stage.name)
         forced = self.node.options.cache  # --cache / --no-cache win over [stages.NAME] cache
@@ -255,6 +299,32 @@ class StageManager:
             self._reuse(stage)
         elif forced is False:
             logger.info(f"Stage {stage.name!r}: recomputed because --no-cache was given.")
+
+    def _keep(self, stage: Stage) -> bool:
+        """Keep a stage an earlier attempt of this run completed, with the same inputs and every
+        file as it recorded: no recompute on a re-run key, resumed sweep point or requeue."""
+        import json
+
+        info = self.earlier.get(stage.name)
+        if info is None or self.node.options.cache is False:
+            return False
+
+        def same(a: Any, b: Any) -> bool:
+            return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+        if not same(info.get("inputs"), stage.inputs):
+            logger.info(f"Stage {stage.name!r}: the earlier attempt's copy had other inputs; not kept.")
+            return False
+        if stage_sources.hash_tree(stage.path) != info.get("files"):
+            logger.info(f"Stage {stage.name!r}: the earlier attempt's files changed since; not kept.")
+            return False
+        stage.loaded, stage.kept = True, True
+        stage.loaded_from, stage.cached = info.get("loaded_from"), bool(info.get("cached"))
+        stage.fingerprint = info.get("fingerprint") or stage.fingerprint
+        theirs = info.get("source_inputs")
+        stage.source_inputs = dict(theirs) if isinstance(theirs, dict) else None
+        logger.info(f"Stage {stage.name!r}: kept from the earlier attempt (files verified).")
+        return True
 
     def _inputs(self, stage: Stage) -> dict[str, Any]:
         from phd_flow.tracking import flatten
@@ -281,22 +351,42 @@ class StageManager:
         return reuse.inputs_of(node_cls, values, stages)
 
     def _load(self, stage: Stage, rule: Rule) -> None:
-        source = self.sources.get(stage.name)
+        name = type(self.node).__name__
+        if rule.load_from == stage_sources.LATEST:
+            # only a run whose stage had this run's inputs (depends_on values, code, stages)
+            source = stage_sources.latest(self.node.project, name, stage.name, stage.fingerprint)
+        else:
+            source = self.sources.get(stage.name)
         if source is None:
             logger.info(
-                f"Stage {stage.name!r}: no completed {type(self.node).__name__} run has it yet "
-                f"({rule.load_origin}); computing it."
+                f"Stage {stage.name!r}: no completed {name} run has it yet with the same inputs "
+                f"({reuse.describe_inputs(stage.inputs)}) ({rule.load_origin}); computing it."
             )
             return
+        wanted = stage.fingerprint
         self._fetch(stage, source)
         logger.info(f"Stage {stage.name!r}: loaded from {source.key} ({rule.load_origin}).")
+        theirs = source.info.get("fingerprint")
+        if stage.source_inputs is not None and theirs and theirs != wanted:
+            logger.warning(
+                f"Stage {stage.name!r}: {source.key} made it with other inputs than this run's: "
+                f"{reuse.explain_changes(stage.source_inputs, stage.inputs)}. Its files are used "
+                "as they are (run.json records both inputs)."
+            )
 
     def _fetch(self, stage: Stage, source: Source) -> None:
         files = stage_sources.fetch(self.node.project, source, stage.name, stage.path)
         stage.loaded, stage.loaded_from = True, source.key
         # A loaded stage carries its source's fingerprint: that is what its content came from.
         stage.fingerprint = source.info.get("fingerprint") or stage_sources.digest(files)
-        stage.inputs = source.info.get("inputs") or stage.inputs
+        theirs = source.info.get("inputs")
+        stage.source_inputs = dict(theirs) if isinstance(theirs, dict) else None
+        if source.status != "completed":
+            stage.source_status = source.status
+            logger.info(
+                f"Stage {stage.name!r}: {source.key} is a {source.status} run; its stage completed and "
+                "its files verified, so it is used (run.json: source_status)."
+            )
 
     def _reuse(self, stage: Stage) -> None:
         config = self.node.config
@@ -328,7 +418,7 @@ class StageManager:
         same_node = [e for e in entries if e.get("node") == name] or entries
         if not same_node:
             return f"no completed run has stage {stage.name!r} yet"
-        last = same_node[-1]
+        last = reuse.closest(same_node, stage.inputs) or same_node[-1]  # the closest earlier run
         changes = reuse.explain_changes(last.get("inputs", {}), stage.inputs)
         return f"{changes} (compared with {last.get('key')})"
 
@@ -346,6 +436,11 @@ class StageManager:
         mac = signing.stage_mac(secret, key, stage.name, stage.sha256) if secret is not None else None
         signing.remember_stage(config.local_path, key, stage.name, stage.sha256)
         self._record(stage, status="completed", files=files, mac=mac)
+        if not stage.loaded:  # indexed now, not at the end: a failed run's completed stages are cached too
+            try:
+                self._index(stage)
+            except OSError as exc:
+                logger.warning(f"Stage {stage.name!r}: the stage cache index could not be written ({exc}).")
         tags = {f"phd_flow.stage.{stage.name}.logged": str(not stage.skip_log).lower()}
         if stage.loaded_from:
             tags[f"phd_flow.stage.{stage.name}.loaded_from"] = stage.loaded_from
@@ -366,38 +461,48 @@ class StageManager:
             "sha256": stage.sha256,
             "files": files or {},
         }
+        if stage.loaded:  # this run's inputs above; those the source made the stage with here
+            info["source_inputs"] = stage.source_inputs
+        if stage.source_status:
+            info["source_status"] = stage.source_status  # loaded from a failed or killed run
+        if stage.kept:
+            info["kept"] = True  # made by an earlier attempt of this run, verified
         if mac is not None:
             info["hmac"] = mac  # over run key + stage + digest(files), with the lab's signing key
         self.node.record.update_section("stages", **{stage.name: info})
 
     def finish(self) -> None:
-        """At the end of a completed run: index its computed stages, warn about unused rules."""
-        self._index_stages()
+        """At the end of a completed run: warn about unused rules (stages are indexed on close)."""
+        parent = self.node.options.parent
+        if parent is not None:  # the pipeline's first run warns, once, for the whole pipeline
+            parent.active.stages.opened_by_children.update(set(self.stages) | self.opened_by_children)
+            return
+        opened_anywhere = set(self.stages) | self.opened_by_children
         unused = [
             rule
             for name, rule in self.rules.items()
-            if name not in self.stages and (rule.load_from or rule.skip_log or rule.cache)
+            if name not in opened_anywhere and (rule.load_from or rule.skip_log or rule.cache)
         ]
         if unused:
-            opened = ", ".join(self.stages) or "none"
+            opened = ", ".join([*self.stages, *sorted(self.opened_by_children - set(self.stages))]) or "none"
+            who = "it never opened these stages; it opened"
+            if self.opened_by_children:
+                who = "no run of the pipeline opened these stages; they opened"
             listed = "; ".join(", ".join(rule.origins) for rule in unused)
             logger.warning(
-                f"Stage rules not used by {type(self.node).__name__} (it never opened these "
-                f"stages; it opened: {opened}): {listed}. Check the stage names."
+                f"Stage rules not used by {type(self.node).__name__} ({who}: {opened}): {listed}. "
+                "Check the stage names."
             )
 
-    def _index_stages(self) -> None:
-        ended_at = utcnow()
-        for stage in self.stages.values():
-            if not stage.completed or stage.loaded:
-                continue  # a loaded stage's content is indexed under the run that computed it
-            entry = {
-                "key": str(self.node.key),
-                "path": self.node.run_path,
-                "node": type(self.node).__name__,
-                "fingerprint": stage.fingerprint,
-                "inputs": stage.inputs,
-                "sha256": stage.sha256,
-                "ended_at": ended_at,
-            }
-            reuse.ReuseIndex(self.node.config.local_path, reuse.STAGES, stage.name).append(entry)
+    def _index(self, stage: Stage) -> None:
+        """Add a computed stage to the stage cache (a loaded one is indexed under its maker)."""
+        entry = {
+            "key": str(self.node.key),
+            "path": self.node.run_path,
+            "node": type(self.node).__name__,
+            "fingerprint": stage.fingerprint,
+            "inputs": stage.inputs,
+            "sha256": stage.sha256,
+            "ended_at": utcnow(),
+        }
+        reuse.ReuseIndex(self.node.config.local_path, reuse.STAGES, stage.name).append(entry)

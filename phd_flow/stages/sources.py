@@ -24,7 +24,7 @@ from phd_flow.errors import CorruptRunError, InvalidKeyError, PhdFlowError, RunN
 from phd_flow.keys import RunKey, remote_relpath
 from phd_flow.log import logger
 from phd_flow.run import signing
-from phd_flow.run.record import COMPLETED, RUN_FILE, RunRecord, parse_time
+from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUN_FILE, RunRecord, parse_time
 
 if TYPE_CHECKING:
     from phd_flow.config import Config
@@ -46,6 +46,7 @@ class Source:
     key: str  # the phd_flow key, or the MLflow run id of a plain MLflow run
     path: str | None  # its run directory relative to local_path; None for a plain MLflow run
     info: dict[str, Any] = field(default_factory=dict)  # the source's run.json stages[<name>]
+    status: str = COMPLETED  # the source run's status: a failed run's completed stage is usable
 
     @property
     def files(self) -> dict[str, str] | None:
@@ -121,13 +122,15 @@ def phd_flow_source(project: Project, key: str, stage: str, origin: str) -> Sour
     if data is None:
         raise StageError(f"{origin}: run {key} has no run.json in {config.local_path} or the remote storage.")
     path = key  # where the run was found: never the record's own "path" field
-    if data.get("status") != COMPLETED:
-        raise StageError(
-            f"{origin}: run {key} is {data.get('status')}, not completed, so its stage {stage!r} "
-            "cannot be trusted. Point the rule at a completed run (`ls` lists them)."
-        )
     stages = data.get("stages") or {}
     info = stages.get(stage)
+    status = data.get("status")
+    # a failed or killed run's stage counts when the stage itself completed (and verifies below)
+    if status != COMPLETED and not (status in (FAILED, KILLED) and is_complete(info)):
+        raise StageError(
+            f"{origin}: run {key} is {status}, not completed, so its stage {stage!r} "
+            "cannot be trusted. Point the rule at a completed run (`ls` lists them)."
+        )
     if not isinstance(info, dict) or not is_complete(info):
         having = sorted(name for name, value in stages.items() if is_complete(value))
         raise StageError(
@@ -148,7 +151,7 @@ def phd_flow_source(project: Project, key: str, stage: str, origin: str) -> Sour
             "or drop the rule to compute it."
         )
     authenticate(project.config, key, stage, info, origin)
-    return Source(key=key, path=path, info=dict(info))
+    return Source(key=key, path=path, info=dict(info), status=str(status))
 
 
 def authenticate(config: Config, key: str, stage: str, info: dict[str, Any], origin: str) -> None:
@@ -175,8 +178,12 @@ def authenticate(config: Config, key: str, stage: str, info: dict[str, Any], ori
     )
 
 
-def latest(project: Project, node: str, stage: str) -> Source | None:
+def latest(project: Project, node: str, stage: str, fingerprint: str | None = None) -> Source | None:
     """The newest completed run of ``node`` with ``stage`` (local runs, then newer remote ones).
+
+    With ``fingerprint`` (this run's fingerprint of the stage: its ``depends_on`` values, code
+    and earlier stages), only a run whose recorded stage has that fingerprint counts: a run made
+    with other inputs is never loaded silently.
 
     Only runs with a verified record (its key is where it was found) count, and never one that
     started (key time or ``started_at``) more than :data:`CLOCK_SKEW` in the future; skipped
@@ -196,6 +203,7 @@ def latest(project: Project, node: str, stage: str) -> Source | None:
             data.get("node") == node
             and data.get("status") == COMPLETED
             and is_complete((data.get("stages") or {}).get(stage))
+            and _matches((data.get("stages") or {}).get(stage), fingerprint)
             and (best is None or str(data.get("key")) > str(best.get("key")))
             and not _from_the_future(record.key, data, origin)
         ):
@@ -216,6 +224,7 @@ def latest(project: Project, node: str, stage: str) -> Source | None:
                     found
                     and found.get("status") == COMPLETED
                     and is_complete(stages.get(stage))
+                    and _matches(stages.get(stage), fingerprint)
                     and not _from_the_future(key, found, origin)
                 ):
                     # unverifiable (no file list) or, with a signing key, unsigned: the next older
@@ -229,6 +238,11 @@ def latest(project: Project, node: str, stage: str) -> Source | None:
     except (StageError, CorruptRunError) as exc:
         logger.warning(f"{exc} Computing the stage instead.")
         return None
+
+
+def _matches(info: Any, fingerprint: str | None) -> bool:
+    """True when no fingerprint is wanted, or the recorded stage ``info`` has it."""
+    return fingerprint is None or (isinstance(info, dict) and info.get("fingerprint") == fingerprint)
 
 
 def _from_the_future(key: str, data: dict[str, Any], origin: str) -> bool:

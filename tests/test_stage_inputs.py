@@ -1,0 +1,183 @@
+"""Issue 19 (rows 1, 3, 5, 8): stage loading respects a stage's inputs, completed stages survive,
+child runs are addressable, stage-name typos fail early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.test_stages import dataset, log_of, make_config, run, stages  # noqa: F401
+
+
+def test_latest_loads_only_a_run_whose_stage_had_this_runs_inputs(tmp_path: Path, dataset: Path) -> None:  # noqa: F811
+    plain = make_config(tmp_path)
+    first = run(plain, dataset, seed=0)
+    config = make_config(tmp_path, '[stages.load_data]\nload_from = "latest"\n')
+
+    other = run(config, dataset, seed=7)  # the newest run has seed 0's data: not loaded silently
+
+    assert stages(other)["load_data"]["loaded"] is False
+    assert "Stage 'load_data': no completed Prepare run has it yet with the same inputs" in log_of(other)
+    assert "seed=7" in log_of(other)
+    same = run(config, dataset, seed=0, note="again")  # seed 0 again: the newest seed-0 run
+    assert stages(same)["load_data"]["loaded_from"] == str(first.key)
+
+
+def test_load_of_a_stage_made_with_other_inputs_warns_and_records_both(tmp_path: Path, dataset: Path) -> None:  # noqa: F811
+    config = make_config(tmp_path)
+    first = run(config, dataset, seed=0)
+
+    second = run(config, dataset, seed=5, load={"load_data": str(first.key)})
+
+    info = stages(second)["load_data"]
+    assert info["loaded_from"] == str(first.key)
+    assert info["inputs"]["args"] == {"dataset": str(dataset), "seed": 5}  # this run's inputs
+    assert info["source_inputs"]["args"] == {"dataset": str(dataset), "seed": 0}  # the source's
+    assert f"{first.key} made it with other inputs than this run's: seed changed 0 → 5" in log_of(second)
+
+
+def test_the_cache_explains_a_recompute_against_the_closest_earlier_run(tmp_path: Path, dataset: Path) -> None:  # noqa: F811
+    config = make_config(tmp_path)
+    closest = run(config, dataset, seed=0, cache=True)
+    run(config, dataset, seed=1, cache=True)  # newer, but further away
+    other = dataset.with_name("other.csv")
+    other.write_text(dataset.read_text() + "99,1\n")
+
+    third = run(config, other, seed=0, cache=True)
+
+    line = next(li for li in log_of(third).splitlines() if "Stage 'load_data': recomputed" in li)
+    assert f"(compared with {closest.key})" in line
+    assert "dataset changed" in line and "seed changed" not in line
+
+
+def test_stage_rules_of_a_pipeline_warn_only_for_stages_no_run_of_it_opened(tmp_path: Path, dataset: Path) -> None:  # noqa: F811
+    from tests.stage_nodes import Outer
+
+    config = make_config(tmp_path, "[stages.load_data]\nskip_log = true\n[stages.final]\nskip_log = true\n")
+    for _ in range(2):  # the second time the child is reused: its stages count as opened too
+        outer = Outer({"dataset": str(dataset)}, config=config)
+        outer.run()
+        logs = [p.read_text() for p in outer.output_dir.rglob("output.log")]
+        assert logs and not any("Stage rules not used" in text for text in logs), logs
+    assert "Reusing Prepare" in log_of(outer)
+
+
+def test_child_runs_are_found_by_key_or_prefix_and_rerun_names_are_checked(project: Path) -> None:
+    import json
+    import shutil
+
+    from tests.conftest import REPO, cli, write_config
+
+    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "prepare.py")
+    write_config(project, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n')
+    done = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv")
+    assert done.returncode == 0, done.stderr
+    store = project / "data_storage"
+    (parent,) = [p for p in store.iterdir() if (p / "run.json").exists()]
+    child_path = json.loads((parent / "run.json").read_text())["children"][0]["path"]
+    child = child_path.rsplit("/", 1)[-1]
+
+    for ref in (child, child[:-3], f"{parent.name}/{child[:-2]}"):
+        shown = cli(project, "show", ref)
+        assert shown.returncode == 0 and child in shown.stdout, (ref, shown.stderr)
+    result = cli(project, "result", child[:-2])
+    assert result.returncode == 0, result.stderr
+    loaded = cli(project, "run", "Prepare", "--dataset", "data/diabetes.csv", "--load", f"load_data={child}")
+    assert loaded.returncode == 0, loaded.stderr
+    assert f"loaded from {child_path}" in loaded.stderr + loaded.stdout
+
+    listed = cli(project, "ls", "--children")
+    assert listed.returncode == 0 and child_path in listed.stdout, listed.stderr
+    assert child_path not in cli(project, "ls").stdout
+    typo = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv", "--rerun", "Prepar")
+    assert typo.returncode == 2 and "Did you mean 'Prepare'?" in typo.stderr, typo.stderr
+
+
+def test_rm_warns_about_runs_that_reused_the_run_through_require(project: Path) -> None:
+    import json
+    import shutil
+
+    from tests.conftest import REPO, cli, write_config
+
+    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "prepare.py")
+    write_config(project, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n')
+    for _ in range(2):
+        done = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv")
+        assert done.returncode == 0, done.stderr
+    first, second = sorted(p for p in (project / "data_storage").iterdir() if (p / "run.json").exists())
+    child = json.loads((first / "run.json").read_text())["children"][0]["path"]
+    assert json.loads((second / "run.json").read_text())["children"][0] == {
+        "node": "Prepare",
+        "path": child,
+        "reused": True,
+    }
+
+    asked = cli(project, "rm", first.name)  # no answer on stdin: nothing is deleted
+
+    assert f"WARNING: run {second.name} reused {child} through require()" in asked.stderr, asked.stderr
+    assert first.exists()
+
+
+def test_stage_name_typos_in_config_and_skip_log_exit_2_before_the_run(project: Path) -> None:
+    from tests.conftest import cli, nothing_created, write_config
+
+    base = 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n'
+    write_config(project, base + "[stages.laod_data]\nskip_log = true\n")
+    typo = cli(project, "run", "Prepare", "--dataset", "data/diabetes.csv")
+    assert typo.returncode == 2 and "Did you mean 'load_data'?" in typo.stderr, typo.stderr
+    assert "[stages.laod_data]" in typo.stderr
+    write_config(project, base)
+    typo = cli(project, "run", "Prepare", "--dataset", "data/diabetes.csv", "--skip-log", "sumary")
+    assert typo.returncode == 2 and "--skip-log sumary" in typo.stderr and "Did you mean 'summary'?" in typo.stderr
+    assert nothing_created(project / "data_storage")
+
+
+def test_a_rerun_key_keeps_the_completed_stages_of_the_failed_attempt(tmp_path: Path) -> None:
+    import pytest
+
+    from phd_flow import RunFailedError, RunOptions
+    from tests.conftest import run_dirs
+    from tests.stage_nodes import Flaky
+
+    config = make_config(tmp_path)
+    counter, marker = tmp_path / "counter.txt", tmp_path / "crash"
+    marker.write_text("crash once")
+    args = {"counter": str(counter), "crash_marker": str(marker)}
+    with pytest.raises(RunFailedError):
+        Flaky(args, config=config).run()
+    (failed,) = run_dirs(config.local_path)
+
+    again = Flaky(args, config=config, options=RunOptions(key=failed.name))
+    assert again.run() == len("expensive\n")
+
+    assert counter.read_text() == "computed\n"  # load_data was not computed again
+    assert "Stage 'load_data': kept from the earlier attempt" in log_of(again)
+    info = stages(again)["load_data"]
+    assert info["status"] == "completed" and info["kept"] is True and info["loaded_from"] is None
+
+
+def test_a_failed_runs_completed_stage_can_be_loaded_and_cached(tmp_path: Path) -> None:
+    import pytest
+
+    from phd_flow import RunFailedError, RunOptions
+    from tests.conftest import run_dirs
+    from tests.stage_nodes import Flaky
+
+    config = make_config(tmp_path)
+    counter, marker = tmp_path / "counter.txt", tmp_path / "crash"
+    marker.write_text("crash once")
+    args = {"counter": str(counter), "crash_marker": str(marker)}
+    with pytest.raises(RunFailedError):
+        Flaky(args, config=config).run()
+    (failed,) = run_dirs(config.local_path)
+
+    cached = Flaky(args, config=config, options=RunOptions(cache=True))
+    cached.run()
+    loaded = Flaky(args, config=config, options=RunOptions(load={"load_data": failed.name}))
+    loaded.run()
+
+    assert counter.read_text() == "computed\n"  # computed once, by the failed run
+    for node in (cached, loaded):
+        info = stages(node)["load_data"]
+        assert info["loaded_from"] == failed.name and info["source_status"] == "failed"
+        assert f"{failed.name} is a failed run; its stage completed and its files verified" in log_of(node)
+    assert stages(cached)["load_data"]["cached"] is True
