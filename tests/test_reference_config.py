@@ -41,9 +41,8 @@ def _config_keys(cls: type[Any], prefix: str = "") -> set[str]:
         dotted = f"{prefix}{field.name}"
         if dataclasses.is_dataclass(hint):
             keys |= _config_keys(typing.cast(type, hint), f"{dotted}.")
-        elif typing.get_origin(hint) is dict:
-            _, value = typing.get_args(hint)
-            keys |= _config_keys(value, f"{dotted}.*.")
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+            keys |= _config_keys(typing.get_args(hint)[1], f"{dotted}.*.")
         else:
             keys.add(dotted)
     return keys
@@ -55,7 +54,7 @@ def _file_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
         dotted = f"{prefix}{name}"
         if prefix == "stages.":
             dotted = "stages.*"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             keys |= _file_keys(value, f"{dotted}.")
         else:
             keys.add(dotted)
