@@ -91,10 +91,11 @@ def test_the_slurm_lane_skips_only_without_slurm_outside_ci(
 real_slurm = pytest.mark.usefixtures("slurm_lane")
 
 
-def until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+def until(condition: Callable[[], Any], timeout: float, what: str, state: Callable[[], str] = str) -> Any:
+    """Poll ``condition``; on timeout the assertion names ``what`` and shows ``state()``."""
     deadline = time.monotonic() + timeout
     while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}; state: {state()}"
         time.sleep(0.2)
     return value
 
@@ -108,6 +109,16 @@ def squeue(job: str) -> str:
     return subprocess.run(
         ["squeue", "-h", "-r", "-o", "%i %T %r", "-j", job.split("_")[0]], capture_output=True, text=True, check=False
     ).stdout
+
+
+def _nudged(job: str) -> bool:
+    """Ask SLURM to start a pending (requeued) job now; always true, so it can lead a poll condition."""
+    state = squeue(job)
+    if "PENDING" in state:
+        if "held" in state.lower():
+            subprocess.run(["scontrol", "release", job.split("_")[0]], check=False, capture_output=True)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False, capture_output=True)
+    return True
 
 
 class _Unpickler(pickle.Unpickler):
@@ -179,11 +190,14 @@ def test_a_preempted_job_is_requeued_and_resumes_the_same_key(sproject: Path, tm
     if status_of(sproject, key) == "killed":  # the requeue hold: --status says so (issue 19 row 6)
         shown = cli(sproject, "sweep", "--status", sweep_record(sproject)["key"])
         assert "1 requeued" in shown.stdout and "killed" not in shown.stdout, shown.stdout
-    # a requeued job waits for its BeginTime (~2 min by default): let it start now
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False, capture_output=True)
+    # a requeued job waits for its BeginTime (~2 min by default): let it start now. The update is
+    # refused while the requeue is still settling (held, or completing), so nudge on every poll.
     until(
-        lambda: status_of(sproject, key) == "completed", 150, "the requeued attempt to complete"
-    )  # SLURM holds a requeued job a while
+        lambda: _nudged(job) and status_of(sproject, key) == "completed",
+        240,
+        "the requeued attempt to complete",
+        lambda: f"run {status_of(sproject, key)}, squeue {squeue(job)!r}",
+    )
     run = json.loads((sproject / "data_storage" / key / "run.json").read_text())
     assert run["resumed"] is True and run["slurm"]["restart_count"] == "1"
     result = load_result(sproject / "data_storage" / key)
