@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import pkgutil
+import re
 import sys
 import typing
 from functools import lru_cache
@@ -161,11 +162,19 @@ def node_view(package: str, name: str) -> NodeView | None:
 
 
 def _maybe_in(modules: list[str], scan: _Scan, name: str) -> bool:
-    """Could one of these (undecided) modules define a class called ``name``?"""
-    short = name.rsplit(".", 1)[-1]
-    return any(short in scan.sources[m].text for m in modules if m in scan.sources) or any(
-        m not in scan.sources for m in modules
-    )
+    """Could one of these (undecided) modules define the node ``name`` (``Cls``, ``mod.Cls``)?"""
+    *prefix, short = name.split(".")
+
+    def could(module: str) -> bool:
+        source = scan.sources.get(module)
+        if source is None:
+            return True
+        if short not in source.text:
+            return False
+        nested = re.search(rf"\bclass\s+{re.escape(prefix[-1])}\b", source.text) if prefix else None
+        return not prefix or f".{module}".endswith(f".{'.'.join(prefix)}") or nested is not None
+
+    return any(could(module) for module in modules)
 
 
 def resolve_node(package: str, name: str) -> type[Node[Any, Any]]:
@@ -238,13 +247,10 @@ class _Scan:
         self._built: dict[tuple[str, str], Any] = {}
         for module, path in _package_files(package):
             try:
-                text = path.read_text(encoding="utf-8")
-                source = _Source(module, path, text, ast.parse(text, str(path)))
+                stat = path.stat()
+                self.sources[module] = _read(module, path, stat.st_mtime_ns, stat.st_size, package)
             except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
                 self.undecided.append(module)  # importing says what is wrong, as before
-                continue
-            _index(source, package)
-            self.sources[module] = source
         for module, source in self.sources.items():
             try:
                 self._check_dynamic(source)
@@ -385,13 +391,11 @@ class _Scan:
                     kind, _ = self.resolve(source, origin)
                     if kind in ("node", "class", "phd", "unknown", "typevar"):
                         raise Undecided(f"{source.name}: class {node.name} is made at run time")
-            elif (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Name)
-                and node.func.id == "type"
-                and len(node.args) == 3
+            elif isinstance(node, ast.Call) and (
+                (isinstance(node.func, ast.Name) and node.func.id == "type" and len(node.args) == 3)
+                or ast.unparse(node.func).endswith("new_class")
             ):
-                raise Undecided(f"{source.name}: type() makes a class at run time")
+                raise Undecided(f"{source.name}: {ast.unparse(node.func)}() makes a class at run time")
 
     # -- building the Args from source ----------------------------------------------------------
 
@@ -457,6 +461,15 @@ class _Scan:
         if key not in self._built:
             self._built[key] = self._build(module, qualname)
         return self._built[key]
+
+
+@lru_cache(maxsize=1024)
+def _read(module: str, path: Path, mtime_ns: int, size: int, package: str) -> _Source:
+    """A module's parsed and indexed source (kept while the file is unchanged)."""
+    text = path.read_text(encoding="utf-8")
+    source = _Source(module, path, text, ast.parse(text, str(path)))
+    _index(source, package)
+    return source
 
 
 def _package_files(package: str) -> list[tuple[str, Path]]:
@@ -608,7 +621,6 @@ def _phd_flow_dependents() -> frozenset[str]:
     """Top-level import names of the installed distributions that require phd_flow: only their
     classes can be Node subclasses (read once, and only when a class has a library base)."""
     import importlib.metadata
-    import re
 
     found: set[str] = set()
     for dist in importlib.metadata.distributions():
