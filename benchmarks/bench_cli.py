@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -116,21 +117,28 @@ def main() -> None:
         for argv in cases.values():  # warm the file cache and the .pyc files once
             subprocess.run(argv, cwd=root, env=env, capture_output=True, check=True)
         times: dict[str, list[float]] = {name: [] for name in cases}
+        cpu: dict[str, list[float]] = {name: [] for name in cases}
         for rep in range(options.reps):
             names = list(cases) if rep % 2 == 0 else list(reversed(cases))
             for name in names:
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 started = time.perf_counter()
                 proc = subprocess.run(cases[name], cwd=root, env=env, capture_output=True, text=True, check=False)
                 times[name].append(time.perf_counter() - started)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
                 assert proc.returncode == 0, (name, proc.stderr)
                 if name == "nodes":
                     assert "Fit" in proc.stdout and "Train" in proc.stdout, proc.stdout
                 if name == "run Fit --help":
                     assert "ridge penalty (default: 0.1)" in proc.stdout, proc.stdout
     medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"bench_cli: {options.reps} alternated reps, {platform.node()}, {os.cpu_count()} CPUs, medians")
+    machine = f"{platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    print(f"bench_cli: {options.reps} alternated reps, {machine}")
+    print(f"  {'':<26} {'wall (median, min-max)':<26} CPU of the process (median)")
     for name, values in times.items():
-        print(f"  {name:<26} {medians[name]:6.3f} s   (min {min(values):.3f}, max {max(values):.3f})")
+        spread = f"({min(values):.3f}-{max(values):.3f})"
+        print(f"  {name:<26} {medians[name]:6.3f} s {spread:<17} {statistics.median(cpu[name]):6.3f} s")
     floor, imported = medians["python -c pass"], medians["import the node modules"]
     for name in ("nodes", "run Fit --help", "run Train --help"):
         print(

@@ -233,6 +233,25 @@ def test_modules_the_source_cannot_decide_are_imported(tmp_path: Path, monkeypat
         },
     )
     (tmp_path / "this_library_does_not_exist_either.py").write_text("SCALE = 2.5\n")
+    (tmp_path / package / "branches.py").write_text(
+        _module(
+            """
+            try:  # which import ran is decided at run time
+                import tomllib as reader
+            except ImportError:
+                reader = None
+            FORMAT = "toml" if reader else "none"
+
+            @dataclasses.dataclass
+            class BArgs(node.Args):
+                fmt: str = FORMAT  # the format
+
+            class Branches(Node[BArgs, int]):
+                def _run(self) -> int:
+                    return 1
+            """
+        )
+    )
     found = list_nodes(package)
     assert isinstance(found[f"{package}.plain.Plain"], NodeView)
     assert not isinstance(found[f"{package}.dynamic.FromCall"], NodeView)
@@ -240,6 +259,8 @@ def test_modules_the_source_cannot_decide_are_imported(tmp_path: Path, monkeypat
     assert set(found) == set(find_nodes(package))
     assert node_view(package, "Computed") is None  # the Args need the library: import instead
     assert "(default: 2.5)" in _help(resolve_node(package, "Computed"), "Computed")
+    assert node_view(package, "Branches") is None
+    assert "the format (default: toml)" in _help(resolve_node(package, "Branches"), "Branches")
 
 
 def test_a_syntax_error_is_reported_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -155,9 +155,9 @@ def node_view(package: str, name: str) -> NodeView | None:
         matches = [view for dotted, view in scan.views.items() if _matches(dotted, package, name)]
         if len(matches) != 1 or _maybe_in(scan.undecided, scan, name):
             return None
-        matches[0].args_type()
+        matches[0].argument_parser()  # builds the Args and resolves their type hints
         return matches[0]
-    except Undecided:
+    except Exception:  # anything the Args' statements raise: importing the module decides
         return None
 
 
@@ -525,17 +525,21 @@ def _index(source: _Source, package: str) -> None:
             if isinstance(inner, ast.ClassDef):
                 classes(inner, f"{prefix}{stmt.name}.")
 
+    def keep(name: str, stmt: ast.stmt, top: bool) -> None:
+        """The statement that binds ``name`` (one under an ``if``/``try`` is not kept: which
+        branch runs is decided at run time)."""
+        if top:
+            source.statements[name] = stmt
+        else:
+            source.statements.pop(name, None)
+
     def bind(stmts: list[ast.stmt], top: bool) -> None:
         for stmt in stmts:
             if isinstance(stmt, ast.Import):
                 for alias in stmt.names:
-                    if alias.asname:
-                        source.bindings[alias.asname] = ("module", alias.name)
-                        source.statements[alias.asname] = stmt
-                    else:
-                        head = alias.name.split(".", 1)[0]
-                        source.bindings[head] = ("module", head)
-                        source.statements[head] = stmt
+                    name = alias.asname or alias.name.split(".", 1)[0]
+                    source.bindings[name] = ("module", alias.name if alias.asname else name)
+                    keep(name, stmt, top)
             elif isinstance(stmt, ast.ImportFrom):
                 module = absolute(stmt.level, stmt.module)
                 for alias in stmt.names:
@@ -543,7 +547,7 @@ def _index(source: _Source, package: str) -> None:
                         source.stars.append(module)
                         continue
                     source.bindings[alias.asname or alias.name] = ("from", (module, alias.name))
-                    source.statements[alias.asname or alias.name] = stmt
+                    keep(alias.asname or alias.name, stmt, top)
             elif isinstance(stmt, ast.ClassDef):
                 if top:
                     classes(stmt, "")
@@ -560,10 +564,7 @@ def _index(source: _Source, package: str) -> None:
                 )
                 for name in _targets(stmt):
                     source.bindings[name] = ("typevar", None) if typevar and top else ("unknown", name)
-                    if top:
-                        source.statements[name] = stmt
-                    else:
-                        source.statements.pop(name, None)
+                    keep(name, stmt, top)
             elif isinstance(stmt, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
                 for block in ("body", "orelse", "finalbody"):
                     bind(getattr(stmt, block, []), False)
