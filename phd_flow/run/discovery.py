@@ -243,7 +243,7 @@ class _Scan:
         self.sources: dict[str, _Source] = {}
         self.undecided: list[str] = []
         self.views: dict[str, NodeView] = {}
-        self._info: dict[tuple[str, str], _ClassInfo | None] = {}
+        self._info: dict[tuple[str, str], _ClassInfo | Undecided] = {}
         self._built: dict[tuple[str, str], Any] = {}
         for module, path in _package_files(package):
             try:
@@ -339,10 +339,19 @@ class _Scan:
         key = (module, qualname)
         if key in self._info:
             cached = self._info[key]
-            if cached is None:
-                raise Undecided(f"{module}.{qualname}: circular bases")
+            if isinstance(cached, Undecided):
+                raise cached
             return cached
-        self._info[key] = None
+        self._info[key] = Undecided(f"{module}.{qualname}: circular bases")
+        try:
+            info = self._class_info(module, qualname)
+        except Undecided as exc:
+            self._info[key] = exc
+            raise
+        self._info[key] = info
+        return info
+
+    def _class_info(self, module: str, qualname: str) -> _ClassInfo:
         source = self.sources[module]
         cls = source.classes[qualname]
         has_run = any(
@@ -376,9 +385,7 @@ class _Scan:
                     raise Undecided(f"{module}.{qualname}: its Args {ast.unparse(params[0])} are not in the package")
         if args is None:
             args = next((p.args for p in parents if p.is_node and p.args is not None), None)
-        info = _ClassInfo(is_node, args, has_run or any(p.has_run for p in parents))
-        self._info[key] = info
-        return info
+        return _ClassInfo(is_node, args, has_run or any(p.has_run for p in parents))
 
     def _check_dynamic(self, source: _Source) -> None:
         """Undecided when the module may make node classes at run time (in a function, under
