@@ -137,7 +137,10 @@ def list_nodes(package: str) -> dict[str, NodeView | type[Node[Any, Any]]]:
     scan = _Scan(package)
     found: dict[str, NodeView | type[Node[Any, Any]]] = dict(scan.views)
     if scan.undecided:
+        from phd_flow.log import logger
+
         for module in scan.undecided:
+            logger.debug(f"Importing {module} to list its nodes: {scan.reasons.get(module, 'undecided')}")
             importlib.import_module(module)
         found.update(_runtime_nodes(package, lambda module: module in scan.undecided))
     return dict(sorted(found.items()))
@@ -242,6 +245,7 @@ class _Scan:
         self.package = package
         self.sources: dict[str, _Source] = {}
         self.undecided: list[str] = []
+        self.reasons: dict[str, str] = {}
         self.views: dict[str, NodeView] = {}
         self._info: dict[tuple[str, str], _ClassInfo | Undecided] = {}
         self._built: dict[tuple[str, str], Any] = {}
@@ -249,8 +253,9 @@ class _Scan:
             try:
                 stat = path.stat()
                 self.sources[module] = _read(module, path, stat.st_mtime_ns, stat.st_size, package)
-            except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            except (OSError, SyntaxError, UnicodeDecodeError, ValueError) as exc:
                 self.undecided.append(module)  # importing says what is wrong, as before
+                self.reasons[module] = f"{type(exc).__name__}: {exc}"
         for module, source in self.sources.items():
             try:
                 self._check_dynamic(source)
@@ -258,8 +263,9 @@ class _Scan:
                     info = self.info(module, qualname)
                     if info.is_node and info.args is not None and info.has_run:
                         self.views[f"{module}.{qualname}"] = NodeView(self, module, qualname, info.args)
-            except Undecided:
+            except Undecided as exc:
                 self.undecided.append(module)
+                self.reasons[module] = str(exc)
                 for dotted in [d for d, v in self.views.items() if v.__module__ == module]:
                     del self.views[dotted]
 
