@@ -9,7 +9,7 @@ raw :class:`Remote` API and through the shared sync engine (:class:`phd_flow.sto
 
     class TestMyContract(RemoteContract):
         large_file_size = 9 << 20            # above the backend's multipart threshold
-        refused_keys = ["a//b"]              # names the store refuses (skip if none)
+        refused_keys = ["a//b"]              # names the store refuses (none: no such case)
         credentials_hint = ("MY_STORE_KEY",)  # the error for bad credentials names one of these
         bad_secret = "not-the-real-secret"   # ... and never contains this
 
@@ -18,8 +18,13 @@ raw :class:`Remote` API and through the shared sync engine (:class:`phd_flow.sto
             return MyRemote(...)
 
         @pytest.fixture
-        def bad_credentials_remote(self):      # optional: tests skip without it
+        def bad_credentials_remote(self):      # a store with credentials: one it rejects
             return MyRemote(..., secret=self.bad_secret)
+
+A case that cannot apply to a backend is not generated at all (never skipped): the
+bad-credentials case exists only where the subclass defines ``bad_credentials_remote`` (a
+local directory has no credentials), the refused-names case only where ``refused_keys`` is
+not empty (a store that refuses no name beyond phd_flow's own key rules).
 
 Nothing here depends on phd_flow's own ``tests/`` package, so third-party backends can use it.
 """
@@ -145,6 +150,20 @@ class GatedRemote(Remote):
 class RemoteContract:
     """Behaviour shared by every storage backend. Subclass it; provide the ``remote`` fixture."""
 
+    #: Cases generated only for backends that declare the capability (see the module docstring).
+    _CAPABILITIES: ClassVar[dict[str, Callable[[type[RemoteContract]], bool]]] = {
+        "test_wrong_credentials_name_the_fix_and_hide_the_secret": lambda cls: any(
+            "bad_credentials_remote" in vars(k) for k in cls.__mro__
+        ),
+        "test_refused_names_raise_a_user_error": lambda cls: bool(cls.refused_keys),
+    }
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, capable in RemoteContract._CAPABILITIES.items():
+            if not capable(cls):
+                setattr(cls, name, None)  # pytest collects no case from it
+
     #: Size of the file that must cross the backend's multipart / large-file threshold.
     large_file_size: ClassVar[int] = 6 << 20
     #: Keys the store refuses (e.g. B2's file-name rules); each must raise a clear UserError.
@@ -160,11 +179,6 @@ class RemoteContract:
     def remote(self) -> Remote:
         """A fresh, empty remote. Subclasses must override this fixture."""
         raise NotImplementedError("Override the `remote` fixture in your RemoteContract subclass.")
-
-    @pytest.fixture
-    def bad_credentials_remote(self) -> Remote | None:
-        """A remote whose credentials the store rejects (None: the auth test is skipped)."""
-        return None
 
     @pytest.fixture
     def storage(self, remote: Remote, tmp_path: Path) -> Storage:
@@ -408,10 +422,8 @@ class RemoteContract:
     # --- refusals -----------------------------------------------------------------------------
 
     def test_wrong_credentials_name_the_fix_and_hide_the_secret(
-        self, bad_credentials_remote: Remote | None, tmp_path: Path
+        self, bad_credentials_remote: Remote, tmp_path: Path
     ) -> None:
-        if bad_credentials_remote is None:
-            pytest.skip("this backend provides no bad_credentials_remote fixture")
         for attempt in (
             lambda: bad_credentials_remote.write_bytes("x.txt", b"1"),
             lambda: list(bad_credentials_remote.list("")),
@@ -430,8 +442,6 @@ class RemoteContract:
         assert storage.path("run_1/a.txt").read_bytes() == b"a", "local files must survive"
 
     def test_refused_names_raise_a_user_error(self, remote: Remote, tmp_path: Path) -> None:
-        if not self.refused_keys:
-            pytest.skip("this backend refuses no names beyond phd_flow's own key rules")
         source = tmp_path / "f.txt"
         source.write_bytes(b"x")
         for key in self.refused_keys:
