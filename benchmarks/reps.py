@@ -6,8 +6,9 @@
     print(spread(times["ours"]), ratio(times["peer"], times["ours"]))
 
 Each repetition runs every contender once; odd repetitions reverse the order, so no contender
-always goes first (warm caches, a neighbour's load). A contender returns its own measurement
-(seconds) or None to be timed from outside.
+always goes first (warm caches, a neighbour's load). A contender returns None to be timed from
+outside, its own measurement (seconds), or ``{label: seconds}`` for steps that must run in
+sequence (recorded as ``"name, label"``).
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ import time
 from collections.abc import Callable
 
 
-def alternate(contenders: dict[str, Callable[[], float | None]], reps: int) -> dict[str, list[float]]:
+def alternate(
+    contenders: dict[str, Callable[[], float | dict[str, float] | None]], reps: int
+) -> dict[str, list[float]]:
     """``{name: [measurement per repetition]}``, the contenders run in alternating order."""
-    results: dict[str, list[float]] = {name: [] for name in contenders}
+    results: dict[str, list[float]] = {}
     names = list(contenders)
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
             started = time.perf_counter()
             measured = contenders[name]()
-            results[name].append(time.perf_counter() - started if measured is None else measured)
+            if isinstance(measured, dict):
+                for label, seconds in measured.items():
+                    results.setdefault(f"{name}, {label}", []).append(seconds)
+            else:
+                results.setdefault(name, []).append(time.perf_counter() - started if measured is None else measured)
     return results
 
 
