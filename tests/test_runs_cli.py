@@ -271,17 +271,31 @@ def test_compare_shows_differing_args_and_final_metrics(history: Path) -> None:
     assert "  total  3    4" in lines
 
 
-def test_result_prints_the_verified_result(project: Path) -> None:
+def test_result_prints_the_verified_result(project: Path, tmp_path: Path) -> None:
     add1, _, failed, _ = keys(project)
     proc = cli(project, "result", add1, env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and proc.stdout.strip() == "AddResult(total=3)", proc.stderr
-    proc = cli(project, "result", add1)  # the class of the result lives in tests.nodes
+    # the class of the result lives in tests.nodes: not importable without the repository root
+    proc = cli(project, "result", add1, env=_pythonpath_without_tests(tmp_path))
     assert proc.returncode == 2 and "(AddResult) cannot be unpickled here: No module named 'tests'" in proc.stderr
     proc = cli(project, "result", failed)
     assert proc.returncode == 2 and "is failed (ValueError: kaputt), so it has no result" in proc.stderr
     (project / "data_storage" / add1 / "results.pickle").write_bytes(b"not the pickle")
     proc = cli(project, "result", add1)
     assert proc.returncode == 2 and "does not match the sha256" in proc.stderr
+
+
+def _pythonpath_without_tests(tmp_path: Path) -> dict[str, str]:
+    """The inherited PYTHONPATH (a developer's may hold the repository root, to import a
+    worktree's phd_flow), with the repository root replaced by a folder that holds only
+    ``phd_flow``: the same phd_flow is imported, the ``tests`` package is not importable."""
+    only = tmp_path / "only_phd_flow"
+    only.mkdir(exist_ok=True)
+    if not (only / "phd_flow").exists():
+        (only / "phd_flow").symlink_to(REPO / "phd_flow")
+    entries = [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]
+    kept = [str(only) if Path(e).resolve() == REPO.resolve() else e for e in entries]
+    return {"PYTHONPATH": os.pathsep.join(kept)}
 
 
 # --- rm -----------------------------------------------------------------------------------------
