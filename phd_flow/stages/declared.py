@@ -15,7 +15,7 @@ import functools
 import sys
 from pathlib import Path
 
-_ARTIFACTS = ("managed_artifact", "managed_artifact_dir")
+from phd_flow.reuse import stage_call_name
 
 
 def declared_stages(module_name: str) -> frozenset[str] | None:
@@ -48,19 +48,9 @@ def _scan(path: str, mtime_ns: int) -> frozenset[str] | None:
         return None
     names: set[str] = set()
     for call in ast.walk(tree):
-        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Attribute):
-            continue
-        keywords = {k.arg: k.value for k in call.keywords}
-        if call.func.attr == "stage":
-            arg = call.args[0] if call.args else keywords.get("name")
-        elif call.func.attr in _ARTIFACTS:
-            arg = call.args[1] if len(call.args) > 1 else keywords.get("stage")
-            if arg is None or (isinstance(arg, ast.Constant) and arg.value is None):
-                continue  # no stage
-        else:
-            continue
+        arg = stage_call_name(call) if isinstance(call, ast.Call) else None
         if arg is None:
-            continue  # not phd_flow's call shape (another object's .stage())
+            continue  # not a call that opens a stage (or another object's .stage())
         if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
             return None  # a name computed at run time: unknown until opened
         names.add(arg.value)
