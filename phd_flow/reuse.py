@@ -409,7 +409,7 @@ class _Walker:
     def __init__(self, root: Path, top: str) -> None:
         self.root, self.top = root, top
         self.pieces: dict[str, str] = {}
-        self._seen: set[int] = set()
+        self._seen: set[object] = set()  # id() of definitions, "module.name" of values
 
     def _ours(self, module_name: object) -> bool:
         return isinstance(module_name, str) and module_name.split(".")[0] == self.top
@@ -452,18 +452,18 @@ class _Walker:
         if callable(obj) and hasattr(obj, "__wrapped__"):  # functools.wraps, lru_cache, ...
             with contextlib.suppress(ValueError):
                 obj = inspect.unwrap(obj)
-        if isinstance(obj, ModuleType) or id(obj) in self._seen:
+        if isinstance(obj, ModuleType):
             return
         if isinstance(obj, (types.FunctionType, type)):
-            if not self._ours(getattr(obj, "__module__", None)):
+            if not self._ours(getattr(obj, "__module__", None)) or id(obj) in self._seen:
                 return
             self._seen.add(id(obj))
             self._definition(obj)
             return
-        if not self._ours(module.__name__):
-            return
-        self._seen.add(id(obj))
         key = f"{_module_name(module, module.__name__)}.{name}"
+        if not self._ours(module.__name__) or key in self._seen:
+            return
+        self._seen.add(key)
         if isinstance(obj, _PRIMITIVES) or _plain(obj):
             self.pieces[key] = hashlib.sha256(repr(obj).encode()).hexdigest()
             return

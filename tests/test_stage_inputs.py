@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.test_stages import dataset, log_of, make_config, run, stages  # noqa: F401
 
 
@@ -181,3 +183,54 @@ def test_a_failed_runs_completed_stage_can_be_loaded_and_cached(tmp_path: Path) 
         assert info["loaded_from"] == failed.name and info["source_status"] == "failed"
         assert f"{failed.name} is a failed run; its stage completed and its files verified" in log_of(node)
     assert stages(cached)["load_data"]["cached"] is True
+
+
+OTHER_PACKAGE = """
+import dataclasses
+
+from phd_flow import Node, node
+from tests.stage_nodes import Prepare, PrepareArgs
+
+
+@dataclasses.dataclass
+class ReportArgs(node.Args):
+    dataset: str
+
+
+class Report(Node[ReportArgs, int]):
+    def _run(self) -> int:
+        rows = self.require(Prepare, PrepareArgs(dataset=self.args.dataset))
+        with self.stage("final") as st:
+            (st.path / "rows.txt").write_text(f"{rows}\\n")
+        return rows
+"""
+
+
+def test_stage_rules_count_the_stages_of_required_nodes_in_other_packages(
+    tmp_path: Path,
+    dataset: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The typo check reads the packages of the nodes a node requires too: a rule for a stage only
+    a required node of another package opens is neither an error nor a warning."""
+    import importlib
+    import uuid
+
+    from phd_flow import StageError
+
+    name = f"lab_{uuid.uuid4().hex[:8]}"
+    (tmp_path / "src" / name).mkdir(parents=True)
+    (tmp_path / "src" / name / "__init__.py").write_text("")
+    (tmp_path / "src" / name / "report.py").write_text(OTHER_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    report = importlib.import_module(f"{name}.report").Report
+    config = make_config(tmp_path, "[stages.summary]\nskip_log = true\n[stages.final]\nskip_log = true\n")
+
+    node = report({"dataset": str(dataset)}, config=config)
+    node.run()
+
+    logs = [p.read_text() for p in node.output_dir.rglob("output.log")]
+    assert logs and not any("Stage rules not used" in text for text in logs), logs
+    typo = make_config(tmp_path, "[stages.sumary]\nskip_log = true\n")
+    with pytest.raises(StageError, match=r"\[stages\.sumary\].*Did you mean 'summary'"):
+        report({"dataset": str(dataset)}, config=typo).run()
