@@ -234,3 +234,58 @@ def test_stage_rules_count_the_stages_of_required_nodes_in_other_packages(
     typo = make_config(tmp_path, "[stages.sumary]\nskip_log = true\n")
     with pytest.raises(StageError, match=r"\[stages\.sumary\].*Did you mean 'summary'"):
         report({"dataset": str(dataset)}, config=typo).run()
+
+
+def test_rm_of_a_child_run_is_refused_naming_the_pipeline_run(project: Path) -> None:
+    import json
+    import shutil
+
+    from tests.conftest import REPO, cli, write_config
+
+    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "prepare.py")
+    write_config(project, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n')
+    done = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv")
+    assert done.returncode == 0, done.stderr
+    (parent,) = [p for p in (project / "data_storage").iterdir() if (p / "run.json").exists()]
+    child = json.loads((parent / "run.json").read_text())["children"][0]["path"].rsplit("/", 1)[-1]
+
+    refused = cli(project, "rm", child[:-2], "--force")
+
+    assert refused.returncode == 2, refused.stderr
+    assert f"{child} is a child run of {parent.name}" in refused.stderr
+    assert f"`rm {parent.name}`" in refused.stderr and "Traceback" not in refused.stderr
+    assert (parent / child / "run.json").is_file()  # nothing deleted
+    assert cli(project, "rm", parent.name, "--force").returncode == 0
+    assert not parent.exists()
+
+
+def test_a_child_run_only_in_storage_is_found_by_key_or_prefix(project: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from tests.conftest import REPO, cli, write_config
+
+    shared = tmp_path / "shared"
+    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "prepare.py")
+    config = f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[mlflow]\nenabled = false\n[storage]\nbackend = "local"\nremote = "{shared}"\n'
+    write_config(project, config)
+    done = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv")
+    assert done.returncode == 0, done.stderr
+    (parent,) = [p for p in (project / "data_storage").iterdir() if (p / "run.json").exists()]
+    child_path = json.loads((parent / "run.json").read_text())["children"][0]["path"]
+    child = child_path.rsplit("/", 1)[-1]
+    assert (shared / child_path / "run.json").is_file()
+    other = tmp_path / "machine2"  # another machine: the runs are only in storage
+    shutil.copytree(project, other, ignore=shutil.ignore_patterns("data_storage", "__pycache__"))
+
+    for ref in (child, child[:-3], f"{parent.name[:-2]}/{child[:-2]}"):
+        shown = cli(other, "show", ref)
+        assert shown.returncode == 0 and child in shown.stdout, (ref, shown.stderr)
+        assert "(only in storage)" in shown.stdout and "load_data/train.csv" in shown.stdout
+    result = cli(other, "result", child[:-2], "--trust-remote", env={"PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and result.stdout.strip().isdigit(), result.stderr
+    listed = cli(other, "ls", "--remote", "--children")
+    assert listed.returncode == 0 and child_path in listed.stdout, listed.stderr
+    loaded = cli(other, "run", "Prepare", "--dataset", "data/diabetes.csv", "--load", f"load_data={child[:-2]}")
+    assert loaded.returncode == 0, loaded.stderr
+    assert f"loaded from {child_path}" in loaded.stderr + loaded.stdout
