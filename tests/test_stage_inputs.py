@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_stages import dataset, log_of, make_config, run, stages  # noqa: F401
+from tests.test_sweep_slurm import slurm_lane  # noqa: F401 (the real-SLURM gate)
 
 
 def test_latest_loads_only_a_run_whose_stage_had_this_runs_inputs(tmp_path: Path, dataset: Path) -> None:  # noqa: F811
@@ -289,3 +290,111 @@ def test_a_child_run_only_in_storage_is_found_by_key_or_prefix(project: Path, tm
     loaded = cli(other, "run", "Prepare", "--dataset", "data/diabetes.csv", "--load", f"load_data={child[:-2]}")
     assert loaded.returncode == 0, loaded.stderr
     assert f"loaded from {child_path}" in loaded.stderr + loaded.stdout
+
+
+STAGED = '''
+import dataclasses
+import time
+from pathlib import Path
+
+from phd_flow import Node, node
+
+
+@dataclasses.dataclass
+class StagedArgs(node.Args):
+    counter: str  # one line per computation of stage load_data
+    allow_file: str = ""  # while set and missing, the run fails after load_data
+    marker_dir: str = ""  # <marker_dir>/<key> appears once load_data completed
+    hold_seconds: float = 0.0  # the first attempt then waits this long (to be preempted)
+    n: int = 0
+
+
+class Staged(Node[StagedArgs, int]):
+    """An expensive stage load_data, then work that fails or is preempted once."""
+
+    def _run(self) -> int:
+        with self.stage("load_data", depends_on=["counter", "n"]) as st:
+            if not st.loaded:
+                with open(self.args.counter, "a") as handle:
+                    handle.write(f"{self.key}\\n")
+                (st.path / "data.txt").write_text("expensive\\n")
+        if self.args.marker_dir:
+            (Path(self.args.marker_dir) / self.key).touch()
+        end = time.time() + (0 if self.resumed else self.args.hold_seconds)
+        while time.time() < end:
+            time.sleep(0.05)
+        if self.args.allow_file and not Path(self.args.allow_file).exists():
+            raise RuntimeError("the work after load_data is set to fail")
+        return len((st.path / "data.txt").read_text())
+'''
+
+
+def staged_project(root: Path) -> Path:
+    from tests.test_sweep_local import make_project
+
+    project = make_project(root)
+    (project / "my_project" / "staged.py").write_text(STAGED)
+    return project
+
+
+def assert_kept(project: Path, key: str, counter: Path) -> None:
+    import json
+
+    run = json.loads((project / "data_storage" / key / "run.json").read_text())
+    assert run["status"] == "completed" and run["resumed"] is True
+    assert run["stages"]["load_data"]["kept"] is True and run["stages"]["load_data"]["loaded"] is True
+    assert counter.read_text().splitlines() == [key]  # computed once, by the first attempt
+    log = (project / "data_storage" / key / "output.log").read_text()
+    assert "Stage 'load_data': kept from the earlier attempt (files verified)." in log
+
+
+def test_a_resumed_sweep_point_keeps_its_completed_stages(tmp_path: Path) -> None:
+    from tests.conftest import cli
+    from tests.test_sweep_local import sweep_record
+
+    project = staged_project(tmp_path / "proj")
+    counter, allow = tmp_path / "counter.txt", tmp_path / "allow"
+    proc = cli(project, "sweep", "Staged", "--counter", str(counter), "--allow_file", str(allow), "--grid", "n=1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    record = sweep_record(project)
+    (point,) = record["points"]
+    assert point["status"] == "failed" and len(counter.read_text().splitlines()) == 1
+
+    allow.touch()
+    resumed = cli(project, "sweep", "--resume", record["key"], "--wait")
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_kept(project, point["key"], counter)
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_lane")
+def test_a_requeued_slurm_point_keeps_its_completed_stages(tmp_path: Path) -> None:
+    """SLURM preempts the point after load_data completed; the requeued attempt keeps it."""
+    import subprocess
+
+    from tests.conftest import cli
+    from tests.test_sweep_local import sweep_record
+    from tests.test_sweep_slurm import _nudged, squeue, status_of, until
+
+    project = staged_project(tmp_path / "proj")
+    counter, markers = tmp_path / "counter.txt", tmp_path / "markers"
+    markers.mkdir()
+    proc = cli(
+        project,
+        *("sweep", "Staged", "--counter", str(counter), "--marker_dir", str(markers), "--hold_seconds", "120"),
+        *("--grid", "n=1", "--executor", "slurm"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (point,) = sweep_record(project)["points"]
+    key, job = point["key"], point["slurm_job_id"]
+    until(lambda: (markers / key).exists(), 60, "load_data to complete in the first attempt")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # preemption: requeued
+    until(
+        lambda: _nudged(job) and status_of(project, key) == "completed",
+        240,
+        "the requeued attempt to complete",
+        lambda: f"run {status_of(project, key)}, squeue {squeue(job)!r}",
+    )
+    assert_kept(project, key, counter)
+    until(lambda: not squeue(job).strip(), 30, "the job to leave the queue")
