@@ -23,6 +23,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -280,7 +281,7 @@ _MAX_PIECES = 2000  # more pieces of code than this: the module fingerprint is c
 _PRIMITIVES = (int, float, complex, str, bytes, bool, type(None))
 _TREES: dict[Path, tuple[tuple[int, int], ast.Module]] = {}
 _PINNED_TREES: dict[Path, ast.Module | None] = {}
-_OURS = str(Path(__file__).resolve().parent)  # phd_flow's own frames are not the user's code
+_OURS = str(Path(__file__).resolve().parent) + os.sep  # phd_flow's own frames are not the user's code
 
 
 class _Undecidable(Exception):
@@ -428,6 +429,8 @@ class _Walker:
         module = sys.modules.get(name) if isinstance(name, str) else None
         if module is None or not self._ours(_module_name(module, str(name))) or code.co_name == "<module>":
             raise _Undecidable("the stage is not opened in a function of the package")
+        if code.co_flags & (inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR):
+            raise _Undecidable("the stage is opened by a context manager of the user's: its code is the caller's")
         tree = _tree(Path(code.co_filename).resolve())
         if tree is None:
             raise _Undecidable("source not found")

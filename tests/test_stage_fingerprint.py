@@ -228,3 +228,41 @@ def test_require_reuses_a_node_unless_code_it_runs_changed(tmp_path: Path, packa
     third = outer()
     assert third.record.data["children"][0]["reused"] is False
     assert f"code of {package[0]}.helper.fit changed" in log_of(third)
+
+
+WRAPPED = """
+import contextlib
+import dataclasses
+
+from phd_flow import Node, node
+
+
+@dataclasses.dataclass
+class WrappedArgs(node.Args):
+    n: int = 3
+
+
+class Wrapped(Node[WrappedArgs, int]):
+    @contextlib.contextmanager
+    def my_stage(self, name):
+        with self.stage(name) as st:
+            yield st
+
+    def _run(self) -> int:
+        with self.my_stage("numbers") as st:
+            (st.path / "n.txt").write_text(str(self.args.n))
+        return self.args.n
+"""
+
+
+def test_a_stage_opened_through_a_context_manager_of_the_user_counts_the_whole_module(
+    tmp_path: Path, package: tuple[str, Path]
+) -> None:
+    """The block that does the work is the caller's, not the wrapper's: not decidable, so the
+    module fingerprint is used (never a fingerprint that misses the code that made the files)."""
+    (package[1] / "wrapped.py").write_text(WRAPPED)
+    forget(package[0])
+    node = importlib.import_module(f"{package[0]}.wrapped").Wrapped({}, config=config_of(tmp_path))
+    node.run()
+    code = stages(node)["numbers"]["inputs"]["code"]
+    assert "functions" not in code and f"{package[0]}/wrapped.py" in code["files"]
