@@ -310,10 +310,11 @@ def user_frame() -> FrameType | None:
     return frame
 
 
-def code_of_stage(node_cls: type, stage: str, frame: FrameType | None) -> dict[str, Any]:
+def code_of_stage(node_cls: type, stage: str, frame: FrameType | None = None) -> dict[str, Any]:
     """The code part of a stage's fingerprint: ``{"module", "functions": {name: sha256}}``.
 
-    It covers the ``with`` block that opened the stage (in ``frame``), the statements of its
+    It covers the ``with`` block that opened the stage (in ``frame``; without one, the one
+    ``with`` block of the node class's methods naming ``stage`` literally), the statements of its
     function before it (other stages' blocks left out: they count through ``depends_on``), and
     every function, class and module-level value of the user's package they use, transitively,
     each hashed on its normalized AST (comments, whitespace and docstrings do not count). When
@@ -321,12 +322,15 @@ def code_of_stage(node_cls: type, stage: str, frame: FrameType | None) -> dict[s
     """
     module = sys.modules.get(node_cls.__module__)
     found = _source_root(module, _module_name(module, node_cls.__module__))
-    if frame is None or found is None:
+    if found is None:
         return code_of(node_cls)
     root, top, _ = found
     try:
         walker = _Walker(root, top)
-        walker.stage_block(frame, stage)
+        if frame is not None:
+            walker.stage_block(frame, stage)
+        else:
+            walker.stage_named(node_cls, stage)
         return {"module": node_cls.__module__, "functions": dict(sorted(walker.pieces.items()))}
     except (_Undecidable, OSError, SyntaxError, ValueError, RecursionError):
         return code_of(node_cls, by_function=False)
@@ -435,11 +439,45 @@ class _Walker:
         if tree is None:
             raise _Undecidable("source not found")
         func, qualname = _def_at(tree, code, frame.f_lineno)
-        pruned = _stage_piece(func, frame.f_lineno, stage)
         owner = frame.f_locals.get("self")
-        key = f"{_module_name(module, str(name))}.{qualname} [stage {stage}]"
-        self.pieces[key] = _digest(pruned)
-        self._uses(pruned, module, type(owner) if owner is not None else None, _locals_of(func))
+        self._stage(module, qualname, func, frame.f_lineno, stage, type(owner) if owner is not None else None)
+
+    def stage_named(self, node_cls: type, stage: str) -> None:
+        """:meth:`stage_block` for the one ``with`` block of ``node_cls``'s methods (the first
+        class of its MRO that has one) naming ``stage`` literally: the fingerprint a run of
+        ``node_cls`` computes for ``stage``, without running it."""
+        for klass in node_cls.__mro__:
+            module = sys.modules.get(klass.__module__)
+            if module is None or not self._ours(klass.__module__):
+                continue
+            found = _find_def(self._module_tree(module), klass.__qualname__)
+            methods = [m for m in getattr(found, "body", []) if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            hits = [
+                (method, block.lineno)
+                for method in methods
+                for block in ast.walk(method)
+                if isinstance(block, (ast.With, ast.AsyncWith))
+                and any(
+                    isinstance(n, ast.Constant) and n.value == stage
+                    for i in block.items
+                    if isinstance(i.context_expr, ast.Call)
+                    for n in [stage_call_name(i.context_expr)]
+                )
+            ]
+            if len(hits) == 1:
+                method, line = hits[0]
+                self._stage(module, f"{klass.__qualname__}.{method.name}", method, line, stage, node_cls)
+                return
+            if hits:
+                break
+        raise _Undecidable(f"no single with block of {node_cls.__qualname__} opens stage {stage!r}")
+
+    def _stage(
+        self, module: ModuleType, qualname: str, func: _Function, line: int, stage: str, owner: type | None
+    ) -> None:
+        pruned = _stage_piece(func, line, stage)
+        self.pieces[f"{_module_name(module, module.__name__)}.{qualname} [stage {stage}]"] = _digest(pruned)
+        self._uses(pruned, module, owner, _locals_of(func))
 
     def add(self, obj: Any, module: ModuleType, name: str) -> None:
         """One object a piece of code names: a function, class or value of the package."""

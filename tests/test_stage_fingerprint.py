@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from phd_flow import Config, RunOptions, load_config
+from phd_flow import Config, RunOptions, load_config, reuse
 from tests.conftest import write_config
 
 NODES = '''
@@ -124,6 +124,9 @@ def test_a_comment_or_docstring_edit_recomputes_nothing(tmp_path: Path, package:
     config = config_of(tmp_path)
     first = run(package, config)
     assert not stages(first)["load_data"]["cached"]
+    three = sys.modules[f"{package[0]}.nodes"].Three
+    for stage in ("load_data", "train"):  # the fingerprint a run computes, computed without running it
+        assert stages(first)[stage]["inputs"]["code"] == reuse.code_of_stage(three, stage)
 
     edit(package[1] / "nodes.py", "    return x + 1\n", "    # a comment\n    return x + 1  # and another\n")
     edit(package[1] / "nodes.py", '"""Not called by any stage."""', '"""Reworded docstring."""')
