@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import copy
 import functools
 import hashlib
 import inspect
@@ -29,6 +28,7 @@ import subprocess
 import sys
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
@@ -62,6 +62,7 @@ def pinned() -> Iterator[None]:
             _PINNED.clear()
             _PINNED_GIT.clear()
             _PINNED_TREES.clear()
+            _PINNED_STAGES.clear()
 
 
 def code_of(node_cls: type, by_function: bool = True) -> dict[str, Any]:
@@ -281,6 +282,7 @@ _MAX_PIECES = 2000  # more pieces of code than this: the module fingerprint is c
 _PRIMITIVES = (int, float, complex, str, bytes, bool, type(None))
 _TREES: dict[Path, tuple[tuple[int, int], ast.Module]] = {}
 _PINNED_TREES: dict[Path, ast.Module | None] = {}
+_PINNED_STAGES: dict[tuple[type, str, tuple[str, int, int] | None], dict[str, Any]] = {}
 _OURS = str(Path(__file__).resolve().parent) + os.sep  # phd_flow's own frames are not the user's code
 
 
@@ -325,15 +327,22 @@ def code_of_stage(node_cls: type, stage: str, frame: FrameType | None = None) ->
     if found is None:
         return code_of(node_cls)
     root, top, _ = found
+    where = (frame.f_code.co_filename, frame.f_code.co_firstlineno, frame.f_lineno) if frame is not None else None
+    memo = (node_cls, stage, where)
+    if _PIN_DEPTH[0] and memo in _PINNED_STAGES:  # the same block again in this run (a loop)
+        return _PINNED_STAGES[memo]
     try:
         walker = _Walker(root, top)
         if frame is not None:
             walker.stage_block(frame, stage)
         else:
             walker.stage_named(node_cls, stage)
-        return {"module": node_cls.__module__, "functions": dict(sorted(walker.pieces.items()))}
+        code = {"module": node_cls.__module__, "functions": dict(sorted(walker.pieces.items()))}
     except (_Undecidable, OSError, SyntaxError, ValueError, RecursionError):
-        return code_of(node_cls, by_function=False)
+        code = code_of(node_cls, by_function=False)
+    if _PIN_DEPTH[0]:
+        _PINNED_STAGES[memo] = code
+    return code
 
 
 def _tree(path: Path) -> ast.Module | None:
@@ -356,20 +365,68 @@ def _tree(path: Path) -> ast.Module | None:
     return tree
 
 
-def _digest(node: ast.AST) -> str:
-    """sha256 of the AST without docstrings, positions or comments."""
-    copied = copy.deepcopy(node)
-    for each in ast.walk(copied):
-        body = getattr(each, "body", None)
-        if (
-            isinstance(each, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-            and body
-            and isinstance(body[0], ast.Expr)
-            and isinstance(body[0].value, ast.Constant)
-            and isinstance(body[0].value.value, str)
-        ):
-            each.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(ast.dump(copied, include_attributes=False).encode()).hexdigest()
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+@dataclass(frozen=True)
+class _View:
+    """Parsed code as hashed and read for what it uses, without copying the tree: the bodies of
+    the ``hollow`` blocks, the root's statements from ``cut`` on, and docstrings are left out."""
+
+    root: ast.AST
+    hollow: frozenset[int] = frozenset()
+    cut: int | None = None
+
+    def fields(self, node: ast.AST) -> Iterator[tuple[str, Any]]:
+        for name, value in ast.iter_fields(node):
+            if name == "body" and isinstance(value, list):
+                if id(node) in self.hollow:
+                    value = []
+                elif node is self.root and self.cut is not None:
+                    value = value[: self.cut]
+                first = value[0] if value else None
+                if (
+                    isinstance(node, _DOCUMENTED)
+                    and isinstance(first, ast.Expr)
+                    and isinstance(first.value, ast.Constant)
+                ):
+                    value = value[1:] if isinstance(first.value.value, str) else value
+            yield name, value
+
+    def walk(self) -> Iterator[ast.AST]:
+        todo = [self.root]
+        while todo:
+            node = todo.pop()
+            yield node
+            for _, value in self.fields(node):
+                if isinstance(value, ast.AST):
+                    todo.append(value)
+                elif isinstance(value, list):
+                    todo.extend(v for v in value if isinstance(v, ast.AST))
+
+    def digest(self) -> str:
+        """sha256 of the normalized AST: no docstrings, positions, comments or formatting."""
+        parts: list[str] = []
+
+        def dump(value: Any) -> None:
+            if isinstance(value, ast.AST):
+                parts.append(f"{type(value).__name__}(")
+                for name, inner in self.fields(value):
+                    parts.append(f"{name}=")
+                    dump(inner)
+                    parts.append(",")
+                parts.append(")")
+            elif isinstance(value, list):
+                parts.append("[")
+                for inner in value:
+                    dump(inner)
+                    parts.append(",")
+                parts.append("]")
+            else:
+                parts.append(repr(value))
+
+        dump(self.root)
+        return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 _Def = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
@@ -476,7 +533,7 @@ class _Walker:
         self, module: ModuleType, qualname: str, func: _Function, line: int, stage: str, owner: type | None
     ) -> None:
         pruned = _stage_piece(func, line, stage)
-        self.pieces[f"{_module_name(module, module.__name__)}.{qualname} [stage {stage}]"] = _digest(pruned)
+        self.pieces[f"{_module_name(module, module.__name__)}.{qualname} [stage {stage}]"] = pruned.digest()
         self._uses(pruned, module, owner, _locals_of(func))
 
     def add(self, obj: Any, module: ModuleType, name: str) -> None:
@@ -511,9 +568,9 @@ class _Walker:
         tree = self._module_tree(module)
         assigned = [s for s in tree.body if name in _assigned(s) or getattr(s, "name", None) == name]
         if assigned:
-            self.pieces[key] = _digest(ast.Module(body=assigned, type_ignores=[]))
-            for statement in assigned:
-                self._uses(statement, module, None, set())
+            view = _View(ast.Module(body=assigned, type_ignores=[]))
+            self.pieces[key] = view.digest()
+            self._uses(view, module, None, set())
         elif self._ours(type(obj).__module__):
             self.add(type(obj), module, name)
 
@@ -527,20 +584,20 @@ class _Walker:
         found = _find_def(self._module_tree(module), qualname)
         if found is None:
             raise _Undecidable(f"{obj.__module__}.{qualname} not found in its source")
-        self.pieces[f"{_module_name(module, module.__name__)}.{qualname}"] = _digest(found)
+        self.pieces[f"{_module_name(module, module.__name__)}.{qualname}"] = _View(found).digest()
         owner: type | None = obj if isinstance(obj, type) else None
         if owner is None and "<locals>" not in qualname and "." in qualname:
             candidate: Any = module
             for part in qualname.split(".")[:-1]:
                 candidate = getattr(candidate, part, None)
             owner = candidate if isinstance(candidate, type) else None
-        self._uses(found, module, owner, _locals_of(found) if not isinstance(found, ast.ClassDef) else set())
+        self._uses(_View(found), module, owner, _locals_of(found) if not isinstance(found, ast.ClassDef) else set())
 
-    def _uses(self, code: ast.AST, module: ModuleType, owner: type | None, local: set[str]) -> None:
+    def _uses(self, code: _View, module: ModuleType, owner: type | None, local: set[str]) -> None:
         """Add what ``code`` (in ``module``; ``self`` an instance of ``owner``) names."""
         namespace = vars(module)
         based: set[int] = set()  # Name nodes read as the base of an attribute chain
-        for each in ast.walk(code):
+        for each in code.walk():
             if isinstance(each, ast.Call):
                 func = each.func
                 called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
@@ -568,7 +625,7 @@ class _Walker:
                     self._member(owner, chain[0])
                 elif base.id not in local and base.id in namespace:
                     self._chain(namespace[base.id], chain, module, base.id)
-        for each in ast.walk(code):
+        for each in code.walk():
             if (
                 isinstance(each, ast.Name)
                 and isinstance(each.ctx, ast.Load)
@@ -660,11 +717,10 @@ def _def_at(tree: ast.Module, code: types.CodeType, line: int) -> tuple[_Functio
     return found[0]
 
 
-def _stage_piece(func: _Function, line: int, stage: str) -> ast.AST:
+def _stage_piece(func: _Function, line: int, stage: str) -> _View:
     """``func`` up to the ``with`` statement at ``line`` that opens ``stage``, with the bodies
     of the other stages' ``with`` blocks left out."""
-    pruned = copy.deepcopy(func)
-    blocks = [w for w in ast.walk(pruned) if isinstance(w, (ast.With, ast.AsyncWith))]
+    blocks = [w for w in ast.walk(func) if isinstance(w, (ast.With, ast.AsyncWith))]
 
     def names(w: ast.With | ast.AsyncWith) -> list[ast.expr]:
         calls = [i.context_expr for i in w.items if isinstance(i.context_expr, ast.Call)]
@@ -679,16 +735,17 @@ def _stage_piece(func: _Function, line: int, stage: str) -> ast.AST:
     if not opening:
         raise _Undecidable("the stage is not opened by a with statement")
     ours = opening[-1]  # the innermost (ast.walk is breadth-first)
+    parents = {id(child): node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
     inside = {id(n) for n in ast.walk(ours)}
-    around = {id(w) for w in blocks if id(ours) in {id(n) for n in ast.walk(w)}}
-    for w in blocks:
-        if id(w) not in inside and id(w) not in around and names(w):
-            w.body = [ast.Pass()]  # another stage: it counts through depends_on
-    for index, statement in enumerate(pruned.body):
-        if id(statement) in around or any(n is ours for n in ast.walk(statement)):
-            pruned.body = pruned.body[: index + 1]  # what runs after the stage is not its code
-            break
-    return pruned
+    around: set[int] = {id(ours)}
+    top: ast.AST = ours
+    while id(top) in parents and parents[id(top)] is not func:
+        top = parents[id(top)]
+        around.add(id(top))
+    # another stage's block: it counts through depends_on
+    hollow = frozenset(id(w) for w in blocks if id(w) not in inside and id(w) not in around and names(w))
+    cut = next(i + 1 for i, statement in enumerate(func.body) if statement is top)
+    return _View(func, hollow, cut)  # what runs after the stage is not its code
 
 
 def inputs_of(
