@@ -282,7 +282,7 @@ _MAX_PIECES = 2000  # more pieces of code than this: the module fingerprint is c
 _PRIMITIVES = (int, float, complex, str, bytes, bool, type(None))
 _TREES: dict[Path, tuple[tuple[int, int], ast.Module]] = {}
 _PINNED_TREES: dict[Path, ast.Module | None] = {}
-_PINNED_STAGES: dict[tuple[type, str, tuple[str, int, int] | None], dict[str, Any]] = {}
+_PINNED_STAGES: dict[tuple[type, str, tuple[str, int, int] | None, bool], dict[str, Any]] = {}
 _OURS = str(Path(__file__).resolve().parent) + os.sep  # phd_flow's own frames are not the user's code
 
 
@@ -312,12 +312,15 @@ def user_frame() -> FrameType | None:
     return frame
 
 
-def code_of_stage(node_cls: type, stage: str, frame: FrameType | None = None) -> dict[str, Any]:
+def code_of_stage(
+    node_cls: type, stage: str, frame: FrameType | None = None, others_left_out: bool = True
+) -> dict[str, Any]:
     """The code part of a stage's fingerprint: ``{"module", "functions": {name: sha256}}``.
 
     It covers the ``with`` block that opened the stage (in ``frame``; without one, the one
     ``with`` block of the node class's methods naming ``stage`` literally), the statements of its
-    function before it (other stages' blocks left out: they count through ``depends_on``), and
+    function before it (other stages' blocks left out, with ``others_left_out``: a stage that
+    names its ``depends_on`` counts them through it; one without counts their code too), and
     every function, class and module-level value of the user's package they use, transitively,
     each hashed on its normalized AST (comments, whitespace and docstrings do not count). When
     that cannot be decided (a dynamic call, source not found), :func:`code_of` is used.
@@ -328,11 +331,11 @@ def code_of_stage(node_cls: type, stage: str, frame: FrameType | None = None) ->
         return code_of(node_cls)
     root, top, _ = found
     where = (frame.f_code.co_filename, frame.f_code.co_firstlineno, frame.f_lineno) if frame is not None else None
-    memo = (node_cls, stage, where)
+    memo = (node_cls, stage, where, others_left_out)
     if _PIN_DEPTH[0] and memo in _PINNED_STAGES:  # the same block again in this run (a loop)
         return _PINNED_STAGES[memo]
     try:
-        walker = _Walker(root, top)
+        walker = _Walker(root, top, others_left_out)
         if frame is not None:
             walker.stage_block(frame, stage)
         else:
@@ -468,8 +471,9 @@ def _locals_of(func: ast.AST) -> set[str]:
 class _Walker:
     """Collects the pieces of the user's package that some code uses, transitively."""
 
-    def __init__(self, root: Path, top: str) -> None:
+    def __init__(self, root: Path, top: str, others_left_out: bool = True) -> None:
         self.root, self.top = root, top
+        self.others_left_out = others_left_out  # other stages' blocks, in a stage's function
         self.pieces: dict[str, str] = {}
         self._seen: set[object] = set()  # id() of definitions, "module.name" of values
 
@@ -532,7 +536,7 @@ class _Walker:
     def _stage(
         self, module: ModuleType, qualname: str, func: _Function, line: int, stage: str, owner: type | None
     ) -> None:
-        pruned = _stage_piece(func, line, stage)
+        pruned = _stage_piece(func, line, stage, self.others_left_out)
         self.pieces[f"{_module_name(module, module.__name__)}.{qualname} [stage {stage}]"] = pruned.digest()
         self._uses(pruned, module, owner, _locals_of(func))
 
@@ -617,10 +621,16 @@ class _Walker:
                 while isinstance(base, ast.Attribute):
                     chain.append(base.attr)
                     base = base.value
+                chain.reverse()
+                if isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super":
+                    for klass in owner.__mro__[1:] if owner is not None else ():
+                        if chain[0] in vars(klass):  # super().fit(): the first class after it that has fit
+                            self._member(klass, chain[0])
+                            break
+                    continue
                 if not isinstance(base, ast.Name):
                     continue
                 based.add(id(base))
-                chain.reverse()
                 if base.id in ("self", "cls") and owner is not None:
                     self._member(owner, chain[0])
                 elif base.id not in local and base.id in namespace:
@@ -717,9 +727,9 @@ def _def_at(tree: ast.Module, code: types.CodeType, line: int) -> tuple[_Functio
     return found[0]
 
 
-def _stage_piece(func: _Function, line: int, stage: str) -> _View:
+def _stage_piece(func: _Function, line: int, stage: str, others_left_out: bool = True) -> _View:
     """``func`` up to the ``with`` statement at ``line`` that opens ``stage``, with the bodies
-    of the other stages' ``with`` blocks left out."""
+    of the other stages' ``with`` blocks left out (``others_left_out``)."""
     blocks = [w for w in ast.walk(func) if isinstance(w, (ast.With, ast.AsyncWith))]
 
     def names(w: ast.With | ast.AsyncWith) -> list[ast.expr]:
@@ -743,7 +753,9 @@ def _stage_piece(func: _Function, line: int, stage: str) -> _View:
         top = parents[id(top)]
         around.add(id(top))
     # another stage's block: it counts through depends_on
-    hollow = frozenset(id(w) for w in blocks if id(w) not in inside and id(w) not in around and names(w))
+    hollow = frozenset(
+        id(w) for w in blocks if others_left_out and id(w) not in inside and id(w) not in around and names(w)
+    )
     cut = next(i + 1 for i, statement in enumerate(func.body) if statement is top)
     return _View(func, hollow, cut)  # what runs after the stage is not its code
 

@@ -269,3 +269,58 @@ def test_a_stage_opened_through_a_context_manager_of_the_user_counts_the_whole_m
     node.run()
     code = stages(node)["numbers"]["inputs"]["code"]
     assert "functions" not in code and f"{package[0]}/wrapped.py" in code["files"]
+
+
+PLAIN = """
+import dataclasses
+
+from phd_flow import Node, node
+
+
+@dataclasses.dataclass
+class PlainArgs(node.Args):
+    n: int = 3
+
+
+class Base(Node[PlainArgs, str]):
+    def shape(self, text):
+        return text.upper()
+
+
+class Plain(Base):
+    def shape(self, text):
+        return super().shape(text) + "!"
+
+    def _run(self) -> str:
+        with self.stage("first") as one:
+            rows = " ".join(str(i) for i in range(self.args.n))
+            (one.path / "rows.txt").write_text(rows)
+        with self.stage("second") as two:  # no depends_on: it uses what first made, unsaid
+            (two.path / "out.txt").write_text(self.shape(rows))
+        return rows
+"""
+
+
+def test_a_stage_without_depends_on_counts_the_code_of_the_stages_before_it(
+    tmp_path: Path, package: tuple[str, Path]
+) -> None:
+    (package[1] / "plain.py").write_text(PLAIN)
+    text = f'local_path = "{tmp_path / "store"}"\n[mlflow]\nenabled = false\n'
+    config = load_config(tmp_path, write_config(tmp_path, text))
+
+    def plain() -> Any:
+        forget(package[0])
+        node = importlib.import_module(f"{package[0]}.plain").Plain({}, config=config, options=RunOptions(cache=True))
+        node.run()
+        return node
+
+    plain()
+    edit(package[1] / "plain.py", "str(i) for i", "str(2 * i) for i")  # first's block
+    second = plain()
+    assert not stages(second)["first"]["cached"] and not stages(second)["second"]["cached"]
+
+    edit(package[1] / "plain.py", "return text.upper()", "return text.lower()")  # Base.shape, via super()
+    third = plain()
+    assert stages(third)["first"]["cached"] is True
+    assert not stages(third)["second"]["cached"]
+    assert f"code of {package[0]}.plain.Base.shape changed" in log_of(third)

@@ -350,7 +350,9 @@ class StageManager:
                     f"neither a field of {node_cls.args_type().__name__} ({', '.join(args)}) nor "
                     f"a stage opened earlier in this run ({others})."
                 )
-        return reuse.inputs_of(node_cls, values, stages, reuse.code_of_stage(node_cls, stage.name, frame))
+        # a stage naming its depends_on counts earlier stages through them, not through their code
+        code = reuse.code_of_stage(node_cls, stage.name, frame, others_left_out=stage.depends_on is not None)
+        return reuse.inputs_of(node_cls, values, stages, code)
 
     def _load(self, stage: Stage, rule: Rule) -> None:
         name = type(self.node).__name__
