@@ -315,6 +315,8 @@ def child_run_paths(local_path: Path, run_path: str) -> list[str]:
 def remote_child_paths(config: Config, remote: Remote, parents: list[str] | None = None) -> dict[str, str]:
     """``{child key: <parent>/<child key>}`` of the child runs in storage below ``parents`` (all
     runs when None), and theirs, found through the ``children`` each run.json lists."""
+    from phd_flow.keys import is_run_key
+
     found: dict[str, str] = {}
     records: dict[str, dict[str, Any] | None] = {}
     if parents is None:  # the listing's records (an index entry written before "children": fetched)
@@ -335,8 +337,9 @@ def remote_child_paths(config: Config, remote: Remote, parents: list[str] | None
         for name, known in records.items():
             for child in (known or {}).get("children") or []:
                 path = str(child.get("path") or "") if isinstance(child, dict) else ""
-                if path.startswith(f"{name}/") and path.count("/") == name.count("/") + 1 and path not in todo:
-                    found.setdefault(path.rsplit("/", 1)[-1], path)
+                child_key = path.rsplit("/", 1)[-1]  # remote data: only a run key one level below counts
+                if path == f"{name}/{child_key}" and is_run_key(child_key) and path not in todo:
+                    found.setdefault(child_key, path)
                     todo[path] = None  # its own children are in its run.json
         records = todo
     return found
