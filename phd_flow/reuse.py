@@ -282,7 +282,7 @@ _MAX_PIECES = 2000  # more pieces of code than this: the module fingerprint is c
 _PRIMITIVES = (int, float, complex, str, bytes, bool, type(None))
 _TREES: dict[Path, tuple[tuple[int, int], ast.Module]] = {}
 _PINNED_TREES: dict[Path, ast.Module | None] = {}
-_PINNED_STAGES: dict[tuple[type, str, tuple[str, int, int] | None, bool], dict[str, Any]] = {}
+_PINNED_STAGES: dict[tuple[type, str | None, tuple[str, int, int] | None, bool], tuple[str, dict[str, Any]]] = {}
 _OURS = str(Path(__file__).resolve().parent) + os.sep  # phd_flow's own frames are not the user's code
 
 
@@ -331,9 +331,14 @@ def code_of_stage(
         return code_of(node_cls)
     root, top, _ = found
     where = (frame.f_code.co_filename, frame.f_code.co_firstlineno, frame.f_lineno) if frame is not None else None
-    memo = (node_cls, stage, where, others_left_out)
-    if _PIN_DEPTH[0] and memo in _PINNED_STAGES:  # the same block again in this run (a loop)
-        return _PINNED_STAGES[memo]
+    # the same block again in this run (a loop, maybe with computed stage names): computed once
+    memo = (node_cls, stage if where is None else None, where, others_left_out)
+    if _PIN_DEPTH[0] and memo in _PINNED_STAGES:
+        before, code = _PINNED_STAGES[memo]
+        if before == stage:
+            return code
+        renamed = {k.replace(f" [stage {before}]", f" [stage {stage}]"): v for k, v in code["functions"].items()}
+        return {**code, "functions": renamed} if "functions" in code else code
     try:
         walker = _Walker(root, top, others_left_out)
         if frame is not None:
@@ -344,7 +349,7 @@ def code_of_stage(
     except (_Undecidable, OSError, SyntaxError, ValueError, RecursionError):
         code = code_of(node_cls, by_function=False)
     if _PIN_DEPTH[0]:
-        _PINNED_STAGES[memo] = code
+        _PINNED_STAGES[memo] = (stage, code)
     return code
 
 

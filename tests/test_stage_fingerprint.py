@@ -324,3 +324,33 @@ def test_a_stage_without_depends_on_counts_the_code_of_the_stages_before_it(
     assert stages(third)["first"]["cached"] is True
     assert not stages(third)["second"]["cached"]
     assert f"code of {package[0]}.plain.Base.shape changed" in log_of(third)
+
+
+LOOP = """
+import dataclasses
+
+from phd_flow import Node, node
+
+
+@dataclasses.dataclass
+class LoopArgs(node.Args):
+    n: int = 3
+
+
+class Loop(Node[LoopArgs, int]):
+    def _run(self) -> int:
+        for part in range(self.args.n):
+            with self.stage(f"part{part}", depends_on=["n"]) as st:
+                (st.path / "part.txt").write_text(str(part))
+        return self.args.n
+"""
+
+
+def test_stages_opened_in_a_loop_share_the_code_of_their_block(tmp_path: Path, package: tuple[str, Path]) -> None:
+    (package[1] / "loop.py").write_text(LOOP)
+    forget(package[0])
+    node = importlib.import_module(f"{package[0]}.loop").Loop({}, config=config_of(tmp_path))
+    node.run()
+    codes = [stages(node)[f"part{i}"]["inputs"]["code"]["functions"] for i in range(3)]
+    assert [list(code) for code in codes] == [[f"{package[0]}.loop.Loop._run [stage part{i}]"] for i in range(3)]
+    assert len({digest for code in codes for digest in code.values()}) == 1
