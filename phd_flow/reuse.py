@@ -2,11 +2,14 @@
 the append-only indexes that find earlier work by fingerprint, for ``require()`` and stages.
 
 Inputs are ``{"args": {...}, "code": {...}, "stages": {name: fp}}``; the fingerprint is a sha256
-over them plus what they are the inputs of (a node or a stage). The code part covers the code the
-node really runs: ``files`` maps every module of the node's top-level package that the node's
-module imports, transitively (``import`` / ``from`` statements read with :mod:`ast`; the whole
-package tree when a module imports dynamically or cannot be parsed), to its sha256, and ``git``
-holds the commit and the sha256 of the uncommitted diff of those files. Each index is
+over them plus what they are the inputs of (a node or a stage). The code part covers the code
+that really runs: ``functions`` maps each piece of the user's package a stage's ``with`` block (or
+a node's class) uses, transitively, to the sha256 of its normalized AST (comments and docstrings
+do not count). When that cannot be decided (dynamic calls), it falls back to the module: ``files``
+maps every module of the node's top-level package that the node's module imports, transitively
+(``import`` / ``from`` statements read with :mod:`ast`; the whole package tree when a module
+imports dynamically or cannot be parsed), to its sha256, and ``git`` holds the commit and the
+sha256 of the uncommitted diff of those files. Each index is
 ``<local_path>/.phd_flow/<kind>/<name>.jsonl``, one line per completed piece of work: lookups
 read one small file, never every run directory.
 """
@@ -15,14 +18,19 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
+import os
 import shutil
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any
 
 from phd_flow._io import read_jsonl
@@ -53,10 +61,15 @@ def pinned() -> Iterator[None]:
         if not _PIN_DEPTH[0]:
             _PINNED.clear()
             _PINNED_GIT.clear()
+            _PINNED_TREES.clear()
+            _PINNED_STAGES.clear()
 
 
-def code_of(node_cls: type) -> dict[str, Any]:
-    """The code part of a fingerprint: ``{"module", "files": {path: sha256}, "git"}``.
+def code_of(node_cls: type, by_function: bool = True) -> dict[str, Any]:
+    """The code part of a node's fingerprint: ``{"module", "functions": {name: sha256}}``, the
+    node class and every function, class and value of the user's package it uses, transitively,
+    on their normalized AST (see :func:`code_of_stage`); or, when that cannot be decided (or
+    ``by_function`` is False), per module: ``{"module", "files": {path: sha256}, "git"}``.
 
     Paths are relative to the directory holding the node's top-level package, e.g.
     ``my_project/helper.py``; ``git`` is None outside a git work tree.
@@ -67,6 +80,12 @@ def code_of(node_cls: type) -> dict[str, Any]:
     if found is None:  # defined in a REPL or a notebook cell: nothing on disk to cover
         return {"module": node_cls.__module__, "files": {}, "git": None}
     root, top, file = found
+    if by_function and module is not None and node_cls.__module__ != "__main__":
+        with contextlib.suppress(_Undecidable, OSError, SyntaxError, ValueError, RecursionError):
+            walker = _Walker(root, top)
+            walker.add(node_cls, module, node_cls.__name__)
+            if walker.pieces:
+                return {"module": node_cls.__module__, "functions": dict(sorted(walker.pieces.items()))}
     files = code_files(root, top, name, file)
     return {"module": node_cls.__module__, "files": files, "git": _git_state(root, files)}
 
@@ -253,9 +272,508 @@ def _git(cwd: Path, *args: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def inputs_of(node_cls: type, args: dict[str, Any], stages: dict[str, str | None] | None = None) -> dict[str, Any]:
-    """The inputs of a node run or a stage: arg values, the node's code, earlier stages."""
-    return {"args": args, "code": code_of(node_cls), "stages": dict(stages or {})}
+# --- the code a stage or a node really runs: functions of the user's package, normalized AST ----
+
+#: Calls whose target or effect is named at run time: what runs cannot be read statically.
+_DYNAMIC_CALLS = frozenset({"eval", "exec", "__import__", "import_module"})
+#: Calls that open a stage (``stage=`` for the managed artifacts).
+_STAGE_CALLS = ("stage", "managed_artifact", "managed_artifact_dir")
+_MAX_PIECES = 2000  # more pieces of code than this: the module fingerprint is cheaper and as good
+_PRIMITIVES = (int, float, complex, str, bytes, bool, type(None))
+_TREES: dict[Path, tuple[tuple[int, int], ast.Module]] = {}
+_PINNED_TREES: dict[Path, ast.Module | None] = {}
+_PINNED_STAGES: dict[tuple[type, str | None, tuple[str, int, int] | None, bool], tuple[str, dict[str, Any]]] = {}
+_OURS = str(Path(__file__).resolve().parent) + os.sep  # phd_flow's own frames are not the user's code
+
+
+class _Undecidable(Exception):
+    """What runs cannot be told from the source: the module fingerprint is used instead."""
+
+
+def stage_call_name(call: ast.Call) -> ast.expr | None:
+    """The name argument of a call that opens a stage (``.stage("x")``,
+    ``.managed_artifact(..., stage="x")``), or None for any other call."""
+    if not isinstance(call.func, ast.Attribute) or call.func.attr not in _STAGE_CALLS:
+        return None
+    keywords = {k.arg: k.value for k in call.keywords}
+    if call.func.attr == "stage":
+        return call.args[0] if call.args else keywords.get("name")
+    arg = call.args[1] if len(call.args) > 1 else keywords.get("stage")
+    return None if isinstance(arg, ast.Constant) and arg.value is None else arg
+
+
+def user_frame() -> FrameType | None:
+    """The innermost frame of the caller that is not phd_flow's (nor contextlib's)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_OURS) or frame.f_code.co_filename == contextlib.__file__
+    ):
+        frame = frame.f_back
+    return frame
+
+
+def code_of_stage(
+    node_cls: type, stage: str, frame: FrameType | None = None, others_left_out: bool = True
+) -> dict[str, Any]:
+    """The code part of a stage's fingerprint: ``{"module", "functions": {name: sha256}}``.
+
+    It covers the ``with`` block that opened the stage (in ``frame``; without one, the one
+    ``with`` block of the node class's methods naming ``stage`` literally), the statements of its
+    function before it (other stages' blocks left out, with ``others_left_out``: a stage that
+    names its ``depends_on`` counts them through it; one without counts their code too), and
+    every function, class and module-level value of the user's package they use, transitively,
+    each hashed on its normalized AST (comments, whitespace and docstrings do not count). When
+    that cannot be decided (a dynamic call, source not found), :func:`code_of` is used.
+    """
+    module = sys.modules.get(node_cls.__module__)
+    found = _source_root(module, _module_name(module, node_cls.__module__))
+    if found is None:
+        return code_of(node_cls)
+    root, top, _ = found
+    where = (frame.f_code.co_filename, frame.f_code.co_firstlineno, frame.f_lineno) if frame is not None else None
+    # the same block again in this run (a loop, maybe with computed stage names): computed once
+    memo = (node_cls, stage if where is None else None, where, others_left_out)
+    if _PIN_DEPTH[0] and memo in _PINNED_STAGES:
+        before, code = _PINNED_STAGES[memo]
+        if before == stage:
+            return code
+        renamed = {k.replace(f" [stage {before}]", f" [stage {stage}]"): v for k, v in code["functions"].items()}
+        return {**code, "functions": renamed} if "functions" in code else code
+    try:
+        walker = _Walker(root, top, others_left_out)
+        if frame is not None:
+            walker.stage_block(frame, stage)
+        else:
+            walker.stage_named(node_cls, stage)
+        code = {"module": node_cls.__module__, "functions": dict(sorted(walker.pieces.items()))}
+    except (_Undecidable, OSError, SyntaxError, ValueError, RecursionError):
+        code = code_of(node_cls, by_function=False)
+    if _PIN_DEPTH[0]:
+        _PINNED_STAGES[memo] = (stage, code)
+    return code
+
+
+def _tree(path: Path) -> ast.Module | None:
+    """The parsed file, read once while a run goes on (see :func:`pinned`)."""
+    if _PIN_DEPTH[0] and path in _PINNED_TREES:
+        return _PINNED_TREES[path]
+    try:
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = _TREES.get(path)
+        if cached is not None and cached[0] == stamp:
+            tree: ast.Module | None = cached[1]
+        else:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+            _TREES[path] = (stamp, tree)
+    except (OSError, SyntaxError, ValueError):
+        tree = None
+    if _PIN_DEPTH[0]:
+        _PINNED_TREES[path] = tree
+    return tree
+
+
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+@dataclass(frozen=True)
+class _View:
+    """Parsed code as hashed and read for what it uses, without copying the tree: the bodies of
+    the ``hollow`` blocks, the root's statements from ``cut`` on, and docstrings are left out."""
+
+    root: ast.AST
+    hollow: frozenset[int] = frozenset()
+    cut: int | None = None
+
+    def fields(self, node: ast.AST) -> Iterator[tuple[str, Any]]:
+        for name, value in ast.iter_fields(node):
+            if name == "body" and isinstance(value, list):
+                if id(node) in self.hollow:
+                    value = []
+                elif node is self.root and self.cut is not None:
+                    value = value[: self.cut]
+                first = value[0] if value else None
+                if (
+                    isinstance(node, _DOCUMENTED)
+                    and isinstance(first, ast.Expr)
+                    and isinstance(first.value, ast.Constant)
+                ):
+                    value = value[1:] if isinstance(first.value.value, str) else value
+            yield name, value
+
+    def walk(self) -> Iterator[ast.AST]:
+        todo = [self.root]
+        while todo:
+            node = todo.pop()
+            yield node
+            for _, value in self.fields(node):
+                if isinstance(value, ast.AST):
+                    todo.append(value)
+                elif isinstance(value, list):
+                    todo.extend(v for v in value if isinstance(v, ast.AST))
+
+    def digest(self) -> str:
+        """sha256 of the normalized AST: no docstrings, positions, comments or formatting."""
+        parts: list[str] = []
+
+        def dump(value: Any) -> None:
+            if isinstance(value, ast.AST):
+                parts.append(f"{type(value).__name__}(")
+                for name, inner in self.fields(value):
+                    parts.append(f"{name}=")
+                    dump(inner)
+                    parts.append(",")
+                parts.append(")")
+            elif isinstance(value, list):
+                parts.append("[")
+                for inner in value:
+                    dump(inner)
+                    parts.append(",")
+                parts.append("]")
+            else:
+                parts.append(repr(value))
+
+        dump(self.root)
+        return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+_Def = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
+
+
+def _find_def(tree: ast.Module, qualname: str) -> _Def | None:
+    """The definition named ``qualname`` (``A.b``, ``f.<locals>.g``); the last one wins, as at run time."""
+    body: list[ast.stmt] = tree.body
+    found: _Def | None = None
+    nested = False
+    for part in qualname.split("."):
+        if part == "<locals>":
+            nested = True
+            continue
+        pool = [n for n in (ast.walk(found) if nested and found is not None else body) if isinstance(n, _Def)]
+        candidates = [n for n in pool if n.name == part and n is not found]
+        if not candidates:
+            return None
+        found, nested = candidates[-1], False
+        body = found.body
+    return found
+
+
+def _locals_of(func: ast.AST) -> set[str]:
+    """Names bound inside ``func`` (parameters, assignments, imports, loop targets)."""
+    names: set[str] = set()
+    for each in ast.walk(func):
+        if isinstance(each, ast.arg):
+            names.add(each.arg)
+        elif isinstance(each, ast.Name) and isinstance(each.ctx, (ast.Store, ast.Del)):
+            names.add(each.id)
+        elif isinstance(each, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in each.names)
+        elif isinstance(each, _Def) and each is not func:
+            names.add(each.name)
+    return names
+
+
+class _Walker:
+    """Collects the pieces of the user's package that some code uses, transitively."""
+
+    def __init__(self, root: Path, top: str, others_left_out: bool = True) -> None:
+        self.root, self.top = root, top
+        self.others_left_out = others_left_out  # other stages' blocks, in a stage's function
+        self.pieces: dict[str, str] = {}
+        self._seen: set[object] = set()  # id() of definitions, "module.name" of values
+
+    def _ours(self, module_name: object) -> bool:
+        return isinstance(module_name, str) and module_name.split(".")[0] == self.top
+
+    def _module_tree(self, module: ModuleType) -> ast.Module:
+        file = getattr(module, "__file__", None)
+        tree = _tree(Path(file).resolve()) if file and str(file).endswith(".py") else None
+        if tree is None:
+            raise _Undecidable(f"no source for {module.__name__}")
+        return tree
+
+    def stage_block(self, frame: FrameType, stage: str) -> None:
+        """The piece of the function in ``frame`` that opened ``stage``, and what it uses."""
+        code = frame.f_code
+        name = frame.f_globals.get("__name__")
+        module = sys.modules.get(name) if isinstance(name, str) else None
+        if module is None or not self._ours(_module_name(module, str(name))) or code.co_name == "<module>":
+            raise _Undecidable("the stage is not opened in a function of the package")
+        if code.co_flags & (inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR):
+            raise _Undecidable("the stage is opened by a context manager of the user's: its code is the caller's")
+        tree = _tree(Path(code.co_filename).resolve())
+        if tree is None:
+            raise _Undecidable("source not found")
+        func, qualname = _def_at(tree, code, frame.f_lineno)
+        owner = frame.f_locals.get("self")
+        self._stage(module, qualname, func, frame.f_lineno, stage, type(owner) if owner is not None else None)
+
+    def stage_named(self, node_cls: type, stage: str) -> None:
+        """:meth:`stage_block` for the one ``with`` block of ``node_cls``'s methods (the first
+        class of its MRO that has one) naming ``stage`` literally: the fingerprint a run of
+        ``node_cls`` computes for ``stage``, without running it."""
+        for klass in node_cls.__mro__:
+            module = sys.modules.get(klass.__module__)
+            if module is None or not self._ours(klass.__module__):
+                continue
+            found = _find_def(self._module_tree(module), klass.__qualname__)
+            methods = [m for m in getattr(found, "body", []) if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            hits = [
+                (method, block.lineno)
+                for method in methods
+                for block in ast.walk(method)
+                if isinstance(block, (ast.With, ast.AsyncWith))
+                and any(
+                    isinstance(n, ast.Constant) and n.value == stage
+                    for i in block.items
+                    if isinstance(i.context_expr, ast.Call)
+                    for n in [stage_call_name(i.context_expr)]
+                )
+            ]
+            if len(hits) == 1:
+                method, line = hits[0]
+                self._stage(module, f"{klass.__qualname__}.{method.name}", method, line, stage, node_cls)
+                return
+            if hits:
+                break
+        raise _Undecidable(f"no single with block of {node_cls.__qualname__} opens stage {stage!r}")
+
+    def _stage(
+        self, module: ModuleType, qualname: str, func: _Function, line: int, stage: str, owner: type | None
+    ) -> None:
+        pruned = _stage_piece(func, line, stage, self.others_left_out)
+        self.pieces[f"{_module_name(module, module.__name__)}.{qualname} [stage {stage}]"] = pruned.digest()
+        self._uses(pruned, module, owner, _locals_of(func))
+
+    def add(self, obj: Any, module: ModuleType, name: str) -> None:
+        """One object a piece of code names: a function, class or value of the package."""
+        if isinstance(obj, (staticmethod, classmethod)):
+            obj = obj.__func__
+        elif isinstance(obj, property):
+            for part in (obj.fget, obj.fset, obj.fdel):
+                if part is not None:
+                    self.add(part, module, name)
+            return
+        elif isinstance(obj, functools.partial):
+            obj = obj.func
+        if callable(obj) and hasattr(obj, "__wrapped__"):  # functools.wraps, lru_cache, ...
+            with contextlib.suppress(ValueError):
+                obj = inspect.unwrap(obj)
+        if isinstance(obj, ModuleType):
+            return
+        if isinstance(obj, (types.FunctionType, type)):
+            if not self._ours(getattr(obj, "__module__", None)) or id(obj) in self._seen:
+                return
+            self._seen.add(id(obj))
+            self._definition(obj)
+            return
+        key = f"{_module_name(module, module.__name__)}.{name}"
+        if not self._ours(module.__name__) or key in self._seen:
+            return
+        self._seen.add(key)
+        if isinstance(obj, _PRIMITIVES) or _plain(obj):
+            self.pieces[key] = hashlib.sha256(repr(obj).encode()).hexdigest()
+            return
+        tree = self._module_tree(module)
+        assigned = [s for s in tree.body if name in _assigned(s) or getattr(s, "name", None) == name]
+        if assigned:
+            view = _View(ast.Module(body=assigned, type_ignores=[]))
+            self.pieces[key] = view.digest()
+            self._uses(view, module, None, set())
+        elif self._ours(type(obj).__module__):
+            self.add(type(obj), module, name)
+
+    def _definition(self, obj: Any) -> None:
+        if len(self.pieces) > _MAX_PIECES:
+            raise _Undecidable("too much code")
+        module = sys.modules.get(obj.__module__)
+        if module is None:
+            raise _Undecidable(f"module {obj.__module__} is not loaded")
+        qualname = obj.__qualname__
+        found = _find_def(self._module_tree(module), qualname)
+        if found is None:
+            raise _Undecidable(f"{obj.__module__}.{qualname} not found in its source")
+        self.pieces[f"{_module_name(module, module.__name__)}.{qualname}"] = _View(found).digest()
+        owner: type | None = obj if isinstance(obj, type) else None
+        if owner is None and "<locals>" not in qualname and "." in qualname:
+            candidate: Any = module
+            for part in qualname.split(".")[:-1]:
+                candidate = getattr(candidate, part, None)
+            owner = candidate if isinstance(candidate, type) else None
+        self._uses(_View(found), module, owner, _locals_of(found) if not isinstance(found, ast.ClassDef) else set())
+
+    def _uses(self, code: _View, module: ModuleType, owner: type | None, local: set[str]) -> None:
+        """Add what ``code`` (in ``module``; ``self`` an instance of ``owner``) names."""
+        namespace = vars(module)
+        based: set[int] = set()  # Name nodes read as the base of an attribute chain
+        for each in code.walk():
+            if isinstance(each, ast.Call):
+                func = each.func
+                called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+                if called in _DYNAMIC_CALLS:
+                    raise _Undecidable(f"{called}() in {module.__name__}")
+                if (
+                    called == "getattr"
+                    and len(each.args) > 1
+                    and isinstance(each.args[0], ast.Name)
+                    and each.args[0].id in ("self", "cls")
+                    and not isinstance(each.args[1], ast.Constant)
+                ):
+                    raise _Undecidable(f"getattr(self, <computed name>) in {module.__name__}")
+            elif isinstance(each, ast.Attribute) and isinstance(each.ctx, ast.Load):
+                chain = [each.attr]
+                base: ast.expr = each.value
+                while isinstance(base, ast.Attribute):
+                    chain.append(base.attr)
+                    base = base.value
+                chain.reverse()
+                if isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super":
+                    for klass in owner.__mro__[1:] if owner is not None else ():
+                        if chain[0] in vars(klass):  # super().fit(): the first class after it that has fit
+                            self._member(klass, chain[0])
+                            break
+                    continue
+                if not isinstance(base, ast.Name):
+                    continue
+                based.add(id(base))
+                if base.id in ("self", "cls") and owner is not None:
+                    self._member(owner, chain[0])
+                elif base.id not in local and base.id in namespace:
+                    self._chain(namespace[base.id], chain, module, base.id)
+        for each in code.walk():
+            if (
+                isinstance(each, ast.Name)
+                and isinstance(each.ctx, ast.Load)
+                and id(each) not in based
+                and each.id not in local
+                and each.id in namespace
+            ):
+                self.add(namespace[each.id], module, each.id)
+
+    def _member(self, owner: type, attr: str) -> None:
+        for klass in owner.__mro__:
+            if attr in vars(klass):
+                if self._ours(klass.__module__):
+                    found = vars(klass)[attr]
+                    if isinstance(found, (types.FunctionType, staticmethod, classmethod, property)):
+                        self.add(found, sys.modules[klass.__module__], attr)
+                    else:  # a class attribute: the class body holds it
+                        self.add(klass, sys.modules[klass.__module__], klass.__name__)
+                return
+
+    def _chain(self, obj: Any, chain: list[str], module: ModuleType, name: str) -> None:
+        """``helper.clean`` / ``Model.fit`` / ``pkg.sub.VALUE``: each module or class step."""
+        for attr in chain:
+            if isinstance(obj, ModuleType):
+                if not self._ours(obj.__name__):
+                    return
+                module, name = obj, attr
+                if attr not in vars(obj):
+                    return
+                obj = vars(obj)[attr]
+            elif isinstance(obj, type):
+                self.add(obj, module, name)
+                return
+            else:
+                break
+        self.add(obj, module, name)
+
+
+def _plain(obj: Any, depth: int = 0) -> bool:
+    """A value made only of primitives, lists, tuples, sets and dicts (its repr is its content)."""
+    if isinstance(obj, _PRIMITIVES):
+        return True
+    if depth > 5 or not isinstance(obj, (list, tuple, set, frozenset, dict)) or len(obj) > 10_000:
+        return False
+    items = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else list(obj)
+    return all(_plain(item, depth + 1) for item in items)
+
+
+def _assigned(statement: ast.stmt) -> set[str]:
+    targets: list[ast.expr] = []
+    if isinstance(statement, ast.Assign):
+        targets = statement.targets
+    elif isinstance(statement, (ast.AnnAssign, ast.AugAssign)):
+        targets = [statement.target]
+    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+
+
+_Function = ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def _def_at(tree: ast.Module, code: types.CodeType, line: int) -> tuple[_Function, str]:
+    """The definition of the function ``code`` that holds ``line`` (by name alone when the file
+    changed since it was imported), and its qualified name."""
+    found: list[tuple[_Function, str]] = []
+
+    def visit(body: list[ast.stmt], prefix: str, by_line: bool) -> None:
+        for each in body:
+            if isinstance(each, ast.ClassDef):
+                visit(each.body, f"{prefix}{each.name}.", by_line)
+            elif isinstance(each, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = each.decorator_list[0].lineno if each.decorator_list else each.lineno
+                here = code.co_firstlineno in (start, each.lineno) and each.lineno <= line <= (each.end_lineno or 0)
+                if each.name == code.co_name and (here or not by_line):
+                    found.append((each, f"{prefix}{each.name}"))
+                visit(each.body, f"{prefix}{each.name}.<locals>.", by_line)
+            else:
+                inner = [getattr(each, f, None) or [] for f in ("body", "orelse", "finalbody")]
+                inner += [h.body for h in getattr(each, "handlers", None) or []]
+                for statements in inner:
+                    visit([s for s in statements if isinstance(s, ast.stmt)], prefix, by_line)
+
+    visit(tree.body, "", True)
+    if not found:  # the file changed since it was imported (lines moved): by name
+        visit(tree.body, "", False)
+        qualname = getattr(code, "co_qualname", None)
+        found = [(f, q) for f, q in found if qualname is None or q == qualname]
+    if len(found) != 1:
+        raise _Undecidable(f"function {code.co_name} not found in its source")
+    return found[0]
+
+
+def _stage_piece(func: _Function, line: int, stage: str, others_left_out: bool = True) -> _View:
+    """``func`` up to the ``with`` statement at ``line`` that opens ``stage``, with the bodies
+    of the other stages' ``with`` blocks left out (``others_left_out``)."""
+    blocks = [w for w in ast.walk(func) if isinstance(w, (ast.With, ast.AsyncWith))]
+
+    def names(w: ast.With | ast.AsyncWith) -> list[ast.expr]:
+        calls = [i.context_expr for i in w.items if isinstance(i.context_expr, ast.Call)]
+        return [n for n in map(stage_call_name, calls) if n is not None]
+
+    opening = [
+        w for w in blocks if names(w) and w.lineno <= line <= max((i.context_expr.end_lineno or 0) for i in w.items)
+    ]
+    if not opening:  # the file changed since it was imported (lines moved): by the stage's name
+        opening = [w for w in blocks if any(isinstance(n, ast.Constant) and n.value == stage for n in names(w))]
+        opening = opening if len(opening) == 1 else []
+    if not opening:
+        raise _Undecidable("the stage is not opened by a with statement")
+    ours = opening[-1]  # the innermost (ast.walk is breadth-first)
+    parents = {id(child): node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
+    inside = {id(n) for n in ast.walk(ours)}
+    around: set[int] = {id(ours)}
+    top: ast.AST = ours
+    while id(top) in parents and parents[id(top)] is not func:
+        top = parents[id(top)]
+        around.add(id(top))
+    # another stage's block: it counts through depends_on
+    hollow = frozenset(
+        id(w) for w in blocks if others_left_out and id(w) not in inside and id(w) not in around and names(w)
+    )
+    cut = next(i + 1 for i, statement in enumerate(func.body) if statement is top)
+    return _View(func, hollow, cut)  # what runs after the stage is not its code
+
+
+def inputs_of(
+    node_cls: type,
+    args: dict[str, Any],
+    stages: dict[str, str | None] | None = None,
+    code: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The inputs of a node run or a stage: arg values, the code (the node's unless given),
+    earlier stages."""
+    return {"args": args, "code": code if code is not None else code_of(node_cls), "stages": dict(stages or {})}
 
 
 def fingerprint(subject: str, inputs: dict[str, Any]) -> str:
@@ -300,16 +818,20 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 
 
 def _code_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``code of my_project/helper.py changed`` per changed file, then a changed git commit."""
+    """``code of my_project.helper.clean changed`` per changed function (or ``code of
+    my_project/helper.py changed`` per changed file, then a changed git commit)."""
     if old == new:
         return []
-    old_files, new_files = old.get("files"), new.get("files")
-    if not isinstance(old_files, dict) or not isinstance(new_files, dict):  # an older phd_flow's entry
+    for part in ("functions", "files"):
+        old_part, new_part = old.get(part), new.get(part)
+        if isinstance(old_part, dict) and isinstance(new_part, dict):
+            break
+    else:  # one side per function, the other per file (or an older phd_flow's entry)
         return [f"code of {new.get('module')} changed"]
-    changed = [path for path in sorted(set(old_files) | set(new_files)) if old_files.get(path) != new_files.get(path)]
-    shown = [f"code of {path} {_how(path, old_files, new_files)}" for path in changed[:5]]
+    changed = [k for k in sorted(set(old_part) | set(new_part)) if old_part.get(k) != new_part.get(k)]
+    shown = [f"code of {k} {_how(k, old_part, new_part)}" for k in changed[:5]]
     if len(changed) > 5:
-        shown.append(f"code of {len(changed) - 5} more files changed")
+        shown.append(f"code of {len(changed) - 5} more {part} changed")
     old_git, new_git = old.get("git") or {}, new.get("git") or {}
     if old_git.get("commit") != new_git.get("commit"):
         shown.append(f"git commit changed {str(old_git.get('commit'))[:10]} → {str(new_git.get('commit'))[:10]}")

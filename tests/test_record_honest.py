@@ -322,7 +322,7 @@ def test_row2_a_changed_helper_module_defeats_require_reuse(hproject: Path) -> N
     assert phd_flow.load_result(_newest(hproject, "Use").name, config=config) == 22, "the old value was reused"
     assert "Reusing Prep" not in second.stderr
     explain = [line for line in second.stderr.splitlines() if "Running Prep" in line]
-    assert explain and "my_project/helper.py" in explain[0], explain or second.stderr[-3000:]
+    assert explain and "code of my_project.helper.value changed" in explain[0], explain or second.stderr[-3000:]
 
 
 def test_row2_unchanged_code_is_reused_by_the_stage_cache(hproject: Path) -> None:
@@ -342,7 +342,7 @@ def test_row2_a_changed_helper_module_defeats_the_stage_cache(hproject: Path) ->
     config = phd_flow.load_config(hproject)
     assert phd_flow.load_result(_newest(hproject, "Staged").name, config=config) == 22, "the old stage was reused"
     explain = [line for line in second.stderr.splitlines() if "Stage 'numbers': recomputed" in line]
-    assert explain and "my_project/helper.py" in explain[0], explain or second.stderr[-3000:]
+    assert explain and "code of my_project.helper.value changed" in explain[0], explain or second.stderr[-3000:]
 
 
 # --- row 3: a full disk --------------------------------------------------------------------------

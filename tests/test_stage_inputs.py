@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.test_stages import dataset, log_of, make_config, run, stages  # noqa: F401
+from tests.test_sweep_slurm import slurm_lane  # noqa: F401 (the real-SLURM gate)
 
 
 def test_latest_loads_only_a_run_whose_stage_had_this_runs_inputs(tmp_path: Path, dataset: Path) -> None:  # noqa: F811
@@ -181,3 +184,217 @@ def test_a_failed_runs_completed_stage_can_be_loaded_and_cached(tmp_path: Path) 
         assert info["loaded_from"] == failed.name and info["source_status"] == "failed"
         assert f"{failed.name} is a failed run; its stage completed and its files verified" in log_of(node)
     assert stages(cached)["load_data"]["cached"] is True
+
+
+OTHER_PACKAGE = """
+import dataclasses
+
+from phd_flow import Node, node
+from tests.stage_nodes import Prepare, PrepareArgs
+
+
+@dataclasses.dataclass
+class ReportArgs(node.Args):
+    dataset: str
+
+
+class Report(Node[ReportArgs, int]):
+    def _run(self) -> int:
+        rows = self.require(Prepare, PrepareArgs(dataset=self.args.dataset))
+        with self.stage("final") as st:
+            (st.path / "rows.txt").write_text(f"{rows}\\n")
+        return rows
+"""
+
+
+def test_stage_rules_count_the_stages_of_required_nodes_in_other_packages(
+    tmp_path: Path,
+    dataset: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The typo check reads the packages of the nodes a node requires too: a rule for a stage only
+    a required node of another package opens is neither an error nor a warning."""
+    import importlib
+    import uuid
+
+    from phd_flow import StageError
+
+    name = f"lab_{uuid.uuid4().hex[:8]}"
+    (tmp_path / "src" / name).mkdir(parents=True)
+    (tmp_path / "src" / name / "__init__.py").write_text("")
+    (tmp_path / "src" / name / "report.py").write_text(OTHER_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    report = importlib.import_module(f"{name}.report").Report
+    config = make_config(tmp_path, "[stages.summary]\nskip_log = true\n[stages.final]\nskip_log = true\n")
+
+    node = report({"dataset": str(dataset)}, config=config)
+    node.run()
+
+    logs = [p.read_text() for p in node.output_dir.rglob("output.log")]
+    assert logs and not any("Stage rules not used" in text for text in logs), logs
+    typo = make_config(tmp_path, "[stages.sumary]\nskip_log = true\n")
+    with pytest.raises(StageError, match=r"\[stages\.sumary\].*Did you mean 'summary'"):
+        report({"dataset": str(dataset)}, config=typo).run()
+
+
+def test_rm_of_a_child_run_is_refused_naming_the_pipeline_run(project: Path) -> None:
+    import json
+    import shutil
+
+    from tests.conftest import REPO, cli, write_config
+
+    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "prepare.py")
+    write_config(project, 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nenabled = false\n')
+    done = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv")
+    assert done.returncode == 0, done.stderr
+    (parent,) = [p for p in (project / "data_storage").iterdir() if (p / "run.json").exists()]
+    child = json.loads((parent / "run.json").read_text())["children"][0]["path"].rsplit("/", 1)[-1]
+
+    refused = cli(project, "rm", child[:-2], "--force")
+
+    assert refused.returncode == 2, refused.stderr
+    assert f"{child} is a child run of {parent.name}" in refused.stderr
+    assert f"`rm {parent.name}`" in refused.stderr and "Traceback" not in refused.stderr
+    assert (parent / child / "run.json").is_file()  # nothing deleted
+    assert cli(project, "rm", parent.name, "--force").returncode == 0
+    assert not parent.exists()
+
+
+def test_a_child_run_only_in_storage_is_found_by_key_or_prefix(project: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from tests.conftest import REPO, cli, write_config
+
+    shared = tmp_path / "shared"
+    shutil.copy(REPO / "tests" / "stage_nodes.py", project / "my_project" / "prepare.py")
+    config = f'local_path = "${{PROJECT_ROOT}}/data_storage"\n[mlflow]\nenabled = false\n[storage]\nbackend = "local"\nremote = "{shared}"\n'
+    write_config(project, config)
+    done = cli(project, "run", "Outer", "--dataset", "data/diabetes.csv")
+    assert done.returncode == 0, done.stderr
+    (parent,) = [p for p in (project / "data_storage").iterdir() if (p / "run.json").exists()]
+    child_path = json.loads((parent / "run.json").read_text())["children"][0]["path"]
+    child = child_path.rsplit("/", 1)[-1]
+    assert (shared / child_path / "run.json").is_file()
+    other = tmp_path / "machine2"  # another machine: the runs are only in storage
+    shutil.copytree(project, other, ignore=shutil.ignore_patterns("data_storage", "__pycache__"))
+
+    for ref in (child, child[:-3], f"{parent.name[:-2]}/{child[:-2]}"):
+        shown = cli(other, "show", ref)
+        assert shown.returncode == 0 and child in shown.stdout, (ref, shown.stderr)
+        assert "(only in storage)" in shown.stdout and "load_data/train.csv" in shown.stdout
+    result = cli(other, "result", child[:-2], "--trust-remote", env={"PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and result.stdout.strip().isdigit(), result.stderr
+    listed = cli(other, "ls", "--remote", "--children")
+    assert listed.returncode == 0 and child_path in listed.stdout, listed.stderr
+    loaded = cli(other, "run", "Prepare", "--dataset", "data/diabetes.csv", "--load", f"load_data={child[:-2]}")
+    assert loaded.returncode == 0, loaded.stderr
+    assert f"loaded from {child_path}" in loaded.stderr + loaded.stdout
+
+
+STAGED = '''
+import dataclasses
+import time
+from pathlib import Path
+
+from phd_flow import Node, node
+
+
+@dataclasses.dataclass
+class StagedArgs(node.Args):
+    counter: str  # one line per computation of stage load_data
+    allow_file: str = ""  # while set and missing, the run fails after load_data
+    marker_dir: str = ""  # <marker_dir>/<key> appears once load_data completed
+    hold_seconds: float = 0.0  # the first attempt then waits this long (to be preempted)
+    n: int = 0
+
+
+class Staged(Node[StagedArgs, int]):
+    """An expensive stage load_data, then work that fails or is preempted once."""
+
+    def _run(self) -> int:
+        with self.stage("load_data", depends_on=["counter", "n"]) as st:
+            if not st.loaded:
+                with open(self.args.counter, "a") as handle:
+                    handle.write(f"{self.key}\\n")
+                (st.path / "data.txt").write_text("expensive\\n")
+        if self.args.marker_dir:
+            (Path(self.args.marker_dir) / self.key).touch()
+        end = time.time() + (0 if self.resumed else self.args.hold_seconds)
+        while time.time() < end:
+            time.sleep(0.05)
+        if self.args.allow_file and not Path(self.args.allow_file).exists():
+            raise RuntimeError("the work after load_data is set to fail")
+        return len((st.path / "data.txt").read_text())
+'''
+
+
+def staged_project(root: Path) -> Path:
+    from tests.test_sweep_local import make_project
+
+    project = make_project(root)
+    (project / "my_project" / "staged.py").write_text(STAGED)
+    return project
+
+
+def assert_kept(project: Path, key: str, counter: Path) -> None:
+    import json
+
+    run = json.loads((project / "data_storage" / key / "run.json").read_text())
+    assert run["status"] == "completed" and run["resumed"] is True
+    assert run["stages"]["load_data"]["kept"] is True and run["stages"]["load_data"]["loaded"] is True
+    assert counter.read_text().splitlines() == [key]  # computed once, by the first attempt
+    log = (project / "data_storage" / key / "output.log").read_text()
+    assert "Stage 'load_data': kept from the earlier attempt (files verified)." in log
+
+
+def test_a_resumed_sweep_point_keeps_its_completed_stages(tmp_path: Path) -> None:
+    from tests.conftest import cli
+    from tests.test_sweep_local import sweep_record
+
+    project = staged_project(tmp_path / "proj")
+    counter, allow = tmp_path / "counter.txt", tmp_path / "allow"
+    proc = cli(project, "sweep", "Staged", "--counter", str(counter), "--allow_file", str(allow), "--grid", "n=1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    record = sweep_record(project)
+    (point,) = record["points"]
+    assert point["status"] == "failed" and len(counter.read_text().splitlines()) == 1
+
+    allow.touch()
+    resumed = cli(project, "sweep", "--resume", record["key"], "--wait")
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_kept(project, point["key"], counter)
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_lane")
+def test_a_requeued_slurm_point_keeps_its_completed_stages(tmp_path: Path) -> None:
+    """SLURM preempts the point after load_data completed; the requeued attempt keeps it."""
+    import subprocess
+
+    from tests.conftest import cli
+    from tests.test_sweep_local import sweep_record
+    from tests.test_sweep_slurm import _nudged, squeue, status_of, until
+
+    project = staged_project(tmp_path / "proj")
+    counter, markers = tmp_path / "counter.txt", tmp_path / "markers"
+    markers.mkdir()
+    proc = cli(
+        project,
+        *("sweep", "Staged", "--counter", str(counter), "--marker_dir", str(markers), "--hold_seconds", "120"),
+        *("--grid", "n=1", "--executor", "slurm"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (point,) = sweep_record(project)["points"]
+    key, job = point["key"], point["slurm_job_id"]
+    until(lambda: (markers / key).exists(), 60, "load_data to complete in the first attempt")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # preemption: requeued
+    until(
+        lambda: _nudged(job) and status_of(project, key) == "completed",
+        240,
+        "the requeued attempt to complete",
+        lambda: f"run {status_of(project, key)}, squeue {squeue(job)!r}",
+    )
+    assert_kept(project, key, counter)
+    until(lambda: not squeue(job).strip(), 30, "the job to leave the queue")

@@ -256,12 +256,18 @@ def test_changed_code_recomputes_a_cached_stage(tmp_path: Path, monkeypatch: pyt
     reused.run()
     assert stages(reused)["numbers"]["cached"] is True
 
-    source.write_text(CACHED_MODULE + "\n# a change to the module\n")
+    source.write_text(CACHED_MODULE + "\n# a comment: not code\n")  # comments do not count
+    commented = module.Count({}, config=config, options=RunOptions(cache=True))
+    commented.run()
+    assert stages(commented)["numbers"]["cached"] is True
+
+    source.write_text(CACHED_MODULE.replace("range(self.args.n)", "range(1, self.args.n + 1)"))
     changed = module.Count({}, config=config, options=RunOptions(cache=True))
     changed.run()
 
     assert stages(changed)["numbers"]["cached"] is False
-    explain = f"Stage 'numbers': recomputed because code of {name}.py changed (compared with {first.key})."
+    block = f"{name}.Count._run [stage numbers]"
+    explain = f"Stage 'numbers': recomputed because code of {block} changed (compared with {first.key})."
     assert explain in log_of(changed)
 
 

@@ -385,7 +385,8 @@ def with_victims_inputs(project: Path, seed: Seed, key: str, stages: dict[str, A
     run's inputs (issue 19), so a planted run must claim them to be a candidate at all."""
     code = (
         "from phd_flow import reuse; from my_project.prepare import Prepare; "
-        "print(reuse.fingerprint('load_data', reuse.inputs_of(Prepare, {'dataset': 'data/diabetes.csv', 'seed': 0})))"
+        "code = reuse.code_of_stage(Prepare, 'load_data'); "
+        "print(reuse.fingerprint('load_data', reuse.inputs_of(Prepare, {'dataset': 'data/diabetes.csv', 'seed': 0}, code=code)))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, check=True)
     if stages is None:

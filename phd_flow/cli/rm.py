@@ -79,7 +79,7 @@ def remove(project: Project, args: argparse.Namespace) -> int:
 
 def _targets(project: Project, args: argparse.Namespace) -> list[Run]:
     from phd_flow.cli.selection import select
-    from phd_flow.runs.query import get_run
+    from phd_flow.runs.query import get_run, refuse_child_runs
 
     has_filter = bool(args.statuses or args.last or args.where or args.sweep or args.prefix)
     if not args.keys and not has_filter:
@@ -87,6 +87,7 @@ def _targets(project: Project, args: argparse.Namespace) -> list[Run]:
     if not args.keys:
         return list(select(project, args))
     runs = {run.key: run for run in (get_run(project, key) for key in args.keys)}
+    refuse_child_runs(runs.values())
     only_remote = [key for key, run in runs.items() if run.where == "remote" and not args.remote]
     if only_remote:
         raise ArgsError(f"{', '.join(only_remote)} is only in storage: add --remote to delete it there.")

@@ -7,6 +7,7 @@ has to touch an MLflow run (``rm`` of a tracked run, ``ls --stale --fix``, ``ui`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import TYPE_CHECKING, Any
@@ -112,14 +113,21 @@ def _with_children(project: Project, runs: Runs) -> Runs:
     or the child's key) right after it."""
     from phd_flow.errors import CorruptRunError
     from phd_flow.run.record import RunRecord
-    from phd_flow.runs.listing import child_run_paths
+    from phd_flow.runs.listing import child_run_paths, read_remote_record, remote_child_paths
     from phd_flow.runs.query import Run, Runs
 
     local_path = project.config.local_path
     listed = Runs()
     for run in runs:
         listed.append(run)
-        if run.where == "remote":
+        if run.where == "remote":  # only in storage: its children are found through its run.json
+            remote = project.require_remote()
+            for path in sorted(remote_child_paths(project.config, remote, [run.key]).values()):
+                with contextlib.suppress(CorruptRunError):
+                    found = read_remote_record(project.config, remote, path)
+                    if found is not None:
+                        data = {**found.data, "key": path}
+                        listed.append(Run(found.run_dir, data, "remote", False, run.has_remote, path))
             continue
         for path in child_run_paths(local_path, run.key):
             try:
@@ -174,7 +182,7 @@ def _cmd_show(project: Project, args: argparse.Namespace) -> int:
         remote = project.require_remote()
         from phd_flow.storage.engine import MANIFEST
 
-        listed = [(f.key.split("/", 1)[1], f.size) for f in remote.list(run.key)]
+        listed = [(f.key[len(run.location) + 1 :], f.size) for f in remote.list(run.location)]
         files = [(name, size) for name, size in listed if not name.endswith(MANIFEST)]
     log: list[str] = []
     if run.state in ("failed", "killed", "stale") and args.lines > 0:

@@ -94,6 +94,7 @@ INDEX_FIELDS = (
     "error",
     "sweep",
     "kind",
+    "children",  # where child runs are found in storage (resolve_key)
 )
 
 
@@ -259,8 +260,10 @@ def resolve_key(project: Project, prefix: str, remote: bool = False) -> str:
     normalize(prefix)
     if "/" in prefix:  # <parent>/<child>: the parent by key or prefix, then the child in it
         parent_prefix, _, child_prefix = prefix.rpartition("/")
-        parent = resolve_key(project, parent_prefix)
+        parent = resolve_key(project, parent_prefix, remote)
         children = {path.rsplit("/", 1)[-1]: path for path in child_run_paths(config.local_path, parent)}
+        if not children and remote and project.remote is not None:  # the parent only in storage
+            children = remote_child_paths(config, project.remote, [parent])
         found = _matching(sorted(children), child_prefix) if child_prefix else []
         if len(found) == 1:
             return children[found[0]]
@@ -283,6 +286,9 @@ def resolve_key(project: Project, prefix: str, remote: bool = False) -> str:
             # an exact name wins; a prefix only picks among names of the run-key form
             candidates = [prefix] if prefix in names else _matching([n for n in names if is_run_key(n)], prefix)
             searched += f" or {storage_remote.describe()}"
+            if not candidates:  # a child run only in storage, by its own key or prefix
+                children = remote_child_paths(config, storage_remote)
+                candidates = [children[name] for name in _matching(sorted(children), prefix)]
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
@@ -306,6 +312,39 @@ def child_run_paths(local_path: Path, run_path: str) -> list[str]:
         if os.path.exists(os.path.join(local_path, child, RUN_FILE)):
             found.append(child)
             found += child_run_paths(local_path, child)
+    return found
+
+
+def remote_child_paths(config: Config, remote: Remote, parents: list[str] | None = None) -> dict[str, str]:
+    """``{child key: <parent>/<child key>}`` of the child runs in storage below ``parents`` (all
+    runs when None), and theirs, found through the ``children`` each run.json lists."""
+    from phd_flow.keys import is_run_key
+
+    found: dict[str, str] = {}
+    records: dict[str, dict[str, Any] | None] = {}
+    if parents is None:  # the listing's records (an index entry written before "children": fetched)
+        for item in remote_records(config, remote):
+            if isinstance(item, RunRecord):
+                records[item.run_dir.name] = item.data if "children" in item.data else None
+    else:
+        records = dict.fromkeys(parents)
+    while records:
+        unknown = [name for name, data in records.items() if data is None]
+        for name, raw in _fetch_all(remote, unknown).items():
+            try:
+                read = RunRecord.from_bytes(config.local_path / name, raw, name).data if isinstance(raw, bytes) else {}
+            except CorruptRunError:
+                read = {}
+            records[name] = read
+        todo: dict[str, dict[str, Any] | None] = {}
+        for name, known in records.items():
+            for child in (known or {}).get("children") or []:
+                path = str(child.get("path") or "") if isinstance(child, dict) else ""
+                child_key = path.rsplit("/", 1)[-1]  # remote data: only a run key one level below counts
+                if path == f"{name}/{child_key}" and is_run_key(child_key) and path not in todo:
+                    found.setdefault(child_key, path)
+                    todo[path] = None  # its own children are in its run.json
+        records = todo
     return found
 
 

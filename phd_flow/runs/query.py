@@ -65,16 +65,30 @@ class Run(RunRecord):
 
     ``where`` is ``"local"``, ``"remote"`` or ``"local+remote"``; ``state`` is the recorded
     status, or ``"stale"`` for a ``running`` run that stopped beating; ``has_remote``: whether a
-    remote is configured now (a run made before it existed is then not synced).
+    remote is configured now (a run made before it existed is then not synced); ``location``:
+    where it lives below ``local_path`` and in storage, its key or, for a child run of a
+    pipeline, ``<parent key>/<child key>``.
     """
 
     def __init__(
-        self, run_dir: Path, data: dict[str, Any], where: str = "local", stale: bool = False, has_remote: bool = False
+        self,
+        run_dir: Path,
+        data: dict[str, Any],
+        where: str = "local",
+        stale: bool = False,
+        has_remote: bool = False,
+        location: str | None = None,
     ) -> None:
         super().__init__(run_dir, data)
         self.where = where
         self.stale = stale
         self.has_remote = has_remote
+        self.location = location or self.key
+
+    @property
+    def parent(self) -> str | None:
+        """For a child run of a pipeline: the location of the run that required it."""
+        return self.location.rpartition("/")[0] or None
 
     @property
     def state(self) -> str:
@@ -269,7 +283,7 @@ def load_result(key: str, config: Config | Project | None = None, trust_remote: 
     check_authentic(project.config, info, run.key, trust_remote, local)  # before downloading anything
     path = result_path(run.run_dir, info)
     if not path.exists():
-        project.storage.download(f"{run.key}/{path.name}")
+        project.storage.download(f"{run.location}/{path.name}")
     return load_verified(project.config, run.run_dir, info, run.key, trust_remote, local)
 
 
@@ -315,7 +329,8 @@ def list_runs(
 
 
 def get_run(project: Project, key: str) -> Run:
-    """The run with this key or unique prefix: local, else from the remote's run.json."""
+    """The run with this key or unique prefix: local, else from the remote's run.json. A child
+    run of a pipeline is found by its key (or a prefix, or ``<parent>/<child>``) too."""
     config = project.config
     full = resolve_key(project, key, remote=True)
     host, now = socket.gethostname(), _now()
@@ -330,7 +345,21 @@ def get_run(project: Project, key: str) -> Run:
             raise RunNotFoundError(f"{full} has no {RUN_FILE} in the remote storage: not a run.")
         record, where = remote_record, "remote"
         stale = is_stale(record.data, stale_after, now, host)
-    return Run(record.run_dir, record.data, where, stale, config.storage.has_remote)
+    return Run(record.run_dir, record.data, where, stale, config.storage.has_remote, full)
+
+
+def refuse_child_runs(runs: Iterable[Run]) -> None:
+    """``rm <child key>`` is refused (ArgsError, nothing deleted), naming the pipeline run: its
+    run.json lists the child and its result was computed from the child's."""
+    for run in runs:
+        if run.parent is not None:
+            top = run.location.split("/", 1)[0]
+            raise ArgsError(
+                f"{run.key} is a child run of {run.parent}, inside pipeline run {top}, which lists it and "
+                f"whose result was made from it: deleting it alone would leave {top} pointing at a missing "
+                f"run. Delete the pipeline run (`rm {top}` deletes its child runs too), or recompute the "
+                f"child with `run ... --rerun {run.node}`. Nothing was deleted."
+            )
 
 
 def read_run_file(project: Project, run: Run, name: str) -> bytes | None:
@@ -340,7 +369,7 @@ def read_run_file(project: Project, run: Run, name: str) -> bytes | None:
         return path.read_bytes()
     if run.where == "local":
         return None
-    return project.require_remote().read_bytes(f"{run.key}/{name}")
+    return project.require_remote().read_bytes(f"{run.location}/{name}")
 
 
 def local_stale(run_dir: Path, data: Mapping[str, Any], stale_after: float, now: datetime, host: str) -> bool:

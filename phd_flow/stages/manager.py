@@ -24,7 +24,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 from phd_flow import reuse
@@ -285,7 +285,7 @@ class StageManager:
 
     def open(self, stage: Stage) -> None:
         stage.path.mkdir(parents=True, exist_ok=True)
-        stage.inputs = self._inputs(stage)
+        stage.inputs = self._inputs(stage, reuse.user_frame())
         stage.fingerprint = reuse.fingerprint(stage.name, stage.inputs)
         if self._keep(stage):
             self._record(stage, status="open")
@@ -326,7 +326,9 @@ class StageManager:
         logger.info(f"Stage {stage.name!r}: kept from the earlier attempt (files verified).")
         return True
 
-    def _inputs(self, stage: Stage) -> dict[str, Any]:
+    def _inputs(self, stage: Stage, frame: FrameType | None) -> dict[str, Any]:
+        """Its ``depends_on`` values, earlier stages' fingerprints, and the code the stage runs
+        (its ``with`` block in ``frame`` and what that uses: :func:`reuse.code_of_stage`)."""
         from phd_flow.tracking import flatten
 
         node_cls = type(self.node)
@@ -348,7 +350,9 @@ class StageManager:
                     f"neither a field of {node_cls.args_type().__name__} ({', '.join(args)}) nor "
                     f"a stage opened earlier in this run ({others})."
                 )
-        return reuse.inputs_of(node_cls, values, stages)
+        # a stage naming its depends_on counts earlier stages through them, not through their code
+        code = reuse.code_of_stage(node_cls, stage.name, frame, others_left_out=stage.depends_on is not None)
+        return reuse.inputs_of(node_cls, values, stages, code)
 
     def _load(self, stage: Stage, rule: Rule) -> None:
         name = type(self.node).__name__
