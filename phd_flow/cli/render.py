@@ -79,8 +79,8 @@ def table(
 
 def number_cells(values: Sequence[float | None]) -> list[str]:
     """One column of numbers with one precision: integers as integers; else as many decimals as
-    give the smallest value 4 significant digits (at most 6), or scientific notation when the
-    values are huge or tiny; ``-`` where there is none. Right-align them (``table(right=...)``)."""
+    give the smallest value 5 significant digits (at least 1, at most 6), or scientific notation
+    when the values are huge or tiny; ``-`` where there is none. Right-align them (``table(right=...)``)."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if finite and all(v == int(v) and abs(v) < 1e15 for v in finite):
         spec = ".0f"
@@ -90,7 +90,7 @@ def number_cells(values: Sequence[float | None]) -> list[str]:
             spec = ".3e"
         else:
             smallest = min(nonzero, default=1.0)
-            spec = f".{max(0, min(6, 3 - math.floor(math.log10(smallest))))}f"
+            spec = f".{max(1, min(6, 4 - math.floor(math.log10(smallest))))}f"
     return ["-" if v is None else format(v, spec) if math.isfinite(v) else str(v) for v in values]
 
 
@@ -124,9 +124,9 @@ def size_text(size: int) -> str:
 
 def args_summary(runs: Sequence[Run], limit: int = 4, width: int = 60) -> list[str]:
     """A few ``name=value`` per run: the args that differ between the listed runs first."""
-    from phd_flow.tracking import flatten
+    from phd_flow.runs.where import flat_args
 
-    flat = [flatten(run.args) for run in runs]
+    flat = [flat_args(run) for run in runs]
     names = list(dict.fromkeys(name for args in flat for name in args))
     varying = [n for n in names if len({arg_text(a.get(n)) for a in flat}) > 1]
     shown = (varying or names)[:limit]

@@ -69,7 +69,7 @@ def _filter_from(args: argparse.Namespace) -> RunFilter:
 def select(project: Project, args: argparse.Namespace) -> Runs:
     """The runs the filters select; a corrupt run.json is a warning and the listing goes on."""
     from phd_flow.runs.query import list_runs
-    from phd_flow.runs.where import is_missing, known_fields, matches_all
+    from phd_flow.runs.where import RUN_FIELDS, is_missing, known_fields, matches_all
 
     run_filter = _filter_from(args)
     where, run_filter.where = run_filter.where, ()
@@ -83,8 +83,13 @@ def select(project: Project, args: argparse.Namespace) -> Runs:
 
         missing = [c.field for c in where if all(is_missing(field_value(run, c.field)) for run in runs)]
         if missing:
-            known = ", ".join(known_fields(runs))
-            warn(f"no listed run has the field {', '.join(missing)}; fields are: {known}")
+            known = known_fields(runs)
+            args_ = [n for n in known if n not in RUN_FIELDS and not n.startswith("metrics.")]
+            metrics = [n for n in known if n.startswith("metrics.")]
+            warn(
+                f"no listed run has the arg {', '.join(missing)}; args are: {', '.join(args_) or 'none'}"
+                f" (metrics: {', '.join(metrics) or 'none'}; also {', '.join(RUN_FIELDS)})"
+            )
     return selected
 
 

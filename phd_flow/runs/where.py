@@ -82,8 +82,8 @@ def parse_condition(expression: str) -> Condition:
     match = _SPLIT.match(expression)
     if not match or (match.group(3) is None and match.group(2) in _ORDER):
         raise ArgsError(
-            f"--where {expression!r} is not a condition: write FIELD OP VALUE with OP one of "
-            "= != < <= > >=, e.g. --where seed=1, --where 'lr<0.1', --where 'metrics.acc>=0.9', "
+            f"--where {expression!r} is not a condition: write FIELD=VALUE or FIELD OP VALUE with OP one "
+            "of != < <= > >=, e.g. --where seed=1, --where 'lr<0.1', --where 'metrics.acc>=0.9', "
             "--where status=completed (quote it: < and > redirect in the shell)."
         )
     name, op, value = match.group(1), match.group(2), match.group(3) or ""  # note= : the empty string
@@ -114,9 +114,7 @@ def field_value(run: Run, name: str) -> Any:
         return _run_field(run, name)
     if name.startswith("metrics."):
         return _metric(run, name[len("metrics.") :])
-    from phd_flow.tracking import flatten
-
-    args = flatten(run.args)
+    args = flat_args(run)
     arg = name[len("args.") :] if name.startswith("args.") else name
     if arg in args:
         return args[arg]
@@ -127,13 +125,22 @@ def is_missing(value: Any) -> bool:
     return value is _MISSING
 
 
+def flat_args(run: Run) -> dict[str, Any]:
+    """The run's args flattened (``optim.lr``), cached on the run."""
+    cached: dict[str, Any] | None = getattr(run, "_flat_args", None)
+    if cached is None:
+        from phd_flow.tracking import flatten
+
+        cached = flatten(run.args)
+        run._flat_args = cached  # type: ignore[attr-defined]
+    return cached
+
+
 def known_fields(runs: Iterable[Run]) -> list[str]:
     """The field names the runs have (for "did you mean" hints)."""
-    from phd_flow.tracking import flatten
-
     names: dict[str, None] = dict.fromkeys(RUN_FIELDS)
     for run in runs:
-        names.update(dict.fromkeys(flatten(run.args)))
+        names.update(dict.fromkeys(flat_args(run)))
         names.update(dict.fromkeys(f"metrics.{m}" for m in run_metrics(run)))
     return list(names)
 
@@ -199,6 +206,6 @@ def sort_runs(runs: list[Run], spec: str) -> list[Run]:
     if not field:
         raise ArgsError(f"--sort {spec!r}: give a field, e.g. --sort metrics.mse or --sort=-lr (descending).")
     key = sort_key(field)
-    present = [r for r in runs if key(r)[0] < 2]
-    absent = [r for r in runs if key(r)[0] == 2]
-    return sorted(present, key=key, reverse=descending) + absent
+    keyed = [(key(run), index, run) for index, run in enumerate(runs)]
+    present = sorted((item for item in keyed if item[0][0] < 2), key=lambda item: item[0], reverse=descending)
+    return [run for _, _, run in present] + [run for k, _, run in keyed if k[0] == 2]
