@@ -202,6 +202,10 @@ def test_a_run_without_a_summary_is_listed_from_its_metrics_file(lab: Path, tmp_
     shown = cli(copy, "ls", "--metrics", "loss", "--json", "--where", "metrics.loss<5")
     listed = {r["key"]: r for r in json.loads(shown.stdout)}
     assert listed[key]["metrics"]["loss"]["last"] == expected
+    assert "metrics" not in json.loads(path.read_text())  # listing writes nothing
+    synced = cli(copy, "sync", key)
+    assert synced.returncode == 0, synced.stderr
+    assert json.loads(path.read_text())["metrics"]["loss"]["last"] == expected  # sync writes it
 
 
 def test_the_sweep_record_is_not_a_run_row(lab: Path) -> None:

@@ -94,6 +94,7 @@ INDEX_FIELDS = (
     "error",
     "sweep",
     "kind",
+    "metrics",
 )
 
 
