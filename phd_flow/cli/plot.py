@@ -212,6 +212,10 @@ def sweep_figure(runs: Sequence[Run], metric: str, x: str, lower: bool) -> Figur
         axes.set_xscale("log")
     if ticks:
         axes.set_xticks(range(len(ticks)), ticks)
+    elif all(isinstance(p[0], int) for p in points):  # seeds, epochs, layers: no 2.2 ticks
+        from matplotlib.ticker import MaxNLocator
+
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel(arg)
     axes.set_ylabel(f"{metric} (last value)")
     axes.set_title(f"{metric} against {arg}")
