@@ -130,7 +130,8 @@ def _cmd_ls(project: Project, args: argparse.Namespace) -> int:
     runs = _order(runs, args)
     if args.json:
         # one run per line: readable, and the C encoder (indent= would use the slow Python one)
-        lines = ",\n".join("  " + json.dumps(run.to_dict(), default=str) for run in runs)
+        metrics = bool(args.metrics)
+        lines = ",\n".join("  " + json.dumps(run.to_dict(metrics), default=str) for run in runs)
         print(f"[\n{lines}\n]" if runs else "[]")
         return 0
     if args.sweeps:
@@ -209,9 +210,8 @@ def _print_table(runs: Runs, with_where: bool, metrics: Sequence[str] = ()) -> N
         *metrics,
         "ARGS",
     ]
-    columns = [
-        view.number_cells([as_number((run.metrics.get(name) or {}).get("last")) for run in runs]) for name in metrics
-    ]
+    summaries = [run.metrics for run in runs] if metrics else []
+    columns = [view.number_cells([as_number((s.get(name) or {}).get("last")) for s in summaries]) for name in metrics]
     first = headers.index("SYNCED") + 1 + with_where
     rows = [
         [

@@ -50,6 +50,7 @@ from phd_flow.runs.listing import (
     remote_records,
     resolve_key,
 )
+from phd_flow.runs.metrics import recorded_summary
 from phd_flow.runs.where import Condition, matches_all, parse_where, run_metrics
 from phd_flow.sweeps.grid import SWEEP_KIND
 
@@ -116,8 +117,9 @@ class Run(RunRecord):
 
         return self.status != RUNNING and not needs_sync(self, self.has_remote)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON summary ``ls --json`` prints."""
+    def to_dict(self, metrics: bool = False) -> dict[str, Any]:
+        """The JSON summary ``ls --json`` prints; ``metrics``: also for a run older than the
+        metric summary (computed from its metrics.jsonl), else only what run.json holds."""
         return {
             "key": self.key,
             "node": self.node,
@@ -127,7 +129,7 @@ class Run(RunRecord):
             "synced": self.synced,
             "args": self.args,
             "where": self.where,
-            "metrics": self.metrics,
+            "metrics": self.metrics if metrics else recorded_summary(self.data),
         }
 
     @property
