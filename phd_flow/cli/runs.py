@@ -1,4 +1,4 @@
-"""CLI verbs for past runs: ``ls``, ``show``, ``compare``, ``result``, ``ui`` (``rm`` is in cli.rm).
+"""CLI verbs for past runs: ``ls``, ``show``, ``compare``, ``result``, ``ui`` (``rm``, ``plot``: own modules).
 
 Keys may be given by unique prefix everywhere. None of these commands imports mlflow unless it
 has to touch an MLflow run (``rm`` of a tracked run, ``ls --stale --fix``, ``ui``).
