@@ -24,7 +24,7 @@ from phd_flow.errors import (
 from phd_flow.keys import RunKey
 from phd_flow.log import logger
 from phd_flow.run.node import Args, Node, RunOptions
-from phd_flow.runs.query import Run, Runs, find_runs, load_args, load_result
+from phd_flow.runs.query import Run, Runs, find_runs, load_args, load_metrics, load_result
 from phd_flow.stages.mlflowhelper import (
     MlflowDict,
     log_vars,
@@ -59,6 +59,7 @@ __all__ = [
     "find_runs",
     "load_args",
     "load_config",
+    "load_metrics",
     "load_result",
     "log_vars",
     "logger",

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "ls": "phd_flow.cli.runs:register_ls",
     "show": "phd_flow.cli.runs:register_show",
     "compare": "phd_flow.cli.runs:register_compare",
+    "plot": "phd_flow.cli.plot:register_plot",
     "rm": "phd_flow.cli.rm:register_rm",
     "gc": "phd_flow.cli.gc:register_gc",
     "result": "phd_flow.cli.runs:register_result",

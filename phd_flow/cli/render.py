@@ -6,10 +6,11 @@ and statuses are coloured, unless ``$NO_COLOR`` is set.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 from phd_flow.errors import CorruptRunError, InvalidKeyError
 from phd_flow.keys import run_name
 from phd_flow.run.record import RUN_FILE, RunRecord
-from phd_flow.runs.query import Run, arg_text, parse_time
+from phd_flow.runs.query import Run, parse_time
+from phd_flow.runs.where import text as arg_text
 
 _COLORS = {"completed": "32", "failed": "31", "killed": "35", "stale": "33", "running": "36"}
 MAX_FILES = 40
@@ -54,21 +56,42 @@ def status_text(status: str, color: bool, width: int = 0) -> str:
     return paint(status.ljust(width), _COLORS.get(status, ""), color)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], color: bool = False) -> str:
-    """Left-aligned columns separated by two spaces; a ``STATUS`` column is coloured. Every cell
-    goes through :func:`clean` (run data is shown escaped)."""
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], color: bool = False, right: Collection[int] = ()
+) -> str:
+    """Left-aligned columns (the indexes in ``right`` right-aligned: numbers) separated by two
+    spaces; a ``STATUS`` column is coloured. Every cell goes through :func:`clean` (run data is
+    shown escaped)."""
     headers = [clean(h) for h in headers]
     rows = [[clean(c) for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     status_col = headers.index("STATUS") if "STATUS" in headers else -1
-    lines = [paint("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), "1", color)]
+    head = [h.rjust(w) if i in right else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True))]
+    lines = [paint("  ".join(head).rstrip(), "1", color)]
     for row in rows:
         cells = [
-            status_text(c, color, w) if i == status_col else c.ljust(w)
+            status_text(c, color, w) if i == status_col else c.rjust(w) if i in right else c.ljust(w)
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def number_cells(values: Sequence[float | None]) -> list[str]:
+    """One column of numbers with one precision: integers as integers; else as many decimals as
+    give the smallest value 5 significant digits (at least 1, at most 6), or scientific notation
+    when the values are huge or tiny; ``-`` where there is none. Right-align them (``table(right=...)``)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if finite and all(v == int(v) and abs(v) < 1e15 for v in finite):
+        spec = ".0f"
+    else:
+        nonzero = [abs(v) for v in finite if v != 0]
+        if nonzero and (max(nonzero) >= 1e7 or min(nonzero) < 1e-4):
+            spec = ".3e"
+        else:
+            smallest = min(nonzero, default=1.0)
+            spec = f".{max(1, min(6, 4 - math.floor(math.log10(smallest))))}f"
+    return ["-" if v is None else format(v, spec) if math.isfinite(v) else str(v) for v in values]
 
 
 def local_time(value: datetime | None) -> str:
@@ -101,9 +124,9 @@ def size_text(size: int) -> str:
 
 def args_summary(runs: Sequence[Run], limit: int = 4, width: int = 60) -> list[str]:
     """A few ``name=value`` per run: the args that differ between the listed runs first."""
-    from phd_flow.tracking import flatten
+    from phd_flow.runs.where import flat_args
 
-    flat = [flatten(run.args) for run in runs]
+    flat = [flat_args(run) for run in runs]
     names = list(dict.fromkeys(name for args in flat for name in args))
     varying = [n for n in names if len({arg_text(a.get(n)) for a in flat}) > 1]
     shown = (varying or names)[:limit]

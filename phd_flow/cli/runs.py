@@ -1,4 +1,4 @@
-"""CLI verbs for past runs: ``ls``, ``show``, ``compare``, ``result``, ``ui`` (``rm`` is in cli.rm).
+"""CLI verbs for past runs: ``ls``, ``show``, ``compare``, ``result``, ``ui`` (``rm``, ``plot``: own modules).
 
 Keys may be given by unique prefix everywhere. None of these commands imports mlflow unless it
 has to touch an MLflow run (``rm`` of a tracked run, ``ls --stale --fix``, ``ui``).
@@ -10,9 +10,10 @@ import argparse
 import contextlib
 import json
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from phd_flow.cli.selection import add_filters, select
+from phd_flow.cli.selection import add_direction, add_filters, compared_runs, select
 from phd_flow.errors import ArgsError, UserError
 from phd_flow.run.record import METRICS_FILE, OUTPUT_LOG
 
@@ -35,6 +36,22 @@ def register_ls(commands: Any) -> None:
         action="store_true",
         help="also list the child runs of pipelines (as <parent key>/<child key>) below their parent",
     )
+    shown = parser.add_argument_group("columns and order")
+    shown.add_argument(
+        "--metrics",
+        metavar="NAMES",
+        help="metric columns (last value): comma-separated names, or 'all' for every metric of the listed runs",
+    )
+    shown.add_argument(
+        "--sort",
+        metavar="FIELD",
+        help="order by a field: an arg (lr), a metric (mse or metrics.mse), status, started, duration ...; "
+        "write --sort=-FIELD for descending (runs without the field come last)",
+    )
+    shown.add_argument(
+        "-n", type=int, metavar="N", help="only N runs: the newest N, or with --sort the first N in that order"
+    )
+    shown.add_argument("--sweeps", action="store_true", help="list the sweeps (not their points) with their progress")
     parser.set_defaults(func=_cmd_ls)
 
 
@@ -50,8 +67,20 @@ def register_show(commands: Any) -> None:
 
 
 def register_compare(commands: Any) -> None:
-    parser = commands.add_parser("compare", help="args that differ and final metrics, side by side")
-    parser.add_argument("keys", nargs="+", metavar="KEY", help="run keys or unique prefixes")
+    parser = commands.add_parser(
+        "compare",
+        help="args that differ and final metrics, side by side, best marked",
+        description="Compare runs: the args that differ, each metric's last value (the best run marked *, "
+        "lower is better for names with loss/err/mse/mae/nll/time/cost..., else higher; --minimize/--maximize "
+        "override) and its change against the first run. Runs: KEYs, or --sweep/--where, or both (KEYs filtered).",
+    )
+    parser.add_argument("keys", nargs="*", metavar="KEY", help="run keys or unique prefixes")
+    parser.add_argument(
+        "--where", action="append", default=[], metavar="FIELD OP VALUE", help="only runs where this holds (as in ls)"
+    )
+    parser.add_argument("--sweep", metavar="KEY", help="the points of the sweep KEY (key, prefix or suffix)")
+    add_direction(parser)
+    parser.add_argument("--plot", metavar="PNG", help="also draw every metric's curves, one line per run, into PNG")
     parser.set_defaults(func=_cmd_compare)
 
 
@@ -99,13 +128,47 @@ def _cmd_ls(project: Project, args: argparse.Namespace) -> int:
         if failure is not None:
             raise failure
         return 0
+    runs = _order(runs, args)
     if args.json:
         # one run per line: readable, and the C encoder (indent= would use the slow Python one)
-        lines = ",\n".join("  " + json.dumps(run.to_dict(), default=str) for run in runs)
+        metrics = bool(args.metrics)
+        lines = ",\n".join("  " + json.dumps(run.to_dict(metrics), default=str) for run in runs)
         print(f"[\n{lines}\n]" if runs else "[]")
         return 0
-    _print_table(runs, with_where=args.remote)
+    if args.sweeps:
+        _print_sweeps(project, runs)
+        return 0
+    _print_table(runs, with_where=args.remote, metrics=_metric_names(runs, args.metrics))
     return 0
+
+
+def _order(runs: Runs, args: argparse.Namespace) -> Runs:
+    """``--sort`` then ``-n``."""
+    from phd_flow.runs.where import sort_runs
+
+    if args.n is not None and args.n < 0:
+        raise ArgsError(f"-n {args.n}: give 0 or more.")
+    ordered = type(runs)(sort_runs(list(runs), args.sort)) if args.sort else runs
+    if args.n is not None:
+        ordered = type(runs)(ordered[: args.n] if args.sort else ordered[len(ordered) - args.n :] if args.n else [])
+    ordered.project = runs.project
+    return ordered
+
+
+def _metric_names(runs: Runs, wanted: str | None) -> list[str]:
+    """The metric columns ``--metrics`` asks for (``all``: every metric of the listed runs)."""
+    if not wanted:
+        return []
+    if wanted.strip() == "all":
+        return sorted({name for run in runs for name in run.metrics})
+    names = [name.strip().removeprefix("metrics.") for name in wanted.split(",") if name.strip()]
+    known = {name for run in runs for name in run.metrics}
+    unknown = [name for name in names if name not in known]
+    if unknown and runs:
+        from phd_flow.cli.selection import warn
+
+        warn(f"no listed run logged {', '.join(unknown)}; metrics are: {', '.join(sorted(known)) or 'none'}")
+    return names
 
 
 def _with_children(project: Project, runs: Runs) -> Runs:
@@ -138,8 +201,9 @@ def _with_children(project: Project, runs: Runs) -> Runs:
     return listed
 
 
-def _print_table(runs: Runs, with_where: bool) -> None:
+def _print_table(runs: Runs, with_where: bool, metrics: Sequence[str] = ()) -> None:
     from phd_flow.cli import render as view
+    from phd_flow.runs.metrics import as_number
 
     if not runs:
         print("No runs match.", file=sys.stderr)
@@ -151,8 +215,12 @@ def _print_table(runs: Runs, with_where: bool) -> None:
         "DURATION",
         "SYNCED",
         *(["WHERE"] if with_where else []),
+        *metrics,
         "ARGS",
     ]
+    summaries = [run.metrics for run in runs] if metrics else []
+    columns = [view.number_cells([as_number((s.get(name) or {}).get("last")) for s in summaries]) for name in metrics]
+    first = headers.index("SYNCED") + 1 + with_where
     rows = [
         [
             run.key,
@@ -161,11 +229,52 @@ def _print_table(runs: Runs, with_where: bool) -> None:
             view.duration_text(run.duration),
             view.synced_text(run),
             *([run.where] if with_where else []),
+            *(column[i] for column in columns),
             summary,
         ]
-        for run, summary in zip(runs, view.args_summary(runs), strict=True)
+        for i, (run, summary) in enumerate(zip(runs, view.args_summary(runs), strict=True))
     ]
-    print(view.table(headers, rows, color=view.use_color()))
+    right = range(first, first + len(metrics))
+    print(view.table(headers, rows, color=view.use_color(), right=right))
+
+
+def _print_sweeps(project: Project, sweeps: Runs) -> None:
+    """``ls --sweeps``: one row per sweep with its points' statuses (read from their run.json)."""
+    from phd_flow.cli import render as view
+    from phd_flow.run.record import parse_time
+    from phd_flow.sweeps.grid import point_status, summary
+
+    if not sweeps:
+        print("No sweeps match.", file=sys.stderr)
+        return
+    config = project.config
+    rows = []
+    for sweep in sweeps:
+        counts: dict[str, int] = {}
+        points = [p for p in sweep.data.get("points") or [] if isinstance(p, dict)]
+        for point in points:
+            status = str(point.get("status") or "?")
+            if sweep.where != "remote" and _is_key(point.get("key")):
+                status = point_status(config.local_path / str(point["key"]), status, config.runs.stale_after_seconds)
+            counts[status] = counts.get(status, 0) + 1
+        grid = sweep.data.get("grid")
+        grid_text = " ".join(
+            f"{name}={','.join(map(str, values))}" for name, values in (grid.items() if isinstance(grid, dict) else [])
+        )
+        created = parse_time(sweep.data.get("created_at"))
+        rows.append([sweep.key, str(sweep.data.get("node")), view.local_time(created), summary(counts), grid_text])
+    print(view.table(["KEY", "NODE", "CREATED", "POINTS", "GRID"], rows, color=view.use_color()))
+
+
+def _is_key(value: Any) -> bool:
+    from phd_flow.errors import InvalidKeyError
+    from phd_flow.keys import run_name
+
+    try:
+        run_name(value)
+    except InvalidKeyError:
+        return False
+    return True
 
 
 # --- show, compare, result ----------------------------------------------------------------------
@@ -194,10 +303,11 @@ def _cmd_show(project: Project, args: argparse.Namespace) -> int:
 
 def _cmd_compare(project: Project, args: argparse.Namespace) -> int:
     from phd_flow.cli import render as view
-    from phd_flow.runs.query import arg_text, get_run
+    from phd_flow.runs.metrics import best_index, last_values, lower_is_better
+    from phd_flow.runs.where import text as arg_text
     from phd_flow.tracking import flatten
 
-    runs = [get_run(project, key) for key in args.keys]
+    runs = compared_runs(project, args.keys, args.where, args.sweep)
     for number, run in enumerate(runs, 1):
         print(f"[{number}] {view.clean(run.key)}  {view.status_text(view.clean(run.state), view.use_color())}")
     flat = [flatten(run.args) for run in runs]
@@ -206,7 +316,7 @@ def _cmd_compare(project: Project, args: argparse.Namespace) -> int:
     same = [n for n in names if n not in differ]
     columns = ["", *(f"[{i}]" for i in range(1, len(runs) + 1))]
     rows = [[n, *(arg_text(a[n]) if n in a else "-" for a in flat)] for n in differ]
-    metrics = [_final_metrics(project, run) for run in runs]
+    metrics = [last_values(metric_summary(project, run)) for run in runs]
     metric_names = sorted({name for m in metrics for name in m})
     print()
     print("args that differ" if differ else "args: all the same")
@@ -215,26 +325,53 @@ def _cmd_compare(project: Project, args: argparse.Namespace) -> int:
     if same:
         print(view.clean("same in all: " + ", ".join(f"{n}={arg_text(flat[0][n])}" for n in same)))
     print()
-    print("final metrics" if metric_names else "metrics: none logged")
-    if metric_names:
-        metric_rows = [[n, *(f"{m[n]:.6g}" if n in m else "-" for m in metrics)] for n in metric_names]
-        print(_indent(view.table(columns, metric_rows)))
+    if not metric_names:
+        print("metrics: none logged")
+    else:
+        value_rows, delta_rows, bests = [], [], []
+        for name in metric_names:
+            values = [m.get(name) for m in metrics]
+            lower = lower_is_better(name, args.minimize, args.maximize)
+            best = best_index(values, lower) if len(runs) > 1 else None
+            cells = view.number_cells(values)
+            value_rows.append([name, *(c + (" *" if i == best else "  ") for i, c in enumerate(cells))])
+            bests.append(f"{name}: {'lower' if lower else 'higher'}")
+            base = values[0]
+            deltas: list[float | None] = [None if v is None or base is None else v - base for v in values[1:]]
+            delta_cells = view.number_cells(deltas)
+            delta_rows.append([name, *(_signed(c, d, base) for c, d in zip(delta_cells, deltas, strict=True))])
+        right = range(1, len(columns))
+        print(f"final metrics (last value; * best, {', '.join(bests)} is better)")
+        marked = ["", *(f"{c}  " for c in columns[1:])]
+        print(_indent(view.table(marked, value_rows, right=right)))
+        if len(runs) > 1:
+            print()
+            print("change against [1]")
+            print(_indent(view.table(["", *columns[2:]], delta_rows, right=range(1, len(columns) - 1))))
+    if args.plot:
+        from phd_flow.cli.plot import compare_figure, save
+
+        save(compare_figure(project, runs, metric_names), args.plot)
     return 0
 
 
-def _final_metrics(project: Project, run: Run) -> dict[str, float]:
-    """The last logged value of each metric, from the run's metrics.jsonl."""
+def _signed(cell: str, delta: float | None, base: float | None) -> str:
+    """``+1.25 (+3.1%)`` / ``-277 (-8.7%)``; ``-`` when there is nothing to compare."""
+    if delta is None:
+        return "-"
+    sign = "+" if delta > 0 else ""
+    percent = f" ({delta / abs(base):+.1%})" if base else ""
+    return f"{sign}{cell}{percent}"
+
+
+def metric_summary(project: Project, run: Run) -> dict[str, dict[str, Any]]:
+    """The run's metric summary: from run.json, else from its metrics.jsonl (local or remote)."""
+    if run.metrics or run.where != "remote":
+        return run.metrics
+    from phd_flow.runs.metrics import parse_points, summarize
     from phd_flow.runs.query import read_run_file
 
-    raw = read_run_file(project, run, METRICS_FILE) or b""
-    last: dict[str, float] = {}
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        try:
-            point = json.loads(line)
-            last[str(point["name"])] = float(point["value"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn line from a crash
-    return last
+    return summarize(parse_points(read_run_file(project, run, METRICS_FILE) or b""))
 
 
 def _indent(text: str) -> str:

@@ -1,4 +1,5 @@
-"""Selecting runs on the command line: the shared filter options of ``ls`` and ``rm``."""
+"""Selecting runs on the command line: the shared filter options of ``ls`` and ``rm``, the runs
+``compare`` and ``plot`` take, and which way a metric is better."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from phd_flow.run.record import STATUS_CHOICES
 
 if TYPE_CHECKING:
     from phd_flow.project import Project
-    from phd_flow.runs.query import RunFilter, Runs
+    from phd_flow.runs.query import Run, RunFilter, Runs
 
 
 def add_filters(parser: argparse.ArgumentParser) -> None:
@@ -35,23 +36,20 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
         "--where",
         action="append",
         default=[],
-        metavar="FIELD=VALUE",
-        help="arg FIELD (dotted for nested args) equals VALUE (repeatable)",
+        metavar="FIELD OP VALUE",
+        help="a condition on an arg (seed=1, 'lr<0.1', optim.lr>=0.01), a metric ('metrics.acc>=0.9') "
+        "or status/node/host/duration; OP: = != < <= > >= (repeatable; quote < and >)",
     )
-    group.add_argument("--sweep", metavar="KEY", help="runs of the sweep KEY")
+    group.add_argument("--sweep", metavar="KEY", help="runs of the sweep KEY (its key, a prefix, or its suffix)")
     group.add_argument("--remote", action="store_true", help="include the runs in storage (other machines)")
     group.add_argument("--refresh", action="store_true", help="with --remote: re-read every run.json, no cache")
 
 
 def _filter_from(args: argparse.Namespace) -> RunFilter:
     from phd_flow.runs.query import RunFilter, parse_duration, time_bound
+    from phd_flow.runs.where import parse_where
 
-    where = {}
-    for item in args.where:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ArgsError(f"--where {item!r}: write it as FIELD=VALUE, e.g. --where seed=0.")
-        where[name.strip()] = value
+    where = parse_where(args.where)  # a malformed condition fails before anything is read
     after = None
     if args.last:
         try:
@@ -64,28 +62,68 @@ def _filter_from(args: argparse.Namespace) -> RunFilter:
         after=after,
         where=where,
         sweep=args.sweep,
+        sweeps=bool(getattr(args, "sweeps", False)),
     )
 
 
 def select(project: Project, args: argparse.Namespace) -> Runs:
     """The runs the filters select; a corrupt run.json is a warning and the listing goes on."""
-    from phd_flow.runs.query import list_runs, matches_where
+    from phd_flow.runs.query import list_runs
+    from phd_flow.runs.where import RUN_FIELDS, is_missing, known_fields, matches_all
 
     run_filter = _filter_from(args)
-    where, run_filter.where = run_filter.where, {}
+    where, run_filter.where = run_filter.where, ()
     runs = list_runs(project, run_filter, remote=args.remote, refresh=args.refresh, warn=warn)
     if not where:
         return runs
-    selected = type(runs)(run for run in runs if matches_where(run.args, where))
+    selected = type(runs)(run for run in runs if matches_all(run, where))
+    selected.project = runs.project
     if not selected and runs:
-        from phd_flow.tracking import flatten
+        from phd_flow.runs.where import field_value
 
-        known = sorted({name for run in runs for name in flatten(run.args)})
-        missing = [name for name in where if name not in known]
+        missing = [c.field for c in where if all(is_missing(field_value(run, c.field)) for run in runs)]
         if missing:
-            warn(f"no listed run has the arg {', '.join(missing)}; args are: {', '.join(known)}")
+            known = known_fields(runs)
+            args_ = [n for n in known if n not in RUN_FIELDS and not n.startswith("metrics.")]
+            metrics = [n for n in known if n.startswith("metrics.")]
+            warn(
+                f"no listed run has the arg {', '.join(missing)}; args are: {', '.join(args_) or 'none'}"
+                f" (metrics: {', '.join(metrics) or 'none'}; also {', '.join(RUN_FIELDS)})"
+            )
     return selected
 
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+def add_direction(parser: argparse.ArgumentParser) -> None:
+    """``--minimize NAME`` / ``--maximize NAME``: which way a metric is better."""
+    parser.add_argument(
+        "--minimize", action="append", default=[], metavar="METRIC", help="lower METRIC is better (repeatable)"
+    )
+    parser.add_argument(
+        "--maximize", action="append", default=[], metavar="METRIC", help="higher METRIC is better (repeatable)"
+    )
+
+
+def compared_runs(project: Project, keys: list[str], where: list[str], sweep: str | None) -> list[Run]:
+    """The runs named by ``keys`` (prefixes) and/or selected by ``--sweep``/``--where``."""
+    from phd_flow.runs.query import RunFilter, get_run, list_runs
+    from phd_flow.runs.where import matches_all, parse_where
+
+    conditions = parse_where(where)
+    if keys:
+        runs = [get_run(project, key) for key in keys]
+        if sweep:
+            from phd_flow.runs.query import sweep_matches
+
+            runs = [run for run in runs if sweep_matches(str(run.data.get("sweep") or ""), sweep)]
+        runs = [run for run in runs if matches_all(run, conditions)]
+    elif sweep or conditions:
+        runs = list(list_runs(project, RunFilter(where=conditions, sweep=sweep)))
+    else:
+        raise ArgsError("Name the runs: KEY... (keys or unique prefixes), or --sweep KEY, or --where FIELD OP VALUE.")
+    if not runs:
+        raise ArgsError("No run matches: nothing to compare (`ls` with the same filters shows what there is).")
+    return runs

@@ -353,7 +353,7 @@ def _driver_lock(sweep: Sweep) -> Iterator[None]:
 def _show(project: Project, key: str) -> int:
     from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUNNING
     from phd_flow.sweeps.executors import point_error, slurm_queue
-    from phd_flow.sweeps.grid import FINISHED, REQUEUED, STALE, SUBMITTED, Sweep, describe_point, summary
+    from phd_flow.sweeps.grid import FINISHED, REQUEUED, STALE, SUBMITTED, Sweep, summary
 
     config = project.config
     sweep = Sweep.load(project, key)
@@ -373,14 +373,66 @@ def _show(project: Project, key: str) -> int:
     if counts.get(REQUEUED):  # not over: SLURM starts the requeued tasks again
         overall = RUNNING if counts.get(RUNNING) else SUBMITTED
     print(f"{sweep.key}  {sweep.data['node']}  {overall}  ({summary(counts)})")
+    errors: list[str] = []
     for status, point in shown:
-        job = f"  job {point['slurm_job_id']}" if point.get("slurm_job_id") else ""
-        print(f"  {status:<9} {point['key']}  {describe_point(point)}{job}")
         if status in (FAILED, KILLED):
             error = point_error(config.local_path / point["key"])
             if error:
-                print(f"      {error}")
+                errors.append(f"  {point['key']}: {error}")
+    for line in _points_table(config.local_path, shown):
+        print(line)
+    for line in errors:
+        print(line)
     ended = all(status in FINISHED or status == STALE for status, _ in shown)
     if ended and any(status != COMPLETED for status, _ in shown):
         print(f"Run what did not complete with: {resume_command(project, sweep)}")
     return 0
+
+
+def _points_table(local_path: Path, shown: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The points as a table: status, key, swept params, SLURM job, and the last value of each
+    metric (from the point's run.json), the best value of each marked ``*`` (lower is better
+    for loss-like names: :func:`phd_flow.runs.metrics.lower_is_better`), then a line per best."""
+    from phd_flow.cli.render import clean, number_cells, table
+    from phd_flow.errors import CorruptRunError
+    from phd_flow.run.record import RunRecord
+    from phd_flow.runs.metrics import as_number, best_index, lower_is_better, recorded_summary
+
+    summaries = []
+    for _, point in shown:
+        try:
+            summaries.append(
+                recorded_summary(RunRecord.load(local_path / point["key"]).data, local_path / point["key"])
+            )
+        except CorruptRunError:
+            summaries.append({})
+    names = sorted({name for summary in summaries for name in summary})
+    params = list(dict.fromkeys(name for _, point in shown for name in point.get("params") or {}))
+    jobs = any(point.get("slurm_job_id") for _, point in shown)
+    headers = ["STATUS", "KEY", *params, *(["JOB"] if jobs else []), *(f"{name}  " for name in names)]
+    columns, bests, notes = [], [], []
+    for name in names:
+        values = [as_number((summary.get(name) or {}).get("last")) for summary in summaries]
+        lower = lower_is_better(name)
+        best = best_index(values, lower) if len(shown) > 1 else None
+        columns.append([c + (" *" if i == best else "  ") for i, c in enumerate(number_cells(values))])
+        bests.append(best)
+        if best is not None:
+            point = shown[best][1]
+            text = " ".join(f"{k}={v}" for k, v in (point.get("params") or {}).items())
+            notes.append(f"best {name} ({'lowest' if lower else 'highest'}): {point['key']}  {text}")
+    rows = []
+    for index, (status, point) in enumerate(shown):
+        point_params = point.get("params") or {}
+        rows.append(
+            [
+                status,
+                str(point["key"]),
+                *(str(point_params.get(name, "-")) for name in params),
+                *([str(point.get("slurm_job_id") or "-")] if jobs else []),
+                *(column[index] for column in columns),
+            ]
+        )
+    first = len(headers) - len(names)
+    lines = ["  " + line for line in table(headers, rows, right=range(first, len(headers))).splitlines()]
+    return lines + [clean(note) for note in notes]

@@ -36,6 +36,7 @@ from phd_flow.run.record import (
     utcnow,
 )
 from phd_flow.run.result import save_result
+from phd_flow.runs.metrics import SUMMARY_FIELD, summary_of_dir
 
 
 def execute(run: ActiveRun) -> Any:
@@ -185,6 +186,7 @@ def _finish(run: ActiveRun, record: RunRecord, status: str, error: Any) -> str:
     if run.kill_signal is not None and status == COMPLETED:
         status = KILLED
     fields: dict[str, Any] = {"status": status, "ended_at": utcnow()}
+    fields[SUMMARY_FIELD] = summary_of_dir(run.run_dir)  # metric columns of `ls` without reading metrics.jsonl
     if error is not None:
         fields["error"] = _describe(error)
     record.update(**fields)  # an OSError here: the caller fails the run (_failed_to_record)

@@ -10,8 +10,9 @@ from phd_flow.errors import InvalidKeyError
 from phd_flow.keys import normalize
 from phd_flow.log import logger
 from phd_flow.run.push import push_run
-from phd_flow.run.record import RUNNING, RunRecord, describe_process, is_live, is_stale
+from phd_flow.run.record import FINISHED, RUNNING, RunRecord, describe_process, is_live, is_stale
 from phd_flow.runs.listing import local_records, resolve_key
+from phd_flow.runs.metrics import SUMMARY_FIELD, summary_of_dir
 from phd_flow.storage.facade import DOWNLOADED
 
 if TYPE_CHECKING:
@@ -85,6 +86,9 @@ def sync_one(project: Project, record: RunRecord) -> bool:
             f"records it in MLflow (delete {mark} if it is your own run)."
         )
         return True
+    if record.status in FINISHED and SUMMARY_FIELD not in record.data and record.data.get("kind") != "sweep":
+        # a run made before run.json had the summary: `sync` writes it (`ls` computes it meanwhile)
+        record.update(**{SUMMARY_FIELD: summary_of_dir(record.run_dir)})
     ok = _sync_mlflow(project.config, record)
     pending = _own_pending(record)  # uploads that failed in the run
     return push_run(project.storage, record, record.key, pending) and ok

@@ -95,6 +95,7 @@ INDEX_FIELDS = (
     "sweep",
     "kind",
     "children",  # where child runs are found in storage (resolve_key)
+    "metrics",
 )
 
 

@@ -1,8 +1,9 @@
-"""Past runs from Python: :func:`find_runs`, :func:`load_result`, :func:`load_args`.
+"""Past runs from Python: :func:`find_runs`, :func:`load_result`, :func:`load_args`, :func:`load_metrics`.
 
 >>> import phd_flow
 >>> runs = phd_flow.find_runs(node="FitOLS", status="completed", after="2d")   # doctest: +SKIP
->>> runs.to_frame()[["status", "args.seed"]]                                     # doctest: +SKIP
+>>> runs.to_frame()[["status", "args.seed", "metrics.mse"]]                      # doctest: +SKIP
+>>> phd_flow.find_runs(where=["lr<0.1", "metrics.acc>=0.9"])                     # doctest: +SKIP
 >>> phd_flow.load_result(runs[-1].key).mse                                       # doctest: +SKIP
 
 Statuses are honest: a run recorded as ``running`` whose heartbeat is older than
@@ -15,7 +16,7 @@ import json
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,9 @@ from phd_flow.runs.listing import (
     remote_records,
     resolve_key,
 )
+from phd_flow.runs.metrics import recorded_summary
+from phd_flow.runs.where import Condition, matches_all, parse_where, run_metrics
+from phd_flow.sweeps.grid import SWEEP_KIND
 
 if TYPE_CHECKING:
     import pandas
@@ -127,8 +131,9 @@ class Run(RunRecord):
 
         return self.status != RUNNING and not needs_sync(self, self.has_remote)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON summary ``ls --json`` prints."""
+    def to_dict(self, metrics: bool = False) -> dict[str, Any]:
+        """The JSON summary ``ls --json`` prints; ``metrics``: also for a run older than the
+        metric summary (computed from its metrics.jsonl), else only what run.json holds."""
         return {
             "key": self.key,
             "node": self.node,
@@ -138,7 +143,19 @@ class Run(RunRecord):
             "synced": self.synced,
             "args": self.args,
             "where": self.where,
+            "metrics": self.metrics if metrics else recorded_summary(self.data),
         }
+
+    @property
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"last", "min", "max", "steps"}}`` from run.json (for a run older than the
+        summary, computed from its local metrics.jsonl)."""
+        return run_metrics(self)
+
+    @property
+    def is_sweep(self) -> bool:
+        """True for a sweep record (``Sweep_...``: the points are the runs)."""
+        return self.data.get("kind") == SWEEP_KIND
 
     def __repr__(self) -> str:
         return f"Run({self.key!r}, {self.state})"
@@ -147,12 +164,20 @@ class Run(RunRecord):
 class Runs(list[Run]):
     """A list of :class:`Run`; :meth:`to_frame` makes a pandas DataFrame of it."""
 
-    def to_frame(self) -> pandas.DataFrame:
-        """One row per run, indexed by key: status, times, host, sync, and ``args.<name>``."""
+    #: The project the runs were listed from (for :meth:`to_frame` ``results=True``).
+    project: Project | None = None
+
+    def to_frame(self, results: bool = False, trust_remote: bool = False) -> pandas.DataFrame:
+        """One row per run, indexed by key: status, times, host, sync, ``args.<name>`` and
+        ``metrics.<name>`` (the last value). With ``results=True`` also ``result.<field>``: the
+        scalar fields (numbers, strings, booleans) of each completed run's result when it is a
+        dataclass or a dict (or ``result`` for a scalar result); this loads every result, through
+        :func:`load_result`'s verification (``trust_remote`` as there)."""
         try:
             import pandas
         except ImportError:
             raise ImportError("Runs.to_frame() needs pandas: `pip install pandas`.") from None
+        from phd_flow.runs.metrics import last_values
         from phd_flow.tracking import flatten
 
         rows = []
@@ -170,8 +195,12 @@ class Runs(list[Run]):
                     "synced": run.synced,
                     "where": run.where,
                     **{f"args.{k}": v for k, v in flatten(run.args).items()},
+                    **{f"metrics.{k}": v for k, v in last_values(run.metrics).items()},
                 }
             )
+            if results and run.status == COMPLETED and (run.data.get("result") or {}):
+                value = load_result(run.key, self.project, trust_remote=trust_remote)
+                rows[-1].update({f"result{k}": v for k, v in scalar_fields(value).items()})
         return pandas.DataFrame(rows).set_index("key") if rows else pandas.DataFrame(rows)
 
     @property
@@ -188,17 +217,21 @@ class RunFilter:
     statuses: frozenset[str] = frozenset()
     after: datetime | None = None
     before: datetime | None = None
-    where: dict[str, str] = field(default_factory=dict)
+    where: tuple[Condition, ...] = ()
     sweep: str | None = None
+    #: sweep records: listed only with True (``ls --sweeps``), and then only they
+    sweeps: bool = False
 
     def matches(self, run: Run) -> bool:
         if self.prefix and not run.key.startswith(self.prefix):
+            return False
+        if run.is_sweep != self.sweeps:
             return False
         if self.node and run.node != self.node:
             return False
         if self.statuses and run.state not in self.statuses:
             return False
-        if self.sweep and not str(run.data.get("sweep") or "").startswith(self.sweep):
+        if self.sweep and not sweep_matches(str(run.data.get("sweep") or ""), self.sweep):
             return False
         if self.after or self.before:
             started = run.started_at
@@ -206,7 +239,16 @@ class RunFilter:
                 return False
             if self.before and started >= self.before:
                 return False
-        return not self.where or matches_where(run.args, self.where)
+        return not self.where or matches_all(run, self.where)
+
+
+def sweep_matches(sweep_key: str, given: str) -> bool:
+    """``--sweep`` takes the sweep's key, a prefix of it, or its random suffix (or a prefix of
+    that, or its end): ``Sweep_2026-11-30``, ``x57c``, ``x57c1k2p``."""
+    if not sweep_key or not given:
+        return False
+    suffix = sweep_key.rsplit("_", 1)[-1]
+    return sweep_key.startswith(given) or suffix.startswith(given) or sweep_key.endswith(given)
 
 
 # --- the public API -----------------------------------------------------------------------------
@@ -217,7 +259,7 @@ def find_runs(
     status: str | Iterable[str] | None = None,
     after: TimeBound | None = None,
     before: TimeBound | None = None,
-    where: Mapping[str, Any] | None = None,
+    where: str | Iterable[str] | Mapping[str, Any] | None = None,
     remote: bool = False,
     config: Config | Project | None = None,
     *,
@@ -228,11 +270,14 @@ def find_runs(
 
     ``status``: one of ``running completed failed killed stale`` or several; ``after`` /
     ``before``: a datetime, a date, a timedelta or duration string (``"3h"``, ``"2d"``: that long
-    ago) or an ISO date; ``where``: arg values (``{"seed": 0, "optim.lr": 0.1}``, compared as
-    JSON text); ``remote``: include the runs in storage (other machines). ``config`` defaults to
-    the project's (found from the current directory or ``$PHD_FLOW_CONFIG``).
+    ago) or an ISO date; ``where``: conditions as ``ls --where`` has them (``"lr<0.1"``,
+    ``["metrics.acc>=0.9", "seed!=0"]``; see :mod:`phd_flow.runs.where`) or a mapping of
+    equalities (``{"seed": 0, "optim.lr": 0.1}``, compared as JSON text); ``remote``: include the
+    runs in storage (other machines); ``sweep``: the points of a sweep (key, prefix or suffix).
+    ``config`` defaults to the project's (found from the current directory or ``$PHD_FLOW_CONFIG``).
+    Sweep records themselves are not runs and are never listed.
 
-    Raises :class:`~phd_flow.errors.ArgsError` for an unknown status or malformed time.
+    Raises :class:`~phd_flow.errors.ArgsError` for an unknown status, malformed time or condition.
     """
     statuses = {status} if isinstance(status, str) else set(status or ())
     unknown = statuses - set(STATUS_CHOICES)
@@ -244,7 +289,7 @@ def find_runs(
         statuses=frozenset(statuses),
         after=time_bound(after) if after is not None else None,
         before=time_bound(before) if before is not None else None,
-        where={k: arg_text(v) for k, v in (where or {}).items()},
+        where=parse_where(where),
         sweep=sweep,
     )
     return list_runs(Project.of(config), run_filter, remote=remote)
@@ -259,6 +304,59 @@ def load_args(key: str, config: Config | Project | None = None) -> dict[str, Any
         args: dict[str, Any] = json.loads(raw)
         return args
     return run.args
+
+
+def load_metrics(
+    key: str, names: str | Iterable[str] | None = None, config: Config | Project | None = None
+) -> pandas.DataFrame:
+    """Every logged point of run ``key`` (or a unique prefix) as a pandas DataFrame with columns
+    ``step``, ``time`` (UTC), ``name``, ``value``, sorted by name then step (file order among
+    equal steps); from its metrics.jsonl, local or in storage. ``names``: only these metrics."""
+    import pandas
+
+    from phd_flow.run.record import METRICS_FILE
+    from phd_flow.runs.metrics import parse_points
+
+    project = Project.of(config)
+    run = get_run(project, key)
+    raw = read_run_file(project, run, METRICS_FILE) or b""
+    wanted = {names} if isinstance(names, str) else set(names) if names is not None else None
+    points = [p for p in parse_points(raw) if wanted is None or p[0] in wanted]
+    frame = pandas.DataFrame(
+        {
+            "step": pandas.Series([p[2] for p in points], dtype="int64"),
+            "time": pandas.to_datetime(pandas.Series([p[3] for p in points], dtype="int64"), unit="ms", utc=True),
+            "name": pandas.Series([p[0] for p in points], dtype="object"),
+            "value": pandas.Series([p[1] for p in points], dtype="float64"),
+        }
+    )
+    return frame.sort_values(["name", "step"], kind="stable").reset_index(drop=True)
+
+
+def scalar_fields(result: Any) -> dict[str, Any]:
+    """``{".field": value}`` for the scalar fields of a dataclass or dict result, ``{"": value}``
+    for a scalar result; numpy scalars become Python ones."""
+    import dataclasses
+
+    def scalar(value: Any) -> tuple[bool, Any]:
+        item = getattr(value, "item", None)
+        if item is not None and getattr(value, "shape", None) == ():
+            value = item()
+        return (value is None or isinstance(value, (bool, int, float, str)), value)
+
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        pairs = [(f.name, getattr(result, f.name)) for f in dataclasses.fields(result)]
+    elif isinstance(result, dict):
+        pairs = [(str(k), v) for k, v in result.items()]
+    else:
+        ok, value = scalar(result)
+        return {"": value} if ok else {}
+    found = {}
+    for name, value in pairs:
+        ok, value = scalar(value)
+        if ok:
+            found[f".{name}"] = value
+    return found
 
 
 def load_result(key: str, config: Config | Project | None = None, trust_remote: bool = False) -> Any:
@@ -324,8 +422,10 @@ def list_runs(
                 stale = is_stale(item.data, stale_after, now, host)
                 found[item.key] = Run(item.run_dir, item.data, "remote", stale, has_remote)
     runs = [run for run in found.values() if run_filter.matches(run)]
-    runs.sort(key=lambda r: (str(r.data.get("started_at") or ""), r.key))
-    return Runs(runs)
+    runs.sort(key=lambda r: (str(r.data.get("started_at") or r.data.get("created_at") or ""), r.key))
+    listed = Runs(runs)
+    listed.project = project
+    return listed
 
 
 def get_run(project: Project, key: str) -> Run:
@@ -496,19 +596,6 @@ def _ago(duration: timedelta) -> datetime:
         return _now() - duration
     except OverflowError:  # before the year 1
         raise ArgsError(f"{duration} ago is before the year 1: give a shorter duration.") from None
-
-
-def arg_text(value: Any) -> str:
-    """How ``--where`` compares arg values: strings as they are, the rest as JSON."""
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def matches_where(args: Mapping[str, Any], where: Mapping[str, str]) -> bool:
-    """True when every ``name=value`` holds for the (flattened, dotted) args."""
-    from phd_flow.tracking import flatten
-
-    flat = flatten(args)
-    return all(name in flat and arg_text(flat[name]) == value for name, value in where.items())
 
 
 def _now() -> datetime:
