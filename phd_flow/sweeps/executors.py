@@ -227,7 +227,8 @@ def _spawn(package: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 def warm_up(sweep: Sweep, config: Config) -> None:
     """Import, once and in the driver, what every point would import: the node's module,
-    phd_flow's run machinery and (when MLflow is enabled) mlflow with its sqlite store classes.
+    phd_flow's run machinery and (when MLflow is enabled) mlflow with its sqlite store classes;
+    and scan the installed distributions (reproducible.json) once.
 
     Only modules: no connection, file, thread or lock is opened here, so a forked point opens
     its own MLflow store and sqlite connection. MLflow is not imported when telemetry is on
@@ -236,6 +237,9 @@ def warm_up(sweep: Sweep, config: Config) -> None:
     _split_class(sweep.data["node_class"])  # imports the node's module
     for name in _WARM_MODULES:
         importlib.import_module(name)
+    from phd_flow.run import repro
+
+    repro.packages()  # the installed distributions, scanned once for every point's reproducible.json
     if config.mlflow.enabled and not config.mlflow.telemetry:
         from phd_flow.tracking import import_mlflow
 
