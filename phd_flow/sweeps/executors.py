@@ -27,11 +27,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import typing
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -39,6 +40,7 @@ from typing import Any
 
 from phd_flow import keys
 from phd_flow.errors import ConfigError, RunKilledError, UserError, closest
+from phd_flow.log import logger
 from phd_flow.run.record import COMPLETED, KILLED, RUNNING, RunRecord, utcnow
 from phd_flow.sweeps.grid import FINISHED, LOST, PENDING, STALE, SUBMITTED, Sweep, describe_point
 
@@ -194,8 +196,9 @@ def run_local(
                 point = todo.popleft()
                 argv = _point_argv(point, sweep, config_path)
                 log = logs / f"{keys.run_name(point['key'])}.log"  # a run key: never a path
-                proc = _spawn(package, argv, log) if entry is None else _Forked.start(entry, argv, log)
-                running[point["key"]] = _Started(point, proc, log, time.monotonic())
+                with _signals_deferred() as mask:  # a Ctrl-C now would leave a point nobody stops
+                    proc = _spawn(package, argv, log) if entry is None else _Forked.start(entry, argv, log, mask)
+                    running[point["key"]] = _Started(point, proc, log, time.monotonic())
                 sweep.set_status([point["key"]], RUNNING)
             if running:
                 time.sleep(POLL)
@@ -241,14 +244,24 @@ def warm_up(sweep: Sweep, config: Config) -> None:
 
     repro.packages()  # the installed distributions, scanned once for every point's reproducible.json
     if config.mlflow.enabled and not config.mlflow.telemetry:
-        from phd_flow.tracking import import_mlflow
+        try:
+            from phd_flow.tracking import import_mlflow
 
-        import_mlflow()
-        importlib.import_module("mlflow.tracking")
-        importlib.import_module("mlflow.store.tracking.sqlalchemy_store")  # sqlalchemy, alembic, the ORM
-        from sqlalchemy.orm import configure_mappers
+            import_mlflow()
+            importlib.import_module("mlflow.tracking")
+            importlib.import_module("mlflow.store.tracking.sqlalchemy_store")  # sqlalchemy, alembic, the ORM
+            from sqlalchemy.orm import configure_mappers
 
-        configure_mappers()  # in memory only; each point would otherwise redo it
+            configure_mappers()  # in memory only; each point would otherwise redo it
+        except Exception as exc:  # each point reports (and survives) MLflow's failure itself
+            logger.debug(f"Warm-up: importing MLflow failed ({type(exc).__name__}: {exc})")
+    if threading.active_count() > 1:
+        names = ", ".join(sorted(t.name for t in threading.enumerate() if t is not threading.current_thread()))
+        logger.warning(
+            f"Threads run in the sweep process before its points are forked ({names}): a point "
+            "gets none of them, and may hang on a lock one of them held. If points hang, start "
+            "such threads in _run, or use --executor process."
+        )
     gc.freeze()  # what the driver holds is never collected in a point: fewer pages copied on write
 
 
@@ -267,19 +280,17 @@ class _Forked:
         self.returncode: int | None = None
 
     @classmethod
-    def start(cls, entry: Entry, argv: list[str], log: Path) -> _Forked:
+    def start(cls, entry: Entry, argv: list[str], log: Path, mask: set[int | signal.Signals]) -> _Forked:
+        """Fork the point; call with SIGINT and SIGTERM blocked (``mask`` is the mask to
+        restore), so that the driver's SIGTERM handler never runs in a point."""
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         sys.stdout.flush()
         sys.stderr.flush()  # or the child writes the driver's pending output again
-        # No signal between fork and the child's own handlers: the driver's SIGTERM handler
-        # must never run in a point.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             pid = os.fork()
             if pid == 0:
-                _child(entry, argv, fd, blocked)
+                _child(entry, argv, fd, mask)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(fd)
         return cls(pid)
 
@@ -347,6 +358,16 @@ def _reseed() -> None:
     if torch is not None:
         with contextlib.suppress(Exception):
             torch.seed()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[set[int | signal.Signals]]:
+    """Hold SIGINT and SIGTERM (delivered when the block ends); yields the mask to restore."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield previous
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _finished_status(config: Config, started: _Started) -> str:
