@@ -17,11 +17,14 @@ from tests.test_sweep_local import make_project, point_records, sweep_record
 #: A node that misbehaves in the ways a point must not pass on to the next one.
 HOSTILE = '''"""Nodes that crash the interpreter, leak globals, change cwd (warm executor tests)."""
 
+import atexit
 import ctypes
 import dataclasses
 import json
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy
@@ -30,6 +33,8 @@ from phd_flow import Node, node
 
 IMPORT_PID = os.getpid()  # the process that imported this module
 LEAKED: list[str] = []
+SHARED = Path(tempfile.mkdtemp())  # made at import; removed when the importing process exits
+atexit.register(shutil.rmtree, SHARED, True)
 
 
 @dataclasses.dataclass
@@ -51,10 +56,12 @@ class Hostile(Node[HostileArgs, str]):
             "cwd": os.getcwd(),
             "numpy": float(numpy.random.rand()),
             "random": random.random(),
+            "shared": SHARED.is_dir(),
         }
         (Path(self.args.out_dir) / f"{self.args.mode}.json").write_text(json.dumps(seen))
         self.log_metric("seen", 1.0)
         if self.args.mode == "leak":
+            atexit.register((Path(self.args.out_dir) / "leak.atexit").touch)  # the point's own handler
             LEAKED.append(str(self.key))
             os.environ["HOSTILE_LEAK"] = str(self.key)
         elif self.args.mode == "chdir":
@@ -108,6 +115,8 @@ def test_a_point_that_crashes_leaks_or_changes_cwd_does_not_affect_the_next(tmp_
     # isolated: nothing the earlier points did reached the last one
     assert seen["check"]["leaked"] == [] and seen["check"]["env"] is None
     assert seen["check"]["cwd"] == str(project)
+    assert seen["check"]["shared"]  # the driver's exit handlers did not run at a point's exit ...
+    assert (seen_dir / "leak.atexit").exists()  # ... the point's own did
     assert len({s["numpy"] for s in seen.values()}) == len(modes)  # numpy reseeded in every point
     assert len({s["random"] for s in seen.values()}) == len(modes)
     # a point that died without recording its end is killed, and says how it ended

@@ -271,8 +271,8 @@ class _Forked:
     The child starts its own session (like ``start_new_session``: a terminal's Ctrl-C reaches
     only the driver, which forwards SIGINT), writes stdout and stderr to the point's log, gets
     Python's default signal handlers back, reseeds the random generators it inherited, runs
-    ``entry(argv)`` and leaves with ``os._exit`` (atexit handlers run; the driver's buffers and
-    the interpreter's teardown do not).
+    ``entry(argv)`` and leaves with ``os._exit`` (the atexit handlers the point registered run;
+    the driver's handlers and buffers and the interpreter's teardown do not).
     """
 
     def __init__(self, pid: int) -> None:
@@ -330,6 +330,7 @@ def _child(entry: Entry, argv: list[str], fd: int, mask: set[int | signal.Signal
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         sys.argv = [sys.argv[0], *argv]  # what `python -m <package> run ...` would have (run.json's command)
+        atexit._clear()  # the driver's exit handlers are the driver's (one may delete what it shares)
         _reseed()
         code = entry(argv)
     except SystemExit as exc:
@@ -340,7 +341,7 @@ def _child(entry: Entry, argv: list[str], fd: int, mask: set[int | signal.Signal
         traceback.print_exc()
     finally:
         with contextlib.suppress(BaseException):
-            atexit._run_exitfuncs()  # what a normal exit would run (e.g. MLflow's flushes)
+            atexit._run_exitfuncs()  # the handlers the point registered, as a normal exit runs them
         with contextlib.suppress(BaseException):
             sys.stdout.flush()
             sys.stderr.flush()
