@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -177,3 +179,69 @@ def test_the_process_executor_stays_selectable_and_is_recorded_for_resume(tmp_pa
     assert failing.returncode == 1 and "RuntimeError: seed 1 is set to fail" in failing.stdout
     (key,) = [d.name for d in (project / "data_storage").glob("Sweep_*") if d.name != record["key"]]
     assert f"sweep --resume {key} --executor process" in failing.stderr
+
+
+#: A node whose answer comes from a helper function; the test edits the helper mid-sweep.
+EDITED = '''"""A node and a helper the test edits while the sweep runs."""
+
+import dataclasses
+import time
+from pathlib import Path
+
+from phd_flow import Node, node
+
+
+def answer() -> int:
+    return 1
+
+
+@dataclasses.dataclass
+class AskArgs(node.Args):
+    go: str = ""  # wait for this file before answering
+    n: int = 0
+
+
+class Ask(Node[AskArgs, int]):
+    def _run(self) -> int:
+        (Path(self.args.go).parent / f"started-{self.args.n}").touch()
+        while not Path(self.args.go).exists():
+            time.sleep(0.05)
+        return answer()
+'''
+
+
+def test_a_warm_point_records_the_code_it_ran_not_an_edit_made_mid_sweep(tmp_path: Path) -> None:
+    """A forked point runs the module the driver imported; its fingerprint must say so (an edit
+    saved during the sweep is not the code it ran: the record would lie and the cache would
+    later reuse its result for the edited code)."""
+    project = make_project(tmp_path / "proj")
+    module = project / "my_project" / "ask.py"
+    module.write_text(EDITED)
+    go = tmp_path / "go"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MLFLOW_"))}
+    argv = ["sweep", "Ask", "--go", str(go), "--grid", "n=1,2", "--max-parallel", "1"]
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "my_project", *argv],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started-1").exists():
+        assert time.monotonic() < deadline and sweep.poll() is None, "the first point never started"
+        time.sleep(0.05)
+    module.write_text(EDITED.replace("return 1", "return 2"))  # the user saves an edit mid-sweep
+    go.touch()
+    out, err = sweep.communicate(timeout=180)
+    assert sweep.returncode == 0, out + err
+    runs = point_records(project)
+    by_n = {int(r["args"]["n"]): (key, r) for key, r in runs.items()}
+    results = {
+        n: pickle.loads((project / "data_storage" / key / "results.pickle").read_bytes())
+        for n, (key, _) in by_n.items()
+    }
+    assert results == {1: 1, 2: 1}, "warm points run the code the driver imported"
+    code = {n: r["fingerprint"]["inputs"]["code"] for n, (_, r) in by_n.items()}
+    assert code[1] == code[2], "the second point's record claims the edited code it never ran"

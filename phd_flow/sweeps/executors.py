@@ -21,6 +21,7 @@ import contextlib
 import functools
 import gc
 import importlib
+import operator
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from phd_flow import keys
+from phd_flow import keys, reuse
 from phd_flow.errors import ConfigError, RunKilledError, UserError, closest
 from phd_flow.log import logger
 from phd_flow.run.record import COMPLETED, KILLED, RUNNING, RunRecord, utcnow
@@ -180,6 +181,10 @@ def run_local(
     running: dict[str, _Started] = {}
     total, finished = len(points), 0
     previous = _raise_on_sigterm()
+    # warm: every point runs the code the driver imported, so every point's fingerprint is of the
+    # files as the driver read them at import time, not as they are when the point starts
+    pin = reuse.pinned() if entry is not None else contextlib.nullcontext()
+    pin.__enter__()
     try:
         if entry is not None and todo:
             warm_up(sweep, config)
@@ -210,6 +215,7 @@ def run_local(
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        pin.__exit__(None, None, None)
     return sweep.refresh(config.local_path, config.runs.stale_after_seconds)
 
 
@@ -237,7 +243,9 @@ def warm_up(sweep: Sweep, config: Config) -> None:
     its own MLflow store and sqlite connection. MLflow is not imported when telemetry is on
     (its client starts threads at import, and a fork must not copy a thread's held locks).
     """
-    _split_class(sweep.data["node_class"])  # imports the node's module
+    module, _, name = _split_class(sweep.data["node_class"])  # imports the node's module
+    node_cls = operator.attrgetter(name)(sys.modules[module])
+    reuse.code_of(node_cls)  # read (and pinned) now, with the code just imported: see run_local
     for name in _WARM_MODULES:
         importlib.import_module(name)
     from phd_flow.run import repro
