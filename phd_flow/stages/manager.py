@@ -291,6 +291,7 @@ class StageManager:
             self._record(stage, status="open")
             return
         self._record(stage, status="open")  # skip_log is in run.json before any sync
+        stage_sources.unshare(stage.path)  # an earlier attempt's files linked with another run
         rule = self.rules.get(stage.name)
         forced = self.node.options.cache  # --cache / --no-cache win over [stages.NAME] cache
         if rule is not None and rule.load_from:

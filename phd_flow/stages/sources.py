@@ -5,6 +5,11 @@ A source is a phd_flow run (found by key, key prefix, ``latest``, or an MLflow r
 ``phd_flow.key`` tag names it) or a plain MLflow run (its artifacts under ``<stage>/``, as
 :mod:`phd_flow.compat` logs them). Files are taken from the source's local run directory when
 it is on this machine, else from the remote storage, else from MLflow's artifact store.
+
+A local source's files are stored once: each is reflinked, else hardlinked read-only (so a write
+to the loaded file fails instead of changing the source run), else copied
+(:func:`phd_flow.storage.facade.link_or_copy`); from the remote, files the source stores by
+reference are fetched from the run that holds them. Either way every file is verified.
 """
 
 from __future__ import annotations
@@ -336,9 +341,7 @@ def _download(project: Project, source: Source, stage: str, staging: Path) -> st
     remote_relpath(f"{source.path}/{stage}")  # a key checked by resolve_key; checked again here
     local = config.local_path / source.path / stage
     if local.is_dir() and not local.is_symlink():
-        # symlinks are copied as links, never followed; verify() hashes regular files only and
-        # only those move into the run
-        shutil.copytree(local, staging, symlinks=True, dirs_exist_ok=True)
+        _link_tree(local, staging)
         return str(local)
     remote = storage.remote
     if remote is None:
@@ -346,16 +349,36 @@ def _download(project: Project, source: Source, stage: str, staging: Path) -> st
     from phd_flow.storage import engine
 
     prefix = f"{source.path}/{stage}"
-    engine.pull(
-        remote,
-        prefix,
-        staging,
-        retries=config.storage.retries,
-        workers=config.storage.workers,
-        label=prefix,
-    )
+    storage.pull_tree(prefix, staging)  # with the files it stores by reference to another run
     (staging / engine.MANIFEST).unlink(missing_ok=True)
     return f"{remote.describe()}/{prefix}"
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Every regular file below ``source`` at the same place below ``target``, stored once where
+    that is safe (:func:`~phd_flow.storage.facade.link_or_copy`). Symlinks are never followed
+    nor taken: only the files ``verify`` checks move into the run."""
+    from phd_flow.storage.facade import dedup_mode, link_or_copy
+
+    mode = dedup_mode()
+    for path in sorted(source.rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        dest = target / path.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(path, dest, mode)
+
+
+def unshare(folder: Path) -> None:
+    """Give this run private, writable copies of the files in ``folder`` that are hardlinked
+    with another run's (a stage about to be computed again in place: writing them must neither
+    fail nor reach the other run)."""
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if path.is_symlink() or not path.is_file() or path.stat().st_nlink < 2:
+            continue
+        private = path.with_name(f".phd_flow-{path.name}.unshare")
+        shutil.copyfile(path, private)
+        private.replace(path)
 
 
 def _download_mlflow(project: Project, source: Source, stage: str, staging: Path) -> None:
