@@ -151,6 +151,32 @@ def test_writing_into_a_loaded_stage_file_never_changes_the_source_run(tmp_path:
     assert (third.output_dir / "load_data" / "train.csv").read_bytes() == before
 
 
+class Rewrite(Prepare):
+    """Loads load_data and writes over its file anyway (as Prepare's stage report does)."""
+
+    def _run(self) -> int:
+        with self.stage("load_data", depends_on=["dataset", "seed"]) as st:
+            (st.path / "train.csv").write_text("rewritten by the loading run\n")
+        return 0
+
+
+def test_code_writing_a_loaded_file_inside_its_stage_gets_its_own_copy(
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DEDUP, "hardlink")  # even where links are forced, the open stage has copies
+    config = make_config(tmp_path)
+    first = run(config, dataset, seed=0)
+    source = first.output_dir / "load_data" / "train.csv"
+    before = source.read_bytes()
+    second = Rewrite({"dataset": str(dataset)}, config=config, options=RunOptions(load={"load_data": str(first.key)}))
+    second.run()
+    assert source.read_bytes() == before  # the source run is untouched
+    loaded = second.output_dir / "load_data" / "train.csv"
+    assert loaded.read_text() == "rewritten by the loading run\n" and os.stat(loaded).st_ino != os.stat(source).st_ino
+    assert f"{second.key}/load_data/train.csv" in remote_sizes(config, str(second.key))  # its own bytes go up
+    assert "stored_in" not in stages(second.output_dir)["load_data"]
+
+
 def test_dedup_off_stores_every_copy(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(DEDUP, "off")  # the benchmark's "before"
     config = make_config(tmp_path)

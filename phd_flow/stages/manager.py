@@ -430,6 +430,8 @@ class StageManager:
             self._record(stage, status="failed")
             return
         files = stage_sources.hash_tree(stage.path)
+        if stage.loaded_from and not stage.kept:  # identical files: one copy on disk
+            stage_sources.store_once(self.node.config, stage.name, stage.loaded_from, stage.path, files)
         stage.sha256 = stage_sources.digest(files)
         stage.completed = True
         config, key = self.node.config, str(self.node.key)

@@ -6,16 +6,18 @@ A source is a phd_flow run (found by key, key prefix, ``latest``, or an MLflow r
 :mod:`phd_flow.compat` logs them). Files are taken from the source's local run directory when
 it is on this machine, else from the remote storage, else from MLflow's artifact store.
 
-A local source's files are stored once: each is reflinked, else hardlinked read-only (so a write
-to the loaded file fails instead of changing the source run), else copied
-(:func:`phd_flow.storage.facade.link_or_copy`); from the remote, files the source stores by
-reference are fetched from the run that holds them. Either way every file is verified.
+A local source's files are reflinked (copy-on-write) where the filesystem can, else copied, so
+the loading run's code may write them freely; when the stage closes, each file that still has
+the source's bytes becomes a read-only hardlink of the source's copy (:func:`store_once`: a
+later write fails instead of changing the source run). From the remote, files the source
+stores by reference are fetched from the run that holds them. Every file is verified.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from phd_flow._io import sha256_file
 from phd_flow.errors import CorruptRunError, InvalidKeyError, PhdFlowError, RunNotFoundError, StageError, closest
-from phd_flow.keys import RunKey, remote_relpath
+from phd_flow.keys import RunKey, remote_relpath, safe_join
 from phd_flow.log import logger
 from phd_flow.run import signing
 from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUN_FILE, RunRecord, parse_time
@@ -355,8 +357,8 @@ def _download(project: Project, source: Source, stage: str, staging: Path) -> st
 
 
 def _link_tree(source: Path, target: Path) -> None:
-    """Every regular file below ``source`` at the same place below ``target``, stored once where
-    that is safe (:func:`~phd_flow.storage.facade.link_or_copy`). Symlinks are never followed
+    """Every regular file below ``source`` at the same place below ``target``: a reflink where
+    the filesystem can, else a copy (writable: the stage is open). Symlinks are never followed
     nor taken: only the files ``verify`` checks move into the run."""
     from phd_flow.storage.facade import dedup_mode, link_or_copy
 
@@ -366,7 +368,38 @@ def _link_tree(source: Path, target: Path) -> None:
             continue
         dest = target / path.relative_to(source)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        link_or_copy(path, dest, mode)
+        link_or_copy(path, dest, mode, hardlink=False)
+
+
+def store_once(config: Config, stage: str, source_key: str, folder: Path, files: dict[str, str]) -> int:
+    """When a loaded stage has closed: each of its files (``{path: sha256}`` as just hashed) that
+    still has the bytes of the source run's local copy becomes a read-only hardlink of it
+    (:func:`~phd_flow.storage.facade.hardlink_read_only`); returns how many. Files the run
+    changed, a source not on this machine, and places where links are not safe keep their copy."""
+    from phd_flow.storage.facade import dedup_mode, hardlink_read_only
+
+    mode = dedup_mode()
+    try:
+        base = safe_join(config.local_path, f"{source_key}/{stage}")
+    except InvalidKeyError:  # an MLflow run id: no local copy to share
+        return 0
+    linked = 0
+    for rel, digest in sorted(files.items()):
+        own, theirs = folder / rel, base / rel
+        try:
+            if theirs.is_symlink() or not theirs.is_file() or os.path.samefile(own, theirs):
+                continue
+            if own.stat().st_size != theirs.stat().st_size or sha256_file(theirs) != digest:
+                continue
+        except OSError:
+            continue
+        link = own.with_name(f".phd_flow-{own.name}.link")
+        link.unlink(missing_ok=True)
+        if not hardlink_read_only(theirs, link, mode):
+            return linked  # not safe here (root, no hardlinks, another filesystem): copies stay
+        link.replace(own)
+        linked += 1
+    return linked
 
 
 def unshare(folder: Path) -> None:

@@ -63,22 +63,33 @@ def dedup_mode() -> str:
     return value
 
 
-def link_or_copy(src: Path, dst: Path, mode: str | None = None) -> str:
+def link_or_copy(src: Path, dst: Path, mode: str | None = None, hardlink: bool = True) -> str:
     """Put the content of file ``src`` at the new path ``dst`` without storing it twice where
     that is safe; returns how: ``"reflink"`` (copy-on-write: writes to either never reach the
-    other), ``"hardlink"`` (one inode, made read-only so that a write fails instead of changing
-    ``src``; used only when read-only files stop this process, i.e. not as root, unless ``mode``
-    is ``"hardlink"``) or ``"copy"`` (another filesystem, no link support, or ``mode`` ``"off"``)."""
+    other), ``"hardlink"`` (only with ``hardlink``; see :func:`hardlink_read_only`) or
+    ``"copy"`` (no reflink and no safe hardlink, or ``mode`` ``"off"``)."""
     mode = mode or dedup_mode()
     if mode != "off":
         if _reflink(src, dst):
             return "reflink"
-        if (mode == "hardlink" or _read_only_protects(dst.parent)) and _hardlink(src, dst, mode == "hardlink"):
+        if hardlink and hardlink_read_only(src, dst, mode):
             return "hardlink"
     shutil.copyfile(src, dst)
     st = os.stat(src)
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
     return "copy"
+
+
+def hardlink_read_only(src: Path, dst: Path, mode: str | None = None) -> bool:
+    """Make the new path ``dst`` a hardlink of ``src`` (one inode) and the file read-only, so
+    that a write through either name fails instead of changing both. Only done where that
+    holds: read-only files must stop this process (not root, and not a filesystem that ignores
+    permission bits) unless ``mode`` is ``"hardlink"``; never with ``mode`` ``"off"``, across
+    filesystems, or where hardlinks are not supported. False when not linked."""
+    mode = mode or dedup_mode()
+    if mode == "off" or not (mode == "hardlink" or _read_only_protects(dst.parent)):
+        return False
+    return _hardlink(src, dst, mode == "hardlink")
 
 
 _NO_REFLINK: set[int] = set()  # st_dev of filesystems that refused a reflink
