@@ -19,7 +19,7 @@ from phd_flow import Config, RunFailedError, RunOptions, StageError, load_config
 from phd_flow.project import Project
 from tests.conftest import cli, run_dirs, write_config
 from tests.s3_fixtures import S3Server, make_bucket, moto_server  # noqa: F401
-from tests.stage_nodes import Prepare
+from tests.stage_nodes import Outer, Prepare
 
 DEDUP = "PHD_FLOW_DEDUP"
 
@@ -31,9 +31,9 @@ def dataset(tmp_path: Path) -> Path:
     return path
 
 
-def make_config(tmp_path: Path, storage: str | None = None, store: str = "store") -> Config:
+def make_config(tmp_path: Path, storage: str | None = None, store: str = "store", rules: str = "") -> Config:
     remote = storage if storage is not None else f'[storage]\nbackend = "local"\nremote = "{tmp_path / "remote"}"\n'
-    text = f'local_path = "{tmp_path / store}"\n{remote}[mlflow]\nenabled = false\n'
+    text = f'local_path = "{tmp_path / store}"\n{remote}[mlflow]\nenabled = false\n{rules}'
     path = write_config(tmp_path / f"cfg-{store}", text)
     return load_config(tmp_path / f"cfg-{store}", path)
 
@@ -106,6 +106,24 @@ def test_a_changed_or_added_file_of_a_loaded_stage_is_uploaded(tmp_path: Path, d
     names = remote_sizes(config, str(second.key))
     assert f"{second.key}/load_data/extra.txt" in names and f"{second.key}/load_data/train.csv" not in names
     assert stages(second.output_dir)["load_data"]["stored_in"] == {"train.csv": str(first.key)}
+
+
+def test_a_child_run_of_a_pipeline_that_loads_a_stage_is_not_uploaded_again_by_its_parent(
+    tmp_path: Path, dataset: Path
+) -> None:
+    config = make_config(tmp_path, rules='[stages.load_data]\nload_from = "latest"\n')
+    first = Prepare({"dataset": str(dataset), "note": "not the child's args"}, config=config)
+    first.run()  # same load_data inputs as Outer's child, other args: the child runs, loads it
+    outer = Outer({"dataset": str(dataset)}, config=config)
+    outer.run()
+    (child,) = [p for p in outer.output_dir.iterdir() if (p / "run.json").is_file()]
+    assert stages(child)["load_data"]["loaded_from"] == str(first.key)
+    uploaded = remote_sizes(config, str(outer.key))
+    assert not [k for k in uploaded if k.endswith("/load_data/train.csv")], uploaded
+    other = make_config(tmp_path, store="machine2")  # the whole pipeline downloads, resolved
+    Project.of(other).storage.download(str(outer.key))
+    got = other.local_path / str(outer.key) / child.name / "load_data" / "train.csv"
+    assert got.read_bytes() == (first.output_dir / "load_data" / "train.csv").read_bytes()
 
 
 def test_verification_is_unchanged_a_tampered_source_copy_is_refused(tmp_path: Path, dataset: Path) -> None:

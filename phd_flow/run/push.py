@@ -60,6 +60,29 @@ def stored_elsewhere(storage: Storage, record: RunRecord, run_path: str) -> dict
     return refs
 
 
+def kept_out_inside(record: RunRecord) -> list[str]:
+    """What the runs inside this one (a pipeline's child runs, pushed on their own) keep out of
+    every upload, as paths in this run: their local-only stages and the files their push stored
+    by reference (``stored_in``), so the parent's push does not send them after all."""
+    from phd_flow.errors import CorruptRunError
+    from phd_flow.run.record import RUN_FILE
+
+    out: list[str] = []
+    for found in sorted(record.run_dir.rglob(RUN_FILE)):
+        if found.parent == record.run_dir:
+            continue
+        try:
+            child = RunRecord.load(found.parent)
+        except (CorruptRunError, OSError):
+            continue
+        rel = found.parent.relative_to(record.run_dir).as_posix()
+        out += [f"{rel}/{name}" for name in local_only_stages(child)]
+        for name, info in (child.data.get("stages") or {}).items():
+            stored = info.get("stored_in") if isinstance(info, dict) else None
+            out += [f"{rel}/{name}/{path}" for path in stored or {}] if isinstance(stored, dict) else []
+    return out
+
+
 def _loaded_and_logged(info: Any) -> bool:
     return (
         isinstance(info, dict)
@@ -93,7 +116,7 @@ def push_run(storage: Storage, record: RunRecord, run_path: str, pending: list[s
             from phd_flow.storage.facade import REFS, dump_refs
 
             remote.write_bytes(f"{run_path}/{REFS}", dump_refs(refs))
-        exclude = local_only_stages(record) + sorted(refs)
+        exclude = local_only_stages(record) + sorted(refs) + kept_out_inside(record)
         report = storage.upload(run_path, exclude=exclude)
         stored_once = f"; {len(refs)} loaded stage file(s) stored once, in their source run" if refs else ""
         logger.info(f"Synced {record.key} to {remote.describe()}: {report}{stored_once}")
