@@ -366,7 +366,8 @@ class Storage:
         entry = engine.Entry(ref.size, ref.sha256)
         try:
             local = keys.safe_join(self.local_path, ref.key)
-            if _holds(local, ref):  # a verified copy on this machine: stored once here too
+            # never phd_flow's own bookkeeping (".phd_flow/..."): a remote names ref.key
+            if not ref.key.startswith(".") and _holds(local, ref):  # a verified copy on this machine: stored once here too
                 link_or_copy(local, part)
                 engine._verify(part, entry, str(local))
                 part.replace(target)
