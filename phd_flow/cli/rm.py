@@ -117,7 +117,7 @@ def _refuse_live(project: Project, runs: list[Run]) -> None:
 
 
 def remote_holders(project: Project, keys: set[str]) -> dict[str, list[str]]:
-    """``{run in keys: ["<run> stage 'x': x/a.csv, ..."]}``: the runs (local or remote, child runs
+    """``{run in keys: ["x/a.csv, x/b.csv of run <key>", ...]}``: the runs (local or remote, child runs
     included, ``keys`` left out) whose loaded stages store files by reference to the remote copy
     of a run in ``keys``."""
     from phd_flow.run.record import RUN_FILE, RunRecord
@@ -147,7 +147,7 @@ def remote_holders(project: Project, keys: set[str]) -> dict[str, list[str]]:
                         held.setdefault(top, []).append(f"{stage}/{rel}")
                 for top, files in held.items():
                     more = f" and {len(files) - 3} more" if len(files) > 3 else ""
-                    found.setdefault(top, []).append(f"{name} stage {stage!r}: {', '.join(files[:3])}{more}")
+                    found.setdefault(top, []).append(f"{', '.join(files[:3])}{more} of run {name}")
     return found
 
 
@@ -155,7 +155,7 @@ def _refuse_referenced(project: Project, runs: list[Run]) -> None:
     """``rm --remote`` never deletes bytes a kept run stores by reference (they exist once)."""
     held = remote_holders(project, {run.key for run in runs})
     if held:
-        lines = "; ".join(f"{key} holds the files of {', '.join(why)}" for key, why in sorted(held.items()))
+        lines = "; ".join(f"{key} holds the bytes of {'; '.join(why)}" for key, why in sorted(held.items()))
         keep = " ".join(sorted(held))
         raise UserError(
             f"Not deleting the storage copy of {keep}: other runs loaded stages from it and store "
