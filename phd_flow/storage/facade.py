@@ -366,8 +366,9 @@ class Storage:
         entry = engine.Entry(ref.size, ref.sha256)
         try:
             local = keys.safe_join(self.local_path, ref.key)
-            # never phd_flow's own bookkeeping (".phd_flow/..."): a remote names ref.key
-            if not ref.key.startswith(".") and _holds(local, ref):  # a verified copy on this machine: stored once here too
+            # a verified copy on this machine: stored once here too; never phd_flow's own
+            # bookkeeping (".phd_flow/..."), since the remote names ref.key
+            if not ref.key.startswith(".") and _holds(local, ref):
                 link_or_copy(local, part)
                 engine._verify(part, entry, str(local))
                 part.replace(target)
