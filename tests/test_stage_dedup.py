@@ -151,6 +151,27 @@ def test_a_loaded_stage_is_hardlinked_read_only_and_writing_it_never_changes_the
     assert os.stat(third.output_dir / "load_data" / "train.csv").st_ino == os.stat(source).st_ino
 
 
+def test_auto_links_read_only_where_that_stops_this_user_and_copies_where_it_does_not(
+    tmp_path: Path, dataset: Path
+) -> None:
+    probe = tmp_path / "probe"
+    probe.write_text("")
+    probe.chmod(0o444)
+    protects = not os.access(probe, os.W_OK)  # False as root (a container): read-only bits do not stop it
+    config = make_config(tmp_path, storage="")
+    first = run(config, dataset, seed=0)
+    second = run(config, dataset, seed=1, load={"load_data": str(first.key)})
+    source, loaded = first.output_dir / "load_data" / "train.csv", second.output_dir / "load_data" / "train.csv"
+    before = source.read_bytes()
+    assert (os.stat(source).st_ino == os.stat(loaded).st_ino) is protects
+    if protects:  # a normal user: one inode, and a write is refused
+        with pytest.raises(PermissionError):
+            loaded.write_text("overwritten\n")
+    else:  # root: its own copy, which it may write
+        loaded.write_text("overwritten\n")
+    assert source.read_bytes() == before
+
+
 def test_writing_into_a_loaded_stage_file_never_changes_the_source_run(tmp_path: Path, dataset: Path) -> None:
     config = make_config(tmp_path, storage="")
     first = run(config, dataset, seed=0)
