@@ -79,6 +79,7 @@ def test_a_loaded_stage_is_uploaded_once_and_downloads_resolve_it_from_its_sourc
 
     # another machine (same remote, empty local_path) downloads the run: the stage is resolved
     other = make_config(tmp_path, storage, store="machine2")
+    assert Project.of(other).storage.exists(f"{second.key}/load_data/train.csv")
     Project.of(other).storage.download(str(second.key))
     assert (other.local_path / str(second.key) / "load_data" / "train.csv").read_bytes() == train
     # ... and `--load` of a run that only exists remotely (itself a loader) resolves it too, verified

@@ -422,14 +422,15 @@ class Storage:
         return sorted(f.key for f in remote.list(rel) if not f.key.endswith(engine.MANIFEST))
 
     def exists(self, key: KeyLike) -> bool:
-        """True if ``key`` exists locally or in the remote."""
+        """True if ``key`` exists locally or in the remote (stored there, or by reference)."""
         rel = keys.normalize(key)
         if (self.local_path / rel).exists():
             return True
         remote = self.remote
         if remote is None:
             return False
-        return _is_single_file(remote, rel) or any(True for _ in remote.list(rel))
+        stored = _is_single_file(remote, rel) or any(True for _ in remote.list(rel))
+        return stored or bool(self._refs_above(remote, rel))
 
     def remove(self, key: KeyLike, local: bool = True, remote: bool = False) -> None:
         """Delete ``key`` locally and/or in the remote (a file or a whole tree)."""
