@@ -8,6 +8,7 @@ touched; a failing MLflow or remote never changes the run's own status.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def execute(run: ActiveRun) -> Any:
     run_dir = _make_run_dir(config.local_path, run.run_path, config.where("local_path"))
     lock = RunLock(run_dir)
     try:
-        lock.acquire(str(run.key))  # a second process on this key is refused here
+        lock.acquire(str(run.key), wait=_lock_wait())  # a second process on this key is refused here
     except OSError as exc:  # a full disk before the run: nothing ran, nothing to record
         with contextlib.suppress(OSError):
             for leftover in run_dir.glob(".phd_flow-*.lock"):
@@ -60,6 +61,16 @@ def execute(run: ActiveRun) -> Any:
         return _execute_locked(run, run_dir)
     finally:
         lock.release()
+
+
+#: How long a requeued SLURM attempt waits for the run lock: the attempt SLURM stopped may still
+#: be writing its "killed" record and pushing when the requeued job starts on the same node.
+REQUEUE_LOCK_WAIT = 120.0
+
+
+def _lock_wait() -> float:
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return REQUEUE_LOCK_WAIT if restarts.isdigit() and int(restarts) > 0 else 1.0
 
 
 def _refuse_completed(run_dir: Path, key: str) -> None:
