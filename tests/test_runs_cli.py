@@ -393,6 +393,52 @@ def test_ls_remote_lists_runs_of_another_machine(project: Path, tmp_path: Path) 
     assert proc.returncode == 0 and proc.stdout.strip() == "AddResult(total=3)", proc.stderr
 
 
+def test_ls_remote_reads_run_records_in_parallel_within_the_backends_limit(tmp_path: Path) -> None:
+    """The first listing fetches run.json with as many threads as the backend's own transfers
+    (``max_workers``): all of them at once (a barrier that only that many readers pass), never more."""
+    import threading
+
+    from phd_flow import Config
+    from phd_flow.run.record import RunRecord
+    from phd_flow.runs.listing import remote_records
+    from phd_flow.storage.local import LocalRemote
+
+    class CountingRemote(LocalRemote):
+        max_workers = 4
+
+        def __init__(self, root: Path) -> None:
+            super().__init__(root)
+            self.barrier = threading.Barrier(self.max_workers, timeout=30)
+            self.lock, self.inside, self.most = threading.Lock(), 0, 0
+
+        def read_small(self, key: str, limit: int = 1 << 20) -> bytes | None:
+            if not key.endswith("/run.json"):
+                return super().read_small(key, limit)
+            with self.lock:
+                self.inside += 1
+                self.most = max(self.most, self.inside)
+            try:
+                self.barrier.wait()  # sequential reads would never get here together
+                return super().read_small(key, limit)
+            finally:
+                with self.lock:
+                    self.inside -= 1
+
+    (tmp_path / "template").mkdir()
+    template = RunRecord.create(tmp_path / "template", node="Add").data
+    remote_root = tmp_path / "remote"
+    keys = [f"Add_2026-01-01T00-00-{i:02d}.000000Z_{i:08d}" for i in range(40)]
+    for key in keys:
+        (remote_root / key).mkdir(parents=True)
+        record = {**template, "key": key, "status": "completed", "ended_at": template["started_at"]}
+        (remote_root / key / "run.json").write_text(json.dumps(record))
+    remote = CountingRemote(remote_root)
+    config = Config(local_path=tmp_path / "local", project_root=tmp_path)
+    listed = [record.key for record in remote_records(config, remote, refresh=True)]
+    assert listed == keys
+    assert remote.most == remote.max_workers
+
+
 # --- honest status ------------------------------------------------------------------------------
 
 
