@@ -44,7 +44,9 @@ class ActiveRun:
         self.stages = stages
         self.record: RunRecord | None = None
         self.metrics: MetricLog | None = None
-        self.mlflow: MlflowRun | None = None
+        self.mlflow: MlflowRun | None = None  # set when MLflow is opened in this process
+        #: The MLflow feed queue this run is in (None: MLflow is off, or opened in this process).
+        self.feed_queue: Path | None = None
         #: The signal that interrupted the run (SIGINT for Ctrl-C), or None.
         self.kill_signal: int | None = None
         self._in_user_code = False

@@ -15,6 +15,7 @@ from typing import Any
 from phd_flow import keys, reuse
 from phd_flow._io import atomic_write_json
 from phd_flow.errors import CorruptRunError, RunFailedError, RunKilledError, UserError
+from phd_flow.feeder import offset_of_line
 from phd_flow.log import RunLogging, logger, redact_url
 from phd_flow.run import repro
 from phd_flow.run.active import ActiveRun
@@ -81,8 +82,10 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
     args = args_to_dict(node.args)
     parent = run.parent
     target = run_dir / ARGS_FILE
+    earlier_mlflow: dict[str, Any] = {}
     if run.resumed:  # an earlier attempt's completed stages are kept when still valid
         run.stages.remember_earlier(run_dir)
+        earlier_mlflow = _earlier_mlflow(run_dir)
     try:
         atomic_write_json(target, args)
         target = run_dir / RUN_FILE
@@ -98,6 +101,7 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
             tags=dict(node.options.tags),
             sweep=node.options.sweep,
             resumed=run.resumed,
+            mlflow=earlier_mlflow,
         )
     except OSError as exc:  # a full disk before the run: nothing ran, nothing to record
         with contextlib.suppress(OSError):
@@ -124,6 +128,17 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
         storage.defer_failed_uploads = deferring
         heartbeat.stop()
         run.restore_signal_handlers(saved_signals)
+
+
+def _earlier_mlflow(run_dir: Path) -> dict[str, Any]:
+    """What MLflow has of an earlier attempt (its run id, how many metric lines it got): a resumed
+    run goes on from there, so no point is sent twice."""
+    try:
+        section = RunRecord.load(run_dir).data.get("mlflow") or {}
+    except CorruptRunError:
+        return {}
+    kept = ("run_id", "experiment_id", "experiment", "tracking_uri", "metrics_sent")
+    return {k: section[k] for k in kept if k in section}
 
 
 def _make_run_dir(local_path: Path, key: str, where: str) -> Path:
@@ -154,7 +169,10 @@ def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any], logging
 
     metrics = run.metrics = MetricLog(run.run_dir)
     _open_mlflow(run, record, args, git.get("commit"))
-    metrics.start(run.mlflow.send_metrics if run.mlflow is not None else None)
+    if run.mlflow is not None:  # MLflow opened in this process: its sender thread feeds it
+        metrics.start(run.mlflow.send_metrics, offset_of_line(metrics.path, run.mlflow.sent))
+    else:
+        metrics.start(None)
     status, error, result = run.call_user_code()
     metrics.close()
     if status == COMPLETED:
@@ -211,10 +229,11 @@ def _failed_to_record(run: ActiveRun, record: RunRecord, exc: OSError) -> RunFai
             run.metrics.close()
     try:
         record.update(status=FAILED, ended_at=utcnow(), error=f"OSError: {cause}")
-        recorded = "run.json says failed"
+        recorded, written = "run.json says failed", True
     except OSError:
         recorded = "run.json could not be updated either (it still says running; `ls --stale --fix` marks it)"
-    state = "; MLflow says FAILED" if _close_mlflow(run, record, FAILED) else ""
+        written = False
+    state = "; MLflow says FAILED" if _close_mlflow(run, record, FAILED, written) else ""
     return RunFailedError(
         f"{run.node_name} {run.key} failed: writing its record in {run.run_dir} failed ({cause}). "
         f"Free space in local_path ({where}) and run it again; {recorded}{state}."
@@ -230,30 +249,55 @@ def _describe(error: Any) -> str:
 
 
 def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit: str | None) -> None:
+    """Queue the run for the MLflow feeder (mlflow is not imported), or open its MLflow run in
+    this process when the node needs a live one (:func:`_needs_live_mlflow`)."""
     config = run.project.config
     if not config.mlflow.enabled:
         record.update_section("mlflow", state="disabled")
         return
+    from phd_flow import feeder
+
+    uri, experiment = config.tracking_uri(), config.experiment_name(type(run.node).package)
+    if _needs_live_mlflow(run):
+        _open_live(run, record, args, commit, uri, experiment)
+        return
+    record.update_section("mlflow", state=feeder.PENDING, experiment=experiment, tracking_uri=redact_url(uri))
+    queue = feeder.queue_dir(config.local_path, uri)
+    try:
+        feeder.enqueue(queue, run.run_path, uri, config.mlflow.telemetry)
+    except OSError as exc:  # a full disk: the run goes on; `sync` feeds MLflow later
+        logger.warning(f"Queueing {run.key} for MLflow failed ({exc}); `sync {run.key}` records it in MLflow later.")
+        return
+    run.feed_queue = queue
+
+
+def _needs_live_mlflow(run: ActiveRun) -> bool:
+    """True when the run's MLflow run must exist in this process before ``_run``:
+    ``[mlflow] autolog``, a node module (or anything before it) that imported mlflow, so plain
+    ``mlflow.*`` calls land in the run, or a parent run that has one."""
+    import sys
+
+    if run.parent is not None:
+        return run.parent.mlflow is not None
+    return run.project.config.mlflow.autolog or "mlflow" in sys.modules
+
+
+def _open_live(
+    run: ActiveRun, record: RunRecord, args: dict[str, Any], commit: str | None, uri: str, experiment: str
+) -> None:
+    config = run.project.config
+    from phd_flow.feeder import artifact_location, mlflow_tags, run_name
     from phd_flow.tracking import MlflowRun, allow_telemetry, param_values, ui_url
 
     allow_telemetry(config.mlflow.telemetry)
-    package = type(run.node).package
-    uri, experiment = config.tracking_uri(), config.experiment_name(package)
-    tags = {
-        "phd_flow.key": str(run.key),
-        "phd_flow.node": run.node_name,
-        "host": record.data["host"],
-        **({"mlflow.source.git.commit": commit} if commit else {}),
-        **run.node.options.tags,
-    }
+    data = record.data
+    tags = mlflow_tags({**data, "git": {"commit": commit} if commit else {}, "tags": dict(run.node.options.tags)})
     parent = run.parent
-    if parent is not None:
-        tags["phd_flow.parent_key"] = str(parent.key)
-    mlflow_run = MlflowRun(uri, experiment)
+    mlflow_run = MlflowRun(uri, experiment, artifact_location(run.run_dir, data, uri))
+    earlier = data.get("mlflow") or {}
     try:
         parent_id = parent.mlflow.run_id if parent is not None and parent.mlflow else None
-        existing = record.data.get("mlflow", {}).get("run_id")
-        mlflow_run.open(str(run.key), tags, param_values(args), parent_id, existing)
+        mlflow_run.open(run_name(data), tags, param_values(args), parent_id, earlier.get("run_id"))
     except Exception as exc:  # MLflow down/locked: the run goes on, `sync` catches up later
         logger.warning(
             f"MLflow at {uri} could not be opened ({type(exc).__name__}: {exc}). The run goes on "
@@ -261,6 +305,8 @@ def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit
         )
         record.update_section("mlflow", state="not_synced", tracking_uri=redact_url(uri), experiment=experiment)
         return
+    if mlflow_run.run_id == earlier.get("run_id"):
+        mlflow_run.sent = int(earlier.get("metrics_sent") or 0)  # an earlier attempt's points are not sent again
     run.mlflow = mlflow_run
     record.update_section(
         "mlflow",
@@ -269,6 +315,7 @@ def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit
         experiment_id=mlflow_run.experiment_id,
         experiment=experiment,
         tracking_uri=redact_url(uri),
+        metrics_sent=mlflow_run.sent,
     )
     url = ui_url(uri, str(mlflow_run.experiment_id), str(mlflow_run.run_id))
     if url:
@@ -317,11 +364,12 @@ def _autolog(mlflow: Any) -> None:
     mlflow.autolog(silent=True)
 
 
-def _close_mlflow(run: ActiveRun, record: RunRecord, status: str) -> bool:
-    """Close the run's MLflow run with ``status``; True when MLflow got it."""
+def _close_mlflow(run: ActiveRun, record: RunRecord, status: str, recorded: bool = True) -> bool:
+    """Close the run's MLflow run with ``status``; True when MLflow got it. A queued run: the
+    feeder finishes it in the background, or now when the run waits for MLflow."""
     mlflow_run = run.mlflow
     if mlflow_run is None:
-        return False
+        return _close_queued(run, record, status, recorded)
     try:
         mlflow_run.close(status)
         ok = mlflow_run.error is None
@@ -338,3 +386,27 @@ def _close_mlflow(run: ActiveRun, record: RunRecord, status: str) -> bool:
     except OSError as exc:
         logger.warning(f"Recording the MLflow state of {run.key} failed ({exc}); `sync {run.key}` redoes it.")
     return ok
+
+
+def _close_queued(run: ActiveRun, record: RunRecord, status: str, recorded: bool) -> bool:
+    from phd_flow import feeder
+
+    queue = run.feed_queue
+    if queue is None:
+        return False
+    config = run.project.config
+    uri = config.tracking_uri()
+    try:
+        if not recorded:  # run.json could not say it (a full disk): tell MLflow now
+            feeder.close_directly(run.run_dir, record.data, uri, status)
+            return True
+        if not feeder.wait_requested(config.mlflow.wait, run.node.options.wait_mlflow):
+            feeder.ensure_feeder(queue, uri, config.mlflow.telemetry)  # still there (it may have died)
+            return False
+        feeder.wait_for(queue, run.run_dir, run.run_path, uri, config.mlflow.telemetry)
+    except Exception as exc:  # MLflow refused: the run is whole; `sync` catches up
+        problem = f"{type(exc).__name__}: {exc}"
+        logger.warning(f"MLflow at {redact_url(uri)} did not take {run.key} ({problem}); `sync {run.key}` retries.")
+        return False
+    section = RunRecord.load(run.run_dir).data.get("mlflow") or {}
+    return section.get("state") == feeder.SYNCED

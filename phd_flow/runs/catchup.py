@@ -112,12 +112,14 @@ def _sync_mlflow(config: Config, record: RunRecord) -> bool:
     section = record.data.get("mlflow", {})
     if not config.mlflow.enabled or section.get("state") in ("synced", "disabled"):
         return True
-    from phd_flow.tracking import catch_up
+    from phd_flow.feeder import catch_up
+    from phd_flow.tracking import allow_telemetry
 
+    allow_telemetry(config.mlflow.telemetry)
     uri = config.tracking_uri()  # today's config: the recorded URI may be the one that failed
     experiment = section.get("experiment") or config.experiment_name(record.data.get("package"))
     try:
-        record.update_section("mlflow", **catch_up(record.run_dir, record.data, uri, experiment))
+        record.update_section("mlflow", **catch_up(record, uri, experiment))
     except Exception as exc:
         logger.error(f"{record.key}: MLflow at {uri} is still not reachable ({type(exc).__name__}: {exc}).")
         return False
