@@ -205,7 +205,10 @@ def feed_run(run_dir: Path, tracking_uri: str, feeding: dict[Path, Feeding]) -> 
             return LATER
         try:
             return _feed_locked(run_dir, tracking_uri, feeding)
-        except FileNotFoundError:  # the run was deleted (`rm`) meanwhile
+        except FileNotFoundError as exc:  # the run was deleted (`rm`) meanwhile
+            if run_dir.exists():
+                raise
+            logger.info(f"{run_dir.name} was deleted ({exc})")
             feeding.pop(run_dir, None)
             return DONE
 
@@ -450,6 +453,7 @@ def serve(queue: Path, tracking_uri: str) -> None:
     failures: dict[Path, int] = {}
     local_path = queue.parent.parent.parent
     while lock.acquire():
+        (queue / FEEDER_LOCK).write_text(f"pid {os.getpid()}\n")  # who feeds (for people and tests)
         idle_since = time.monotonic()
         while True:
             markers = _markers(queue)
@@ -460,6 +464,7 @@ def serve(queue: Path, tracking_uri: str) -> None:
                 except Exception as exc:  # MLflow refused: retried, then left to `sync`
                     result = _failed(run_dir, failures, feeding, exc)
                 if result != LATER:
+                    logger.info(f"{marker.name}: {result}")
                     marker.unlink(missing_ok=True)
             if markers:
                 idle_since = time.monotonic()
@@ -490,9 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = os.environ.get(URI_ENV)
     if not tracking_uri or not queue.is_dir():
         return 2
+    from phd_flow.log import configure_cli_stderr
     from phd_flow.tracking import allow_telemetry
 
+    configure_cli_stderr()
     allow_telemetry("--telemetry" in args)
+    logger.info(f"Feeder pid {os.getpid()} on {queue}")
     try:
         serve(queue, tracking_uri)
     except FileNotFoundError:  # local_path was deleted under us
