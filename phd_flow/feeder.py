@@ -137,7 +137,20 @@ def _feed_until_done(run_dir: Path, tracking_uri: str, telemetry: bool) -> None:
     allow_telemetry(telemetry)
     feeding: dict[Path, Feeding] = {}
     while feed_run(run_dir, tracking_uri, feeding) == LATER:
+        for ancestor in _pending_ancestors(run_dir):  # no feeder runs: their MLflow runs come first
+            feed_run(ancestor, tracking_uri, feeding)
         time.sleep(0.05)
+
+
+def _pending_ancestors(run_dir: Path) -> list[Path]:
+    """The parents of a child run whose MLflow run does not exist yet, outermost first."""
+    found = []
+    while (run_dir.parent / RUN_FILE).exists():
+        run_dir = run_dir.parent
+        section = RunRecord.load(run_dir).data.get("mlflow") or {}
+        if section.get("state") == PENDING and not section.get("run_id"):
+            found.append(run_dir)
+    return found[::-1]
 
 
 def catch_up(record: RunRecord, tracking_uri: str, experiment: str) -> dict[str, Any]:
@@ -178,6 +191,78 @@ def close_directly(run_dir: Path, data: dict[str, Any], tracking_uri: str, statu
         run.terminate(status, int(time.time() * 1000))
     finally:
         lock.release()
+
+
+def open_live(run_dir: Path, tracking_uri: str) -> Any:
+    """Open a queued run's MLflow run in this process as the active fluent run (mlflow was
+    imported inside ``_run``: plain ``mlflow.*`` calls must land in the run). The feeder keeps
+    feeding it; one process creates it (the run's feed lock)."""
+    from phd_flow.tracking import MlflowRun, param_values
+
+    lock = _Flock(run_dir / FEED_LOCK)
+    while not lock.acquire():
+        time.sleep(0.02)
+    try:
+        record = RunRecord.load(run_dir)
+        data = record.data
+        section = data.get("mlflow") or {}
+        run = MlflowRun(tracking_uri, str(section.get("experiment")), artifact_location(run_dir, data, tracking_uri))
+        run.open(
+            run_name(data),
+            mlflow_tags(data),
+            param_values(data.get("args") or {}),
+            _parent_id(run_dir, data),
+            section.get("run_id"),
+            start_time=_ms(data.get("started_at")),
+        )
+        record.update_section("mlflow", run_id=run.run_id, experiment_id=run.experiment_id)
+        return run
+    finally:
+        lock.release()
+
+
+def _parent_id(run_dir: Path, data: dict[str, Any]) -> str | None:
+    if not data.get("parent"):
+        return None
+    return (RunRecord.load(run_dir.parent).data.get("mlflow") or {}).get("run_id")
+
+
+class MlflowImportHook:
+    """A one-shot import hook: when ``mlflow`` is first imported (inside ``_run``), call
+    ``on_import`` right after the module is executed."""
+
+    def __init__(self, on_import: Any) -> None:
+        self.on_import = on_import
+
+    def install(self) -> None:
+        sys.meta_path.insert(0, self)  # type: ignore[arg-type]
+
+    def remove(self) -> None:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)  # type: ignore[arg-type]
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "mlflow":
+            return None
+        self.remove()
+        import importlib.util
+
+        spec = importlib.util.find_spec("mlflow")
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        execute = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            execute(module)
+            sys.modules["mlflow"] = module  # the fluent API below imports it again
+            try:
+                self.on_import()
+            except Exception as exc:  # MLflow unreachable: the feeder and `sync` still feed it
+                logger.warning(f"Opening the MLflow run for plain mlflow calls failed ({type(exc).__name__}: {exc}).")
+
+        loader.exec_module = exec_module
+        return spec
 
 
 # --- feeding one run ----------------------------------------------------------------------------

@@ -39,6 +39,18 @@ class ProbeArgs(node.Args):
     artifact: str = ""  # a file to log_artifact
 
 
+class Plain(Node[ProbeArgs, int]):
+    """Import mlflow inside _run and use its fluent API."""
+
+    def _run(self) -> int:
+        import mlflow
+
+        mlflow.log_param("plain_param", "yes")
+        mlflow.set_tag("plain_tag", "yes")
+        self.log_metric("loss", 0.5, step=0)
+        return 1
+
+
 class Probe(Node[ProbeArgs, int]):
     """Log metrics; say whether mlflow was imported when _run started."""
 
@@ -177,7 +189,7 @@ def test_a_killed_feeder_is_finished_by_the_next_one_without_duplicates(fproject
         os.kill(pid, signal.SIGKILL)  # midway: the run goes on, half of its points sent
     finally:
         go.touch()
-        out, err = proc.communicate(timeout=180)
+        _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
     key = record(run_dir)["key"]
     try:
@@ -256,3 +268,15 @@ def test_wait_mlflow_returns_with_mlflow_complete(fproject: Path) -> None:
     assert record(run_dir)["mlflow"]["state"] == "synced"
     run = finished(fproject, record(run_dir)["key"])
     assert run is not None and len(loss_points(fproject, run.info.run_id)) == 10
+
+
+def test_plain_mlflow_calls_in_run_land_in_the_runs_mlflow_run(fproject: Path) -> None:
+    proc = cli(fproject, "run", "Plain", env=BACKGROUND)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = run_dirs(fproject / "data_storage")
+    key = record(run_dir)["key"]
+    run = poll(lambda: finished(fproject, key), "MLflow to show the run")
+    assert run.data.params["plain_param"] == "yes" and run.data.tags["plain_tag"] == "yes"
+    assert loss_points(fproject, run.info.run_id) == [(0, 0.5)]
+    every = client(fproject).search_runs([e.experiment_id for e in client(fproject).search_experiments()])
+    assert len(every) == 1, [r.data.tags for r in every]

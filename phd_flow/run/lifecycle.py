@@ -127,6 +127,8 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
     finally:
         storage.defer_failed_uploads = deferring
         heartbeat.stop()
+        if run.mlflow_hook is not None:  # _run raised past the lifecycle: never leave the hook
+            run.mlflow_hook.remove()
         run.restore_signal_handlers(saved_signals)
 
 
@@ -175,6 +177,7 @@ def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any], logging
         metrics.start(None)
     status, error, result = run.call_user_code()
     metrics.close()
+    _end_fluent(run, status)
     if status == COMPLETED:
         status, error = save_result(record, result, name, config)
     if status == COMPLETED:
@@ -227,6 +230,7 @@ def _failed_to_record(run: ActiveRun, record: RunRecord, exc: OSError) -> RunFai
     if run.metrics is not None:
         with contextlib.suppress(OSError, ValueError):  # closed already, or the disk still full
             run.metrics.close()
+    _end_fluent(run, FAILED)
     try:
         record.update(status=FAILED, ended_at=utcnow(), error=f"OSError: {cause}")
         recorded, written = "run.json says failed", True
@@ -269,6 +273,17 @@ def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit
         logger.warning(f"Queueing {run.key} for MLflow failed ({exc}); `sync {run.key}` records it in MLflow later.")
         return
     run.feed_queue = queue
+    hook = run.mlflow_hook = feeder.MlflowImportHook(lambda: _open_on_import(run, uri))
+    hook.install()
+
+
+def _open_on_import(run: ActiveRun, uri: str) -> None:
+    """mlflow was imported inside ``_run``: open the run's MLflow run here as the active one."""
+    from phd_flow.feeder import open_live
+    from phd_flow.tracking import allow_telemetry
+
+    allow_telemetry(run.project.config.mlflow.telemetry)
+    run.fluent = open_live(run.run_dir, uri)
 
 
 def _needs_live_mlflow(run: ActiveRun) -> bool:
@@ -386,6 +401,20 @@ def _close_mlflow(run: ActiveRun, record: RunRecord, status: str, recorded: bool
     except OSError as exc:
         logger.warning(f"Recording the MLflow state of {run.key} failed ({exc}); `sync {run.key}` redoes it.")
     return ok
+
+
+def _end_fluent(run: ActiveRun, status: str) -> None:
+    """Remove the import hook; end the fluent MLflow run that mlflow's import inside ``_run``
+    opened (the feeder then sets the real end time from run.json)."""
+    if run.mlflow_hook is not None:
+        run.mlflow_hook.remove()
+        run.mlflow_hook = None
+    fluent, run.fluent = run.fluent, None
+    if fluent is not None:
+        try:
+            fluent.close(status)
+        except Exception as exc:
+            logger.warning(f"Ending the MLflow run failed ({type(exc).__name__}: {exc}); the feeder finishes it.")
 
 
 def _close_queued(run: ActiveRun, record: RunRecord, status: str, recorded: bool) -> bool:

@@ -85,7 +85,7 @@ def sync_one(project: Project, record: RunRecord) -> bool:
             f"records it in MLflow (delete {mark} if it is your own run)."
         )
         return True
-    ok = _sync_mlflow(project.config, record)
+    ok = sync_mlflow(project.config, record)
     pending = _own_pending(record)  # uploads that failed in the run
     return push_run(project.storage, record, record.key, pending) and ok
 
@@ -108,7 +108,8 @@ def _own_pending(record: RunRecord) -> list[str]:
     return kept
 
 
-def _sync_mlflow(config: Config, record: RunRecord) -> bool:
+def sync_mlflow(config: Config, record: RunRecord) -> bool:
+    """Bring a run's MLflow view up to date from its run directory; True when MLflow has it."""
     section = record.data.get("mlflow", {})
     if not config.mlflow.enabled or section.get("state") in ("synced", "disabled"):
         return True
