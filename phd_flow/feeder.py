@@ -570,7 +570,9 @@ def _failed(run_dir: Path, failures: dict[Path, int], feeding: dict[Path, Feedin
         return LATER
     failures.pop(run_dir)
     with contextlib.suppress(Exception):
-        RunRecord.load(run_dir).update_section("mlflow", state=NOT_SYNCED, error=f"{type(exc).__name__}: {exc}")
+        RunRecord.load(run_dir).update_section(
+            "mlflow", state=NOT_SYNCED, error=redact_url(f"{type(exc).__name__}: {exc}")
+        )
     return DONE
 
 

@@ -434,8 +434,12 @@ def _close_queued(run: ActiveRun, record: RunRecord, status: str, recorded: bool
             return False
         feeder.wait_for(queue, run.run_dir, run.run_path, uri, config.mlflow.telemetry)
     except Exception as exc:  # MLflow refused: the run is whole; `sync` catches up
-        problem = f"{type(exc).__name__}: {exc}"
-        logger.warning(f"MLflow at {redact_url(uri)} did not take {run.key} ({problem}); `sync {run.key}` retries.")
-        return False
+        with contextlib.suppress(OSError):
+            record.update_section("mlflow", state=feeder.NOT_SYNCED, error=redact_url(f"{type(exc).__name__}: {exc}"))
     section = RunRecord.load(run.run_dir).data.get("mlflow") or {}
+    if section.get("state") == feeder.NOT_SYNCED:
+        logger.warning(
+            f"MLflow at {redact_url(uri)} could not be opened ({section.get('error')}). The run is complete "
+            f"locally; `sync {run.key}` records it in MLflow later."
+        )
     return section.get("state") == feeder.SYNCED
