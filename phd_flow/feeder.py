@@ -171,23 +171,11 @@ def catch_up(record: RunRecord, tracking_uri: str, experiment: str) -> dict[str,
 
 def close_directly(run_dir: Path, data: dict[str, Any], tracking_uri: str, status: str) -> None:
     """Tell MLflow a run's final status when its run.json cannot be written (a full disk)."""
-    from phd_flow.tracking import MlflowRun, param_values
-
-    section = data.get("mlflow") or {}
     lock = _Flock(run_dir / FEED_LOCK)
     while not lock.acquire():
         time.sleep(0.05)
     try:
-        run = MlflowRun(tracking_uri, str(section.get("experiment")), artifact_location(run_dir, data, tracking_uri))
-        run.open(
-            run_name(data),
-            mlflow_tags(data),
-            param_values(data.get("args") or {}),
-            None,
-            section.get("run_id"),
-            activate=False,
-            start_time=_ms(data.get("started_at")),
-        )
+        run = _mlflow_run(run_dir, data, tracking_uri, None, activate=False)
         run.terminate(status, int(time.time() * 1000))
     finally:
         lock.release()
@@ -197,7 +185,6 @@ def open_live(run_dir: Path, tracking_uri: str) -> Any:
     """Open a queued run's MLflow run in this process as the active fluent run (mlflow was
     imported inside ``_run``: plain ``mlflow.*`` calls must land in the run). The feeder keeps
     feeding it; one process creates it (the run's feed lock)."""
-    from phd_flow.tracking import MlflowRun, param_values
 
     lock = _Flock(run_dir / FEED_LOCK)
     while not lock.acquire():
@@ -205,20 +192,30 @@ def open_live(run_dir: Path, tracking_uri: str) -> Any:
     try:
         record = RunRecord.load(run_dir)
         data = record.data
-        section = data.get("mlflow") or {}
-        run = MlflowRun(tracking_uri, str(section.get("experiment")), artifact_location(run_dir, data, tracking_uri))
-        run.open(
-            run_name(data),
-            mlflow_tags(data),
-            param_values(data.get("args") or {}),
-            _parent_id(run_dir, data),
-            section.get("run_id"),
-            start_time=_ms(data.get("started_at")),
-        )
+        run = _mlflow_run(run_dir, data, tracking_uri, _parent_id(run_dir, data), activate=True)
         record.update_section("mlflow", run_id=run.run_id, experiment_id=run.experiment_id)
         return run
     finally:
         lock.release()
+
+
+def _mlflow_run(run_dir: Path, data: dict[str, Any], tracking_uri: str, parent_id: str | None, activate: bool) -> Any:
+    """The run's MLflow run, created (real start time, tags, params) or found again."""
+    from phd_flow.tracking import MlflowRun, param_values
+
+    section = data.get("mlflow") or {}
+    experiment = str(section.get("experiment") or "phd_flow")
+    run = MlflowRun(tracking_uri, experiment, artifact_location(run_dir, data, tracking_uri))
+    run.open(
+        run_name(data),
+        mlflow_tags(data),
+        param_values(data.get("args") or {}),
+        parent_id,
+        section.get("run_id"),
+        activate=activate,
+        start_time=_ms(data.get("started_at")),
+    )
+    return run
 
 
 def _parent_id(run_dir: Path, data: dict[str, Any]) -> str | None:
@@ -335,7 +332,6 @@ def _feed_locked(run_dir: Path, tracking_uri: str, feeding: dict[Path, Feeding])
 
 def _open(run_dir: Path, record: RunRecord, tracking_uri: str) -> Feeding | None:
     """Create (or find again) the run's MLflow run and record its id at once."""
-    from phd_flow.tracking import MlflowRun, param_values
 
     data = record.data
     section = data.get("mlflow") or {}
@@ -346,18 +342,8 @@ def _open(run_dir: Path, record: RunRecord, tracking_uri: str) -> Feeding | None
         if not parent_id and parent.get("state") == PENDING:
             return None
     experiment = str(section.get("experiment") or "phd_flow")
-    run = MlflowRun(tracking_uri, experiment, artifact_location(run_dir, data, tracking_uri))
-    tags = mlflow_tags(data)
     recorded = section.get("run_id")
-    run.open(
-        run_name(data),
-        tags,
-        param_values(data.get("args") or {}),
-        parent_id,
-        recorded,
-        activate=False,
-        start_time=_ms(data.get("started_at")),
-    )
+    run = _mlflow_run(run_dir, data, tracking_uri, parent_id, activate=False)
     record.update_section(
         "mlflow",
         run_id=run.run_id,
@@ -366,7 +352,7 @@ def _open(run_dir: Path, record: RunRecord, tracking_uri: str) -> Feeding | None
         tracking_uri=redact_url(tracking_uri),
     )
     sent = int(section.get("metrics_sent") or 0) if run.run_id == recorded else 0
-    return Feeding(run, sent, offset_of_line(run_dir / METRICS_FILE, sent), tags)
+    return Feeding(run, sent, offset_of_line(run_dir / METRICS_FILE, sent), mlflow_tags(data))
 
 
 def _send_metrics(run_dir: Path, record: RunRecord, state: Feeding) -> None:
