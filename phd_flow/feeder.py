@@ -105,7 +105,9 @@ def ensure_feeder(queue: Path, tracking_uri: str, telemetry: bool) -> None:
     with _Flock(queue / FEEDER_LOCK).held() as free:
         if not free:
             return
-    env = {**os.environ, URI_ENV: tracking_uri}
+    here = str(Path(__file__).resolve().parent.parent)  # this phd_flow, wherever sys.path found it
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, URI_ENV: tracking_uri, "PYTHONPATH": path}
     with open(queue / FEEDER_LOG, "ab") as log:
         subprocess.Popen(
             [sys.executable, "-m", "phd_flow.feeder", str(queue), *(["--telemetry"] if telemetry else [])],
