@@ -429,10 +429,17 @@ def _close_queued(run: ActiveRun, record: RunRecord, status: str, recorded: bool
         if not recorded:  # run.json could not say it (a full disk): tell MLflow now
             feeder.close_directly(run.run_dir, record.data, uri, status)
             return True
-        if not feeder.wait_requested(config.mlflow.wait, run.node.options.wait_mlflow):
+        # the MLflow-artifacts storage uploads into the run's MLflow run right after: it must exist
+        storage_in_mlflow = config.storage.backend == "mlflow"
+        if not storage_in_mlflow and not feeder.wait_requested(config.mlflow.wait, run.node.options.wait_mlflow):
             feeder.ensure_feeder(queue, uri, config.mlflow.telemetry)  # still there (it may have died)
             return False
-        feeder.wait_for(queue, run.run_dir, run.run_path, uri, config.mlflow.telemetry)
+        try:
+            feeder.wait_for(queue, run.run_dir, run.run_path, uri, config.mlflow.telemetry)
+        except KeyboardInterrupt:  # Ctrl-C while waiting: the run is whole, the feeder goes on
+            logger.warning(f"Not waiting for MLflow any longer: it gets {run.key} in the background.")
+            feeder.ensure_feeder(queue, uri, config.mlflow.telemetry)
+            return False
     except Exception as exc:  # MLflow refused: the run is whole; `sync` catches up
         with contextlib.suppress(OSError):
             record.update_section("mlflow", state=feeder.NOT_SYNCED, error=redact_url(f"{type(exc).__name__}: {exc}"))
