@@ -57,21 +57,27 @@ def import_mlflow() -> Any:
     in (``[mlflow] telemetry = true``, or ``MLFLOW_DISABLE_TELEMETRY`` set), it is switched off
     before the first import, and dropped if someone imported mlflow before phd_flow did.
     """
-    if not _TELEMETRY["allowed"] and TELEMETRY_ENV not in os.environ:
-        os.environ[TELEMETRY_ENV] = "true"
-        _TELEMETRY["env_set"] = True
+    prepare_mlflow_env()
     imported_before = "mlflow" in sys.modules
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    # MLflow's HTTP default (7 retries, exponential backoff) stalls an offline node for minutes;
-    # phd_flow keeps everything locally and `sync` catches up, so fail fast instead.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     import mlflow
 
     if imported_before and not _TELEMETRY["allowed"]:
         _drop_telemetry_client()
     repoint_mlflow_loggers()
     return mlflow
+
+
+def prepare_mlflow_env() -> None:
+    """The environment mlflow must see when it is imported (by phd_flow or by the user's code):
+    telemetry off unless allowed, no URL printing, fail-fast HTTP."""
+    if not _TELEMETRY["allowed"] and TELEMETRY_ENV not in os.environ:
+        os.environ[TELEMETRY_ENV] = "true"
+        _TELEMETRY["env_set"] = True
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow's HTTP default (7 retries, exponential backoff) stalls an offline node for minutes;
+    # phd_flow keeps everything locally and `sync` catches up, so fail fast instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def _drop_telemetry_client() -> None:

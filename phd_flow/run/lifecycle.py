@@ -265,6 +265,10 @@ def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit
     if _needs_live_mlflow(run):
         _open_live(run, record, args, commit, uri, experiment)
         return
+    from phd_flow.tracking import allow_telemetry, prepare_mlflow_env
+
+    allow_telemetry(config.mlflow.telemetry)
+    prepare_mlflow_env()  # for an `import mlflow` inside _run
     record.update_section("mlflow", state=feeder.PENDING, experiment=experiment, tracking_uri=redact_url(uri))
     queue = feeder.queue_dir(config.local_path, uri)
     try:
