@@ -425,14 +425,18 @@ def _close_queued(run: ActiveRun, record: RunRecord, status: str, recorded: bool
     from phd_flow import feeder
 
     queue = run.feed_queue
-    if queue is None:
-        return False
     config = run.project.config
     uri = config.tracking_uri()
-    try:
-        if not recorded:  # run.json could not say it (a full disk): tell MLflow now
+    if not recorded and (record.data.get("mlflow") or {}).get("state") == feeder.PENDING:
+        try:  # run.json could not say it (a full disk): tell MLflow now
             feeder.close_directly(run.run_dir, record.data, uri, status)
             return True
+        except Exception as exc:
+            logger.warning(f"MLflow at {redact_url(uri)} could not be told ({type(exc).__name__}: {exc}).")
+            return False
+    if queue is None:
+        return False
+    try:
         # the MLflow-artifacts storage uploads into the run's MLflow run right after: it must exist
         storage_in_mlflow = config.storage.backend == "mlflow"
         if not storage_in_mlflow and not feeder.wait_requested(config.mlflow.wait, run.node.options.wait_mlflow):
