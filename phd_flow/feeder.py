@@ -215,7 +215,7 @@ def _mlflow_run(run_dir: Path, data: dict[str, Any], tracking_uri: str, parent_i
         parent_id,
         section.get("run_id"),
         activate=activate,
-        start_time=_ms(data.get("started_at")),
+        start_time=epoch_ms(data.get("started_at")),
     )
     return run
 
@@ -326,7 +326,7 @@ def _feed_locked(run_dir: Path, tracking_uri: str, feeding: dict[Path, Feeding])
         return DROPPED
     _log_artifacts(state.run, run_dir, data)
     status = str(data.get("status"))
-    state.run.terminate(status, _ms(data.get("ended_at")))
+    state.run.terminate(status, epoch_ms(data.get("ended_at")))
     record.update_section("mlflow", state=SYNCED, metrics_sent=state.lines, status_sent=status, error=None)
     feeding.pop(run_dir, None)
     return DONE
@@ -469,7 +469,8 @@ def artifact_location(run_dir: Path, data: dict[str, Any], tracking_uri: str) ->
     return None
 
 
-def _ms(stamp: Any) -> int | None:
+def epoch_ms(stamp: Any) -> int | None:
+    """An ISO 8601 time of run.json in milliseconds since the epoch (MLflow's times), or None."""
     if not stamp:
         return None
     try:

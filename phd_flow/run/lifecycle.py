@@ -305,7 +305,7 @@ def _open_live(
     run: ActiveRun, record: RunRecord, args: dict[str, Any], commit: str | None, uri: str, experiment: str
 ) -> None:
     config = run.project.config
-    from phd_flow.feeder import artifact_location, mlflow_tags, run_name
+    from phd_flow.feeder import artifact_location, epoch_ms, mlflow_tags, run_name
     from phd_flow.tracking import MlflowRun, allow_telemetry, param_values, ui_url
 
     allow_telemetry(config.mlflow.telemetry)
@@ -316,7 +316,8 @@ def _open_live(
     earlier = data.get("mlflow") or {}
     try:
         parent_id = parent.mlflow.run_id if parent is not None and parent.mlflow else None
-        mlflow_run.open(run_name(data), tags, param_values(args), parent_id, earlier.get("run_id"))
+        started = epoch_ms(data.get("started_at"))  # the run's real start, not MLflow's "now"
+        mlflow_run.open(run_name(data), tags, param_values(args), parent_id, earlier.get("run_id"), start_time=started)
     except Exception as exc:  # MLflow down/locked: the run goes on, `sync` catches up later
         logger.warning(
             f"MLflow at {uri} could not be opened ({type(exc).__name__}: {exc}). The run goes on "
