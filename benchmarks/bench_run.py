@@ -14,14 +14,16 @@ Contenders, each a fresh process, alternated in every repetition, one warm-up ro
 - ``python -c``: the interpreter alone, the floor.
 
 Printed: medians and spread (min-max) of the wall time per command, the time from process start
-to the first line of ``_run`` (the node writes ``time.time()``), and the ratio to the plain
-script measured in the same run.
+to the first line of ``_run`` (the node writes ``time.time()``), the command's CPU time (user +
+system, its children included; less sensitive to other load on the machine than wall time), and
+the ratio of wall times to the plain script measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +31,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+Timing = tuple[float, float, float]  # wall, process start -> _run, CPU
 
 NODE = '''
 import dataclasses
@@ -107,15 +111,22 @@ def feeder_idle(root: Path) -> None:
     raise RuntimeError("the feeder did not finish in 300 s")
 
 
-def timed(cmd: list[str], root: Path, env: dict[str, str], started: Path) -> tuple[float, float]:
+def timed(cmd: list[str], root: Path, env: dict[str, str], started: Path) -> Timing:
     started.unlink(missing_ok=True)
+    cpu_before = _children_cpu()
     begin = time.time()
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
     wall = time.time() - begin
+    cpu = _children_cpu() - cpu_before  # the command's own CPU time (a detached feeder is not counted)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} failed:\n{proc.stderr[-3000:]}")
     to_run = float(started.read_text()) - begin if started.exists() else float("nan")
-    return wall, to_run
+    return wall, to_run, cpu
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -131,8 +142,8 @@ def main() -> None:
         python = sys.executable
         cli = [python, "-m", "bench_project", "run", "Tiny"]
 
-        def case(cmd: list[str], pythonpath: str = here, feeding: bool = False) -> Callable[[], tuple[float, float]]:
-            def run() -> tuple[float, float]:
+        def case(cmd: list[str], pythonpath: str = here, feeding: bool = False) -> Callable[[], Timing]:
+            def run() -> Timing:
                 result = timed(cmd, root, env_with(pythonpath, started), started)
                 if feeding:
                     feeder_idle(root)  # the next case does not compete with the feeder
@@ -151,7 +162,7 @@ def main() -> None:
         # one warm-up round (creates and migrates both sqlite stores, fills the page cache)
         for run in contenders.values():
             run()
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+        results: dict[str, list[Timing]] = {name: [] for name in contenders}
         names = list(contenders)
         for rep in range(options.reps):
             order = names if rep % 2 == 0 else names[::-1]
@@ -160,16 +171,17 @@ def main() -> None:
         report(results, options.reps)
 
 
-def report(results: dict[str, list[tuple[float, float]]], reps: int) -> None:
-    plain = statistics.median(w for w, _ in results["plain MLflow script"])
+def report(results: dict[str, list[Timing]], reps: int) -> None:
+    plain = statistics.median(v[0] for v in results["plain MLflow script"])
     print(f"{reps} alternated repetitions, medians (min-max); machine: {os.cpu_count()} CPUs, {sys.platform}")
-    print(f"{'contender':42} {'wall s':>20} {'start->_run s':>20} {'/ plain':>8}")
+    print(f"{'contender':42} {'wall s':>18} {'start->_run s':>18} {'CPU s':>18} {'wall / plain':>12}")
     for name, values in results.items():
-        walls = [w for w, _ in values]
-        runs = [r for _, r in values if r == r]
-        wall = f"{statistics.median(walls):.2f} ({min(walls):.2f}-{max(walls):.2f})"
-        to_run = f"{statistics.median(runs):.2f} ({min(runs):.2f}-{max(runs):.2f})" if runs else "-"
-        print(f"{name:42} {wall:>20} {to_run:>20} {statistics.median(walls) / plain:>8.2f}")
+        cols = []
+        for index in (0, 1, 2):
+            xs = [v[index] for v in values if v[index] == v[index]]
+            cols.append(f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})" if xs else "-")
+        ratio = statistics.median(v[0] for v in values) / plain
+        print(f"{name:42} {cols[0]:>18} {cols[1]:>18} {cols[2]:>18} {ratio:>12.2f}")
 
 
 if __name__ == "__main__":
