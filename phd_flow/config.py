@@ -202,14 +202,14 @@ def load_config(
         why = f" ({reason})" if reason else ""
         _say(f"No config file at {file}{why}; using the defaults (local_path={config.local_path}).")
         return config
-    _say(f"Loading config from file: {file}" + (f" ({reason})" if reason else ""))
+    _say(f"Loading config from file: {file}" + (f" ({reason})" if reason else ""), "DEBUG")
     return parse_config(file.read_bytes(), root, file)
 
 
-def _say(message: str) -> None:
+def _say(message: str, level: str = "INFO") -> None:
     from phd_flow.log import logger
 
-    logger.info(message)
+    logger.log(level, message)
 
 
 def parse_config(raw: bytes | str, project_root: Path, source: Path | None = None) -> Config:

@@ -1,4 +1,4 @@
-"""Logging: loguru sinks per run (output.log + output.jsonl), stdlib logging and warnings capture.
+"""Logging: loguru sinks per run (output.log + output.jsonl), stdlib logging, warnings and print capture.
 
 ``from phd_flow import logger`` is loguru's logger. Nothing is configured at import time;
 :class:`RunLogging` adds the run's sinks when a run starts and removes them when it ends, so two
@@ -146,11 +146,47 @@ class SafeFile:
             self.error = self.error or exc
 
 
+class Tee:
+    """``sys.stdout``/``sys.stderr`` during a run: what Python code writes (``print``, tracebacks
+    printed by libraries, progress bars) reaches the terminal as before and output.log as well.
+
+    Whole lines only go to the file (a line written in pieces stays one line among loguru's);
+    a carriage return starts the line again, so a progress bar leaves its last state, not every
+    redraw. Writes by C code straight to file descriptor 1/2 are not seen (that would need a pipe
+    and a reader thread for every run).
+    """
+
+    def __init__(self, stream: TextIO, sink: SafeFile) -> None:
+        self._stream, self._sink = stream, sink
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        written = self._stream.write(text)
+        self._pending += text
+        if "\n" in self._pending:
+            *lines, self._pending = self._pending.split("\n")
+            self._sink.write("".join(redact_url(line.rsplit("\r", 1)[-1]) + "\n" for line in lines))
+        return written
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close_line(self) -> None:
+        """Write an unfinished last line (the run ends)."""
+        line = self._pending.rsplit("\r", 1)[-1]
+        if line:
+            self._sink.write(redact_url(line) + "\n")
+        self._pending = ""
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno, buffer, ...
+        return getattr(self._stream, name)
+
+
 class RunLogging:
     """Context manager: while active, every log record of this process reaches the run's files.
 
-    That covers ``phd_flow.logger`` calls, stdlib ``logging`` from libraries (at INFO and above)
-    and Python warnings.
+    That covers ``phd_flow.logger`` calls, stdlib ``logging`` from libraries (at INFO and above),
+    Python warnings and what Python code writes to stdout and stderr (:class:`Tee`).
     """
 
     def __init__(self, text_log: Path, json_log: Path, level: str = "DEBUG") -> None:
@@ -161,6 +197,8 @@ class RunLogging:
         self._stderr: int | None = None  # the diagnose=False stand-in for loguru's default handler
         self._saved_root: tuple[list[logging.Handler], int] | None = None
         self._saved_showwarning = warnings.showwarning
+        self._saved_streams: tuple[TextIO, TextIO] | None = None
+        self._tees: list[Tee] = []
 
     def __enter__(self) -> RunLogging:
         _redact_everywhere()
@@ -179,11 +217,20 @@ class RunLogging:
         warnings.showwarning = _show_warning
         if "mlflow" in sys.modules:
             repoint_mlflow_loggers()
+        # after the loguru sinks: those hold the real streams, so log lines are not written twice
+        self._saved_streams = (sys.stdout, sys.stderr)
+        self._tees = [Tee(stream, self._files[0]) for stream in self._saved_streams]
+        sys.stdout, sys.stderr = self._tees  # type: ignore[assignment]
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        for tee in self._tees:
+            tee.close_line()
+        if self._saved_streams is not None and (sys.stdout, sys.stderr) == tuple(self._tees):
+            sys.stdout, sys.stderr = self._saved_streams  # (not if the user replaced them meanwhile)
+        self._tees, self._saved_streams = [], None
         warnings.showwarning = self._saved_showwarning
         if self._saved_root is not None:
             root = logging.getLogger()

@@ -1,4 +1,5 @@
-"""A real ``mlflow server --serve-artifacts`` on 127.0.0.1, started once per test session.
+"""A real ``mlflow server --serve-artifacts --app-name basic-auth`` on 127.0.0.1, started once
+per test session.
 
 Import the fixture into a test module (pytest discovers it there)::
 
@@ -8,8 +9,13 @@ Add ``pytestmark = pytest.mark.usefixtures("mlflow_server_launched")`` to start 
 soon as the module's first test runs, and request ``mlflow_server`` where it is needed.
 
 The server uses a sqlite backend store and proxies artifacts (``mlflow-artifacts:``) into a
-temporary directory; it takes 6-15 s to start, so every test shares it and isolates itself with
+temporary directory; it takes 10-40 s to start, so every test shares it and isolates itself with
 its own experiment. It is killed (its whole process group) at the end of the session.
+
+It asks for a login (MLflow's basic-auth app, ``mlflow[auth]``), like a team's server: every
+request needs ``MlflowServer.username``/``password``, either in the URI
+(``MlflowServer.uri_with(password)``) or in ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``
+(``MlflowServer.env``); a wrong password is answered 401.
 """
 
 from __future__ import annotations
@@ -28,16 +34,29 @@ from pathlib import Path
 
 import pytest
 
-STARTUP_TIMEOUT = 90.0
+STARTUP_TIMEOUT = 120.0
+#: The server's only user (MLflow's auth app creates it at the first start); test-only values.
+USERNAME, PASSWORD = "admin", "phd-flow-tests-only-password"
 
 
 @dataclass(frozen=True)
 class MlflowServer:
-    """A running MLflow tracking server with proxied artifact storage."""
+    """A running MLflow tracking server with proxied artifact storage and a login."""
 
-    tracking_uri: str  # http://127.0.0.1:PORT
+    tracking_uri: str  # http://127.0.0.1:PORT (no credentials)
     artifacts_dir: Path  # where --artifacts-destination puts the bytes
     startup_seconds: float
+    username: str = USERNAME
+    password: str = PASSWORD
+
+    def uri_with(self, password: str) -> str:
+        """The tracking URI with ``username:password@`` in it."""
+        return self.tracking_uri.replace("://", f"://{self.username}:{password}@", 1)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment variables MLflow clients log in with."""
+        return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
 
 
 def free_port() -> int:
@@ -82,8 +101,16 @@ def launch_server(root: Path) -> StartingServer:
     """Start ``mlflow server`` with its stores in ``root`` without waiting for it."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    auth = root / "basic_auth.ini"
+    auth.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'auth.db'}\n"
+        f"admin_username = {USERNAME}\nadmin_password = {PASSWORD}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 3600\n"  # one password hash per worker, not one per request
+    )
     command = [
-        str(Path(sys.executable).with_name("mlflow")), "server",
+        str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
         "--serve-artifacts", "--artifacts-destination", str(root / "mlartifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -92,6 +119,8 @@ def launch_server(root: Path) -> StartingServer:
         **os.environ,
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_AUTH_CONFIG_PATH": str(auth),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "phd-flow-tests-only",  # the auth app's CSRF key
     }
     started = time.perf_counter()
     with open(root / "server.log", "wb") as out:
@@ -128,7 +157,7 @@ def mlflow_server_launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture(scope="session")
 def mlflow_server(mlflow_server_launched: StartingServer) -> MlflowServer:
-    """One ``mlflow server --serve-artifacts`` for the whole session, ready to use."""
+    """One ``mlflow server --serve-artifacts`` with a login for the whole session, ready to use."""
     server = mlflow_server_launched.ready()
     print(f"\nmlflow server {server.tracking_uri} ready after {server.startup_seconds:.1f} s")
     return server

@@ -229,6 +229,24 @@ def test_run_imports_only_the_module_that_defines_the_node(project: Path) -> Non
     proc = cli(project, "run", "Light", "--x", "3")
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
-    proc = cli(project, "nodes")
+    proc = cli(project, "nodes")  # read from the source: no module of the package is imported
     assert proc.returncode == 0 and "Heavy" in proc.stdout and "Light" in proc.stdout
+    assert not marker.exists()
+    assert cli(project, "run", "Heavy").returncode == 0
     assert marker.exists()
+
+
+def test_run_help_lists_the_node_fields_first_and_required_ones_as_such(project: Path) -> None:
+    """Issue 16: `(required)` instead of `(default: None)`, no `(default: [])` on run options,
+    the node's own fields before phd_flow's options; no INFO line about the config file."""
+    proc = cli(project, "run", "FitOLS", "--help")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"--dataset str +path to csv dataset \(required\)", out), out
+    assert re.search(r"--seed int +random seed of the train/test split \(default: 0\)", out), out
+    assert "(default: [])" not in out and "(default: None)" not in out
+    assert out.index("--dataset str  ") < out.index("--args-file FILE  ") < out.index("phd_flow run options")
+    assert "--load STAGE=KEY  load STAGE from run KEY" in out
+    quiet, verbose = cli(project, "ls"), cli(project, "-v", "ls")
+    assert quiet.returncode == 0 and "Loading config" not in quiet.stderr
+    assert "Loading config from file" in verbose.stderr

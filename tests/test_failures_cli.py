@@ -112,7 +112,7 @@ def test_signal_during_run_marks_killed_everywhere(sproject: Path, tmp_path: Pat
     assert (run_dir / "metrics.jsonl").read_text().count("started") == 1
 
 
-# Many processes at once: tests/test_guarantees.py::test_fifty_processes_at_once_on_a_fresh_store.
+# Many processes at once: tests/test_load.py::test_fifty_processes_at_once_on_a_fresh_store.
 
 
 def test_mlflow_unreachable_run_completes_and_sync_catches_up(sproject: Path) -> None:

@@ -372,79 +372,100 @@ def test_two_machines_sync_to_one_prefix_at_once(fproject: Path, tmp_path: Path)
 
 
 _PUSH_SHARED = """
-import sys, time
+import sys
 from pathlib import Path
+from phd_flow.log import logger
+from phd_flow.storage.engine import MANIFEST
 from phd_flow.storage.local import LocalRemote
 from phd_flow.testing import storage_for, write_tree
-name, remote, local, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
-storage = storage_for(LocalRemote(remote), local, workers=4)
+from phd_flow.testing.contract import until
+name, remote, local, signals, mode = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
+gate = signals / "gate"  # omega wrote its manifest, or waits for its turn
+
+class Machine(LocalRemote):
+    def write_bytes(self, key, data):
+        if key.endswith(MANIFEST) and name == "alpha" and mode == "held":
+            (signals / "alpha-held").touch()  # every file uploaded, the manifest not yet written
+            until(gate.exists, "omega to write its manifest or wait for its turn")
+        super().write_bytes(key, data)
+        if key.endswith(MANIFEST) and name == "omega":
+            gate.touch()
+
+logger.add(lambda message: gate.touch() if "waiting for it to finish" in message else None, level="INFO")
+storage = storage_for(Machine(remote), local, workers=4)
 files = {f"f{i:03d}.txt": f"{name} wrote file {i}\\n".encode() * (1 + i % 7) for i in range(150)}
 write_tree(storage.path("shared/datasets"), {**files, "big.bin": name.encode() * (3 << 20)})
-while not go.exists():
-    time.sleep(0.001)
+(signals / f"{name}-ready").touch()
+until((signals / "go").exists, "the test to say go")
 print(storage.upload("shared/datasets"))
 """
 
 
-def _race_to_one_path(tmp_path: Path) -> Path:
-    """Two machines (processes) push different contents to the same remote path at once."""
-    remote, go = tmp_path / "shared", tmp_path / "go"
+def _push_to_one_path(tmp_path: Path, mode: str) -> Path:
+    """Two machines (processes) push different contents (same names and sizes) to the same
+    remote path. ``race``: both start at one signal. ``held``: alpha uploads every file and is
+    held before its manifest until omega has written its own or waits for its turn (the
+    interleaving that mixed versions before pushes took turns)."""
+    from phd_flow.testing.contract import until
+
+    remote, signals = tmp_path / "shared", tmp_path / "signals"
     remote.mkdir()
+    signals.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _PUSH_SHARED, name, str(remote), str(tmp_path / name), str(go)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+
+    def start(name: str) -> subprocess.Popen[str]:
+        argv = [sys.executable, "-c", _PUSH_SHARED, name, str(remote), str(tmp_path / name), str(signals), mode]
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    if mode == "race":
+        procs = [start("alpha"), start("omega")]
+        until(
+            lambda: all((signals / f"{n}-ready").exists() for n in ("alpha", "omega")), "both machines to be ready", 120
         )
-        for name in ("alpha", "omega")
-    ]
-    time.sleep(0.5)  # not synchronization: both wait for `go`; this only lets them reach the wait
-    go.touch()
+        (signals / "go").touch()
+    else:
+        (signals / "go").touch()
+        procs = [start("alpha")]
+        until(lambda: (signals / "alpha-held").exists() or procs[0].poll() is not None, "alpha's uploads", 120)
+        procs.append(start("omega"))
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    return remote
+    return remote / "shared" / "datasets"
+
+
+def _versions(tmp_path: Path) -> dict[str, dict[str, bytes]]:
+    from phd_flow.testing.contract import read_tree
+
+    return {name: read_tree(tmp_path / name / "shared" / "datasets") for name in ("alpha", "omega")}
 
 
 def test_two_machines_write_one_shared_path_at_once(tmp_path: Path) -> None:
-    """Two machines push different contents to the SAME remote path at the same moment. What holds
-    today: a third machine's download is one machine's whole version, or a checksum error; never
-    bytes the manifest does not vouch for (see the xfail test below for what does not hold)."""
-    from phd_flow.errors import ChecksumMismatchError
+    """Two machines push different contents to the SAME remote path at the same moment: a third
+    machine's download (verified against the remote manifest) is one machine's whole version."""
     from phd_flow.storage.local import LocalRemote
     from phd_flow.testing.contract import read_tree, storage_for
 
-    remote = _race_to_one_path(tmp_path)
-    third = storage_for(LocalRemote(remote), tmp_path / "third")
-    try:
-        third.download("shared/datasets")
-    except ChecksumMismatchError as exc:
-        assert "shared/datasets" in str(exc)  # detected, named, and the bad download discarded
-        return
-    got = read_tree(third.path("shared/datasets"))
-    versions = [read_tree(tmp_path / name / "shared" / "datasets") for name in ("alpha", "omega")]
-    assert got in versions, "a download must be one machine's whole version"
+    pushed = _push_to_one_path(tmp_path, "race")
+    third = storage_for(LocalRemote(pushed.parents[1]), tmp_path / "third")
+    third.download("shared/datasets")
+    assert read_tree(third.path("shared/datasets")) in _versions(tmp_path).values()
 
 
-@pytest.mark.xfail(
-    reason="known gap (issue 18): concurrent pushes to one remote path interleave file by file and "
-    "the last manifest written wins, so the remote can mix versions; downloads then fail the sha256 "
-    "check (test above). Run keys are unique, so runs never share a path; user-chosen keys can.",
-    strict=False,
-)
 def test_two_machines_one_shared_path_leave_one_whole_version(tmp_path: Path) -> None:
+    """The interleaving that used to mix versions (alpha's manifest written over omega's files):
+    pushes to one path take turns, so the remote holds omega's whole version (the later turn)
+    and a manifest that vouches for exactly its bytes; no marker is left behind."""
     from phd_flow.storage.engine import MANIFEST, parse_manifest
+    from phd_flow.testing.contract import read_tree
 
-    pushed = _race_to_one_path(tmp_path) / "shared" / "datasets"
+    pushed = _push_to_one_path(tmp_path, "held")
     manifest = parse_manifest((pushed / MANIFEST).read_bytes())
-    tree = {p.relative_to(pushed).as_posix(): p.read_bytes() for p in pushed.rglob("*") if p.name != MANIFEST}
-    assert set(manifest) == set(tree)
+    tree = {p.relative_to(pushed).as_posix(): p.read_bytes() for p in pushed.rglob("*") if p.is_file()}
+    assert tree.pop(MANIFEST)
+    assert set(manifest) == set(tree), "no file without its manifest entry, no marker left behind"
     mismatched = [rel for rel, entry in manifest.items() if hashlib.sha256(tree[rel]).hexdigest() != entry.sha256]
     assert not mismatched, f"the remote manifest does not match the bytes of {len(mismatched)} files: {mismatched[:5]}"
-    writers = {data[:5] for data in tree.values() if data}
-    assert len(writers) == 1, f"the remote holds a mix of both machines' versions: {writers}"
+    assert read_tree(pushed) == _versions(tmp_path)["omega"], "the remote holds a mix of both machines' versions"
 
 
 # --- secrets -----------------------------------------------------------------------------------

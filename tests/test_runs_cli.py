@@ -271,17 +271,31 @@ def test_compare_shows_differing_args_and_final_metrics(history: Path) -> None:
     assert "  total  3    4" in lines
 
 
-def test_result_prints_the_verified_result(project: Path) -> None:
+def test_result_prints_the_verified_result(project: Path, tmp_path: Path) -> None:
     add1, _, failed, _ = keys(project)
     proc = cli(project, "result", add1, env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and proc.stdout.strip() == "AddResult(total=3)", proc.stderr
-    proc = cli(project, "result", add1)  # the class of the result lives in tests.nodes
+    # the class of the result lives in tests.nodes: not importable without the repository root
+    proc = cli(project, "result", add1, env=_pythonpath_without_tests(tmp_path))
     assert proc.returncode == 2 and "(AddResult) cannot be unpickled here: No module named 'tests'" in proc.stderr
     proc = cli(project, "result", failed)
     assert proc.returncode == 2 and "is failed (ValueError: kaputt), so it has no result" in proc.stderr
     (project / "data_storage" / add1 / "results.pickle").write_bytes(b"not the pickle")
     proc = cli(project, "result", add1)
     assert proc.returncode == 2 and "does not match the sha256" in proc.stderr
+
+
+def _pythonpath_without_tests(tmp_path: Path) -> dict[str, str]:
+    """The inherited PYTHONPATH (a developer's may hold the repository root, to import a
+    worktree's phd_flow), with the repository root replaced by a folder that holds only
+    ``phd_flow``: the same phd_flow is imported, the ``tests`` package is not importable."""
+    only = tmp_path / "only_phd_flow"
+    only.mkdir(exist_ok=True)
+    if not (only / "phd_flow").exists():
+        (only / "phd_flow").symlink_to(REPO / "phd_flow")
+    entries = [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]
+    kept = [str(only) if Path(e).resolve() == REPO.resolve() else e for e in entries]
+    return {"PYTHONPATH": os.pathsep.join(kept)}
 
 
 # --- rm -----------------------------------------------------------------------------------------
@@ -377,6 +391,52 @@ def test_ls_remote_lists_runs_of_another_machine(project: Path, tmp_path: Path) 
     assert proc.returncode == 2 and "--trust-remote" in proc.stderr  # no signing key configured
     proc = cli(other, "result", add1, "--trust-remote", env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and proc.stdout.strip() == "AddResult(total=3)", proc.stderr
+
+
+def test_ls_remote_reads_run_records_in_parallel_within_the_backends_limit(tmp_path: Path) -> None:
+    """The first listing fetches run.json with as many threads as the backend's own transfers
+    (``max_workers``): all of them at once (a barrier that only that many readers pass), never more."""
+    import threading
+
+    from phd_flow import Config
+    from phd_flow.run.record import RunRecord
+    from phd_flow.runs.listing import remote_records
+    from phd_flow.storage.local import LocalRemote
+
+    class CountingRemote(LocalRemote):
+        max_workers = 4
+
+        def __init__(self, root: Path) -> None:
+            super().__init__(root)
+            self.barrier = threading.Barrier(self.max_workers, timeout=30)
+            self.lock, self.inside, self.most = threading.Lock(), 0, 0
+
+        def read_small(self, key: str, limit: int = 1 << 20) -> bytes | None:
+            if not key.endswith("/run.json"):
+                return super().read_small(key, limit)
+            with self.lock:
+                self.inside += 1
+                self.most = max(self.most, self.inside)
+            try:
+                self.barrier.wait()  # sequential reads would never get here together
+                return super().read_small(key, limit)
+            finally:
+                with self.lock:
+                    self.inside -= 1
+
+    (tmp_path / "template").mkdir()
+    template = RunRecord.create(tmp_path / "template", node="Add").data
+    remote_root = tmp_path / "remote"
+    keys = [f"Add_2026-01-01T00-00-{i:02d}.000000Z_{i:08d}" for i in range(40)]
+    for key in keys:
+        (remote_root / key).mkdir(parents=True)
+        record = {**template, "key": key, "status": "completed", "ended_at": template["started_at"]}
+        (remote_root / key / "run.json").write_text(json.dumps(record))
+    remote = CountingRemote(remote_root)
+    config = Config(local_path=tmp_path / "local", project_root=tmp_path)
+    listed = [record.key for record in remote_records(config, remote, refresh=True)]
+    assert listed == keys
+    assert remote.most == remote.max_workers
 
 
 # --- honest status ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The MLflow-artifacts backend: the storage contract on a sqlite store with a local artifact
-root and on a real ``mlflow server --serve-artifacts``, plus a CLI run pulled back elsewhere."""
+root and on a real ``mlflow server --serve-artifacts`` with a login (basic auth: the
+bad-credentials case runs against it), plus a CLI run pulled back elsewhere."""
 
 from __future__ import annotations
 
@@ -67,13 +68,21 @@ class TestMlflowLocalContract(RemoteContract):
 
 @pytest.mark.slow
 class TestMlflowServerContract(RemoteContract):
-    """A real ``mlflow server --serve-artifacts`` (``mlflow-artifacts:`` proxy over HTTP)."""
+    """A real ``mlflow server --serve-artifacts`` (``mlflow-artifacts:`` proxy over HTTP) that
+    asks for a login; the credentials ride in the tracking URI."""
 
     large_file_size = 2 << 20
+    credentials_hint = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    bad_secret = "not-the-password-9f3c"
 
     @pytest.fixture
     def remote(self, mlflow_server: MlflowServer) -> MlflowRemote:  # noqa: F811
-        return MlflowRemote(mlflow_server.tracking_uri, f"contract-{uuid.uuid4().hex[:8]}")
+        uri = mlflow_server.uri_with(mlflow_server.password)
+        return MlflowRemote(uri, f"contract-{uuid.uuid4().hex[:8]}")
+
+    @pytest.fixture
+    def bad_credentials_remote(self, mlflow_server: MlflowServer) -> MlflowRemote:  # noqa: F811
+        return MlflowRemote(mlflow_server.uri_with(self.bad_secret), f"contract-{uuid.uuid4().hex[:8]}")
 
     def test_bytes_land_in_the_servers_artifact_destination(
         self,
@@ -116,7 +125,8 @@ def test_cli_run_lands_in_mlflow_and_downloads_byte_identical(
         f'experiment = "e2e-{uuid.uuid4().hex[:6]}"\n'
     )
     write_config(project, toml)
-    proc = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
+    login = mlflow_server.env  # the server asks for a login
+    proc = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target", env=login)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(project / "data_storage")
     key = run_dir.name
@@ -127,7 +137,7 @@ def test_cli_run_lands_in_mlflow_and_downloads_byte_identical(
     link = f"MLflow run: {mlflow_server.tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}"
     assert link in proc.stderr and link in (run_dir / "output.log").read_text()
 
-    mlflow = client(mlflow_server.tracking_uri)
+    mlflow = client(mlflow_server.uri_with(mlflow_server.password))
     run = mlflow.get_run(run_id)
     assert run.data.tags[KEY_TAG] == key
     listed = {f.path for f in mlflow.list_artifacts(run.info.run_id)}
@@ -137,6 +147,6 @@ def test_cli_run_lands_in_mlflow_and_downloads_byte_identical(
     second.mkdir()
     shutil.copytree(project / "my_project", second / "my_project")
     write_config(second, toml)
-    proc = cli(second, "download", key)
+    proc = cli(second, "download", key, env=login)
     assert proc.returncode == 0, proc.stderr
     assert read_tree(second / "data_storage" / key) == read_tree(run_dir)

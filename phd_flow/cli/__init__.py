@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "gc": "phd_flow.cli.gc:register_gc",
     "result": "phd_flow.cli.runs:register_result",
     "ui": "phd_flow.cli.runs:register_ui",
+    "logs": "phd_flow.cli.logs:register_logs",
     "sweep": "phd_flow.cli.sweep:register_sweep",
     "optimize": "phd_flow.cli.optimize:register_optimize",
 }

@@ -35,20 +35,22 @@ def register_run(commands: Any) -> None:
 
 
 def _cmd_run(project: Project, args: argparse.Namespace) -> int:
-    from phd_flow.run.args import option_strings
-    from phd_flow.run.discovery import find_nodes, resolve_node
+    from phd_flow.run.discovery import list_nodes, node_view, resolve_node
 
     if args.node is None or args.node.startswith("-"):
         if args.help_requested or args.node in ("-h", "--help"):
             args.run_parser.print_help()
-            _print_node_list(find_nodes(project.package_name))
+            _print_node_list(list_nodes(project.package_name))
             return EXIT_OK
         args.run_parser.error("which node? usage: run NodeName [args]; see the `nodes` command")
-    node_cls = resolve_node(project.package_name, args.node)
     argv = list(args.node_args) + (["--help"] if args.help_requested else [])
-    parser = node_cls.argument_parser(prog=f"python -m {project.package_name} run {node_cls.__name__}")
-    _add_run_options(parser, option_strings(parser), with_args_file=False)
-    parsed = node_cls.parse_with(parser, argv, args.pf_args_file)
+    if "-h" in argv or "--help" in argv:
+        # the help from the node's source: its module (and what it imports) is not loaded
+        view = node_view(project.package_name, args.node)
+        if view is not None:
+            _parse_node_args(project, view, args, argv)  # exits with the help, or with a usage error
+    node_cls = resolve_node(project.package_name, args.node)
+    parsed = _parse_node_args(project, node_cls, args, argv)
     options = _run_options(args, parsed)
     _check_rerun(project, options.rerun)
     node = node_cls(parsed.args, config=project, options=options)
@@ -59,6 +61,17 @@ def _cmd_run(project: Project, args: argparse.Namespace) -> int:
         return 128 + int(node.kill_signal)
     sync_state = node.record.data.get("sync", {}).get("state")
     return EXIT_NOT_SYNCED if sync_state == "not_synced" else EXIT_OK
+
+
+def _parse_node_args(project: Project, node_cls: Any, args: argparse.Namespace, argv: list[str]) -> Any:
+    """The node's fields and the run options after the node name, parsed (exits 2 on bad input,
+    0 after printing ``--help``: the node's fields first, phd_flow's run options after)."""
+    from phd_flow.run.args import option_strings, polish_help
+
+    parser = node_cls.argument_parser(prog=f"python -m {project.package_name} run {node_cls.__name__}")
+    _add_run_options(parser, option_strings(parser), with_args_file=False)
+    polish_help(parser)
+    return node_cls.parse_with(parser, argv, args.pf_args_file)
 
 
 def _add_run_options(parser: Any, taken: set[str], with_args_file: bool) -> None:
@@ -188,11 +201,11 @@ def _run_options(before: argparse.Namespace, after: argparse.Namespace) -> Any:
 def _check_rerun(project: Project, names: list[str]) -> None:
     """``--rerun NAME`` must name a node of the package: a typo would silently rerun nothing."""
     from phd_flow.errors import ArgsError, closest
-    from phd_flow.run.discovery import find_nodes
+    from phd_flow.run.discovery import node_names
 
     if not names:
         return
-    known = sorted({cls.__name__ for cls in find_nodes(project.package_name).values()})
+    known = node_names(project.package_name)
     for name in names:
         if name not in known:
             raise ArgsError(
@@ -207,9 +220,9 @@ def register_nodes(commands: Any) -> None:
 
 
 def _cmd_nodes(project: Project, args: argparse.Namespace) -> int:
-    from phd_flow.run.discovery import find_nodes
+    from phd_flow.run.discovery import list_nodes
 
-    nodes = find_nodes(project.package_name)
+    nodes = list_nodes(project.package_name)
     if not nodes:
         print(f"No nodes in {project.package_name}: define a subclass of phd_flow.Node.")
         return EXIT_OK

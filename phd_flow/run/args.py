@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -22,6 +23,7 @@ __all__ = [
     "from_mapping",
     "load_args_file",
     "option_strings",
+    "polish_help",
     "same_option",
 ]
 
@@ -182,3 +184,37 @@ def _token(value: Any) -> str:
     if isinstance(value, (str, int, float)):
         return str(value)
     return json.dumps(value)
+
+
+def polish_help(parser: Any) -> None:
+    """``--help`` of a node's parser as phd_flow shows it: the node's own fields first,
+    ``(required)`` for a field without a default (not ``(default: None)``), and no
+    ``(default: None)`` / ``(default: [])`` on options that are not the node's fields."""
+    option_strings(parser)  # simple-parsing adds the node's groups when it prepares to parse
+    parser.formatter_class = _help_formatter(parser.formatter_class)
+    groups = parser._action_groups
+    own = [g for g in groups if any(_is_field(a) for a in g._group_actions)]
+    parser._action_groups = own + [g for g in groups if g not in own]
+
+
+def _nothing(default: Any) -> bool:
+    return default is None or (isinstance(default, list) and not default)
+
+
+def _is_field(action: Any) -> bool:
+    return bool(action.dest == "args" or action.dest.startswith("args."))
+
+
+@functools.lru_cache(maxsize=8)
+def _help_formatter(base: type[Any]) -> type[Any]:
+    class HelpFormatter(base):  # type: ignore[valid-type,misc]
+        def _get_help_string(self, action: Any) -> str | None:
+            text = (action.help or "").replace("<__TEMP__>", "")  # simple-parsing's placeholder
+            if action.required:
+                return f"{text} (required)".strip()
+            if not _is_field(action) and _nothing(action.default):
+                return text
+            help_string: str | None = super()._get_help_string(action)
+            return help_string
+
+    return HelpFormatter

@@ -178,7 +178,10 @@ def _fetch_all(remote: Remote, names: list[str]) -> dict[str, bytes | Exception 
         return {}
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=min(FETCH_WORKERS, len(names))) as pool:
+    # as many threads as the backend's own transfers use (its client's connection pool is sized
+    # for them; b2sdk and MLflow's artifact client are shared the same way by the sync engine)
+    workers = min(FETCH_WORKERS, len(names), max(1, remote.max_workers))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phd_flow-ls") as pool:
         return dict(zip(names, pool.map(fetch, names), strict=True))
 
 

@@ -14,6 +14,9 @@ that keeps the size *and* sets the old mtime back (``touch -d``, ``os.utime``, a
 preserves times), or a file replaced by another of the same size and mtime, is only seen in
 checksum mode (``checksum=True``, :func:`checksum_mode`, ``sync --checksum``/``--verify``),
 which re-hashes every file like ``rsync --checksum``.
+
+Pushes to one remote path take turns (:class:`PushLock`): two machines pushing different
+contents to the same path at once leave one whole version, never a mix of both.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
+import secrets
+import socket
 import sys
 import threading
 import time
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +60,12 @@ MANIFEST = ".phd_flow-manifest.json"
 JOURNAL = ".phd_flow-pushed.json"
 #: Files up to this size are uploaded from an in-memory snapshot (consistent even while written).
 SNAPSHOT_BYTES = 4 * 1024 * 1024
+#: Folder inside a pushed path holding one marker per push to that path (see :class:`PushLock`).
+LOCKS = ".phd_flow-pushing"
+#: A push holding its turn rewrites its marker this often; a marker from another host that has
+#: not changed for ``STALE_SECONDS`` belongs to a push that died, and is removed by the next one.
+HEARTBEAT_SECONDS = 5.0
+STALE_SECONDS = 60.0
 _T = TypeVar("_T")
 #: Checksum mode for pushes in this context (see :func:`checksum_mode`).
 _CHECKSUM: ContextVar[bool] = ContextVar("phd_flow_sync_checksum", default=False)
@@ -196,16 +208,48 @@ def push(
     started = time.perf_counter()
     entries = scan(local_root, exclude, checksum=checksum)
     atomic_write_bytes(local_root / MANIFEST, dump_manifest(entries))
-    remote_entries = _remote_manifest(remote, remote_prefix, retries)
     target = f"{remote.describe()}/{remote_prefix}"
     delivered = _load_journal(local_root, target)  # {} when none, or one of another remote
-    if all(_same(remote_entries.get(rel), entry) for rel, entry in entries.items()):
+    if _vouched(entries, _remote_manifest(remote, remote_prefix, retries)):
         # The remote manifest is written after its files and dropped when any of them is
         # removed (Storage.remove), so it vouches for them: no listing needed (the listing is
-        # most of the cost of an unchanged re-sync).
+        # most of the cost of an unchanged re-sync), and nothing to write, so no turn to take.
         if delivered:
             (local_root / JOURNAL).unlink(missing_ok=True)
         return SyncReport(skipped=len(entries), seconds=time.perf_counter() - started)
+    with PushLock(remote, remote_prefix, retries, label or remote_prefix):
+        # Read again in our turn: a push that ran meanwhile may have changed the remote.
+        remote_entries = _remote_manifest(remote, remote_prefix, retries)
+        if _vouched(entries, remote_entries):
+            report = SyncReport(skipped=len(entries))
+        else:
+            report = _send(
+                remote, local_root, remote_prefix, entries, remote_entries, delivered, retries, workers, label
+            )
+    if delivered:
+        (local_root / JOURNAL).unlink(missing_ok=True)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _vouched(entries: dict[str, Entry], remote_entries: dict[str, Entry]) -> bool:
+    return all(_same(remote_entries.get(rel), entry) for rel, entry in entries.items())
+
+
+def _send(
+    remote: Remote,
+    local_root: Path,
+    remote_prefix: str,
+    entries: dict[str, Entry],
+    remote_entries: dict[str, Entry],
+    delivered: dict[str, Entry],
+    retries: int,
+    workers: int | None,
+    label: str,
+) -> SyncReport:
+    """Upload what the listing and manifests say is missing, then the merged manifest (the
+    caller holds the path's :class:`PushLock`)."""
+    target = f"{remote.describe()}/{remote_prefix}"
     listed = {f.key: f.size for f in _retry(lambda: list(remote.list(remote_prefix)), retries)}
     known = {**delivered, **remote_entries}
     todo = [
@@ -264,9 +308,6 @@ def push(
         journal = {"remote": target, **json.loads(dump_manifest(arrived))}
         atomic_write_bytes(local_root / JOURNAL, json.dumps(journal, indent=1).encode())
         raise
-    if delivered:
-        (local_root / JOURNAL).unlink(missing_ok=True)
-    report.seconds = time.perf_counter() - started
     return report
 
 
@@ -283,6 +324,7 @@ def pull(
     started = time.perf_counter()
     manifest = _remote_manifest(remote, remote_prefix, retries)
     files = _retry(lambda: list(remote.list(remote_prefix)), retries)
+    files = [f for f in files if LOCKS not in f.key.split("/")]  # markers of pushes in progress
     # Every name crosses into the local tree: all of them are checked before anything is written.
     listed = _checked_names(remote, remote_prefix, [(f.key, f.size) for f in files], manifest)
     listed.pop(MANIFEST, None)
@@ -414,6 +456,185 @@ def _remote_manifest(remote: Remote, prefix: str, retries: int) -> dict[str, Ent
 
 def _join(prefix: str, rel: str) -> str:
     return f"{prefix.rstrip('/')}/{rel}" if prefix else rel
+
+
+# --- taking turns ----------------------------------------------------------------------------
+
+#: Markers this process holds now (a marker of this host and pid that is not here was left by
+#: a push of this process that could not remove it, e.g. while the store was down).
+_HELD: set[str] = set()
+_HELD_LOCK = threading.Lock()
+
+
+class PushLock:
+    """Pushes to one remote path take turns, so two machines pushing different contents to the
+    same path at once leave one whole version (the later turn's), never a mix.
+
+    Without turns they can mix: a push uploads file by file and writes the manifest last, so
+    when A uploads ``f``, B uploads ``f`` and A's manifest lands after B's, the remote holds B's
+    ``f`` under A's manifest. Object stores have no rename and no common conditional write, so
+    the turn is taken with *markers*: objects ``<path>/.phd_flow-pushing/<start time>-<random>``
+    holding the pusher's host, pid and a heartbeat counter. A push
+
+    1. writes its marker M (a fresh name), then lists the marker folder;
+    2. sees no other live marker: its turn, held until it removes M when done;
+    3. sees others, M not the oldest name: removes M, waits until no live marker is left, and
+       starts again at 1 with a fresh name;
+    4. sees others, M the oldest: keeps M, waits until the others are gone, then has its turn.
+
+    **At most one push has its turn** (needs only what every backend gives: a listing started
+    after a write completed shows it). Say P and Q both have their turn, P's last listing (the
+    one that gave it its turn, started after P's marker write W_P completed) did not show Q's
+    marker. Then Q's marker write W_Q completed after that listing started, so after W_P; Q's
+    last listing started after W_Q, so after W_P, and P's marker was still there (P removes it
+    only when its turn ends or in step 3, and P took no step 3 after its last listing): Q saw
+    it and did not get its turn. Contradiction. A rewrite of a marker (heartbeat) never removes it.
+
+    **Someone gets a turn:** the oldest live marker never steps back (step 4) and every younger
+    one that sees it does (step 3); clock skew between machines only changes who is oldest.
+
+    **A push that died** leaves its marker: a marker of this host whose pid is gone, a marker of
+    this very process it no longer holds, or one whose heartbeat (rewritten every
+    ``HEARTBEAT_SECONDS``) has not changed for ``STALE_SECONDS`` is stale and removed by the
+    waiter. A store that cannot delete (some MLflow artifact stores) gets ``"released"`` written
+    into the marker instead; such markers count as gone. What turns cannot prevent: a push
+    frozen longer than ``STALE_SECONDS`` (a suspended laptop) that wakes up and goes on. Its files
+    then disagree with the manifest, and downloads refuse them (sha256), as before.
+    """
+
+    def __init__(self, remote: Remote, prefix: str, retries: int, label: str = "") -> None:
+        self.remote, self.retries, self.label = remote, retries, label or prefix or remote.describe()
+        self.folder = _join(prefix, LOCKS)
+        self.where = f"{remote.describe()}/{prefix}"
+        self.key = ""
+        self._beat = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen: dict[str, tuple[bytes, float]] = {}  # other marker -> (body, when it last changed)
+        self._told: float | None = None  # when we last said we are waiting
+
+    # --- the protocol ---------------------------------------------------------------------------
+
+    def __enter__(self) -> PushLock:
+        while True:
+            name = f"{time.time_ns():020d}-{secrets.token_hex(6)}"
+            self.key = _join(self.folder, name)
+            with _HELD_LOCK:
+                _HELD.add(self.key)
+            self._write()
+            while True:
+                others = self._live_others(name)
+                if not others:
+                    self._thread = threading.Thread(target=self._heartbeat, name="phd_flow-push-turn", daemon=True)
+                    self._thread.start()
+                    return self
+                if min(others) < name:
+                    break  # step 3: an older push goes first
+                self._wait(others)  # step 4: ours is the oldest; the younger step back or finish
+            self._remove()
+            while others := self._live_others(""):
+                self._wait(others)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._remove()
+
+    # --- markers --------------------------------------------------------------------------------
+
+    def _body(self, released: bool = False) -> bytes:
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "beat": self._beat, "push": self.label}
+        return json.dumps({**info, "released": True} if released else info).encode()
+
+    def _write(self) -> None:
+        body = self._body()
+        _retry(lambda: self.remote.write_bytes(self.key, body), self.retries)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            self._beat += 1
+            try:
+                self.remote.write_bytes(self.key, self._body())
+            except Exception:  # a missed beat only matters after STALE_SECONDS
+                continue
+
+    def _remove(self) -> None:
+        """Remove our marker (best effort: one left behind is stale for the next push)."""
+        try:
+            _retry(lambda: self.remote.delete([self.key]), self.retries)
+        except StorageUnavailableError:
+            pass
+        except StorageError:  # the store cannot delete: mark it released instead
+            with suppress(StorageError):
+                self.remote.write_bytes(self.key, self._body(released=True))
+        finally:
+            with _HELD_LOCK:
+                _HELD.discard(self.key)
+
+    def _live_others(self, mine: str) -> dict[str, dict[str, Any]]:
+        """The other markers of a running push (stale ones are removed on the way)."""
+        live: dict[str, dict[str, Any]] = {}
+        for found in _retry(lambda: list(self.remote.list(self.folder)), self.retries):
+            name = found.key.rsplit("/", 1)[-1]
+            if name == mine:
+                continue
+            body = _retry(lambda: self.remote.read_small(found.key), self.retries)  # noqa: B023
+            if body is None:
+                continue  # removed since the listing
+            try:
+                info = json.loads(body)
+                info = info if isinstance(info, dict) else {}
+            except ValueError:
+                info = {}
+            if info.get("released"):
+                continue
+            if self._stale(found.key, body, info):
+                from phd_flow.log import logger
+
+                logger.warning(
+                    f"{self.where}: removing the marker of a push that stopped without finishing "
+                    f"(host {info.get('host', '?')}, pid {info.get('pid', '?')})."
+                )
+                with suppress(StorageError):
+                    _retry(lambda: self.remote.delete([found.key]), self.retries)  # noqa: B023
+                continue
+            live[name] = info
+        return live
+
+    def _stale(self, key: str, body: bytes, info: dict[str, Any]) -> bool:
+        now = time.monotonic()
+        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+            pid = info["pid"]
+            if pid == os.getpid():
+                with _HELD_LOCK:
+                    return key not in _HELD
+            if not _pid_alive(pid):
+                return True
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != body:
+            self._seen[key] = (body, now)
+            return False
+        return now - seen[1] > STALE_SECONDS
+
+    def _wait(self, others: dict[str, dict[str, Any]]) -> None:
+        if self._told is None or time.monotonic() - self._told > 30:
+            from phd_flow.log import logger
+
+            self._told = time.monotonic()
+            who = ", ".join(f"host {i.get('host', '?')} pid {i.get('pid', '?')}" for i in others.values())
+            logger.info(f"{self.label}: another push to {self.where} is running ({who}); waiting for it to finish.")
+        time.sleep(0.1 + random.random() * 0.3)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 # --- retries and parallelism ------------------------------------------------------------------

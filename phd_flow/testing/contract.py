@@ -9,7 +9,7 @@ raw :class:`Remote` API and through the shared sync engine (:class:`phd_flow.sto
 
     class TestMyContract(RemoteContract):
         large_file_size = 9 << 20            # above the backend's multipart threshold
-        refused_keys = ["a//b"]              # names the store refuses (skip if none)
+        refused_keys = ["a//b"]              # names the store refuses (none: no such case)
         credentials_hint = ("MY_STORE_KEY",)  # the error for bad credentials names one of these
         bad_secret = "not-the-real-secret"   # ... and never contains this
 
@@ -18,17 +18,25 @@ raw :class:`Remote` API and through the shared sync engine (:class:`phd_flow.sto
             return MyRemote(...)
 
         @pytest.fixture
-        def bad_credentials_remote(self):      # optional: tests skip without it
+        def bad_credentials_remote(self):      # a store with credentials: one it rejects
             return MyRemote(..., secret=self.bad_secret)
+
+A case that cannot apply to a backend is not generated at all (never skipped): the
+bad-credentials case exists only where the subclass defines ``bad_credentials_remote`` (a
+local directory has no credentials), the refused-names case only where ``refused_keys`` is
+not empty (a store that refuses no name beyond phd_flow's own key rules).
 
 Nothing here depends on phd_flow's own ``tests/`` package, so third-party backends can use it.
 """
 
 from __future__ import annotations
 
+import builtins
 import os
 import random
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -37,7 +45,7 @@ import pytest
 from phd_flow.config import Config, StorageConfig
 from phd_flow.errors import StorageAuthError, StorageNotFoundError, UserError
 from phd_flow.storage import engine
-from phd_flow.storage.base import Remote
+from phd_flow.storage.base import Remote, RemoteFile
 from phd_flow.storage.facade import Storage
 
 #: A run-like directory: names exercise nesting, empty files and unicode.
@@ -83,8 +91,78 @@ def read_tree(root: Path) -> dict[str, bytes]:
     return out
 
 
+def until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class GatedRemote(Remote):
+    """``inner`` with a pause: writing a manifest first sets ``blocked`` and waits for ``gate``.
+
+    It forces the interleaving that mixed versions before pushes took turns: this push has
+    uploaded every file and not yet written its manifest when another push to the same path
+    runs (``gate`` is set once that one wrote its manifest or waits for its turn)."""
+
+    def __init__(self, inner: Remote) -> None:
+        self.inner = inner
+        self.max_workers = inner.max_workers
+        self.blocked, self.gate = threading.Event(), threading.Event()
+
+    @classmethod
+    def from_config(cls, config: Config) -> Remote:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def list(self, prefix: str = "") -> Iterator[RemoteFile]:
+        return self.inner.list(prefix)
+
+    def stat(self, key: str) -> RemoteFile | None:
+        return self.inner.stat(key)
+
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
+        return self.inner.list_dirs(prefix)
+
+    def put(self, local: Path, key: str) -> None:
+        self.inner.put(local, key)
+
+    def get(self, key: str, local: Path) -> None:
+        self.inner.get(key, local)
+
+    def delete(self, keys: builtins.list[str]) -> None:
+        self.inner.delete(keys)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        return self.inner.read_bytes(key)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        if key.endswith(engine.MANIFEST) and not self.gate.is_set():
+            self.blocked.set()
+            until(self.gate.is_set, "the other push to write its manifest or wait for its turn")
+        self.inner.write_bytes(key, data)
+
+
 class RemoteContract:
     """Behaviour shared by every storage backend. Subclass it; provide the ``remote`` fixture."""
+
+    #: Cases generated only for backends that declare the capability (see the module docstring).
+    _CAPABILITIES: ClassVar[dict[str, Callable[[type[RemoteContract]], bool]]] = {
+        "test_wrong_credentials_name_the_fix_and_hide_the_secret": lambda cls: any(
+            "bad_credentials_remote" in vars(k) for k in cls.__mro__
+        ),
+        "test_refused_names_raise_a_user_error": lambda cls: bool(cls.refused_keys),
+    }
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, capable in RemoteContract._CAPABILITIES.items():
+            if not capable(cls):
+                setattr(cls, name, None)  # pytest collects no case from it
 
     #: Size of the file that must cross the backend's multipart / large-file threshold.
     large_file_size: ClassVar[int] = 6 << 20
@@ -101,11 +179,6 @@ class RemoteContract:
     def remote(self) -> Remote:
         """A fresh, empty remote. Subclasses must override this fixture."""
         raise NotImplementedError("Override the `remote` fixture in your RemoteContract subclass.")
-
-    @pytest.fixture
-    def bad_credentials_remote(self) -> Remote | None:
-        """A remote whose credentials the store rejects (None: the auth test is skipped)."""
-        return None
 
     @pytest.fixture
     def storage(self, remote: Remote, tmp_path: Path) -> Storage:
@@ -251,6 +324,49 @@ class RemoteContract:
         assert report.transferred == ["run.json"], "checksum mode must see a replaced file"
         self._assert_remote_holds(storage, second, self.SAME_SIZE_EDIT)
 
+    def test_two_pushes_to_one_path_at_once_leave_one_whole_version(
+        self, remote: Remote, storage: Storage, second: Storage, tmp_path: Path
+    ) -> None:
+        """Two machines push different contents (same names and sizes) to one path at once; the
+        first is held after its uploads, before its manifest, while the second runs."""
+        from phd_flow.log import logger
+
+        first_tree = {**RUN_TREE, "run.json": b'{"status": "first!!!!"}\n'}
+        second_tree = {
+            rel: data.upper() if rel != "run.json" else self.SAME_SIZE_EDIT for rel, data in RUN_TREE.items()
+        }
+        gated = GatedRemote(remote)
+        first = storage_for(gated, tmp_path / "first")
+        write_tree(first.path("shared/data"), first_tree)
+        write_tree(second.path("shared/data"), second_tree)
+        errors: list[BaseException] = []
+
+        def push(machine: Storage) -> None:
+            try:
+                machine.upload("shared/data")
+            except BaseException as exc:  # reported by the test below
+                errors.append(exc)
+
+        def on_log(message: object) -> None:
+            if "waiting for it to finish" in str(message):
+                gated.gate.set()
+
+        held = threading.Thread(target=push, args=(first,))
+        held.start()
+        until(lambda: gated.blocked.is_set() or not held.is_alive(), "the first push to finish its uploads")
+        sink = logger.add(on_log, level="INFO")
+        try:
+            push(second)  # returns after its manifest, or waits for its turn (and opens the gate)
+        finally:
+            gated.gate.set()
+            held.join()
+            logger.remove(sink)
+        assert not errors, errors
+        third = storage_for(remote, tmp_path / "third")
+        third.download("shared/data")  # verified against the remote manifest: raises on a mix
+        assert read_tree(third.path("shared/data")) in (first_tree, second_tree)
+        assert storage.remote_ls("shared/data") == sorted(f"shared/data/{rel}" for rel in RUN_TREE)
+
     def test_large_file_above_multipart_threshold(self, storage: Storage, second: Storage) -> None:
         data = random.Random(0).randbytes(self.large_file_size)
         write_tree(storage.path("big"), {"large.bin": data, "small.txt": b"s"})
@@ -306,10 +422,8 @@ class RemoteContract:
     # --- refusals -----------------------------------------------------------------------------
 
     def test_wrong_credentials_name_the_fix_and_hide_the_secret(
-        self, bad_credentials_remote: Remote | None, tmp_path: Path
+        self, bad_credentials_remote: Remote, tmp_path: Path
     ) -> None:
-        if bad_credentials_remote is None:
-            pytest.skip("this backend provides no bad_credentials_remote fixture")
         for attempt in (
             lambda: bad_credentials_remote.write_bytes("x.txt", b"1"),
             lambda: list(bad_credentials_remote.list("")),
@@ -328,8 +442,6 @@ class RemoteContract:
         assert storage.path("run_1/a.txt").read_bytes() == b"a", "local files must survive"
 
     def test_refused_names_raise_a_user_error(self, remote: Remote, tmp_path: Path) -> None:
-        if not self.refused_keys:
-            pytest.skip("this backend refuses no names beyond phd_flow's own key rules")
         source = tmp_path / "f.txt"
         source.write_bytes(b"x")
         for key in self.refused_keys:
