@@ -280,3 +280,26 @@ def test_plain_mlflow_calls_in_run_land_in_the_runs_mlflow_run(fproject: Path) -
     assert loss_points(fproject, run.info.run_id) == [(0, 0.5)]
     every = client(fproject).search_runs([e.experiment_id for e in client(fproject).search_experiments()])
     assert len(every) == 1, [r.data.tags for r in every]
+
+
+def test_mlflow_tags_and_run_name_from_a_record() -> None:
+    from phd_flow.feeder import mlflow_tags, run_name
+
+    data = {
+        "key": "FitOLS_2026-11-30T09-15-23.123456Z_x7k2m9qa",
+        "node": "FitOLS",
+        "node_class": "my_project.fit_ols.FitOLS",
+        "host": "node7",
+        "git": {"commit": "abc123"},
+        "slurm": {"job_id": "12", "array_task_id": "3", "node": "gpu01"},
+        "tags": {"phd_flow.key": "another run", "phd_flow.sweep": "Sweep_x"},
+        "parent": "Pipeline_2026-11-30T09-15-20.000000Z_aaaaaaaa",
+    }
+    tags = mlflow_tags(data)
+    assert tags["phd_flow.key"] == data["key"]  # a record's tags never name another run
+    assert tags["slurm.job_id"] == "12" and tags["slurm.array_task_id"] == "3" and tags["slurm.node"] == "gpu01"
+    assert tags["mlflow.source.name"] == "my_project.fit_ols" and tags["mlflow.source.git.commit"] == "abc123"
+    assert tags["mlflow.user"] and tags["phd_flow.sweep"] == "Sweep_x"
+    assert tags["phd_flow.parent_key"] == "Pipeline_2026-11-30T09-15-20.000000Z_aaaaaaaa"
+    assert run_name(data) == "FitOLS_2026-11-30T09-15_x7k2m9qa"
+    assert run_name({"key": "my-own-key", "node": "FitOLS"}) == "my-own-key"
