@@ -109,7 +109,7 @@ def ensure_feeder(queue: Path, tracking_uri: str, telemetry: bool) -> None:
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, URI_ENV: tracking_uri, "PYTHONPATH": path}
     with open(queue / FEEDER_LOG, "ab") as log:
-        subprocess.Popen(
+        _SPAWNED[queue] = subprocess.Popen(
             [sys.executable, "-m", "phd_flow.feeder", str(queue), *(["--telemetry"] if telemetry else [])],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -120,11 +120,19 @@ def ensure_feeder(queue: Path, tracking_uri: str, telemetry: bool) -> None:
         )
 
 
+#: The feeder this process started last, per queue (a waiting run waits for it while it starts).
+_SPAWNED: dict[Path, subprocess.Popen[bytes]] = {}
+
+
 def wait_for(queue: Path, run_dir: Path, run_path: str, tracking_uri: str, telemetry: bool) -> None:
     """Return once MLflow has the whole run (``--wait-mlflow``): the feeder finished it, or,
-    when no feeder holds the queue, this process feeds it itself."""
+    when no feeder holds the queue (nor is starting), this process feeds it itself."""
     marker = _marker(queue, run_path)
     while marker.exists():
+        spawned = _SPAWNED.get(queue)
+        if spawned is not None and spawned.poll() is None and not _Flock(queue / FEEDER_LOCK).is_held():
+            time.sleep(0.05)  # our feeder is still starting: it takes the lock in a moment
+            continue
         with _Flock(queue / FEEDER_LOCK).held() as free:
             if free:
                 _feed_until_done(run_dir, tracking_uri, telemetry)
@@ -505,6 +513,11 @@ class _Flock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def is_held(self) -> bool:
+        """True when another process holds the lock now."""
+        with self.held() as mine:
+            return not mine
 
     @contextlib.contextmanager
     def held(self) -> Iterator[bool]:
