@@ -52,6 +52,7 @@ class ActiveRun:
         #: the MLflow run it opened.
         self.mlflow_hook: MlflowImportHook | None = None
         self.fluent: MlflowRun | None = None
+        self.link_logged = False  # the MLflow UI link (a tracking server) was logged
         #: The signal that interrupted the run (SIGINT for Ctrl-C), or None.
         self.kill_signal: int | None = None
         self._in_user_code = False

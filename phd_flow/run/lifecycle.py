@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from phd_flow.run.record import (
     utcnow,
 )
 from phd_flow.run.result import save_result
+from phd_flow.tracking import ui_url
 
 
 def execute(run: ActiveRun) -> Any:
@@ -211,6 +214,7 @@ def _finish(run: ActiveRun, record: RunRecord, status: str, error: Any) -> str:
     record.update(**fields)  # an OSError here: the caller fails the run (_failed_to_record)
     logger.info(f"Run {run.key} {status}.")
     _close_mlflow(run, record, status)
+    run.link_logged = True  # the link watcher stops with the run
     storage = run.project.storage
     try:
         push_run(storage, record, run.run_path, list(storage.deferred))
@@ -277,8 +281,32 @@ def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit
         logger.warning(f"Queueing {run.key} for MLflow failed ({exc}); `sync {run.key}` records it in MLflow later.")
         return
     run.feed_queue = queue
+    if ui_url(uri, "0", "0"):  # a server: its link is logged once the feeder has made the run
+        threading.Thread(target=_log_link_when_fed, args=(run, uri), name="phd_flow-mlflow-link", daemon=True).start()
     hook = run.mlflow_hook = feeder.MlflowImportHook(lambda: _open_on_import(run, uri))
     hook.install()
+
+
+def _log_link_when_fed(run: ActiveRun, uri: str) -> None:
+    """Log the run's MLflow UI link as soon as the feeder has created its MLflow run."""
+    for _ in range(1200):  # 10 minutes at most
+        if run.link_logged:
+            return
+        try:
+            section = RunRecord.load(run.run_dir).data.get("mlflow") or {}
+        except (OSError, CorruptRunError):
+            section = {}
+        if section.get("run_id"):
+            _log_link(run, uri, section)
+            return
+        time.sleep(0.5)
+
+
+def _log_link(run: ActiveRun, uri: str, section: dict[str, Any]) -> None:
+    url = ui_url(uri, str(section.get("experiment_id")), str(section.get("run_id")))
+    if url and not run.link_logged:
+        run.link_logged = True
+        logger.info(f"MLflow run: {url}")
 
 
 def _open_on_import(run: ActiveRun, uri: str) -> None:
@@ -453,6 +481,8 @@ def _close_queued(run: ActiveRun, record: RunRecord, status: str, recorded: bool
         with contextlib.suppress(OSError):
             record.update_section("mlflow", state=feeder.NOT_SYNCED, error=redact_url(f"{type(exc).__name__}: {exc}"))
     section = RunRecord.load(run.run_dir).data.get("mlflow") or {}
+    if section.get("run_id"):
+        _log_link(run, uri, section)
     if section.get("state") == feeder.NOT_SYNCED:
         logger.warning(
             f"MLflow at {redact_url(uri)} could not be opened ({section.get('error')}). The run is complete "
