@@ -285,7 +285,8 @@ class Storage:
         if _is_single_file(remote, rel):
             report = self._download_file(remote, rel)
         else:
-            report = self.pull_tree(rel, self.local_path / rel)
+            # never through a symlink below local_path (references name paths of their own)
+            report = self.pull_tree(rel, keys.safe_join(self.local_path, rel))
         self.downloaded_mark(rel.split("/", 1)[0]).touch()  # this tree came from the remote
         return report
 
