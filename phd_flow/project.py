@@ -11,6 +11,7 @@ Storage (so one remote connection) per project, built on first use, never for lo
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -157,9 +158,11 @@ class Project:
     def storage(self) -> Storage:
         """``local_path`` plus the configured remote; the remote is built on first use."""
         if self._storage is None:
+            from phd_flow.stages.sources import recorded_stage_file
             from phd_flow.storage.facade import Storage
 
             self._storage = Storage(self.config, self._remote)
+            self._storage.shareable = functools.partial(recorded_stage_file, self.config.local_path)
         return self._storage
 
     @property

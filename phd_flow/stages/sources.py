@@ -402,6 +402,30 @@ def store_once(config: Config, stage: str, source_key: str, folder: Path, files:
     return linked
 
 
+def recorded_stage_file(local_path: Path, key: str, sha256: str) -> bool:
+    """True when ``local_path/key`` is ``<run>/<stage>/<file>`` (the run possibly a pipeline's
+    child, ``<outer>/<child>``) of a local run whose own run.json records ``sha256`` for that
+    file of that completed stage: only such a file may give its bytes to a file a download
+    stores by reference. Never a name with a segment starting with ``.`` (phd_flow's locks,
+    sidecars and bookkeeping)."""
+    parts = key.split("/")
+    if any(not part or part.startswith(".") for part in parts):
+        return False
+    for i in range(1, len(parts) - 1):
+        run_dir = local_path.joinpath(*parts[:i])
+        try:
+            raw = (run_dir / RUN_FILE).read_bytes()
+            data = RunRecord.from_bytes(run_dir, raw, f"the run.json of run {run_dir.name}").data
+        except (OSError, CorruptRunError):
+            continue
+        stages = data.get("stages")
+        info = stages.get(parts[i]) if isinstance(stages, dict) else None
+        files = info.get("files") if is_complete(info) else None
+        if isinstance(files, dict) and files.get("/".join(parts[i + 1 :])) == sha256:
+            return True
+    return False
+
+
 def unshare(folder: Path) -> None:
     """Give this run private, writable copies of the files in ``folder`` that are hardlinked
     with another run's (a stage about to be computed again in place: writing them must neither

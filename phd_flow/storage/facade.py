@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
@@ -200,6 +201,10 @@ class Storage:
         self.deferred: list[str] = []
         #: What the last :meth:`download` transferred (None before the first one).
         self.last_report: engine.SyncReport | None = None
+        #: ``(key, sha256) -> bool``: True when the local file ``local_path/key`` may give its
+        #: bytes to a file a download stores by reference (the project says which: a stage file
+        #: its run recorded with that sha256). None: such files are always downloaded.
+        self.shareable: Callable[[str, str], bool] | None = None
 
     # --- local side ---------------------------------------------------------------------------
 
@@ -366,11 +371,12 @@ class Storage:
         part.unlink(missing_ok=True)
         entry = engine.Entry(ref.size, ref.sha256)
         try:
+            # a verified copy on this machine: stored once here too, but only a file the project
+            # vouches for (the remote names ref.key: never a private file of a local run), and
+            # hardlinked only when already read-only (nothing of it is chmodded)
             local = keys.safe_join(self.local_path, ref.key)
-            # a verified copy on this machine: stored once here too; never phd_flow's own
-            # bookkeeping (".phd_flow/..."), since the remote names ref.key
-            if not ref.key.startswith(".") and _holds(local, ref):
-                link_or_copy(local, part)
+            if self.shareable is not None and self.shareable(ref.key, ref.sha256) and _holds(local, ref):
+                link_or_copy(local, part, hardlink=not local.stat().st_mode & 0o222)
                 engine._verify(part, entry, str(local))
                 part.replace(target)
                 return True
