@@ -287,11 +287,13 @@ class StageManager:
         stage.path.mkdir(parents=True, exist_ok=True)
         stage.inputs = self._inputs(stage, reuse.user_frame())
         stage.fingerprint = reuse.fingerprint(stage.name, stage.inputs)
+        # an earlier attempt's files linked with another run: private copies while the stage is
+        # open, kept or not (the code inside it may write them)
+        stage_sources.unshare(stage.path)
         if self._keep(stage):
             self._record(stage, status="open")
             return
         self._record(stage, status="open")  # skip_log is in run.json before any sync
-        stage_sources.unshare(stage.path)  # an earlier attempt's files linked with another run
         rule = self.rules.get(stage.name)
         forced = self.node.options.cache  # --cache / --no-cache win over [stages.NAME] cache
         if rule is not None and rule.load_from:
@@ -434,7 +436,7 @@ class StageManager:
             self._record(stage, status="failed")
             return
         files = stage_sources.hash_tree(stage.path)
-        if stage.loaded_from and not stage.kept:  # identical files: one copy on disk
+        if stage.loaded_from:  # identical files: one copy on disk (a kept stage was unshared when opened)
             stage_sources.store_once(self.node.config, stage.name, stage.loaded_from, stage.path, files)
         stage.sha256 = stage_sources.digest(files)
         stage.completed = True
