@@ -111,7 +111,9 @@ def test_requeueing_a_failed_source_run_never_loses_the_bytes_a_loader_stores_by
     loader = Versioned({"version": "v1"}, config=config, options=RunOptions(load={"load_data": str(first.key)}))
     loader.run()
     info = json.loads((loader.output_dir / "run.json").read_text())["stages"]["load_data"]
-    assert info["stored_in"] == {"train.csv": str(first.key)}
+    # fixed: only a completed run's copy (written once) stores another run's bytes; here the
+    # loader uploads its own copy
+    assert "stored_in" not in info
     Versioned({"version": "v2"}, config=config, options=RunOptions(key=str(first.key))).run()  # requeued
 
     other = make_config(tmp_path, store="machine2")  # a colleague downloads the loader

@@ -41,7 +41,10 @@ def stored_elsewhere(storage: Storage, record: RunRecord, run_path: str) -> dict
             continue
         source, files = str(info["loaded_from"]), info["files"]
         try:
-            held = storage.stored_files(f"{remote_relpath(source)}/{name}")
+            # only a completed run's copy is written once: a failed or killed source may be
+            # requeued under its key, overwriting the bytes a reference would point to
+            completed = _completed(storage, remote_relpath(source))
+            held = storage.stored_files(f"{remote_relpath(source)}/{name}") if completed else {}
         except (InvalidKeyError, UserError):  # an MLflow run id, or a damaged remote record
             continue
         where: dict[str, str] = {}
@@ -58,6 +61,17 @@ def stored_elsewhere(storage: Storage, record: RunRecord, run_path: str) -> dict
             updated = {k: v for k, v in info.items() if k != "stored_in"}
             record.update_section("stages", **{name: {**updated, **({"stored_in": where} if where else {})}})
     return refs
+
+
+def _completed(storage: Storage, source: str) -> bool:
+    """True when run ``source`` is completed in the remote and, if it is here, locally."""
+    from phd_flow.run.record import RUN_FILE
+
+    remote, local = storage.remote, storage.path(f"{source}/{RUN_FILE}")
+    copies = [remote.read_small(f"{source}/{RUN_FILE}") if remote is not None else None]
+    copies += [local.read_bytes()] if local.is_file() else []
+    where = f"the run.json of run {source}"
+    return all(c is not None and RunRecord.from_bytes(local.parent, c, where).status == COMPLETED for c in copies)
 
 
 def kept_out_inside(record: RunRecord) -> list[str]:
