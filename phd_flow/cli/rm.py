@@ -138,6 +138,8 @@ def remote_holders(project: Project, keys: set[str]) -> dict[str, list[str]]:
                         )
                     except Exception:
                         continue
+        else:  # child runs of a run only in the remote: the references files their pushes wrote
+            records += _remote_child_refs(project, run.key)
         for name, data in records:
             for stage, info in (data.get("stages") or {}).items():
                 stored = info.get("stored_in") if isinstance(info, dict) else None
@@ -150,6 +152,25 @@ def remote_holders(project: Project, keys: set[str]) -> dict[str, list[str]]:
                     more = f" and {len(files) - 3} more" if len(files) > 3 else ""
                     found.setdefault(top, []).append(f"{', '.join(files[:3])}{more} of run {name}")
     return found
+
+
+def _remote_child_refs(project: Project, key: str) -> list[tuple[str, dict[str, Any]]]:
+    """``[(child run path, {"stages": {stage: {"stored_in": {file: holder}}}})]`` from the
+    references files (:data:`~phd_flow.storage.facade.REFS`) of the runs inside remote run ``key``."""
+    from phd_flow.storage.facade import REFS, parse_refs
+
+    remote = project.require_remote()
+    out: list[tuple[str, dict[str, Any]]] = []
+    for item in remote.list(key):
+        folder, _, name = item.key.rpartition("/")
+        if name != REFS or folder == key:
+            continue
+        stages: dict[str, Any] = {}
+        for rel, ref in parse_refs(remote.read_small(item.key), f"{remote.describe()}/{item.key}").items():
+            stage, _, path = rel.partition("/")
+            stages.setdefault(stage, {"stored_in": {}})["stored_in"][path] = ref.key
+        out.append((folder, {"stages": stages}))
+    return out
 
 
 def _refuse_referenced(project: Project, runs: list[Run]) -> None:
