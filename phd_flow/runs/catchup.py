@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phd_flow.errors import InvalidKeyError
@@ -79,8 +80,8 @@ def sync_runs(project: Project, keys: list[str]) -> dict[str, bool]:
 
 def sync_one(project: Project, record: RunRecord) -> bool:
     """Catch one run up with MLflow and the remote; True when both succeeded."""
-    mark = project.config.local_path / DOWNLOADED / record.key
-    if mark.exists():  # its record came from the bucket: data, not a to-do
+    mark = downloaded(project.config, record)
+    if mark is not None:  # its record came from the bucket: data, not a to-do
         logger.warning(
             f"{record.key} was downloaded from the remote: `sync` neither pushes it back nor "
             f"records it in MLflow (delete {mark} if it is your own run)."
@@ -92,6 +93,17 @@ def sync_one(project: Project, record: RunRecord) -> bool:
     ok = sync_mlflow(project.config, record)
     pending = _own_pending(record)  # uploads that failed in the run
     return push_run(project.storage, record, record.key, pending) and ok
+
+
+def downloaded(config: Config, record: RunRecord) -> Path | None:
+    """The mark saying the run's top folder in local_path came from the remote (``download``),
+    or None: such a run is data, its run.json's sync and MLflow sections are not instructions."""
+    try:
+        top = record.run_dir.relative_to(config.local_path).parts[0]
+    except (ValueError, IndexError):
+        return None
+    mark = config.local_path / DOWNLOADED / top
+    return mark if mark.exists() else None
 
 
 def _own_pending(record: RunRecord) -> list[str]:
@@ -116,6 +128,13 @@ def sync_mlflow(config: Config, record: RunRecord) -> bool:
     """Bring a run's MLflow view up to date from its run directory; True when MLflow has it."""
     section = record.data.get("mlflow", {})
     if not config.mlflow.enabled or section.get("state") in ("synced", "disabled"):
+        return True
+    mark = downloaded(config, record)
+    if mark is not None:  # every caller: a run from the bucket never enters this machine's MLflow
+        logger.warning(
+            f"{record.key} was downloaded from the remote: it is not recorded in MLflow "
+            f"(delete {mark} if it is your own run)."
+        )
         return True
     from phd_flow.feeder import catch_up
     from phd_flow.tracking import allow_telemetry

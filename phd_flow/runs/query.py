@@ -492,6 +492,14 @@ def mark_killed(project: Project, run: Run) -> str:
     """
     if run.where == "remote":
         return f"{run.key}: only in storage; mark it on the machine that has it (or download it)."
+    from phd_flow.runs.catchup import downloaded
+
+    mark = downloaded(project.config, run)
+    if mark is not None:  # its record came from the bucket: data, not a to-do
+        return (
+            f"{run.key}: downloaded from the remote, so not marked (its status is the remote copy's; "
+            f"mark it on the machine that made it, or delete {mark} if it is your own run)."
+        )
     ended = run.data.get("heartbeat_at") or run.data.get("started_at")
     try:
         run.update(status=KILLED, ended_at=ended, error=f"lost: no heartbeat since {ended} (marked killed)")
