@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -89,7 +90,8 @@ def queue_dir(local_path: Path, tracking_uri: str) -> Path:
 
 
 def _marker(queue: Path, run_path: str) -> Path:
-    return queue / run_path.replace("/", "+")
+    """The queue's marker of a run: its run path quoted, reversibly (a key may hold '+')."""
+    return queue / urllib.parse.quote(run_path, safe="")
 
 
 def enqueue(queue: Path, run_path: str, tracking_uri: str, telemetry: bool) -> None:
@@ -545,7 +547,7 @@ def serve(queue: Path, tracking_uri: str) -> None:
         while True:
             markers = _markers(queue)
             for marker in markers:
-                run_dir = local_path / marker.name.replace("+", "/")
+                run_dir = local_path / urllib.parse.unquote(marker.name)
                 try:
                     result = feed_run(run_dir, tracking_uri, feeding)
                 except Exception as exc:  # MLflow refused: retried, then left to `sync`
