@@ -420,7 +420,7 @@ def recorded_stage_file(local_path: Path, key: str, sha256: str) -> bool:
             continue
         stages = data.get("stages")
         info = stages.get(parts[i]) if isinstance(stages, dict) else None
-        files = info.get("files") if is_complete(info) else None
+        files = info.get("files") if isinstance(info, dict) and is_complete(info) else None
         if isinstance(files, dict) and files.get("/".join(parts[i + 1 :])) == sha256:
             return True
     return False
