@@ -201,6 +201,25 @@ def test_a_killed_feeder_is_finished_by_the_next_one_without_duplicates(fproject
     assert len(client(fproject).search_runs([run.info.experiment_id])) == 1
 
 
+def test_a_feeder_killed_between_sending_a_batch_and_recording_it_duplicates_nothing(fproject: Path) -> None:
+    """The one window where a killed feeder's successor sends points again (MLflow has the batch,
+    run.json's ``metrics_sent`` does not say so yet), made deterministic: MLflow's metric key
+    (name, step, timestamp, value) keeps each point once, in the same MLflow run."""
+    proc = cli(fproject, "run", "Probe", "--steps", "30", env={"PHD_FLOW_WAIT_MLFLOW": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = run_dirs(fproject / "data_storage")
+    data = record(run_dir)
+    assert data["mlflow"]["state"] == "synced" and data["mlflow"]["metrics_sent"] == 30
+    data["mlflow"].update(state="pending", metrics_sent=10)  # the last 20 points sent, not recorded
+    (run_dir / "run.json").write_text(json.dumps(data))
+    synced = cli(fproject, "sync", data["key"])
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    run = mlflow_run(fproject, data["key"])
+    assert loss_points(fproject, run.info.run_id) == [(s, 1.0 / (s + 1)) for s in range(30)]
+    assert len(client(fproject).search_runs([run.info.experiment_id])) == 1
+    assert record(run_dir)["mlflow"]["metrics_sent"] == 30
+
+
 def test_a_feeder_and_a_run_killed_midway_are_finished_by_sync(fproject: Path) -> None:
     proc = popen(fproject, "run", "Probe", "--steps", "4000", "--hold", str(fproject / "never"))
     try:
