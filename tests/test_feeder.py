@@ -294,6 +294,8 @@ def test_plain_mlflow_calls_in_run_land_in_the_runs_mlflow_run(fproject: Path) -
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = run_dirs(fproject / "data_storage")
     key = record(run_dir)["key"]
+    # the fluent run ends (FINISHED) with _run, before the feeder has sent the metrics: wait for it
+    poll(lambda: record(run_dir)["mlflow"].get("state") == "synced", "the feeder to finish the run")
     run = poll(lambda: finished(fproject, key), "MLflow to show the run")
     assert run.data.params["plain_param"] == "yes" and run.data.tags["plain_tag"] == "yes"
     assert loss_points(fproject, run.info.run_id) == [(0, 0.5)]
