@@ -104,7 +104,7 @@ class SlurmConfig:
 class ExecutorConfig:
     """``[executor]``: how sweeps run."""
 
-    kind: str = "local"  # local | slurm
+    kind: str = "local"  # local (warm, forked points) | process (a process per point) | slurm
     max_parallel: int = 4
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -350,8 +350,10 @@ def _validate_storage(config: Config, source: Path | None) -> None:
             f"{storage.backend!r}. Known: {', '.join(known)}.{closest(storage.backend, known)}"
         )
     kind = config.executor.kind
-    if kind not in {"local", "slurm"}:
-        raise ConfigError(f"{_locate(source, 'executor.kind')}: unknown executor {kind!r}; use 'local' or 'slurm'.")
+    if kind not in {"local", "process", "slurm"}:
+        raise ConfigError(
+            f"{_locate(source, 'executor.kind')}: unknown executor {kind!r}; use 'local', 'process' or 'slurm'."
+        )
 
 
 def _build(cls: type[Any], data: Any, section: str, source: Path | None) -> Any:

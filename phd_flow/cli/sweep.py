@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
 from collections.abc import Iterator
@@ -59,7 +60,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help="values of one argument; several --grid make a cartesian product",
     )
     group.add_argument(
-        "--executor", choices=("local", "slurm"), default=None, help="where the points run (default: [executor] kind)"
+        "--executor",
+        choices=("local", "process", "slurm"),
+        default=None,
+        help="where the points run: local (forked from a warm process), process (a new process per point) "
+        "or slurm (default: [executor] kind)",
     )
     group.add_argument(
         "--max-parallel",
@@ -197,8 +202,8 @@ def _resume(project: Project, opts: argparse.Namespace, options: dict[str, Any])
     recorded = sweep.data.get("executor")
     recorded = recorded if isinstance(recorded, dict) else {}
     kind = opts.executor or recorded.get("kind") or config.executor.kind
-    if kind not in ("local", "slurm"):
-        raise ArgsError(f"Sweep {sweep.key} records the executor {kind!r}: give --executor local or slurm.")
+    if kind not in ("local", "process", "slurm"):
+        raise ArgsError(f"Sweep {sweep.key} records the executor {kind!r}: give --executor local, process or slurm.")
     saved_parallel = recorded.get("max_parallel")
     saved_parallel = saved_parallel if isinstance(saved_parallel, int) and not isinstance(saved_parallel, bool) else 0
     max_parallel = _max_parallel(opts.max_parallel or saved_parallel or config.executor.max_parallel)
@@ -262,6 +267,7 @@ def _execute_locked(
     wait: bool,
     params: dict[str, Any] | None = None,
 ) -> int:
+    from phd_flow.cli import main
     from phd_flow.errors import RunKilledError
     from phd_flow.run.record import COMPLETED
     from phd_flow.sweeps import executors
@@ -293,6 +299,7 @@ def _execute_locked(
                 config=config,
                 max_parallel=max_parallel,
                 config_path=sweep.data.get("config_path"),
+                entry=None if kind == "process" else functools.partial(main, project.package_name),
             )
         except (KeyboardInterrupt, RunKilledError):
             _print_end(project, sweep, summary(_counts(sweep)), interrupted=True)
@@ -326,8 +333,8 @@ def resume_command(project: Project, sweep: Sweep) -> str:
     command = f"python -m {project.package_name}{config} sweep --resume {sweep.key}"
     if kind == "slurm":
         command += " --executor slurm --wait"
-    elif kind == "local":
-        command += " --executor local"
+    elif kind in ("local", "process"):
+        command += f" --executor {kind}"
     return command
 
 

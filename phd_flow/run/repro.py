@@ -111,7 +111,27 @@ def _git(cwd: Path, *args: str) -> str | None:
 
 
 def packages() -> dict[str, str]:
-    """Installed distributions and their versions."""
+    """Installed distributions and their versions (scanned once per state of ``sys.path``: a
+    scan reads ~300 METADATA files, 0.1-0.8 s, and a sweep's warm driver does it for every point)."""
+    state = tuple((entry, _mtime(entry)) for entry in sys.path)
+    if _PACKAGES.get("state") != state:
+        _PACKAGES.update(state=state, found=_scan_packages())
+    return dict(_PACKAGES["found"])
+
+
+#: The last scan of :func:`packages` and the ``sys.path`` state (entries and mtimes) it saw.
+_PACKAGES: dict[str, Any] = {}
+
+
+def _mtime(entry: str) -> int:
+    """A ``sys.path`` directory's mtime: installing or removing a distribution changes it."""
+    try:
+        return os.stat(entry or ".").st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _scan_packages() -> dict[str, str]:
     found: dict[str, str] = {}
     for dist in metadata.distributions():
         name = dist.metadata.get("Name", None)  # type: ignore[attr-defined]

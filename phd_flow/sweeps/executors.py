@@ -1,9 +1,13 @@
 """Executors for sweeps: local processes, or a SLURM job array through submitit.
 
-* ``local``: one ``python -m <package> run --key <KEY> --sweep <SWEEP> <Node> ...`` process per
-  point (so points are isolated like separate runs), at most ``max_parallel`` at a time.
-  Ctrl-C (or SIGTERM) is forwarded to the running points, which record ``killed``; points not
-  started yet are marked ``killed`` in the sweep so ``--resume`` runs them.
+* ``local`` (warm): the driver imports the node's module and phd_flow's run machinery once and
+  forks one child per point, which runs the point through the CLI's own entry point
+  (``run --key <KEY> --sweep <SWEEP> <Node> ...``), so points are isolated like separate runs.
+* ``process``: one ``python -m <package> run --key <KEY> --sweep <SWEEP> <Node> ...`` process
+  per point (each pays the interpreter's and MLflow's start-up).
+* Both: at most ``max_parallel`` at a time; Ctrl-C (or SIGTERM) is forwarded to the running
+  points, which record ``killed``; points not started yet are marked ``killed`` in the sweep so
+  ``--resume`` runs them.
 * ``slurm``: submitit's ``AutoExecutor`` + ``map_array``; each array task runs its point in
   process through :class:`PointJob`, which follows submitit's checkpoint protocol: on SLURM's
   timeout/preemption signal the job is requeued with the same point, so the run keeps its key
@@ -12,24 +16,32 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
+import gc
 import importlib
+import operator
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 import typing
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from phd_flow import keys
+from phd_flow import keys, reuse
 from phd_flow.errors import ConfigError, RunKilledError, UserError, closest
+from phd_flow.log import logger
 from phd_flow.run.record import COMPLETED, KILLED, RUNNING, RunRecord, utcnow
 from phd_flow.sweeps.grid import FINISHED, LOST, PENDING, STALE, SUBMITTED, Sweep, describe_point
 
@@ -100,11 +112,43 @@ def _split_class(dotted: str) -> tuple[str, str, str]:
 
 # --- local --------------------------------------------------------------------------------------
 
+#: ``[executor] kind`` values that run points on this machine: ``local`` forks each point from a
+#: warm driver, ``process`` starts a new interpreter per point.
+LOCAL_KINDS = ("local", "process")
+#: phd_flow modules every point imports: the warm driver imports them once, before forking.
+_WARM_MODULES = (
+    "phd_flow.run.lifecycle",
+    "phd_flow.run.active",
+    "phd_flow.run.result",
+    "phd_flow.run.repro",
+    "phd_flow.tracking",
+    "phd_flow.storage.facade",
+)
+POLL = 0.01  # seconds between two looks at the running points
+
+#: Runs one point's CLI arguments (``run --key K --sweep S Node ...``) and returns the exit code:
+#: ``phd_flow.cli.main`` bound to the package (the same entry point as ``python -m pkg``).
+Entry = Callable[[list[str]], int]
+
+
+class _Handle(typing.Protocol):
+    """What the driver needs of a running point: ``subprocess.Popen`` or :class:`_Forked`."""
+
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
 
 @dataclass
 class _Started:
     point: dict[str, Any]
-    proc: subprocess.Popen[bytes]
+    proc: _Handle
     log: Path
     started: float
 
@@ -118,8 +162,15 @@ def run_local(
     max_parallel: int,
     config_path: str | None = None,
     out: Printer = _print,
+    entry: Entry | None = None,
 ) -> dict[str, int]:
-    """Run ``points`` as local processes, ``max_parallel`` at a time; returns status counts.
+    """Run ``points`` on this machine, ``max_parallel`` at a time; returns status counts.
+
+    With ``entry`` (the ``local`` executor) this process imports the node's module (and
+    phd_flow's run machinery) once and forks one child per point, which runs
+    ``entry(["run", "--key", KEY, ...])``; without it (``process``) each point is a new
+    ``python -m <package> run ...`` process. Either way a point is its own process, session
+    and exit code, with its output in ``<sweep dir>/logs/<key>.log``.
 
     Raises ``KeyboardInterrupt`` / :class:`RunKilledError` after stopping the running points
     (they record ``killed``) and marking the points not started ``killed`` in the sweep.
@@ -130,12 +181,14 @@ def run_local(
     running: dict[str, _Started] = {}
     total, finished = len(points), 0
     previous = _raise_on_sigterm()
+    # warm: every point runs the code the driver imported, so every point's fingerprint is of the
+    # files as the driver read them at import time, not as they are when the point starts
+    pin = reuse.pinned() if entry is not None else contextlib.nullcontext()
+    pin.__enter__()
     try:
+        if entry is not None and todo:
+            warm_up(sweep, config)
         while todo or running:
-            while todo and len(running) < max_parallel:
-                point = todo.popleft()
-                running[point["key"]] = _start(point, sweep, package, config_path, logs)
-                sweep.set_status([point["key"]], RUNNING)
             for key, started in list(running.items()):
                 if started.proc.poll() is None:
                     continue
@@ -144,7 +197,16 @@ def run_local(
                 status = _finished_status(config, started)
                 sweep.set_status([key], status)
                 out(_progress(finished, total, status, started))
-            time.sleep(0.05)
+            while todo and len(running) < max_parallel:
+                point = todo.popleft()
+                argv = _point_argv(point, sweep, config_path)
+                log = logs / f"{keys.run_name(point['key'])}.log"  # a run key: never a path
+                with _signals_deferred() as mask:  # a Ctrl-C now would leave a point nobody stops
+                    proc = _spawn(package, argv, log) if entry is None else _Forked.start(entry, argv, log, mask)
+                    running[point["key"]] = _Started(point, proc, log, time.monotonic())
+                sweep.set_status([point["key"]], RUNNING)
+            if running:
+                time.sleep(POLL)
     except (KeyboardInterrupt, RunKilledError):
         _stop(list(running.values()))
         not_started = [p["key"] for p in todo]
@@ -153,44 +215,204 @@ def run_local(
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        pin.__exit__(None, None, None)
     return sweep.refresh(config.local_path, config.runs.stale_after_seconds)
 
 
-def _start(point: dict[str, Any], sweep: Sweep, package: str, config_path: str | None, logs: Path) -> _Started:
-    command = [sys.executable, "-m", package]
-    if config_path:
-        command += ["--config", config_path]
+def _point_argv(point: dict[str, Any], sweep: Sweep, config_path: str | None) -> list[str]:
+    """The CLI arguments of one point (after ``python -m <package>``)."""
+    argv = ["--config", config_path] if config_path else []
     # run options before the node name: a field of the node may have the same name (--key)
-    command += ["run", "--key", point["key"], "--sweep", sweep.key, sweep.data["node_class"], *point["argv"]]
-    log = logs / f"{keys.run_name(point['key'])}.log"  # a run key: never a path
+    return [*argv, "run", "--key", point["key"], "--sweep", sweep.key, sweep.data["node_class"], *point["argv"]]
+
+
+def _spawn(package: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """The ``process`` executor: a new interpreter for the point."""
     with open(log, "wb") as handle:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    return _Started(point, proc, log, time.monotonic())
+        return subprocess.Popen(
+            [sys.executable, "-m", package, *argv], stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def warm_up(sweep: Sweep, config: Config) -> None:
+    """Import, once and in the driver, what every point would import: the node's module,
+    phd_flow's run machinery and (when MLflow is enabled) mlflow with its sqlite store classes;
+    and scan the installed distributions (reproducible.json) once.
+
+    Only modules: no connection, file, thread or lock is opened here, so a forked point opens
+    its own MLflow store and sqlite connection. MLflow is not imported when telemetry is on
+    (its client starts threads at import, and a fork must not copy a thread's held locks).
+    """
+    module, _, name = _split_class(sweep.data["node_class"])  # imports the node's module
+    node_cls = operator.attrgetter(name)(sys.modules[module])
+    reuse.code_of(node_cls)  # read (and pinned) now, with the code just imported: see run_local
+    for name in _WARM_MODULES:
+        importlib.import_module(name)
+    from phd_flow.run import repro
+
+    repro.packages()  # the installed distributions, scanned once for every point's reproducible.json
+    if config.mlflow.enabled and not config.mlflow.telemetry:
+        try:
+            from phd_flow.tracking import import_mlflow
+
+            import_mlflow()
+            importlib.import_module("mlflow.tracking")
+            importlib.import_module("mlflow.store.tracking.sqlalchemy_store")  # sqlalchemy, alembic, the ORM
+            from sqlalchemy.orm import configure_mappers
+
+            configure_mappers()  # in memory only; each point would otherwise redo it
+        except Exception as exc:  # each point reports (and survives) MLflow's failure itself
+            logger.debug(f"Warm-up: importing MLflow failed ({type(exc).__name__}: {exc})")
+    if threading.active_count() > 1:
+        names = ", ".join(sorted(t.name for t in threading.enumerate() if t is not threading.current_thread()))
+        logger.warning(
+            f"Threads run in the sweep process before its points are forked ({names}): a point "
+            "gets none of them, and may hang on a lock one of them held. If points hang, start "
+            "such threads in _run, or use --executor process."
+        )
+    gc.freeze()  # what the driver holds is never collected in a point: fewer pages copied on write
+
+
+class _Forked:
+    """One point in a child forked from the warm driver: a ``Popen``-like handle.
+
+    The child starts its own session (like ``start_new_session``: a terminal's Ctrl-C reaches
+    only the driver, which forwards SIGINT), writes stdout and stderr to the point's log, gets
+    Python's default signal handlers back, reseeds the random generators it inherited, runs
+    ``entry(argv)`` and leaves with ``os._exit`` (the atexit handlers the point registered run;
+    the driver's handlers and buffers and the interpreter's teardown do not).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    @classmethod
+    def start(cls, entry: Entry, argv: list[str], log: Path, mask: set[int | signal.Signals]) -> _Forked:
+        """Fork the point; call with SIGINT and SIGTERM blocked (``mask`` is the mask to
+        restore), so that the driver's SIGTERM handler never runs in a point."""
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()  # or the child writes the driver's pending output again
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _child(entry, argv, fd, mask)
+        finally:
+            os.close(fd)
+        return cls(pid)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+            time.sleep(POLL)
+        return typing.cast(int, self.returncode)
+
+
+def _child(entry: Entry, argv: list[str], fd: int, mask: set[int | signal.Signals]) -> typing.NoReturn:
+    """The forked point: never returns to the driver's code."""
+    code = 1
+    try:
+        os.setsid()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        sys.argv = [sys.argv[0], *argv]  # what `python -m <package> run ...` would have (run.json's command)
+        atexit._clear()  # the driver's exit handlers are the driver's (one may delete what it shares)
+        _reseed()
+        code = entry(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()  # the handlers the point registered, as a normal exit runs them
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _reseed() -> None:
+    """Fresh seeds for global generators a point inherited from the driver (``random`` reseeds
+    itself at fork), as a new process would have: numpy's and torch's, when imported."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        with contextlib.suppress(Exception):
+            numpy.random.seed()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            torch.seed()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[set[int | signal.Signals]]:
+    """Hold SIGINT and SIGTERM (delivered when the block ends); yields the mask to restore."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield previous
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _finished_status(config: Config, started: _Started) -> str:
     from phd_flow.sweeps.grid import point_status
 
-    status = point_status(config.local_path / started.point["key"], LOST, config.runs.stale_after_seconds)
-    if status == RUNNING:  # the process is gone but never wrote its final status (SIGKILL)
+    run_dir = config.local_path / started.point["key"]
+    status = point_status(run_dir, LOST, config.runs.stale_after_seconds)
+    if status == RUNNING:  # the process is gone but never wrote its final status (SIGKILL, a crash)
+        _mark_dead(run_dir, f"the point's process ended ({_exit_reason(started.proc.returncode)})")
         return KILLED
     return status
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 def _progress(done: int, total: int, status: str, started: _Started) -> str:
     seconds = time.monotonic() - started.started
     line = f"[{done}/{total}] {status:<9} {started.point['key']}  {describe_point(started.point)}  ({seconds:.1f} s)"
     if status != COMPLETED:
-        line += f"\n    {_last_error(started.log)} (log: {started.log})"
+        line += f"\n    {_last_error(started.log, started.proc.returncode)} (log: {started.log})"
     return line
 
 
-def _last_error(log: Path) -> str:
+def _last_error(log: Path, code: int | None = None) -> str:
     try:
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
-        return "no output"
+        lines = []
     errors = [ln for ln in lines if ln.startswith(("error:", "interrupted"))]
+    if not errors and code not in (None, 0, 1, 130, 143):  # a crash: say how the process ended
+        return f"the process ended without recording the run's end ({_exit_reason(code)})"
     return (errors or lines or ["no output"])[-1]
 
 
@@ -429,7 +651,8 @@ def wait_slurm(sweep: Sweep, config: Config, poll: float = 2.0, out: Printer = _
             if point["status"] in (SUBMITTED, PENDING):
                 point["status"] = LOST  # ended without ever starting the run: see the submitit log
             elif point["status"] in (RUNNING, STALE):
-                _mark_dead(config.local_path / point["key"], point.get("slurm_job_id"))
+                reason = "SIGKILL, OOM, node failure or time limit"
+                _mark_dead(config.local_path / point["key"], f"SLURM job {point.get('slurm_job_id')} ended ({reason})")
                 point["status"] = KILLED
         done = [p for p in gone if p["status"] in FINISHED]
         for point in done:
@@ -458,17 +681,15 @@ def point_error(run_dir: Path) -> str:
     return lines[-1][:300]
 
 
-def _mark_dead(run_dir: Path, job_id: str | None) -> None:
-    """A run whose SLURM job is gone but whose run.json says running was killed hard."""
+def _mark_dead(run_dir: Path, what: str) -> None:
+    """A run whose process (or SLURM job) is gone but whose run.json says running was killed
+    hard: record it ``killed`` with ``what`` ended it."""
     try:
         record = RunRecord.load(run_dir)
     except UserError:
         return
     if record.status == RUNNING:
-        reason = "SIGKILL, OOM, node failure or time limit"
-        record.update(
-            status=KILLED, ended_at=utcnow(), error=f"SLURM job {job_id} ended without the run finishing ({reason})"
-        )
+        record.update(status=KILLED, ended_at=utcnow(), error=f"{what} without the run finishing")
 
 
 class PointJob:
@@ -515,6 +736,7 @@ class PointJob:
 
 
 __all__ = [
+    "LOCAL_KINDS",
     "PointJob",
     "PointSpec",
     "active_points",
