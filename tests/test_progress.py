@@ -56,19 +56,18 @@ BIG = progress.MIN_BYTES + 123_457  # above the bar's threshold, below S3's mult
 SMALL = progress.MIN_BYTES - 1
 
 
-def _remotes(kind: str, server: S3Server | None) -> Any:
-    if kind == "s3":
-        assert server is not None
+@pytest.fixture(params=["s3", "b2"])
+def remote(request: pytest.FixtureRequest) -> Any:
+    """An S3 remote on the session's moto server, or a B2 remote on b2sdk's RawSimulator."""
+    if request.param == "s3":
+        server: S3Server = request.getfixturevalue("moto_server")
         return S3Remote(make_bucket(server), "p", endpoint_url=server.endpoint_url)
     return Simulated().remote()
 
 
-@pytest.mark.parametrize("kind", ["s3", "b2"])
 def test_a_big_file_counts_every_byte_on_a_terminal(
-    kind: str, bars: list[Recording], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    remote: Any, bars: list[Recording], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = request.getfixturevalue("moto_server") if kind == "s3" else None
-    remote = _remotes(kind, server)
     monkeypatch.setenv(progress.ENV, "always")
     run_stderr = io.StringIO()  # what a run's sys.stderr (teed into output.log) would receive
     monkeypatch.setattr(sys, "stderr", run_stderr)
@@ -85,12 +84,9 @@ def test_a_big_file_counts_every_byte_on_a_terminal(
     assert run_stderr.getvalue() == ""  # the bars go to the terminal only, never into output.log
 
 
-@pytest.mark.parametrize("kind", ["s3", "b2"])
 def test_no_bar_when_stderr_is_not_a_terminal_or_bars_are_off(
-    kind: str, bars: list[Recording], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    remote: Any, bars: list[Recording], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = request.getfixturevalue("moto_server") if kind == "s3" else None
-    remote = _remotes(kind, server)
     big = _file(tmp_path / "big.bin", BIG)
     monkeypatch.delenv(progress.ENV, raising=False)
     assert not (sys.__stderr__ and sys.__stderr__.isatty())
