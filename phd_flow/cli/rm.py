@@ -214,7 +214,7 @@ def _plan_data(project: Project, plans: list[Removal], storage_remote: Any, with
         plan.with_data = with_data
         for rel in found.get(plan.run.key, []):
             path = local_path / rel
-            files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+            files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() and not path.is_symlink() else [path]
             sizes = [file.stat().st_size for file in files]
             plan.data_local[rel] = (len(sizes), sum(sizes))
         if storage_remote is not None:
