@@ -1,7 +1,7 @@
 """Load: one run writing many small artifacts and logging many metrics, then syncing. Memory
 must stay flat: RSS may not grow with the number of files or metric points.
 
-    python benchmarks/bench_load.py [--sizes 10000:1000 100000:10000] [--remote local|s3] [--no-mlflow]
+    python benchmarks/bench_load.py [--sizes 10000:1000 100000:10000] [--reps 5] [--remote local|s3] [--no-mlflow]
 
 Each ``METRICS:FILES`` size runs in a fresh interpreter (peak RSS is per process): a node logs
 METRICS points with ``self.log_metric`` (to metrics.jsonl and, unless ``--no-mlflow``, a fresh
@@ -14,7 +14,10 @@ process with ``--remote s3``). The child reports RSS and peak RSS (``ru_maxrss``
 * ``files``   - after the FILES files were written,
 * ``synced``  - after ``run()`` returned: metrics drained to MLflow, run directory synced.
 
-The parent prints one row per size and the growth between the smallest and the largest.
+Every repetition (``--reps``) runs each size once, in alternating order. The parent prints, per
+size, the median and spread (min-max) of RSS / peak RSS at each checkpoint and of the run's
+seconds, and the growth of the median peak from the smallest size to the largest (the peer: the
+same run with 10x less work; flat memory means a ratio near 1).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dataclasses
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,12 +36,15 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).parent))
+from reps import alternate, spread
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from phd_flow import Config, Node, node
+from phd_flow._io import PRIVATE_PREFIX
 from phd_flow.config import MlflowConfig, StorageConfig
 from phd_flow.run.record import RunRecord
-from phd_flow.storage.engine import JOURNAL, MANIFEST
 
 MB = 1 << 20
 
@@ -90,7 +97,6 @@ def child(metrics: int, files: int, remote: str, mlflow: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="phd_flow-bench-load-") as tmp:
         root = Path(tmp)
         if remote == "s3":
-            sys.path.insert(0, str(Path(__file__).parent))
             from bench_sync import CREDENTIALS, moto
 
             os.environ.update(CREDENTIALS)
@@ -117,8 +123,8 @@ def child(metrics: int, files: int, remote: str, mlflow: bool) -> None:
             current, peak = rss()
             marks["synced"] = {"rss": current, "peak": peak, "seconds": time.perf_counter() - started}
             record = RunRecord.load(run.output_dir)
-            local_files = sum(
-                1 for _, _, names in os.walk(run.output_dir) for n in names if n not in (MANIFEST, JOURNAL)
+            local_files = sum(  # phd_flow's own files (manifest, journal, locks) are never synced
+                1 for _, _, names in os.walk(run.output_dir) for n in names if not n.startswith(PRIVATE_PREFIX)
             )
             remote_files = len(run.storage.remote_ls(str(run.key)))
             metric_lines = (run.output_dir / "metrics.jsonl").read_bytes().count(b"\n")
@@ -135,9 +141,28 @@ def child(metrics: int, files: int, remote: str, mlflow: bool) -> None:
     print(json.dumps(result))
 
 
+MARKS = {"start": "start", "metrics": "after metrics", "files": "after files", "synced": "after sync"}
+
+
+def one_size(size: str, args: argparse.Namespace) -> dict[str, float]:
+    """Run one size in a fresh interpreter; check it synced completely; its measurements."""
+    argv = [sys.executable, __file__, "--child", size, "--remote", args.remote]
+    argv += ["--no-mlflow"] if args.no_mlflow else []
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"size {size} failed:\n{proc.stderr[-3000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["sync"] == "synced" and row["remote_files"] == row["local_files"], row
+    assert row["metric_lines"] == row["metrics"] + (row["metrics"] + 9) // 10, row
+    marks = row["marks"]
+    measured = {f"rss {m}": marks[m]["rss"] for m in MARKS} | {f"peak {m}": marks[m]["peak"] for m in MARKS}
+    return measured | {"run s": marks["synced"]["seconds"], "remote files": row["remote_files"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["10000:1000", "100000:10000"], help="METRICS:FILES")
+    parser.add_argument("--reps", type=int, default=5, help="alternated repetitions (>= 5 for a median)")
     parser.add_argument("--remote", choices=["local", "s3"], default="local")
     parser.add_argument("--no-mlflow", action="store_true", help="metrics.jsonl only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -147,37 +172,25 @@ def main() -> None:
         child(metrics, files, args.remote, not args.no_mlflow)
         return
 
-    print(f"remote={args.remote} mlflow={'off' if args.no_mlflow else 'sqlite'}; RSS / peak RSS in MiB")
-    header = f"{'metrics':>8} {'files':>6} | " + " | ".join(
-        f"{m:>16}" for m in ("start", "after metrics", "after files", "after sync")
+    results = alternate({size: lambda size=size: one_size(size, args) for size in args.sizes}, args.reps)
+    print(
+        f"remote={args.remote} mlflow={'off' if args.no_mlflow else 'sqlite'}; {args.reps} alternated repetitions; "
+        "RSS and peak RSS in MiB, median (min-max); every run synced completely"
     )
-    print(header + f" | {'run s':>6} | sync / mlflow / remote files")
-    rows = []
     for size in args.sizes:
-        argv = [sys.executable, __file__, "--child", size, "--remote", args.remote]
-        argv += ["--no-mlflow"] if args.no_mlflow else []
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            sys.exit(f"size {size} failed:\n{proc.stderr[-3000:]}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        marks = row["marks"]
-        cells = " | ".join(
-            f"{marks[m]['rss']:7.1f} / {marks[m]['peak']:6.1f}" for m in ("start", "metrics", "files", "synced")
-        )
+        print(f"METRICS:FILES {size}  (run {spread(results[f'{size}, run s'])}, synced files: "
+              f"{int(results[f'{size}, remote files'][0])})")  # fmt: skip
+        for mark, label in MARKS.items():
+            rss, peak = results[f"{size}, rss {mark}"], results[f"{size}, peak {mark}"]
+            print(f"  {label:<14} RSS {spread(rss, 'MiB', digits=1):<28} peak {spread(peak, 'MiB', digits=1)}")
+    if len(args.sizes) > 1:
+        small, large = args.sizes[0], args.sizes[-1]
+        low = statistics.median(results[f"{small}, peak synced"])
+        high = statistics.median(results[f"{large}, peak synced"])
+        start = statistics.median(results[f"{large}, peak start"])
         print(
-            f"{row['metrics']:>8} {row['files']:>6} | {cells} | {marks['synced']['seconds']:6.1f} | "
-            f"{row['sync']} / {row['mlflow']} / {row['remote_files']} of {row['local_files']}"
-        )
-        assert row["sync"] == "synced" and row["remote_files"] == row["local_files"], row
-        assert row["metric_lines"] == row["metrics"] + (row["metrics"] + 9) // 10, row
-    if len(rows) > 1:
-        small, large = rows[0], rows[-1]
-        grow = large["marks"]["synced"]["peak"] - small["marks"]["synced"]["peak"]
-        work = large["marks"]["synced"]["peak"] - large["marks"]["start"]["peak"]
-        print(
-            f"peak RSS growth from {small['metrics']}:{small['files']} to {large['metrics']}:{large['files']}: "
-            f"{grow:+.1f} MiB; within the largest run, start -> end of sync: {work:+.1f} MiB"
+            f"median peak RSS at the end, {small} -> {large}: {low:.1f} -> {high:.1f} MiB ({high - low:+.1f} MiB, "
+            f"{high / low:.2f}x); within {large}, start -> end of sync: {high - start:+.1f} MiB"
         )
 
 

@@ -66,6 +66,7 @@ class MlflowConfig:
     tracking_uri: str | None = None  # default: sqlite:///<local_path>/mlflow.db
     experiment: str | None = None  # default: $MLFLOW_EXPERIMENT_NAME, else the package name
     autolog: bool = False  # call mlflow.autolog() before _run
+    wait: bool = False  # a run returns once MLflow has it (default: fed in the background)
     telemetry: bool = False  # let MLflow's usage telemetry run (phd_flow turns it off otherwise)
 
 

@@ -8,7 +8,10 @@ microseconds, not the 5-10 ms of ``mlflow.log_metric`` on sqlite.
 If MLflow cannot be opened or stops answering, the run goes on: metrics stay in metrics.jsonl,
 run.json says how many reached MLflow, and ``sync`` replays the rest later.
 
-mlflow is imported only here, and only when a run starts.
+mlflow is imported only here, and only by whoever feeds MLflow: the feeder process
+(:mod:`phd_flow.feeder`), ``sync``, or a run that opens MLflow itself (``[mlflow] autolog``, or
+a node module that imports mlflow: plain ``mlflow.*`` calls in ``_run`` land in the run's MLflow
+run).
 """
 
 from __future__ import annotations
@@ -54,21 +57,27 @@ def import_mlflow() -> Any:
     in (``[mlflow] telemetry = true``, or ``MLFLOW_DISABLE_TELEMETRY`` set), it is switched off
     before the first import, and dropped if someone imported mlflow before phd_flow did.
     """
-    if not _TELEMETRY["allowed"] and TELEMETRY_ENV not in os.environ:
-        os.environ[TELEMETRY_ENV] = "true"
-        _TELEMETRY["env_set"] = True
+    prepare_mlflow_env()
     imported_before = "mlflow" in sys.modules
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    # MLflow's HTTP default (7 retries, exponential backoff) stalls an offline node for minutes;
-    # phd_flow keeps everything locally and `sync` catches up, so fail fast instead.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     import mlflow
 
     if imported_before and not _TELEMETRY["allowed"]:
         _drop_telemetry_client()
     repoint_mlflow_loggers()
     return mlflow
+
+
+def prepare_mlflow_env() -> None:
+    """The environment mlflow must see when it is imported (by phd_flow or by the user's code):
+    telemetry off unless allowed, no URL printing, fail-fast HTTP."""
+    if not _TELEMETRY["allowed"] and TELEMETRY_ENV not in os.environ:
+        os.environ[TELEMETRY_ENV] = "true"
+        _TELEMETRY["env_set"] = True
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow's HTTP default (7 retries, exponential backoff) stalls an offline node for minutes;
+    # phd_flow keeps everything locally and `sync` catches up, so fail fast instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def _drop_telemetry_client() -> None:
@@ -171,6 +180,8 @@ class MetricLog:
         self.queue: collections.deque[tuple[str, float, int, int]] = collections.deque()
         self._interval = interval
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if self._file.tell() and not _ends_with_newline(self.path):
+            self._file.write("\n")  # a killed attempt's torn last line stays a line of its own
         self._send_from = self._file.tell()  # byte offset of the first point not yet sent
         self._sender: Callable[[list[tuple[str, float, int, int]]], None] | None = None
         self._stop = threading.Event()
@@ -180,9 +191,12 @@ class MetricLog:
         """Queue one point (MLflow's conventions: step 0 and "now" in ms by default)."""
         self.queue.append((name, float(value), timestamp or int(time.time() * 1000), step or 0))
 
-    def start(self, sender: Callable[[list[tuple[str, float, int, int]]], None] | None) -> None:
-        """Start the writer thread and, with a ``sender`` (MLflow), the thread feeding it."""
+    def start(self, sender: Callable[[list[tuple[str, float, int, int]]], None] | None, from_byte: int = -1) -> None:
+        """Start the writer thread and, with a ``sender`` (MLflow), the thread feeding it from
+        byte ``from_byte`` of metrics.jsonl (an earlier attempt's unsent lines; default: new ones)."""
         self._sender = sender
+        if from_byte >= 0:
+            self._send_from = from_byte
         loops = [("phd_flow-metrics", self._drain)] + ([("phd_flow-metrics-send", self._send)] if sender else [])
         for name, step in loops:
             thread = threading.Thread(target=self._loop, args=(step,), name=name, daemon=True)
@@ -222,7 +236,10 @@ class MetricLog:
                 complete = lines if not lines or lines[-1].endswith(b"\n") else lines[:-1]
                 if not complete:
                     return
-                points = [_parse_metric(line) for line in complete if line.strip()]
+                points = []
+                for line in complete:
+                    with contextlib.suppress(ValueError, KeyError):  # a torn line of a killed attempt
+                        points.append(parse_metric(line))
                 for i in range(0, len(points), BATCH):
                     self._sender(points[i : i + BATCH])
                 self._send_from += sum(len(line) for line in complete)
@@ -236,34 +253,24 @@ def _metric_line(item: tuple[str, float, int, int]) -> str:
     return json.dumps({"name": name, "value": number, "step": step, "timestamp": timestamp}) + "\n"
 
 
-def _parse_metric(line: bytes | str) -> tuple[str, float, int, int]:
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
+def parse_metric(line: bytes | str) -> tuple[str, float, int, int]:
     rec = json.loads(line)
     return rec["name"], float(rec["value"]), int(rec["timestamp"]), int(rec["step"])
-
-
-def read_metrics(run_dir: Path, start: int = 0) -> list[tuple[str, float, int, int]]:
-    """Metrics from metrics.jsonl, from line ``start`` on (for replay)."""
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    items = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle):
-            if number < start or not line.strip():
-                continue
-            try:
-                items.append(_parse_metric(line))
-            except ValueError:
-                break  # a torn last line after a crash
-    return items
 
 
 class MlflowRun:
     """One MLflow run mirrored from a phd_flow run: params, tags, batched metrics, status."""
 
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
+        self.artifact_location = artifact_location  # for an experiment this run creates
         self.mlflow: Any = None
         self.client: Any = None
         self.run_id: str | None = None
@@ -283,6 +290,7 @@ class MlflowRun:
         parent_run_id: str | None = None,
         existing_run_id: str | None = None,
         activate: bool = True,
+        start_time: int | None = None,
     ) -> None:
         """Create (or reopen) the MLflow run; ``activate`` makes it the active fluent run so
         that plain ``mlflow.*`` calls in user code land in it."""
@@ -299,7 +307,7 @@ class MlflowRun:
         if self.run_id is None:
             if parent_run_id:
                 tags = {**tags, "mlflow.parentRunId": parent_run_id}
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            run = self.client.create_run(self.experiment_id, start_time=start_time, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
         else:
             self.set_tags(tags)
@@ -342,7 +350,9 @@ class MlflowRun:
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
             return str(found.experiment_id)
-        return str(self.client.create_experiment(self.experiment))
+        # MLflow 3 opens an experiment without this tag in its GenAI view; runs are model training
+        kind = {"mlflow.experimentKind": "custom_model_development"}
+        return str(self.client.create_experiment(self.experiment, self.artifact_location, kind))
 
     def log_params(self, params: dict[str, str]) -> None:
         """Log params, skipping ones already logged with the same value; warn on a change."""
@@ -370,6 +380,16 @@ class MlflowRun:
 
     # --- metrics ----------------------------------------------------------------------------
 
+    def log_points(self, batch: list[tuple[str, float, int, int]]) -> None:
+        """Log one batch (<= 1,000 points); MLflow's errors propagate."""
+        from mlflow.entities import Metric
+
+        self.client.log_batch(self.run_id, metrics=[Metric(n, v, t, s) for n, v, t, s in batch])
+
+    def terminate(self, status: str, end_time: int | None) -> None:
+        """Set the final status (a phd_flow status) and the run's real end time."""
+        self.client.set_terminated(self.run_id, STATUS.get(status, "FAILED"), end_time=end_time)
+
     def send_metrics(self, batch: list[tuple[str, float, int, int]]) -> None:
         """Log one batch (<= 1,000 points) with log_batch. After the first failure nothing more is
         sent, so ``sent`` is exactly the number of metrics.jsonl lines MLflow has."""
@@ -387,17 +407,6 @@ class MlflowRun:
             )
             return
         self.sent += len(batch)
-
-    def replay(self, run_dir: Path, start: int) -> int:
-        """Send metrics.jsonl from line ``start`` on; returns the new count sent."""
-        from mlflow.entities import Metric
-
-        items = read_metrics(run_dir, start)
-        for i in range(0, len(items), BATCH):
-            chunk = items[i : i + BATCH]
-            self.client.log_batch(self.run_id, metrics=[Metric(n, v, t, s) for n, v, t, s in chunk])
-            start += len(chunk)
-        return start
 
     # --- closing ----------------------------------------------------------------------------
 
@@ -417,39 +426,3 @@ class MlflowRun:
             if self._fluent:
                 self._fluent = False
                 self.mlflow.set_tracking_uri(self._previous_uri)  # None unsets it again
-
-
-def catch_up(run_dir: Path, data: dict[str, Any], tracking_uri: str, experiment: str) -> dict[str, Any]:
-    """Bring a run's MLflow record up to date from its run directory (``sync``).
-
-    Reuses the MLflow run tagged with the key (no duplicate runs), logs missing params and tags,
-    replays metrics.jsonl from the last line MLflow confirmed (no duplicate points) and sets
-    the final status. Returns the new ``mlflow`` section of run.json.
-    """
-    section = dict(data.get("mlflow", {}))
-    tags = {
-        **{k: str(v) for k, v in (data.get("tags") or {}).items()},
-        "phd_flow.key": str(data["key"]),  # after the record's tags: no tag names another run
-        "phd_flow.node": str(data.get("node")),
-        "host": str(data.get("host")),
-    }
-    commit = (data.get("git") or {}).get("commit")
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    run = MlflowRun(tracking_uri, experiment)
-    run.open(str(data["key"]), tags, param_values(data.get("args", {})), None, section.get("run_id"), activate=False)
-    already = int(section.get("metrics_sent", 0)) if run.run_id == section.get("run_id") else 0
-    sent = run.replay(run_dir, already)
-    status = str(data.get("status"))
-    if status != "running":
-        run.client.set_terminated(run.run_id, STATUS.get(status, "FAILED"))
-    section.update(
-        state="synced" if status != "running" else "open",
-        run_id=run.run_id,
-        experiment_id=run.experiment_id,
-        experiment=experiment,
-        tracking_uri=redact_url(tracking_uri),
-        metrics_sent=sent,
-        status_sent=status,
-    )
-    return section

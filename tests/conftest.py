@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 # lock (seen as a hang in test_tracking's autolog test). CI=true turns it off too; a laptop doesn't.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 EXAMPLES = REPO / "examples"
+# Tests read MLflow right after a run: every run waits until MLflow has it ([mlflow] wait = true).
+# Tests of the background feeder (test_feeder.py) pass PHD_FLOW_WAIT_MLFLOW=false to the CLI.
+os.environ["PHD_FLOW_WAIT_MLFLOW"] = "true"
 
 # Environment that would leak the developer's machine into a test.
 _ENV_VARS = [

@@ -64,7 +64,8 @@ def test_run_creates_a_complete_run_directory_and_mlflow_run(project: Path) -> N
 
     client = MlflowClient(f"sqlite:///{project / 'data_storage' / 'mlflow.db'}")
     run = client.get_run(record["mlflow"]["run_id"])
-    assert run.info.status == "FINISHED" and run.info.run_name == key
+    assert run.info.status == "FINISHED" and run.data.tags["phd_flow.key"] == key
+    assert run.info.run_name == f"FitOLS_{key[7:23]}_{key[-8:]}"  # short, keeps the distinguishing suffix
     assert run.data.params == {"dataset": "data/diabetes.csv", "target": "target", "seed": "0"}
     assert run.data.tags["phd_flow.key"] == key and run.data.tags["phd_flow.node"] == "FitOLS"
     assert run.data.metrics["mse"] == pytest.approx(result.mse)

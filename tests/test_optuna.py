@@ -54,7 +54,7 @@ def test_ten_trials_are_ten_runs_nested_under_the_study_run(tmp_path: Path) -> N
     experiment = client.get_experiment_by_name("study")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`phd_flow.key` = 'Study_quad'")
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(r.info.run_name for r in children) == sorted(runs)
+    assert sorted(r.data.tags["phd_flow.key"] for r in children) == sorted(runs)
     assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == list(range(10))
     assert parent.info.status == "FINISHED"
 

@@ -36,7 +36,8 @@ def made(tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: Path) -> 
     shutil.copy(mlflow_db_template, root / "data_storage" / "mlflow.db")
     made_keys = []
     for seed in ("0", "1"):
-        proc = cli(root, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target", "--seed", seed)
+        argv = ["run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target", "--seed", seed]
+        proc = cli(root, *argv, "--wait-mlflow")  # its MLflow run exists when rm plans
         assert proc.returncode == 0, proc.stderr
         made_keys.append(json.loads(cli(root, "ls", "--json").stdout)[-1]["key"])
     yield base, made_keys

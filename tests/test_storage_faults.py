@@ -30,6 +30,7 @@ from phd_flow.storage.engine import JOURNAL, LOCKS, MANIFEST, parse_manifest
 from phd_flow.storage.facade import Storage
 from phd_flow.storage.s3 import S3Remote
 from phd_flow.testing import storage_for, write_tree
+from phd_flow.testing.contract import read_tree
 from tests import s3_fixtures
 from tests.conftest import cli, write_config
 from tests.fault_proxy import FaultProxy, FaultRule
@@ -353,3 +354,67 @@ def test_a_file_deleted_between_scan_and_upload_is_skipped_and_private_files_nev
     assert arrived == [MANIFEST, "kept.txt"], arrived
     assert report.transferred == ["kept.txt"] and report.skipped == 1
     assert set(parse_manifest((tmp_path / "remote" / "run_1" / MANIFEST).read_bytes())) == {"kept.txt"}
+
+
+# --- a push that died leaves its turn marker ------------------------------------------------------
+
+
+def _marker(remote_root: Path, prefix: str, name: str, body: dict[str, Any]) -> Path:
+    path = remote_root / prefix / LOCKS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body))
+    return path
+
+
+def test_a_marker_left_by_a_dead_push_on_this_host_is_removed_at_once(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from phd_flow.storage.local import LocalRemote
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    left = _marker(
+        tmp_path / "remote", "run_1", "00000000000000000001-dead", {"host": socket.gethostname(), "pid": pid}
+    )
+    storage = storage_for(LocalRemote(tmp_path / "remote"), tmp_path / "local")
+    write_tree(storage.path("run_1"), {"a.txt": b"a"})
+    assert storage.upload("run_1").transferred == ["a.txt"]  # no wait: its pid is gone
+    assert not left.exists() and not (tmp_path / "remote" / "run_1" / LOCKS).exists()
+
+
+def test_a_marker_whose_heartbeat_stopped_is_removed_after_the_stale_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from phd_flow.storage import engine
+    from phd_flow.storage.local import LocalRemote
+
+    monkeypatch.setattr(engine, "STALE_SECONDS", 1.0)
+    left = _marker(
+        tmp_path / "remote", "run_1", "00000000000000000001-gone", {"host": "elsewhere", "pid": 1, "beat": 3}
+    )
+    storage = storage_for(LocalRemote(tmp_path / "remote"), tmp_path / "local")
+    write_tree(storage.path("run_1"), {"a.txt": b"a"})
+    assert storage.upload("run_1").transferred == ["a.txt"]
+    assert not left.exists()
+
+
+def test_a_store_that_cannot_delete_gets_its_markers_released(tmp_path: Path) -> None:
+    from phd_flow.storage.local import LocalRemote
+
+    class NoDelete(LocalRemote):
+        def delete(self, keys: list[str]) -> None:
+            raise StorageError("this store cannot delete")
+
+    first = storage_for(NoDelete(tmp_path / "remote"), tmp_path / "first")
+    second = storage_for(NoDelete(tmp_path / "remote"), tmp_path / "second")
+    write_tree(first.path("run_1"), {"a.txt": b"first"})
+    write_tree(second.path("run_1"), {"a.txt": b"2nd!!"})
+    first.upload("run_1")
+    second.upload("run_1")  # does not wait for the first push's marker: it is released
+    markers = list((tmp_path / "remote" / "run_1" / LOCKS).iterdir())
+    assert len(markers) == 2 and all(json.loads(m.read_text())["released"] for m in markers)
+    assert (tmp_path / "remote" / "run_1" / "a.txt").read_bytes() == b"2nd!!"
+    storage_for(LocalRemote(tmp_path / "remote"), tmp_path / "third").download("run_1")
+    assert read_tree(tmp_path / "third" / "run_1") == {"a.txt": b"2nd!!"}, "downloads never bring markers"

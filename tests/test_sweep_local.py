@@ -100,7 +100,7 @@ def test_a_failing_point_is_reported_and_resume_reruns_only_it_in_the_same_mlflo
     client = MlflowClient(f"sqlite:///{project / 'data_storage' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sweeps")
     tagged = client.search_runs([experiment.experiment_id], f"tags.`phd_flow.sweep` = '{record['key']}'")
-    assert sorted(r.info.run_name for r in tagged) == sorted([ok, failed])  # the retry reused its run
+    assert sorted(r.data.tags["phd_flow.key"] for r in tagged) == sorted([ok, failed])  # the retry reused its run
     assert {r.info.status for r in tagged} == {"FINISHED"}
     assert after[failed]["mlflow"]["run_id"] == before[failed]["mlflow"]["run_id"]
 

@@ -139,9 +139,12 @@ def args_summary(runs: Sequence[Run], limit: int = 4, width: int = 60) -> list[s
 
 def synced_text(run: Run) -> str:
     """``-`` for a running run, and where there is nowhere to sync to (no remote configured,
-    MLflow up to date or off); else ``yes`` or ``no``."""
+    MLflow up to date or off); ``pending`` while the MLflow feeder has not finished the run;
+    else ``yes`` or ``no``."""
     if run.status == "running" or (run.synced and not run.has_remote):
         return "-"
+    if (run.data.get("mlflow") or {}).get("state") == "pending":
+        return "pending"  # the MLflow feeder has not finished it yet
     return "yes" if run.synced else "no"
 
 

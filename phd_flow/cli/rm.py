@@ -5,8 +5,12 @@ runs; soft-deleted as MLflow does, restorable until ``mlflow gc``, or for good w
 with ``--remote`` its files in storage, and with ``--with-data`` the data it wrote through
 ``self.storage`` outside its run directory (every path below ``local_path`` named after its key,
 such as ``datasets/<key>``; in storage too with ``--remote``). MLflow goes first and the local
-directory last, so a failure never leaves a run whose MLflow id is lost. A run that another run's stage
-was loaded from is named in a loud warning before the question.
+directory last, so a failure never leaves a run whose MLflow id is lost. A run that another
+run's stage was loaded from is named in a loud warning before the question (locally the
+loader's files are its own: links or copies). ``--remote`` refuses (exit 2, nothing deleted) to
+delete the storage copy of a run whose files a kept run's loaded stage stores by reference
+(run.json ``stages.<name>.stored_in``), naming them: the bytes exist once, in the run that made
+them.
 
 Exit codes: 0 done (or a filter matched nothing), 1 answered no, 2 a key matching no run or a
 run still running (refused even with ``--force``; nothing is deleted).
@@ -82,6 +86,8 @@ def remove(project: Project, args: argparse.Namespace) -> int:
         print("No run matches: nothing deleted.")
         return 0
     _refuse_live(project, runs)
+    if args.remote:
+        _refuse_referenced(project, runs)
     storage_remote = project.require_remote() if args.remote else None
     plans = [plan_removal(run, storage_remote) for run in runs]
     _plan_data(project, plans, storage_remote if args.with_data else None, args.with_data)
@@ -132,6 +138,55 @@ def _refuse_live(project: Project, runs: list[Run]) -> None:
         raise UserError(
             f"Not deleting a running run: {names}. Stop it first (Ctrl-C, `kill PID`, `scancel`), "
             "then rm it; nothing was deleted."
+        )
+
+
+def remote_holders(project: Project, keys: set[str]) -> dict[str, list[str]]:
+    """``{run in keys: ["x/a.csv, x/b.csv of run <key>", ...]}``: the runs (local or remote, child runs
+    included, ``keys`` left out) whose loaded stages store files by reference to the remote copy
+    of a run in ``keys``."""
+    from phd_flow.run.record import RUN_FILE, RunRecord
+    from phd_flow.runs.query import list_runs
+
+    found: dict[str, list[str]] = {}
+    for run in list_runs(project, remote=True, refresh=True):
+        if run.key in keys:
+            continue
+        records = [(run.key, run.data)]
+        if run.where != "remote":
+            for child in sorted(run.run_dir.rglob(RUN_FILE)):
+                if child.parent != run.run_dir:
+                    try:
+                        records.append(
+                            (child.parent.relative_to(run.run_dir.parent).as_posix(), RunRecord.load(child.parent).data)
+                        )
+                    except Exception:
+                        continue
+        for name, data in records:
+            for stage, info in (data.get("stages") or {}).items():
+                stored = info.get("stored_in") if isinstance(info, dict) else None
+                held: dict[str, list[str]] = {}
+                for rel, holder in (stored or {}).items() if isinstance(stored, dict) else ():
+                    top = str(holder).split("/", 1)[0]
+                    if top in keys:
+                        held.setdefault(top, []).append(f"{stage}/{rel}")
+                for top, files in held.items():
+                    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+                    found.setdefault(top, []).append(f"{', '.join(files[:3])}{more} of run {name}")
+    return found
+
+
+def _refuse_referenced(project: Project, runs: list[Run]) -> None:
+    """``rm --remote`` never deletes bytes a kept run stores by reference (they exist once)."""
+    held = remote_holders(project, {run.key for run in runs})
+    if held:
+        lines = "; ".join(f"{key} holds the bytes of {'; '.join(why)}" for key, why in sorted(held.items()))
+        keep = " ".join(sorted(held))
+        raise UserError(
+            f"Not deleting the storage copy of {keep}: other runs loaded stages from it and store "
+            f"those files once, by reference to it, so they would lose them ({lines}). Delete those "
+            f"runs too (`rm --remote {keep} <their keys>`), or delete only the local copy (`rm "
+            f"{keep}` without --remote); nothing was deleted."
         )
 
 

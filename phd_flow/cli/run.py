@@ -123,6 +123,15 @@ def _add_run_options(parser: Any, taken: set[str], with_args_file: bool) -> None
         ),
         ("--key", dict(dest="pf_key", default=None, metavar="KEY", help="use this run key (resume)")),
         (
+            "--wait-mlflow",
+            dict(
+                dest="pf_wait_mlflow",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help="return once MLflow shows the whole run (default: [mlflow] wait; else fed in the background)",
+            ),
+        ),
+        (
             "--sweep",
             dict(
                 dest="pf_sweep",
@@ -185,6 +194,7 @@ def _run_options(before: argparse.Namespace, after: argparse.Namespace) -> Any:
         rerun=list(merged("pf_rerun")),
         sweep=sweep,
         tags={"phd_flow.sweep": sweep} if sweep else {},
+        wait_mlflow=merged("pf_wait_mlflow"),
     )
 
 

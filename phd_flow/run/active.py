@@ -21,6 +21,7 @@ from phd_flow.log import logger
 from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUN_FILE
 
 if TYPE_CHECKING:
+    from phd_flow.feeder import MlflowImportHook
     from phd_flow.project import Project
     from phd_flow.run.node import Node
     from phd_flow.run.record import RunRecord
@@ -44,7 +45,14 @@ class ActiveRun:
         self.stages = stages
         self.record: RunRecord | None = None
         self.metrics: MetricLog | None = None
-        self.mlflow: MlflowRun | None = None
+        self.mlflow: MlflowRun | None = None  # set when MLflow is opened in this process
+        #: The MLflow feed queue this run is in (None: MLflow is off, or opened in this process).
+        self.feed_queue: Path | None = None
+        #: Opens the MLflow run in this process if ``_run`` imports mlflow (a queued run), and
+        #: the MLflow run it opened.
+        self.mlflow_hook: MlflowImportHook | None = None
+        self.fluent: MlflowRun | None = None
+        self.link_logged = False  # the MLflow UI link (a tracking server) was logged
         #: The signal that interrupted the run (SIGINT for Ctrl-C), or None.
         self.kill_signal: int | None = None
         self._in_user_code = False

@@ -8,13 +8,17 @@ touched; a failing MLflow or remote never changes the run's own status.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from phd_flow import keys, reuse
 from phd_flow._io import atomic_write_json
 from phd_flow.errors import CorruptRunError, RunFailedError, RunKilledError, UserError
+from phd_flow.feeder import offset_of_line
 from phd_flow.log import RunLogging, logger, redact_url
 from phd_flow.run import repro
 from phd_flow.run.active import ActiveRun
@@ -37,6 +41,7 @@ from phd_flow.run.record import (
 )
 from phd_flow.run.result import save_result
 from phd_flow.runs.metrics import SUMMARY_FIELD, summary_of_dir
+from phd_flow.tracking import ui_url
 
 
 def execute(run: ActiveRun) -> Any:
@@ -45,7 +50,7 @@ def execute(run: ActiveRun) -> Any:
     run_dir = _make_run_dir(config.local_path, run.run_path, config.where("local_path"))
     lock = RunLock(run_dir)
     try:
-        lock.acquire(str(run.key))  # a second process on this key is refused here
+        lock.acquire(str(run.key), wait=_lock_wait())  # a second process on this key is refused here
     except OSError as exc:  # a full disk before the run: nothing ran, nothing to record
         with contextlib.suppress(OSError):
             for leftover in run_dir.glob(".phd_flow-*.lock"):
@@ -60,6 +65,16 @@ def execute(run: ActiveRun) -> Any:
         return _execute_locked(run, run_dir)
     finally:
         lock.release()
+
+
+#: How long a requeued SLURM attempt waits for the run lock: the attempt SLURM stopped may still
+#: be writing its "killed" record and pushing when the requeued job starts on the same node.
+REQUEUE_LOCK_WAIT = 120.0
+
+
+def _lock_wait() -> float:
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return REQUEUE_LOCK_WAIT if restarts.isdigit() and int(restarts) > 0 else 1.0
 
 
 def _refuse_completed(run_dir: Path, key: str) -> None:
@@ -82,8 +97,10 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
     args = args_to_dict(node.args)
     parent = run.parent
     target = run_dir / ARGS_FILE
+    earlier_mlflow: dict[str, Any] = {}
     if run.resumed:  # an earlier attempt's completed stages are kept when still valid
         run.stages.remember_earlier(run_dir)
+        earlier_mlflow = _earlier_mlflow(run_dir)
     try:
         atomic_write_json(target, args)
         target = run_dir / RUN_FILE
@@ -99,6 +116,7 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
             tags=dict(node.options.tags),
             sweep=node.options.sweep,
             resumed=run.resumed,
+            mlflow=earlier_mlflow,
         )
     except OSError as exc:  # a full disk before the run: nothing ran, nothing to record
         with contextlib.suppress(OSError):
@@ -124,7 +142,20 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
     finally:
         storage.defer_failed_uploads = deferring
         heartbeat.stop()
+        if run.mlflow_hook is not None:  # _run raised past the lifecycle: never leave the hook
+            run.mlflow_hook.remove()
         run.restore_signal_handlers(saved_signals)
+
+
+def _earlier_mlflow(run_dir: Path) -> dict[str, Any]:
+    """What MLflow has of an earlier attempt (its run id, how many metric lines it got): a resumed
+    run goes on from there, so no point is sent twice."""
+    try:
+        section = RunRecord.load(run_dir).data.get("mlflow") or {}
+    except CorruptRunError:
+        return {}
+    kept = ("run_id", "experiment_id", "experiment", "tracking_uri", "metrics_sent")
+    return {k: section[k] for k in kept if k in section}
 
 
 def _make_run_dir(local_path: Path, key: str, where: str) -> Path:
@@ -155,9 +186,13 @@ def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any], logging
 
     metrics = run.metrics = MetricLog(run.run_dir)
     _open_mlflow(run, record, args, git.get("commit"))
-    metrics.start(run.mlflow.send_metrics if run.mlflow is not None else None)
+    if run.mlflow is not None:  # MLflow opened in this process: its sender thread feeds it
+        metrics.start(run.mlflow.send_metrics, offset_of_line(metrics.path, run.mlflow.sent))
+    else:
+        metrics.start(None)
     status, error, result = run.call_user_code()
     metrics.close()
+    _end_fluent(run, status)
     if status == COMPLETED:
         status, error = save_result(record, result, name, config)
     if status == COMPLETED:
@@ -192,6 +227,7 @@ def _finish(run: ActiveRun, record: RunRecord, status: str, error: Any) -> str:
     record.update(**fields)  # an OSError here: the caller fails the run (_failed_to_record)
     logger.info(f"Run {run.key} {status}.")
     _close_mlflow(run, record, status)
+    run.link_logged = True  # the link watcher stops with the run
     storage = run.project.storage
     try:
         push_run(storage, record, run.run_path, list(storage.deferred))
@@ -211,12 +247,14 @@ def _failed_to_record(run: ActiveRun, record: RunRecord, exc: OSError) -> RunFai
     if run.metrics is not None:
         with contextlib.suppress(OSError, ValueError):  # closed already, or the disk still full
             run.metrics.close()
+    _end_fluent(run, FAILED)
     try:
         record.update(status=FAILED, ended_at=utcnow(), error=f"OSError: {cause}")
-        recorded = "run.json says failed"
+        recorded, written = "run.json says failed", True
     except OSError:
         recorded = "run.json could not be updated either (it still says running; `ls --stale --fix` marks it)"
-    state = "; MLflow says FAILED" if _close_mlflow(run, record, FAILED) else ""
+        written = False
+    state = "; MLflow says FAILED" if _close_mlflow(run, record, FAILED, written) else ""
     return RunFailedError(
         f"{run.node_name} {run.key} failed: writing its record in {run.run_dir} failed ({cause}). "
         f"Free space in local_path ({where}) and run it again; {recorded}{state}."
@@ -232,30 +270,95 @@ def _describe(error: Any) -> str:
 
 
 def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit: str | None) -> None:
+    """Queue the run for the MLflow feeder (mlflow is not imported), or open its MLflow run in
+    this process when the node needs a live one (:func:`_needs_live_mlflow`)."""
     config = run.project.config
     if not config.mlflow.enabled:
         record.update_section("mlflow", state="disabled")
         return
+    from phd_flow import feeder
+
+    uri, experiment = config.tracking_uri(), config.experiment_name(type(run.node).package)
+    if _needs_live_mlflow(run):
+        _open_live(run, record, args, commit, uri, experiment)
+        return
+    from phd_flow.tracking import allow_telemetry, prepare_mlflow_env
+
+    allow_telemetry(config.mlflow.telemetry)
+    prepare_mlflow_env()  # for an `import mlflow` inside _run
+    record.update_section("mlflow", state=feeder.PENDING, experiment=experiment, tracking_uri=redact_url(uri))
+    queue = feeder.queue_dir(config.local_path, uri)
+    try:
+        feeder.enqueue(queue, run.run_path, uri, config.mlflow.telemetry)
+    except OSError as exc:  # a full disk: the run goes on; `sync` feeds MLflow later
+        logger.warning(f"Queueing {run.key} for MLflow failed ({exc}); `sync {run.key}` records it in MLflow later.")
+        return
+    run.feed_queue = queue
+    if ui_url(uri, "0", "0"):  # a server: its link is logged once the feeder has made the run
+        threading.Thread(target=_log_link_when_fed, args=(run, uri), name="phd_flow-mlflow-link", daemon=True).start()
+    hook = run.mlflow_hook = feeder.MlflowImportHook(lambda: _open_on_import(run, uri))
+    hook.install()
+
+
+def _log_link_when_fed(run: ActiveRun, uri: str) -> None:
+    """Log the run's MLflow UI link as soon as the feeder has created its MLflow run."""
+    for _ in range(1200):  # 10 minutes at most
+        if run.link_logged:
+            return
+        try:
+            section = RunRecord.load(run.run_dir).data.get("mlflow") or {}
+        except (OSError, CorruptRunError):
+            section = {}
+        if section.get("run_id"):
+            _log_link(run, uri, section)
+            return
+        time.sleep(0.5)
+
+
+def _log_link(run: ActiveRun, uri: str, section: dict[str, Any]) -> None:
+    url = ui_url(uri, str(section.get("experiment_id")), str(section.get("run_id")))
+    if url and not run.link_logged:
+        run.link_logged = True
+        logger.info(f"MLflow run: {url}")
+
+
+def _open_on_import(run: ActiveRun, uri: str) -> None:
+    """mlflow was imported inside ``_run``: open the run's MLflow run here as the active one."""
+    from phd_flow.feeder import open_live
+    from phd_flow.tracking import allow_telemetry
+
+    allow_telemetry(run.project.config.mlflow.telemetry)
+    run.fluent = open_live(run.run_dir, uri)
+
+
+def _needs_live_mlflow(run: ActiveRun) -> bool:
+    """True when the run's MLflow run must exist in this process before ``_run``:
+    ``[mlflow] autolog``, a node module (or anything before it) that imported mlflow, so plain
+    ``mlflow.*`` calls land in the run, or a parent run that has one."""
+    import sys
+
+    if run.parent is not None:
+        return run.parent.mlflow is not None
+    return run.project.config.mlflow.autolog or "mlflow" in sys.modules
+
+
+def _open_live(
+    run: ActiveRun, record: RunRecord, args: dict[str, Any], commit: str | None, uri: str, experiment: str
+) -> None:
+    config = run.project.config
+    from phd_flow.feeder import artifact_location, epoch_ms, mlflow_tags, run_name
     from phd_flow.tracking import MlflowRun, allow_telemetry, param_values, ui_url
 
     allow_telemetry(config.mlflow.telemetry)
-    package = type(run.node).package
-    uri, experiment = config.tracking_uri(), config.experiment_name(package)
-    tags = {
-        "phd_flow.key": str(run.key),
-        "phd_flow.node": run.node_name,
-        "host": record.data["host"],
-        **({"mlflow.source.git.commit": commit} if commit else {}),
-        **run.node.options.tags,
-    }
+    data = record.data
+    tags = mlflow_tags({**data, "git": {"commit": commit} if commit else {}, "tags": dict(run.node.options.tags)})
     parent = run.parent
-    if parent is not None:
-        tags["phd_flow.parent_key"] = str(parent.key)
-    mlflow_run = MlflowRun(uri, experiment)
+    mlflow_run = MlflowRun(uri, experiment, artifact_location(run.run_dir, data, uri))
+    earlier = data.get("mlflow") or {}
     try:
         parent_id = parent.mlflow.run_id if parent is not None and parent.mlflow else None
-        existing = record.data.get("mlflow", {}).get("run_id")
-        mlflow_run.open(str(run.key), tags, param_values(args), parent_id, existing)
+        started = epoch_ms(data.get("started_at"))  # the run's real start, not MLflow's "now"
+        mlflow_run.open(run_name(data), tags, param_values(args), parent_id, earlier.get("run_id"), start_time=started)
     except Exception as exc:  # MLflow down/locked: the run goes on, `sync` catches up later
         logger.warning(
             f"MLflow at {uri} could not be opened ({type(exc).__name__}: {exc}). The run goes on "
@@ -263,6 +366,8 @@ def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit
         )
         record.update_section("mlflow", state="not_synced", tracking_uri=redact_url(uri), experiment=experiment)
         return
+    if mlflow_run.run_id == earlier.get("run_id"):
+        mlflow_run.sent = int(earlier.get("metrics_sent") or 0)  # an earlier attempt's points are not sent again
     run.mlflow = mlflow_run
     record.update_section(
         "mlflow",
@@ -271,6 +376,7 @@ def _open_mlflow(run: ActiveRun, record: RunRecord, args: dict[str, Any], commit
         experiment_id=mlflow_run.experiment_id,
         experiment=experiment,
         tracking_uri=redact_url(uri),
+        metrics_sent=mlflow_run.sent,
     )
     url = ui_url(uri, str(mlflow_run.experiment_id), str(mlflow_run.run_id))
     if url:
@@ -319,11 +425,12 @@ def _autolog(mlflow: Any) -> None:
     mlflow.autolog(silent=True)
 
 
-def _close_mlflow(run: ActiveRun, record: RunRecord, status: str) -> bool:
-    """Close the run's MLflow run with ``status``; True when MLflow got it."""
+def _close_mlflow(run: ActiveRun, record: RunRecord, status: str, recorded: bool = True) -> bool:
+    """Close the run's MLflow run with ``status``; True when MLflow got it. A queued run: the
+    feeder finishes it in the background, or now when the run waits for MLflow."""
     mlflow_run = run.mlflow
     if mlflow_run is None:
-        return False
+        return _close_queued(run, record, status, recorded)
     try:
         mlflow_run.close(status)
         ok = mlflow_run.error is None
@@ -340,3 +447,58 @@ def _close_mlflow(run: ActiveRun, record: RunRecord, status: str) -> bool:
     except OSError as exc:
         logger.warning(f"Recording the MLflow state of {run.key} failed ({exc}); `sync {run.key}` redoes it.")
     return ok
+
+
+def _end_fluent(run: ActiveRun, status: str) -> None:
+    """Remove the import hook; end the fluent MLflow run that mlflow's import inside ``_run``
+    opened (the feeder then sets the real end time from run.json)."""
+    if run.mlflow_hook is not None:
+        run.mlflow_hook.remove()
+        run.mlflow_hook = None
+    fluent, run.fluent = run.fluent, None
+    if fluent is not None:
+        try:
+            fluent.close(status)
+        except Exception as exc:
+            logger.warning(f"Ending the MLflow run failed ({type(exc).__name__}: {exc}); the feeder finishes it.")
+
+
+def _close_queued(run: ActiveRun, record: RunRecord, status: str, recorded: bool) -> bool:
+    from phd_flow import feeder
+
+    queue = run.feed_queue
+    config = run.project.config
+    uri = config.tracking_uri()
+    if not recorded and (record.data.get("mlflow") or {}).get("state") == feeder.PENDING:
+        try:  # run.json could not say it (a full disk): tell MLflow now
+            feeder.close_directly(run.run_dir, record.data, uri, status)
+            return True
+        except Exception as exc:
+            logger.warning(f"MLflow at {redact_url(uri)} could not be told ({type(exc).__name__}: {exc}).")
+            return False
+    if queue is None:
+        return False
+    try:
+        # the MLflow-artifacts storage uploads into the run's MLflow run right after: it must exist
+        storage_in_mlflow = config.storage.backend == "mlflow"
+        if not storage_in_mlflow and not feeder.wait_requested(config.mlflow.wait, run.node.options.wait_mlflow):
+            feeder.ensure_feeder(queue, uri, config.mlflow.telemetry)  # still there (it may have died)
+            return False
+        try:
+            feeder.wait_for(queue, run.run_dir, run.run_path, uri, config.mlflow.telemetry)
+        except KeyboardInterrupt:  # Ctrl-C while waiting: the run is whole, the feeder goes on
+            logger.warning(f"Not waiting for MLflow any longer: it gets {run.key} in the background.")
+            feeder.ensure_feeder(queue, uri, config.mlflow.telemetry)
+            return False
+    except Exception as exc:  # MLflow refused: the run is whole; `sync` catches up
+        with contextlib.suppress(OSError):
+            record.update_section("mlflow", state=feeder.NOT_SYNCED, error=redact_url(f"{type(exc).__name__}: {exc}"))
+    section = RunRecord.load(run.run_dir).data.get("mlflow") or {}
+    if section.get("run_id"):
+        _log_link(run, uri, section)
+    if section.get("state") == feeder.NOT_SYNCED:
+        logger.warning(
+            f"MLflow at {redact_url(uri)} could not be opened ({section.get('error')}). The run is complete "
+            f"locally; `sync {run.key}` records it in MLflow later."
+        )
+    return section.get("state") == feeder.SYNCED

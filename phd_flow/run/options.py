@@ -21,3 +21,4 @@ class RunOptions:
     rerun: list[str] = field(default_factory=list)  # node names that require() must not reuse
     parent: Node[Any, Any] | None = None  # set by Node.require for child runs
     sweep: str | None = None  # the sweep this run is a point of (recorded in run.json)
+    wait_mlflow: bool | None = None  # return once MLflow has the run (None: [mlflow] wait)

@@ -89,7 +89,7 @@ def sync_one(project: Project, record: RunRecord) -> bool:
     if record.status in FINISHED and SUMMARY_FIELD not in record.data and record.data.get("kind") != "sweep":
         # a run made before run.json had the summary: `sync` writes it (`ls` computes it meanwhile)
         record.update(**{SUMMARY_FIELD: summary_of_dir(record.run_dir)})
-    ok = _sync_mlflow(project.config, record)
+    ok = sync_mlflow(project.config, record)
     pending = _own_pending(record)  # uploads that failed in the run
     return push_run(project.storage, record, record.key, pending) and ok
 
@@ -112,16 +112,19 @@ def _own_pending(record: RunRecord) -> list[str]:
     return kept
 
 
-def _sync_mlflow(config: Config, record: RunRecord) -> bool:
+def sync_mlflow(config: Config, record: RunRecord) -> bool:
+    """Bring a run's MLflow view up to date from its run directory; True when MLflow has it."""
     section = record.data.get("mlflow", {})
     if not config.mlflow.enabled or section.get("state") in ("synced", "disabled"):
         return True
-    from phd_flow.tracking import catch_up
+    from phd_flow.feeder import catch_up
+    from phd_flow.tracking import allow_telemetry
 
+    allow_telemetry(config.mlflow.telemetry)
     uri = config.tracking_uri()  # today's config: the recorded URI may be the one that failed
     experiment = section.get("experiment") or config.experiment_name(record.data.get("package"))
     try:
-        record.update_section("mlflow", **catch_up(record.run_dir, record.data, uri, experiment))
+        record.update_section("mlflow", **catch_up(record, uri, experiment))
     except Exception as exc:
         logger.error(f"{record.key}: MLflow at {uri} is still not reachable ({type(exc).__name__}: {exc}).")
         return False

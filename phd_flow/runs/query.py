@@ -504,6 +504,12 @@ def mark_killed(project: Project, run: Run) -> str:
         ) from None
     run.stale = False
     run_id = run.data.get("mlflow", {}).get("run_id")
+    if not run_id and run.data.get("mlflow", {}).get("state") == "pending":  # the feeder had not begun
+        from phd_flow.runs.catchup import sync_mlflow
+
+        if sync_mlflow(project.config, run):
+            return f"{run.key}: marked killed in run.json and in MLflow."
+        return f"{run.key}: marked killed in run.json; MLflow not reachable, `sync` will."
     if not run_id:
         return f"{run.key}: marked killed in run.json."
     try:

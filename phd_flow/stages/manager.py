@@ -291,6 +291,7 @@ class StageManager:
             self._record(stage, status="open")
             return
         self._record(stage, status="open")  # skip_log is in run.json before any sync
+        stage_sources.unshare(stage.path)  # an earlier attempt's files linked with another run
         rule = self.rules.get(stage.name)
         forced = self.node.options.cache  # --cache / --no-cache win over [stages.NAME] cache
         if rule is not None and rule.load_from:
@@ -433,6 +434,8 @@ class StageManager:
             self._record(stage, status="failed")
             return
         files = stage_sources.hash_tree(stage.path)
+        if stage.loaded_from and not stage.kept:  # identical files: one copy on disk
+            stage_sources.store_once(self.node.config, stage.name, stage.loaded_from, stage.path, files)
         stage.sha256 = stage_sources.digest(files)
         stage.completed = True
         config, key = self.node.config, str(self.node.key)

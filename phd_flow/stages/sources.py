@@ -5,12 +5,19 @@ A source is a phd_flow run (found by key, key prefix, ``latest``, or an MLflow r
 ``phd_flow.key`` tag names it) or a plain MLflow run (its artifacts under ``<stage>/``, as
 :mod:`phd_flow.compat` logs them). Files are taken from the source's local run directory when
 it is on this machine, else from the remote storage, else from MLflow's artifact store.
+
+A local source's files are reflinked (copy-on-write) where the filesystem can, else copied, so
+the loading run's code may write them freely; when the stage closes, each file that still has
+the source's bytes becomes a read-only hardlink of the source's copy (:func:`store_once`: a
+later write fails instead of changing the source run). From the remote, files the source
+stores by reference are fetched from the run that holds them. Every file is verified.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -21,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from phd_flow._io import sha256_file
 from phd_flow.errors import CorruptRunError, InvalidKeyError, PhdFlowError, RunNotFoundError, StageError, closest
-from phd_flow.keys import RunKey, remote_relpath
+from phd_flow.keys import RunKey, remote_relpath, safe_join
 from phd_flow.log import logger
 from phd_flow.run import signing
 from phd_flow.run.record import COMPLETED, FAILED, KILLED, RUN_FILE, RunRecord, parse_time
@@ -336,9 +343,7 @@ def _download(project: Project, source: Source, stage: str, staging: Path) -> st
     remote_relpath(f"{source.path}/{stage}")  # a key checked by resolve_key; checked again here
     local = config.local_path / source.path / stage
     if local.is_dir() and not local.is_symlink():
-        # symlinks are copied as links, never followed; verify() hashes regular files only and
-        # only those move into the run
-        shutil.copytree(local, staging, symlinks=True, dirs_exist_ok=True)
+        _link_tree(local, staging)
         return str(local)
     remote = storage.remote
     if remote is None:
@@ -346,16 +351,67 @@ def _download(project: Project, source: Source, stage: str, staging: Path) -> st
     from phd_flow.storage import engine
 
     prefix = f"{source.path}/{stage}"
-    engine.pull(
-        remote,
-        prefix,
-        staging,
-        retries=config.storage.retries,
-        workers=config.storage.workers,
-        label=prefix,
-    )
+    storage.pull_tree(prefix, staging)  # with the files it stores by reference to another run
     (staging / engine.MANIFEST).unlink(missing_ok=True)
     return f"{remote.describe()}/{prefix}"
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Every regular file below ``source`` at the same place below ``target``: a reflink where
+    the filesystem can, else a copy (writable: the stage is open). Symlinks are never followed
+    nor taken: only the files ``verify`` checks move into the run."""
+    from phd_flow.storage.facade import dedup_mode, link_or_copy
+
+    mode = dedup_mode()
+    for path in sorted(source.rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        dest = target / path.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(path, dest, mode, hardlink=False)
+
+
+def store_once(config: Config, stage: str, source_key: str, folder: Path, files: dict[str, str]) -> int:
+    """When a loaded stage has closed: each of its files (``{path: sha256}`` as just hashed) that
+    still has the bytes of the source run's local copy becomes a read-only hardlink of it
+    (:func:`~phd_flow.storage.facade.hardlink_read_only`); returns how many. Files the run
+    changed, a source not on this machine, and places where links are not safe keep their copy."""
+    from phd_flow.storage.facade import dedup_mode, hardlink_read_only
+
+    mode = dedup_mode()
+    try:
+        base = safe_join(config.local_path, f"{source_key}/{stage}")
+    except InvalidKeyError:  # an MLflow run id: no local copy to share
+        return 0
+    linked = 0
+    for rel, digest in sorted(files.items()):
+        own, theirs = folder / rel, base / rel
+        try:
+            if theirs.is_symlink() or not theirs.is_file() or os.path.samefile(own, theirs):
+                continue
+            if own.stat().st_size != theirs.stat().st_size or sha256_file(theirs) != digest:
+                continue
+        except OSError:
+            continue
+        link = own.with_name(f".phd_flow-{own.name}.link")
+        link.unlink(missing_ok=True)
+        if not hardlink_read_only(theirs, link, mode):
+            return linked  # not safe here (root, no hardlinks, another filesystem): copies stay
+        link.replace(own)
+        linked += 1
+    return linked
+
+
+def unshare(folder: Path) -> None:
+    """Give this run private, writable copies of the files in ``folder`` that are hardlinked
+    with another run's (a stage about to be computed again in place: writing them must neither
+    fail nor reach the other run)."""
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if path.is_symlink() or not path.is_file() or path.stat().st_nlink < 2:
+            continue
+        private = path.with_name(f".phd_flow-{path.name}.unshare")
+        shutil.copyfile(path, private)
+        private.replace(path)
 
 
 def _download_mlflow(project: Project, source: Source, stage: str, staging: Path) -> None:

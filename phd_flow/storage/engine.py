@@ -516,6 +516,16 @@ class PushLock:
     # --- the protocol ---------------------------------------------------------------------------
 
     def __enter__(self) -> PushLock:
+        try:
+            self._take_turn()
+        except BaseException:
+            self._remove()  # whatever stopped us (the store, Ctrl-C): leave no marker behind
+            raise
+        self._thread = threading.Thread(target=self._heartbeat, name="phd_flow-push-turn", daemon=True)
+        self._thread.start()
+        return self
+
+    def _take_turn(self) -> None:
         while True:
             name = f"{time.time_ns():020d}-{secrets.token_hex(6)}"
             self.key = _join(self.folder, name)
@@ -525,9 +535,7 @@ class PushLock:
             while True:
                 others = self._live_others(name)
                 if not others:
-                    self._thread = threading.Thread(target=self._heartbeat, name="phd_flow-push-turn", daemon=True)
-                    self._thread.start()
-                    return self
+                    return
                 if min(others) < name:
                     break  # step 3: an older push goes first
                 self._wait(others)  # step 4: ours is the oldest; the younger step back or finish

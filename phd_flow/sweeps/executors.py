@@ -82,7 +82,8 @@ class PointSpec:
 
         node_cls = self.node_class()
         config = load_config(Path(self.project_root), self.config_path)
-        options = RunOptions(key=self.key, sweep=self.sweep, tags={"phd_flow.sweep": self.sweep})
+        # wait: a SLURM job's processes die with it, and a sweep is fed through one feeder
+        options = RunOptions(key=self.key, sweep=self.sweep, tags={"phd_flow.sweep": self.sweep}, wait_mlflow=True)
         return node_cls(node_cls.parse_argv(list(self.argv)), config=config, options=options)
 
 

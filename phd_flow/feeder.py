@@ -1,0 +1,601 @@
+"""The MLflow feeder: MLflow runs fed from run directories, off the run's critical path.
+
+A run neither imports mlflow (≈2 s) nor opens the tracking store (≈1 s) before ``_run``: it
+records ``mlflow.state = "pending"`` in run.json, drops a marker named after its run path in the
+store's queue (``<local_path>/.phd_flow/mlflow-feed/<store hash>/``) and makes sure a feeder
+runs. The feeder is one detached process per queue (``python -m phd_flow.feeder QUEUE``),
+elected by an flock on the queue's ``feeder.lock``: it creates each queued run's MLflow run
+(start time from run.json), sends params, tags and metrics.jsonl as it grows, and once the run
+has ended its artifacts, status and end time; then it removes the marker, and exits when the
+queue has stayed empty for :data:`IDLE_SECONDS`. Fifty parallel runs make one sqlite writer.
+
+Feeding is idempotent, so a feeder killed midway loses and duplicates nothing: run.json records
+the MLflow run id as soon as it exists (a feeder killed before that finds the run again by its
+``phd_flow.key`` tag), and ``metrics_sent`` counts the metrics.jsonl lines MLflow has after
+every batch. One feed at a time per run (an flock on ``<run dir>/.phd_flow-feed.lock``), be it
+the feeder, a run waiting for MLflow (``--wait-mlflow``, ``[mlflow] wait``) or ``sync``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import getpass
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from phd_flow._io import PRIVATE_PREFIX
+from phd_flow.log import logger, redact_url
+from phd_flow.run.record import (
+    ARGS_FILE,
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    OUTPUT_JSONL,
+    OUTPUT_LOG,
+    REPRO_FILE,
+    RESULT_FILE,
+    RUN_FILE,
+    RUNNING,
+    RunRecord,
+    is_live,
+)
+
+FEED_DIR = Path(".phd_flow") / "mlflow-feed"
+FEEDER_LOCK = "feeder.lock"
+FEEDER_LOG = "feeder.log"
+FEED_LOCK = f"{PRIVATE_PREFIX}feed.lock"  # in a run dir: one feed of that run at a time
+URI_ENV = "PHD_FLOW_FEED_URI"  # the tracking URI, handed to the feeder (never on its command line)
+WAIT_ENV = "PHD_FLOW_WAIT_MLFLOW"  # "true": every run waits for MLflow, as [mlflow] wait = true
+IDLE_SECONDS = 3.0
+POLL_SECONDS = 0.25
+STALE_AFTER = 180.0
+#: Files of the record that MLflow shows as artifacts (besides the run's own ``log_artifact`` files).
+RECORD_ARTIFACTS = (OUTPUT_LOG, ARGS_FILE, RUN_FILE, REPRO_FILE)
+#: phd_flow's own files of a run directory that are not MLflow artifacts.
+NOT_ARTIFACTS = frozenset({RESULT_FILE, METRICS_FILE, OUTPUT_JSONL, CHECKPOINT_DIR})
+
+PENDING = "pending"
+SYNCED = "synced"
+NOT_SYNCED = "not_synced"
+
+
+def wait_requested(configured: bool, option: bool | None) -> bool:
+    """Whether a run waits for MLflow: ``--wait-mlflow`` / ``--no-wait-mlflow``, else
+    ``$PHD_FLOW_WAIT_MLFLOW``, else ``[mlflow] wait``."""
+    if option is not None:
+        return option
+    env = os.environ.get(WAIT_ENV, "").strip().lower()
+    if env:
+        return env in ("1", "true", "yes", "on")
+    return configured
+
+
+# --- the queue ----------------------------------------------------------------------------------
+
+
+def queue_dir(local_path: Path, tracking_uri: str) -> Path:
+    """The feed queue of runs in ``local_path`` for the store at ``tracking_uri``."""
+    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    return local_path / FEED_DIR / digest
+
+
+def _marker(queue: Path, run_path: str) -> Path:
+    return queue / run_path.replace("/", "+")
+
+
+def enqueue(queue: Path, run_path: str, tracking_uri: str, telemetry: bool) -> None:
+    """Queue a run for the feeder and make sure one runs."""
+    queue.mkdir(parents=True, exist_ok=True)
+    _marker(queue, run_path).touch()
+    ensure_feeder(queue, tracking_uri, telemetry)
+
+
+def ensure_feeder(queue: Path, tracking_uri: str, telemetry: bool) -> None:
+    """Start a feeder on ``queue`` unless one holds its lock (a feeder that is leaving rescans
+    the queue after releasing the lock, so a marker written before this check is never missed)."""
+    with _Flock(queue / FEEDER_LOCK).held() as free:
+        if not free:
+            return
+    here = str(Path(__file__).resolve().parent.parent)  # this phd_flow, wherever sys.path found it
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, URI_ENV: tracking_uri, "PYTHONPATH": path}
+    with open(queue / FEEDER_LOG, "ab") as log:
+        _SPAWNED[queue] = subprocess.Popen(
+            [sys.executable, "-m", "phd_flow.feeder", str(queue), *(["--telemetry"] if telemetry else [])],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,  # Ctrl-C in the terminal does not reach it
+            close_fds=True,
+        )
+
+
+#: The feeder this process started last, per queue (a waiting run waits for it while it starts).
+_SPAWNED: dict[Path, subprocess.Popen[bytes]] = {}
+
+
+def wait_for(queue: Path, run_dir: Path, run_path: str, tracking_uri: str, telemetry: bool) -> None:
+    """Return once MLflow has the whole run (``--wait-mlflow``): the feeder finished it, or,
+    when no feeder holds the queue (nor is starting), this process feeds it itself."""
+    marker = _marker(queue, run_path)
+    while marker.exists():
+        spawned = _SPAWNED.get(queue)
+        if spawned is not None and spawned.poll() is None and not _Flock(queue / FEEDER_LOCK).is_held():
+            time.sleep(0.05)  # our feeder is still starting: it takes the lock in a moment
+            continue
+        with _Flock(queue / FEEDER_LOCK).held() as free:
+            if free:
+                _feed_until_done(run_dir, tracking_uri, telemetry)
+                marker.unlink(missing_ok=True)
+                return
+        time.sleep(0.05)
+
+
+def _feed_until_done(run_dir: Path, tracking_uri: str, telemetry: bool) -> None:
+    from phd_flow.tracking import allow_telemetry
+
+    allow_telemetry(telemetry)
+    feeding: dict[Path, Feeding] = {}
+    while feed_run(run_dir, tracking_uri, feeding) == LATER:
+        for ancestor in _pending_ancestors(run_dir):  # no feeder runs: their MLflow runs come first
+            feed_run(ancestor, tracking_uri, feeding)
+        time.sleep(0.05)
+
+
+def _pending_ancestors(run_dir: Path) -> list[Path]:
+    """The parents of a child run whose MLflow run does not exist yet, outermost first."""
+    found = []
+    while (run_dir.parent / RUN_FILE).exists():
+        run_dir = run_dir.parent
+        section = RunRecord.load(run_dir).data.get("mlflow") or {}
+        if section.get("state") == PENDING and not section.get("run_id"):
+            found.append(run_dir)
+    return found[::-1]
+
+
+def catch_up(record: RunRecord, tracking_uri: str, experiment: str) -> dict[str, Any]:
+    """Bring a finished (or dead) run's MLflow view up to date (``sync``): wait while another
+    process feeds it, then feed the rest; returns run.json's new ``mlflow`` section."""
+    section = record.data.get("mlflow") or {}
+    if section.get("experiment") != experiment or section.get("state") != PENDING:
+        record.update_section("mlflow", experiment=experiment, state=PENDING)
+    feeding: dict[Path, Feeding] = {}
+    while feed_run(record.run_dir, tracking_uri, feeding) == LATER:
+        time.sleep(0.05)
+    data = RunRecord.load(record.run_dir).data
+    section = dict(data.get("mlflow") or {})
+    if data.get("status") == RUNNING:
+        section["state"] = "open"  # a dead run: `ls --stale --fix` sets its end
+    return section
+
+
+def close_directly(run_dir: Path, data: dict[str, Any], tracking_uri: str, status: str) -> None:
+    """Tell MLflow a run's final status when its run.json cannot be written (a full disk)."""
+    lock = _Flock(run_dir / FEED_LOCK)
+    while not lock.acquire():
+        time.sleep(0.05)
+    try:
+        run = _mlflow_run(run_dir, data, tracking_uri, None, activate=False)
+        run.terminate(status, int(time.time() * 1000))
+    finally:
+        lock.release()
+
+
+def open_live(run_dir: Path, tracking_uri: str) -> Any:
+    """Open a queued run's MLflow run in this process as the active fluent run (mlflow was
+    imported inside ``_run``: plain ``mlflow.*`` calls must land in the run). The feeder keeps
+    feeding it; one process creates it (the run's feed lock)."""
+
+    lock = _Flock(run_dir / FEED_LOCK)
+    while not lock.acquire():
+        time.sleep(0.02)
+    try:
+        record = RunRecord.load(run_dir)
+        data = record.data
+        run = _mlflow_run(run_dir, data, tracking_uri, _parent_id(run_dir, data), activate=True)
+        record.update_section("mlflow", run_id=run.run_id, experiment_id=run.experiment_id)
+        return run
+    finally:
+        lock.release()
+
+
+def _mlflow_run(run_dir: Path, data: dict[str, Any], tracking_uri: str, parent_id: str | None, activate: bool) -> Any:
+    """The run's MLflow run, created (real start time, tags, params) or found again."""
+    from phd_flow.tracking import MlflowRun, param_values
+
+    section = data.get("mlflow") or {}
+    experiment = str(section.get("experiment") or "phd_flow")
+    run = MlflowRun(tracking_uri, experiment, artifact_location(run_dir, data, tracking_uri))
+    run.open(
+        run_name(data),
+        mlflow_tags(data),
+        param_values(data.get("args") or {}),
+        parent_id,
+        section.get("run_id"),
+        activate=activate,
+        start_time=epoch_ms(data.get("started_at")),
+    )
+    return run
+
+
+def _parent_id(run_dir: Path, data: dict[str, Any]) -> str | None:
+    if not data.get("parent"):
+        return None
+    return (RunRecord.load(run_dir.parent).data.get("mlflow") or {}).get("run_id")
+
+
+class MlflowImportHook:
+    """A one-shot import hook: when ``mlflow`` is first imported (inside ``_run``), call
+    ``on_import`` right after the module is executed."""
+
+    def __init__(self, on_import: Any) -> None:
+        self.on_import = on_import
+
+    def install(self) -> None:
+        sys.meta_path.insert(0, self)  # type: ignore[arg-type]
+
+    def remove(self) -> None:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)  # type: ignore[arg-type]
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "mlflow":
+            return None
+        self.remove()
+        import importlib.util
+
+        spec = importlib.util.find_spec("mlflow")
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        execute = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            execute(module)
+            sys.modules["mlflow"] = module  # the fluent API below imports it again
+            try:
+                self.on_import()
+            except Exception as exc:  # MLflow unreachable: the feeder and `sync` still feed it
+                logger.warning(f"Opening the MLflow run for plain mlflow calls failed ({type(exc).__name__}: {exc}).")
+
+        loader.exec_module = exec_module
+        return spec
+
+
+# --- feeding one run ----------------------------------------------------------------------------
+
+DONE, LATER, DROPPED = "done", "later", "dropped"
+
+
+@dataclass
+class Feeding:
+    """A run this process feeds: its MLflow run, and how far metrics.jsonl has been sent."""
+
+    run: Any  # tracking.MlflowRun
+    lines: int  # metrics.jsonl lines MLflow has
+    offset: int  # byte offset of the first line not sent
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def feed_run(run_dir: Path, tracking_uri: str, feeding: dict[Path, Feeding]) -> str:
+    """Feed MLflow what it lacks of one run: DONE (MLflow has all of it, or it gave up: run.json
+    says ``not_synced``), LATER (still running, or another process feeds it now), DROPPED (its
+    process died while running: fed so far; ``sync`` or ``ls --stale --fix`` finishes it)."""
+    lock = _Flock(run_dir / FEED_LOCK)
+    with lock.held() as mine:
+        if not mine:
+            return LATER
+        try:
+            return _feed_locked(run_dir, tracking_uri, feeding)
+        except FileNotFoundError as exc:  # the run was deleted (`rm`) meanwhile
+            if run_dir.exists():
+                raise
+            logger.info(f"{run_dir.name} was deleted ({exc})")
+            feeding.pop(run_dir, None)
+            return DONE
+
+
+def _feed_locked(run_dir: Path, tracking_uri: str, feeding: dict[Path, Feeding]) -> str:
+    record = RunRecord.load(run_dir)
+    data = record.data
+    section = data.get("mlflow") or {}
+    if section.get("state") in (SYNCED, "disabled"):
+        feeding.pop(run_dir, None)
+        return DONE
+    final = data.get("status") != RUNNING
+    state = feeding.get(run_dir)
+    if state is None:
+        opened = _open(run_dir, record, tracking_uri)
+        if opened is None:
+            return LATER  # its parent's MLflow run does not exist yet
+        state = feeding[run_dir] = opened
+    tags = mlflow_tags(data)
+    changed = {k: v for k, v in tags.items() if state.tags.get(k) != v}
+    if changed:
+        state.run.set_tags(changed)
+        state.tags = tags
+    _send_metrics(run_dir, record, state)
+    if not final:
+        if is_live(run_dir, data, STALE_AFTER):
+            return LATER
+        if RunRecord.load(run_dir).status != RUNNING:
+            return LATER  # it has just ended: the next round sends its end
+        feeding.pop(run_dir, None)
+        return DROPPED
+    _log_artifacts(state.run, run_dir, data)
+    status = str(data.get("status"))
+    state.run.terminate(status, epoch_ms(data.get("ended_at")))
+    record.update_section("mlflow", state=SYNCED, metrics_sent=state.lines, status_sent=status, error=None)
+    feeding.pop(run_dir, None)
+    return DONE
+
+
+def _open(run_dir: Path, record: RunRecord, tracking_uri: str) -> Feeding | None:
+    """Create (or find again) the run's MLflow run and record its id at once."""
+
+    data = record.data
+    section = data.get("mlflow") or {}
+    parent_id = None
+    if data.get("parent"):
+        parent = RunRecord.load(run_dir.parent).data.get("mlflow") or {}
+        parent_id = parent.get("run_id")
+        if not parent_id and parent.get("state") == PENDING:
+            return None
+    experiment = str(section.get("experiment") or "phd_flow")
+    recorded = section.get("run_id")
+    run = _mlflow_run(run_dir, data, tracking_uri, parent_id, activate=False)
+    record.update_section(
+        "mlflow",
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        experiment=experiment,
+        tracking_uri=redact_url(tracking_uri),
+    )
+    sent = int(section.get("metrics_sent") or 0) if run.run_id == recorded else 0
+    return Feeding(run, sent, offset_of_line(run_dir / METRICS_FILE, sent), mlflow_tags(data))
+
+
+def _send_metrics(run_dir: Path, record: RunRecord, state: Feeding) -> None:
+    """Send the complete metrics.jsonl lines MLflow lacks, recording the count after each batch."""
+    from phd_flow.tracking import BATCH, parse_metric
+
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    with open(path, "rb") as handle:
+        handle.seek(state.offset)
+        while True:
+            lines = handle.readlines(BATCH * 80)
+            complete = lines if not lines or lines[-1].endswith(b"\n") else lines[:-1]
+            if not complete:
+                return
+            for start in range(0, len(complete), BATCH):
+                chunk = complete[start : start + BATCH]
+                points = []
+                for line in chunk:
+                    with contextlib.suppress(ValueError, KeyError):  # a torn line of a killed attempt
+                        points.append(parse_metric(line))
+                if points:
+                    state.run.log_points(points)
+                state.lines += len(chunk)
+                state.offset += sum(len(line) for line in chunk)
+                record.update_section("mlflow", metrics_sent=state.lines)
+            if len(complete) < len(lines):
+                return
+
+
+def offset_of_line(path: Path, lines: int) -> int:
+    """The byte offset where line ``lines`` (0-based) of ``path`` starts."""
+    if lines <= 0 or not path.exists():
+        return 0
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle):
+            if number >= lines or not line.endswith(b"\n"):
+                break
+            offset += len(line)
+    return offset
+
+
+def _log_artifacts(run: Any, run_dir: Path, data: dict[str, Any]) -> None:
+    """The record files and the run's own files (``log_artifact``) as MLflow artifacts; stages,
+    checkpoints, child runs, the result and phd_flow's private files stay out."""
+    stages = set((data.get("stages") or {}).keys())
+    for entry in sorted(run_dir.iterdir()):
+        name = entry.name
+        if name.startswith((".", PRIVATE_PREFIX)) or name in NOT_ARTIFACTS or name in stages:
+            continue
+        if entry.is_dir():
+            if (entry / RUN_FILE).exists() or entry.is_symlink():
+                continue  # a child run, fed on its own
+            run.client.log_artifacts(run.run_id, str(entry), name)
+        elif entry.is_file() and not entry.is_symlink():
+            run.client.log_artifact(run.run_id, str(entry))
+
+
+def mlflow_tags(data: dict[str, Any]) -> dict[str, str]:
+    """The MLflow tags of a run, from its run.json."""
+    tags = {k: str(v) for k, v in (data.get("tags") or {}).items()}
+    node_class = str(data.get("node_class") or "")
+    tags.update(
+        {
+            "phd_flow.key": str(data.get("key")),  # after the record's tags: no tag names another run
+            "phd_flow.node": str(data.get("node")),
+            "host": str(data.get("host")),
+            "mlflow.user": str(data.get("user") or _user()),
+            "mlflow.source.type": "LOCAL",
+        }
+    )
+    if node_class:
+        tags["mlflow.source.name"] = node_class.rpartition(".")[0] or node_class
+    commit = (data.get("git") or {}).get("commit")
+    if commit:
+        tags["mlflow.source.git.commit"] = str(commit)
+    if data.get("parent"):
+        tags["phd_flow.parent_key"] = str(data["parent"]).rsplit("/", 1)[-1]
+    for name, value in (data.get("slurm") or {}).items():
+        tags[f"slurm.{name}"] = str(value)
+    return {k: redact_url(v) for k, v in tags.items()}
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "unknown"
+
+
+def run_name(data: dict[str, Any]) -> str:
+    """A short MLflow run name that keeps what tells runs apart: ``FitOLS_2026-11-30T09-15_x7k2m9qa``
+    for ``FitOLS_2026-11-30T09-15-23.123456Z_x7k2m9qa``; other keys stay whole."""
+    key, node = str(data.get("key")), str(data.get("node"))
+    head, sep, suffix = key.rpartition("_")
+    if sep and head.startswith(f"{node}_") and len(suffix) == 8:
+        stamp = head[len(node) + 1 :]
+        return f"{node}_{stamp[:16]}_{suffix}"
+    return key
+
+
+def artifact_location(run_dir: Path, data: dict[str, Any], tracking_uri: str) -> str | None:
+    """For the embedded default store (``<local_path>/mlflow.db``), experiments keep their
+    artifacts in ``<local_path>/mlartifacts`` (MLflow's default is ``./mlruns`` of the cwd)."""
+    local_path = run_dir
+    for _ in str(data.get("path") or data.get("key") or "").split("/"):
+        local_path = local_path.parent
+    if tracking_uri == f"sqlite:///{local_path / 'mlflow.db'}":
+        return (local_path / "mlartifacts").as_uri()
+    return None
+
+
+def epoch_ms(stamp: Any) -> int | None:
+    """An ISO 8601 time of run.json in milliseconds since the epoch (MLflow's times), or None."""
+    if not stamp:
+        return None
+    try:
+        return int(datetime.fromisoformat(str(stamp)).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+# --- the feeder process -------------------------------------------------------------------------
+
+
+class _Flock:
+    """A non-blocking ``flock`` on a file (dropped by the kernel when its process dies)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def is_held(self) -> bool:
+        """True when another process holds the lock now."""
+        with self.held() as mine:
+            return not mine
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[bool]:
+        """``with lock.held() as mine:``: True when this process got the lock (released after)."""
+        mine = self.acquire()
+        try:
+            yield mine
+        finally:
+            self.release()
+
+
+def _markers(queue: Path) -> list[Path]:
+    return sorted(p for p in queue.iterdir() if p.name not in (FEEDER_LOCK, FEEDER_LOG))
+
+
+def serve(queue: Path, tracking_uri: str) -> None:
+    """Feed every queued run until the queue stays empty for :data:`IDLE_SECONDS`."""
+    lock = _Flock(queue / FEEDER_LOCK)
+    feeding: dict[Path, Feeding] = {}
+    failures: dict[Path, int] = {}
+    local_path = queue.parent.parent.parent
+    while lock.acquire():
+        (queue / FEEDER_LOCK).write_text(f"pid {os.getpid()}\n")  # who feeds (for people and tests)
+        idle_since = time.monotonic()
+        while True:
+            markers = _markers(queue)
+            for marker in markers:
+                run_dir = local_path / marker.name.replace("+", "/")
+                try:
+                    result = feed_run(run_dir, tracking_uri, feeding)
+                except Exception as exc:  # MLflow refused: retried, then left to `sync`
+                    result = _failed(run_dir, failures, feeding, exc)
+                if result != LATER:
+                    logger.info(f"{marker.name}: {result}")
+                    marker.unlink(missing_ok=True)
+            if markers:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > IDLE_SECONDS:
+                break
+            time.sleep(POLL_SECONDS)
+        lock.release()
+        if not _markers(queue):  # a run that queued itself while we were leaving is fed
+            return
+
+
+def _failed(run_dir: Path, failures: dict[Path, int], feeding: dict[Path, Feeding], exc: Exception) -> str:
+    """Three failures in a row for a run: ``not_synced`` in run.json, ``sync`` redoes it."""
+    failures[run_dir] = failures.get(run_dir, 0) + 1
+    logger.warning(f"Feeding MLflow for {run_dir.name} failed ({type(exc).__name__}: {exc}).")
+    feeding.pop(run_dir, None)  # reopened from run.json next time
+    if failures[run_dir] < 3:
+        return LATER
+    failures.pop(run_dir)
+    with contextlib.suppress(Exception):
+        RunRecord.load(run_dir).update_section(
+            "mlflow", state=NOT_SYNCED, error=redact_url(f"{type(exc).__name__}: {exc}")
+        )
+    return DONE
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    queue = Path(args[0])
+    tracking_uri = os.environ.get(URI_ENV)
+    if not tracking_uri or not queue.is_dir():
+        return 2
+    from phd_flow.log import configure_cli_stderr
+    from phd_flow.tracking import allow_telemetry
+
+    configure_cli_stderr()
+    allow_telemetry("--telemetry" in args)
+    logger.info(f"Feeder pid {os.getpid()} on {queue}")
+    try:
+        serve(queue, tracking_uri)
+    except FileNotFoundError:  # local_path was deleted under us
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
