@@ -181,6 +181,7 @@ def run_local(
     todo = deque(points)
     running: dict[str, _Started] = {}
     total, finished = len(points), 0
+    live = _Live(total, on=out is _print and sys.stdout.isatty())
     previous = _raise_on_sigterm()
     # warm: every point runs the code the driver imported, so every point's fingerprint is of the
     # files as the driver read them at import time, not as they are when the point starts
@@ -197,7 +198,8 @@ def run_local(
                 finished += 1
                 status = _finished_status(config, started)
                 sweep.set_status([key], status)
-                out(_progress(finished, total, status, started))
+                live.clear()
+                out(_progress(finished, total, status, started) + live.eta_text(finished))
             while todo and len(running) < max_parallel:
                 point = todo.popleft()
                 argv = _point_argv(point, sweep, config_path)
@@ -207,8 +209,11 @@ def run_local(
                     running[point["key"]] = _Started(point, proc, log, time.monotonic())
                 sweep.set_status([point["key"]], RUNNING)
             if running:
+                live.show(finished, len(running))
                 time.sleep(POLL)
+        live.clear()
     except (KeyboardInterrupt, RunKilledError):
+        live.clear()
         _stop(list(running.values()))
         not_started = [p["key"] for p in todo]
         sweep.set_status(not_started, KILLED)
@@ -378,6 +383,45 @@ def _signals_deferred() -> Iterator[set[int | signal.Signals]]:
         yield previous
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _Live:
+    """The live ``[done/total] N running  ETA ...`` line of a local sweep: on a terminal only,
+    redrawn in place at most once a second and cleared before each finished point's line. The
+    ETA is the remaining points at the pace of the points finished so far (parallelism counted)."""
+
+    def __init__(self, total: int, on: bool) -> None:
+        self.total, self.on = total, on
+        self.begun = time.monotonic()
+        self.drawn_at = 0.0
+        self.drawn = False
+
+    def eta_text(self, done: int) -> str:
+        if not done or done >= self.total:
+            return ""
+        left = (time.monotonic() - self.begun) / done * (self.total - done)
+        minutes, seconds = divmod(round(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return "  ETA " + (
+            f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+        )
+
+    def show(self, done: int, running: int) -> None:
+        now = time.monotonic()
+        if not self.on or now - self.drawn_at < 1.0:
+            return
+        self.drawn_at, self.drawn = now, True
+        eta = self.eta_text(done) or ("  ETA ?" if done < self.total else "")
+        elapsed = round(now - self.begun)
+        sys.stdout.write(f"\r\x1b[K[{done}/{self.total}] {running} running, {elapsed} s elapsed{eta}")
+        sys.stdout.flush()
+
+    def clear(self) -> None:
+        if self.drawn:
+            sys.stdout.write("\r\x1b[K")
+            sys.stdout.flush()
+            self.drawn = False
+            self.drawn_at = 0.0
 
 
 def _finished_status(config: Config, started: _Started) -> str:
