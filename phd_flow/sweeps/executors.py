@@ -226,10 +226,39 @@ def run_local(
 
 
 def _point_argv(point: dict[str, Any], sweep: Sweep, config_path: str | None) -> list[str]:
-    """The CLI arguments of one point (after ``python -m <package>``)."""
+    """The CLI arguments of one point (after ``python -m <package>``).
+
+    A local point does not wait for MLflow: the one feeder of the store takes the points as they
+    end, and the sweep waits once, at its end, for all of them (:func:`wait_for_mlflow`)."""
     argv = ["--config", config_path] if config_path else []
     # run options before the node name: a field of the node may have the same name (--key)
-    return [*argv, "run", "--key", point["key"], "--sweep", sweep.key, sweep.data["node_class"], *point["argv"]]
+    run = ["run", "--key", point["key"], "--sweep", sweep.key, "--no-wait-mlflow"]
+    return [*argv, *run, sweep.data["node_class"], *point["argv"]]
+
+
+def wait_for_mlflow(config: Config, keys_: Sequence[str], out: Printer = _print) -> None:
+    """Return once MLflow has every point of ``keys_`` whole (the feeder fed them; or, with no
+    feeder running, this process feeds them). Ctrl-C stops the wait, not the feeding."""
+    if not config.mlflow.enabled:
+        return
+    from phd_flow import feeder
+
+    uri = config.tracking_uri()
+    queue = feeder.queue_dir(config.local_path, uri)
+    pending = [k for k in keys_ if _mlflow_state(config.local_path / k) == feeder.PENDING]
+    if not pending:
+        return
+    out(f"Waiting for MLflow to have the {len(pending)} point(s) (the feeder logs to {queue / 'feeder.log'}).")
+    for key in pending:
+        feeder.wait_for(queue, config.local_path / key, key, uri, config.mlflow.telemetry)
+
+
+def _mlflow_state(run_dir: Path) -> str | None:
+    try:
+        section = RunRecord.load(run_dir).data.get("mlflow")
+    except Exception:  # a point that never wrote its record, or a torn one: nothing to wait for
+        return None
+    return section.get("state") if isinstance(section, dict) else None
 
 
 def _spawn(package: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -789,5 +818,6 @@ __all__ = [
     "run_local",
     "slurm_parameters",
     "submit_slurm",
+    "wait_for_mlflow",
     "wait_slurm",
 ]
