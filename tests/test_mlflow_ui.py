@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from phd_flow.tracking import CLASSIC_VIEW
 from tests.conftest import _ENV_VARS, cli
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -101,6 +102,7 @@ def test_mlflow_ui_shows_the_runs_params_metrics_and_artifacts(project: Path, tm
         screenshot = tmp_path / "mlflow-run.png"
         overview = _dom(browser, page, tmp_path, ["Parameters", "mse"], screenshot)
         artifacts = _dom(browser, page + "/artifacts", tmp_path, ["output.log"])
+        classic = _dom(browser, page + CLASSIC_VIEW, tmp_path, ["Parameters", "mse"])  # the links phd_flow prints
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -112,4 +114,7 @@ def test_mlflow_ui_shows_the_runs_params_metrics_and_artifacts(project: Path, tm
     assert "No Artifacts Recorded" not in artifacts
     for name in ("output.log", "args.json", "run.json"):
         assert name in artifacts, f"{name} is not among the run's artifacts in MLflow's UI"
+    # MLflow 3 opens in its GenAI view (evaluation runs, traces); phd_flow's links ask for model training
+    assert "Evaluation runs" in overview and "Evaluation runs" not in classic, classic[-3000:]
+    assert "Parameters (3)" in classic and ">mse<" in classic
     assert screenshot.stat().st_size > 20_000 and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
