@@ -253,6 +253,24 @@ def wait_for_mlflow(config: Config, keys_: Sequence[str], out: Printer = _print)
         feeder.wait_for(queue, config.local_path / key, key, uri, config.mlflow.telemetry)
 
 
+def close_mlflow_sweep(config: Config, sweep: Sweep) -> None:
+    """Once every point of ``sweep`` ended: its MLflow run (the parent its points are nested
+    under) gets the sweep's final status. Nothing when MLflow is off or no point reached it."""
+    from phd_flow.run.record import FAILED
+
+    statuses = {p["status"] for p in sweep.points}
+    if not config.mlflow.enabled or not statuses <= {COMPLETED, FAILED, KILLED}:
+        return
+    from phd_flow import feeder
+
+    status = COMPLETED if statuses == {COMPLETED} else KILLED if KILLED in statuses else FAILED
+    uri, experiment = config.tracking_uri(), config.experiment_name(sweep.data.get("package"))
+    try:
+        feeder.close_sweep_run(config.local_path, sweep.key, uri, experiment, status)
+    except Exception as exc:  # the points are whole; `sweep --status` or `sync` closes it later
+        logger.warning(f"The MLflow run of sweep {sweep.key} could not be closed ({type(exc).__name__}: {exc}).")
+
+
 def _mlflow_state(run_dir: Path) -> str | None:
     try:
         section = RunRecord.load(run_dir).data.get("mlflow")
@@ -271,12 +289,12 @@ def _spawn(package: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 def warm_up(sweep: Sweep, config: Config) -> None:
     """Import, once and in the driver, what every point would import: the node's module,
-    phd_flow's run machinery and (when MLflow is enabled) mlflow with its sqlite store classes;
-    and scan the installed distributions (reproducible.json) once.
+    phd_flow's run machinery; and scan the installed distributions (reproducible.json) once.
+    Not mlflow: a point never imports it before ``_run`` (the store's feeder feeds MLflow), and a
+    module that imported mlflow would make every point open its MLflow run itself.
 
-    Only modules: no connection, file, thread or lock is opened here, so a forked point opens
-    its own MLflow store and sqlite connection. MLflow is not imported when telemetry is on
-    (its client starts threads at import, and a fork must not copy a thread's held locks).
+    Only modules: no connection, file, thread or lock is opened here, so nothing stateful is
+    inherited by a forked point.
     """
     module, _, name = _split_class(sweep.data["node_class"])  # imports the node's module
     node_cls = operator.attrgetter(name)(sys.modules[module])
@@ -286,18 +304,6 @@ def warm_up(sweep: Sweep, config: Config) -> None:
     from phd_flow.run import repro
 
     repro.packages()  # the installed distributions, scanned once for every point's reproducible.json
-    if config.mlflow.enabled and not config.mlflow.telemetry:
-        try:
-            from phd_flow.tracking import import_mlflow
-
-            import_mlflow()
-            importlib.import_module("mlflow.tracking")
-            importlib.import_module("mlflow.store.tracking.sqlalchemy_store")  # sqlalchemy, alembic, the ORM
-            from sqlalchemy.orm import configure_mappers
-
-            configure_mappers()  # in memory only; each point would otherwise redo it
-        except Exception as exc:  # each point reports (and survives) MLflow's failure itself
-            logger.debug(f"Warm-up: importing MLflow failed ({type(exc).__name__}: {exc})")
     if threading.active_count() > 1:
         names = ", ".join(sorted(t.name for t in threading.enumerate() if t is not threading.current_thread()))
         logger.warning(
@@ -815,6 +821,7 @@ __all__ = [
     "PointSpec",
     "active_points",
     "check_slurm",
+    "close_mlflow_sweep",
     "run_local",
     "slurm_parameters",
     "submit_slurm",
