@@ -65,6 +65,8 @@ RECORD_ARTIFACTS = (OUTPUT_LOG, ARGS_FILE, RUN_FILE, REPRO_FILE)
 NOT_ARTIFACTS = frozenset({RESULT_FILE, METRICS_FILE, OUTPUT_JSONL, CHECKPOINT_DIR})
 
 PENDING = "pending"
+#: In a sweep's directory once its MLflow run has its final status.
+SWEEP_CLOSED = ".phd_flow-mlflow-closed"
 SYNCED = "synced"
 NOT_SYNCED = "not_synced"
 
@@ -230,6 +232,60 @@ def _mlflow_run(run_dir: Path, data: dict[str, Any], tracking_uri: str, parent_i
     return run
 
 
+#: Sweep key -> its MLflow run id, per process (a sweep's points find their parent once).
+_SWEEP_RUNS: dict[tuple[str, str], str] = {}
+
+
+def sweep_run_id(local_path: Path, sweep: object, tracking_uri: str, experiment: object) -> str | None:
+    """The MLflow run of sweep ``sweep`` (created on first use, found again by its
+    ``phd_flow.key`` tag): the parent its points are nested under. None when ``sweep`` is not a
+    sweep record in ``local_path``."""
+    from phd_flow.keys import is_run_key
+    from phd_flow.sweeps.grid import SWEEP_KIND
+    from phd_flow.tracking import MlflowRun
+
+    if not isinstance(sweep, str) or not is_run_key(sweep):
+        return None
+    cached = _SWEEP_RUNS.get((tracking_uri, sweep))
+    if cached:
+        return cached
+    try:
+        data = RunRecord.load(local_path / sweep).data  # the key is checked against its location
+    except Exception:  # no record here (another machine's sweep), or a torn one: not nested
+        return None
+    if data.get("kind") != SWEEP_KIND:
+        return None
+    grid: Any = data.get("grid")
+    grid = grid if isinstance(grid, dict) else {}
+    params = {f"grid.{name}": ",".join(map(str, values))[:500] for name, values in grid.items()}
+    tags = {
+        "phd_flow.key": sweep,
+        "phd_flow.kind": SWEEP_KIND,
+        "phd_flow.node": str(data.get("node")),
+        "mlflow.user": str(data.get("user") or _user()),
+    }
+    run = MlflowRun(tracking_uri, str(experiment or "phd_flow"))
+    run.open(run_name(data), tags, params, activate=False, start_time=epoch_ms(data.get("created_at")))
+    assert run.run_id is not None
+    _SWEEP_RUNS[(tracking_uri, sweep)] = run.run_id
+    return run.run_id
+
+
+def close_sweep_run(local_path: Path, sweep: str, tracking_uri: str, experiment: str, status: str) -> bool:
+    """Give a sweep's MLflow run its final status once every point ended (the sweep's end, or
+    ``sweep --status``/``sync`` later); a no-op when it has none. True when MLflow has it."""
+    from phd_flow.tracking import MlflowRun
+
+    closed = local_path / sweep / SWEEP_CLOSED
+    if closed.exists():
+        return True
+    run = MlflowRun(tracking_uri, experiment)
+    run.open(sweep, {"phd_flow.key": sweep}, {}, activate=False)  # found by its tag
+    run.terminate(status, int(time.time() * 1000))
+    closed.write_text(status + "\n")
+    return True
+
+
 def _parent_id(run_dir: Path, data: dict[str, Any]) -> str | None:
     if not data.get("parent"):
         return None
@@ -353,6 +409,8 @@ def _open(run_dir: Path, record: RunRecord, tracking_uri: str) -> Feeding | None
         parent_id = parent.get("run_id")
         if not parent_id and parent.get("state") == PENDING:
             return None
+    elif data.get("sweep"):
+        parent_id = sweep_run_id(run_dir.parent, data.get("sweep"), tracking_uri, section.get("experiment"))
     experiment = str(section.get("experiment") or "phd_flow")
     recorded = section.get("run_id")
     run = _mlflow_run(run_dir, data, tracking_uri, parent_id, activate=False)

@@ -157,11 +157,16 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
 
 
+#: MLflow 3's UI opens in its GenAI view unless the page's URL (or the user's toggle, kept in the
+#: browser) asks for the model-training one; an experiment tag does not change it.
+CLASSIC_VIEW = "?workflowType=machine_learning"
+
+
 def ui_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
-    """The run's page in the MLflow UI when the tracking store is a server."""
+    """The run's page in the MLflow UI (model-training view) when the tracking store is a server."""
     if not tracking_uri.startswith(("http://", "https://")):
         return None
-    return f"{redact_url(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{redact_url(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{CLASSIC_VIEW}"
 
 
 class MetricLog:

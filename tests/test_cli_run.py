@@ -246,7 +246,7 @@ def test_run_help_lists_the_node_fields_first_and_required_ones_as_such(project:
     assert re.search(r"--seed int +random seed of the train/test split \(default: 0\)", out), out
     assert "(default: [])" not in out and "(default: None)" not in out
     assert out.index("--dataset str  ") < out.index("--args-file FILE  ") < out.index("phd_flow run options")
-    assert "--load STAGE=KEY  load STAGE from run KEY" in out
+    assert re.search(r"--load STAGE=KEY +load STAGE from run KEY", out), out
     quiet, verbose = cli(project, "ls"), cli(project, "-v", "ls")
     assert quiet.returncode == 0 and "Loading config" not in quiet.stderr
     assert "Loading config from file" in verbose.stderr

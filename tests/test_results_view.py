@@ -101,6 +101,8 @@ def in_lab(lab: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(lab)
     monkeypatch.setenv("PHD_FLOW_CONFIG", str(lab / "config" / "default.toml"))
     monkeypatch.syspath_prepend(str(lab))  # results are instances of my_project's classes
+    for name in [m for m in sys.modules if m == "my_project" or m.startswith("my_project.")]:
+        monkeypatch.delitem(sys.modules, name)  # another test's my_project, imported in this worker
 
 
 # --- the summary and the Python API -------------------------------------------------------------

@@ -245,3 +245,47 @@ def test_a_warm_point_records_the_code_it_ran_not_an_edit_made_mid_sweep(tmp_pat
     assert results == {1: 1, 2: 1}, "warm points run the code the driver imported"
     code = {n: r["fingerprint"]["inputs"]["code"] for n, (_, r) in by_n.items()}
     assert code[1] == code[2], "the second point's record claims the edited code it never ran"
+
+
+def test_a_local_sweep_waits_once_for_mlflow_and_returns_with_every_point_in_it(tmp_path: Path) -> None:
+    """Points end without waiting for MLflow (the one feeder takes them as they end); the sweep
+    waits once, at its end: when it returns, MLflow has every point whole (issue 20)."""
+    from mlflow.tracking import MlflowClient
+
+    config = 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nexperiment = "sweeps"\n'
+    project = make_project(tmp_path / "proj", config)
+    env = {"PHD_FLOW_WAIT_MLFLOW": "false"}  # the suite's default is to wait in every run
+    proc = cli(project, "sweep", "Scale", "--alpha", "3", "--grid", "seed=1,2,3,4", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = point_records(project)
+    assert {r["mlflow"]["state"] for r in runs.values()} == {"synced"}
+    client = MlflowClient(f"sqlite:///{project / 'data_storage' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sweeps")
+    assert experiment is not None
+    fed = [r for r in client.search_runs([experiment.experiment_id]) if "phd_flow.kind" not in r.data.tags]
+    assert sorted(r.data.tags["phd_flow.key"] for r in fed) == sorted(runs)  # (and the sweep's own run)
+    assert {r.info.status for r in fed} == {"FINISHED"}
+    assert sorted(r.data.metrics["value"] for r in fed) == [3.0, 6.0, 9.0, 12.0]
+
+
+def test_a_sweep_is_one_mlflow_parent_run_with_its_points_nested_and_sync_adds_no_run(tmp_path: Path) -> None:
+    """MLflow shows a sweep as one parent run (grid as params, final status) with every point
+    nested under it; `sync` never turns the sweep record into a run of its own (issue 16)."""
+    from mlflow.tracking import MlflowClient
+
+    config = 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nexperiment = "sweeps"\n'
+    project = make_project(tmp_path / "proj", config)
+    proc = cli(project, "sweep", "Scale", "--alpha", "2", "--grid", "seed=1,2,3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert cli(project, "sync").returncode == 0
+    sweep_key = sweep_record(project)["key"]
+    client = MlflowClient(f"sqlite:///{project / 'data_storage' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sweeps")
+    assert experiment is not None
+    fed = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in fed if r.data.tags.get("phd_flow.key") == sweep_key]
+    points = [r for r in fed if r is not parent]
+    assert len(fed) == 4 and parent.data.tags["phd_flow.kind"] == "sweep"
+    assert parent.data.params == {"grid.seed": "1,2,3"} and parent.info.status == "FINISHED"
+    assert {r.data.tags.get("mlflow.parentRunId") for r in points} == {parent.info.run_id}
+    assert sorted(r.data.tags["phd_flow.key"] for r in points) == sorted(point_records(project))

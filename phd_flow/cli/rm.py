@@ -1,13 +1,16 @@
 """``rm``: delete runs by key or filter, after showing what goes and asking.
 
 What is deleted per run: the local run directory, its MLflow run (and its child runs' MLflow
-runs; soft-deleted as MLflow does, or for good with ``--purge``), and with ``--remote`` its files
-in storage. MLflow goes first and the local directory
-last, so a failure never leaves a run whose MLflow id is lost. A run that another run's stage
-was loaded from is named in a loud warning before the question (locally the loader's files are
-its own: links or copies). ``--remote`` refuses (exit 2, nothing deleted) to delete the storage
-copy of a run whose files a kept run's loaded stage stores by reference (run.json
-``stages.<name>.stored_in``), naming them: the bytes exist once, in the run that made them.
+runs; soft-deleted as MLflow does, restorable until ``mlflow gc``, or for good with ``--purge``),
+with ``--remote`` its files in storage, and with ``--with-data`` the data it wrote through
+``self.storage`` outside its run directory (every path below ``local_path`` named after its key,
+such as ``datasets/<key>``; in storage too with ``--remote``). MLflow goes first and the local
+directory last, so a failure never leaves a run whose MLflow id is lost. A run that another
+run's stage was loaded from is named in a loud warning before the question (locally the
+loader's files are its own: links or copies). ``--remote`` refuses (exit 2, nothing deleted) to
+delete the storage copy of a run whose files a kept run's loaded stage stores by reference
+(run.json ``stages.<name>.stored_in``), naming them: the bytes exist once, in the run that made
+them.
 
 Exit codes: 0 done (or a filter matched nothing), 1 answered no, 2 a key matching no run or a
 run still running (refused even with ``--force``; nothing is deleted).
@@ -16,6 +19,7 @@ run still running (refused even with ``--force``; nothing is deleted).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from phd_flow.cli.selection import add_filters
 from phd_flow.errors import ArgsError, UserError
+from phd_flow.keys import is_run_key
+from phd_flow.run.record import RUN_FILE, RUNNING, STATUS_CHOICES
 
 if TYPE_CHECKING:
     from phd_flow.project import Project
@@ -42,6 +48,12 @@ class Removal:
     #: The run key each MLflow run must carry in its ``phd_flow.key`` tag to be deleted.
     #: MLflow run id -> (the phd_flow key its tag must carry, the parent key a child's tag must carry)
     mlflow_keys: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    #: Its data outside the run directory: local relative path -> (files, bytes)
+    data_local: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: ... and the relative paths of that data in storage (only looked up with --remote --with-data)
+    data_remote: list[str] = field(default_factory=list)
+    #: True when ``data_local``/``data_remote`` go too (``--with-data``)
+    with_data: bool = False
 
     def describe(self, remote: str | None, delete_remote: bool) -> str:
         from phd_flow.cli.render import size_text
@@ -55,6 +67,15 @@ class Removal:
             parts.append("(its copy in storage is kept: add --remote to delete it too)")
         if self.mlflow_run_ids:
             parts.append(f"MLflow run {', '.join(self.mlflow_run_ids)}")
+        data = sorted({*self.data_local, *self.data_remote})
+        if data and self.with_data:
+            for rel in data:
+                files, size = self.data_local.get(rel, (0, 0))
+                here = f"{files} file{'s' if files != 1 else ''}, {size_text(size)}" if rel in self.data_local else ""
+                there = f"in {remote}" if rel in self.data_remote else ""
+                parts.append(f"data {rel} ({', '.join(filter(None, (here, there)))})")
+        elif data:
+            parts.append(f"(its data {', '.join(data)} is kept: add --with-data to delete it)")
         return f"  {self.run.key}  {self.run.state}: " + "; ".join(parts)
 
 
@@ -69,10 +90,13 @@ def remove(project: Project, args: argparse.Namespace) -> int:
         _refuse_referenced(project, runs)
     storage_remote = project.require_remote() if args.remote else None
     plans = [plan_removal(run, storage_remote) for run in runs]
+    _plan_data(project, plans, storage_remote if args.with_data else None, args.with_data)
     where = storage_remote.describe() if storage_remote is not None else None
     print(f"This deletes {len(plans)} run(s):")
     for plan in plans:
         print(plan.describe(where, args.remote))
+    if any(plan.mlflow_run_ids for plan in plans):
+        print(_mlflow_note(project, plans, args.purge))
     _warn_dependents(project, [r.key for r in runs])
     if not args.force and not _confirm(f"Delete {len(plans)} run(s)? [y/N] "):
         print("Nothing deleted.")
@@ -205,11 +229,92 @@ def plan_removal(run: Run, storage_remote: Any = None) -> Removal:
     return plan
 
 
+#: Below ``local_path``: MLflow's artifact stores, never a node's data.
+_MLFLOW_DIRS = frozenset({"mlartifacts", "mlruns"})
+
+
+def data_paths(local_path: Path, run_keys: set[str]) -> dict[str, list[str]]:
+    """``{key: [relative path, ...]}``: what runs wrote through ``self.storage`` outside their run
+    directories, found in one walk of ``local_path``: every directory or file named after a key
+    in ``run_keys`` (``datasets/<key>``, ``models/<key>.pt``). Run directories, hidden folders
+    (phd_flow's own) and MLflow's artifact stores are not searched, nor other runs' data folders."""
+    found: dict[str, list[str]] = {}
+
+    def owner(name: str) -> str | None:
+        if name in run_keys:
+            return name
+        stem = name.split(".", 1)[0]
+        return stem if stem in run_keys and name != stem else None
+
+    if not local_path.is_dir():
+        return found
+    for top in sorted(local_path.iterdir()):
+        name = top.name
+        if name.startswith(".") or name in _MLFLOW_DIRS or name in run_keys:
+            continue
+        if not top.is_dir() or top.is_symlink():
+            if (key := owner(name)) is not None:
+                found.setdefault(key, []).append(name)
+            continue
+        if (top / RUN_FILE).exists() or is_run_key(name):
+            continue  # a run directory, its children included
+        for folder, dirs, files in os.walk(top):
+            rel = Path(folder).relative_to(local_path).as_posix()
+            for sub in sorted(dirs):
+                if sub in run_keys:
+                    found.setdefault(sub, []).append(f"{rel}/{sub}")
+                if sub in run_keys or is_run_key(sub):
+                    dirs.remove(sub)  # its data, or another run's: not searched further
+            for file in sorted(files):
+                if (key := owner(file)) is not None:
+                    found.setdefault(key, []).append(f"{rel}/{file}")
+    return found
+
+
+def _remote_data_paths(remote: Any, key: str, local: list[str]) -> list[str]:
+    """The paths of ``key``'s data in storage: those found locally that are there, and any
+    ``<folder>/<key>`` below a top-level folder of the remote that is not a run."""
+    candidates = set(local)
+    for top in remote.list_dirs(""):
+        if not (top.startswith(".") or top in _MLFLOW_DIRS or top == key or is_run_key(top)):
+            candidates.add(f"{top}/{key}")
+    return sorted(rel for rel in candidates if remote.stat(rel) is not None or any(True for _ in remote.list(rel)))
+
+
+def _plan_data(project: Project, plans: list[Removal], storage_remote: Any, with_data: bool) -> None:
+    """Fill in each plan's data outside its run directory (looked up in storage only when it
+    goes too: ``storage_remote`` given)."""
+    local_path = project.config.local_path
+    found = data_paths(local_path, {plan.run.key for plan in plans})
+    for plan in plans:
+        plan.with_data = with_data
+        for rel in found.get(plan.run.key, []):
+            path = local_path / rel
+            files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() and not path.is_symlink() else [path]
+            sizes = [file.stat().st_size for file in files]
+            plan.data_local[rel] = (len(sizes), sum(sizes))
+        if storage_remote is not None:
+            plan.data_remote = _remote_data_paths(storage_remote, plan.run.key, list(plan.data_local))
+
+
+def _mlflow_note(project: Project, plans: list[Removal], purge: bool) -> str:
+    from phd_flow.log import redact_url
+
+    if purge:
+        return "The MLflow runs are deleted for good (--purge): their artifacts and their rows in the store."
+    uri = redact_url(project.config.tracking_uri())
+    return (
+        "The MLflow runs are soft-deleted, as MLflow does: restore them in MLflow's UI (or with "
+        "`mlflow runs restore --run-id ID`) until `mlflow gc` purges them "
+        f"(`mlflow gc --backend-store-uri {uri}`); --purge deletes them for good now."
+    )
+
+
 def _mlflow_ids(run_dir: Path, data: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
     """``{MLflow run id: (run key, parent key)}`` of the run and of the child runs inside its
     directory. A child's MLflow run is deleted only if its tags name it and its parent (below)."""
     from phd_flow.errors import CorruptRunError
-    from phd_flow.run.record import RUN_FILE, RunRecord
+    from phd_flow.run.record import RunRecord
 
     own = (data.get("mlflow") or {}).get("run_id")
     ids: dict[str, tuple[str, str | None]] = {str(own): (run_dir.name, None)} if own else {}
@@ -266,6 +371,13 @@ def delete_run(project: Project, plan: Removal, storage_remote: Any, purge: bool
                 file=sys.stderr,
             )
             return False
+    if plan.with_data and ok:
+        for rel in sorted({*plan.data_local, *plan.data_remote}):
+            try:  # the facade also drops the files from storage manifests above them
+                project.storage.remove(rel, local=True, remote=rel in plan.data_remote)
+            except Exception as exc:
+                print(f"error: {plan.run.key}: its data {rel} was not deleted ({exc}); run dir kept.", file=sys.stderr)
+                return False
     if plan.run.where != "remote" and ok:
         shutil.rmtree(plan.run.run_dir)
     return ok
@@ -337,8 +449,19 @@ def register_rm(commands: Any) -> None:
         "no, 2 for a key that matches no run or a run that is still running (never deleted).",
     )
     parser.add_argument("keys", nargs="*", metavar="KEY", help="run keys or unique prefixes")
-    add_filters(parser)
+    add_filters(
+        parser,
+        prefix=False,  # KEY... takes every positional; `--where node=NAME` selects a node's runs
+        statuses=tuple(s for s in STATUS_CHOICES if s != RUNNING),  # a running run is never deleted
+        remote_help="delete the runs' copies in storage too (and include runs only there)",
+    )
     parser.add_argument("-f", "--force", action="store_true", help="do not ask")
+    parser.add_argument(
+        "--with-data",
+        action="store_true",
+        help="also delete what the runs wrote through self.storage outside their run directories "
+        "(paths below local_path named after their keys, e.g. datasets/<key>; in storage too with --remote)",
+    )
     parser.add_argument(
         "--purge",
         action="store_true",

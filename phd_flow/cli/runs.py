@@ -399,8 +399,10 @@ def _cmd_ui(project: Project, args: argparse.Namespace) -> int:
     uri = project.config.tracking_uri()
     if uri.startswith(("http://", "https://")):
         from phd_flow.log import redact_url
+        from phd_flow.tracking import CLASSIC_VIEW
 
-        print(f"The tracking store is an MLflow server already: open {redact_url(uri)}")
+        server = redact_url(uri).rstrip("/")
+        print(f"The tracking store is an MLflow server already: open {server}/#/experiments{CLASSIC_VIEW}")
         return 0
     with socket.socket() as probe:
         if probe.connect_ex((args.host, args.port)) == 0:
@@ -420,7 +422,10 @@ def _cmd_ui(project: Project, args: argparse.Namespace) -> int:
         "1",
     ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    from phd_flow.tracking import CLASSIC_VIEW
+
+    page = f"http://{args.host}:{args.port}/#/experiments{CLASSIC_VIEW}"
+    print(f"MLflow UI for {uri} at {page} (Ctrl-C stops it)", flush=True)
     process = subprocess.Popen(command, env=env)
 
     def stop(signum: int, _frame: Any) -> None:

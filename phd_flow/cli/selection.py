@@ -15,15 +15,25 @@ if TYPE_CHECKING:
     from phd_flow.runs.query import Run, RunFilter, Runs
 
 
-def add_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "prefix",
-        nargs="?",
-        metavar="PREFIX",
-        help="only keys starting with PREFIX (e.g. a node name)",
-    )
+def add_filters(
+    parser: argparse.ArgumentParser,
+    prefix: bool = True,
+    statuses: tuple[str, ...] = STATUS_CHOICES,
+    remote_help: str = "include the runs in storage (other machines)",
+) -> None:
+    """The filter options; ``prefix=False`` for a command whose own ``KEY...`` takes every
+    positional (``rm``), ``statuses`` the status flags that make sense for the command."""
+    if prefix:
+        parser.add_argument(
+            "prefix",
+            nargs="?",
+            metavar="PREFIX",
+            help="only keys starting with PREFIX (e.g. a node name)",
+        )
+    else:
+        parser.set_defaults(prefix=None)
     group = parser.add_argument_group("filters (statuses combine with OR, the rest with AND)")
-    for status in STATUS_CHOICES:
+    for status in statuses:
         group.add_argument(
             f"--{status}",
             dest="statuses",
@@ -41,7 +51,7 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
         "or status/node/host/duration; OP: = != < <= > >= (repeatable; quote < and >)",
     )
     group.add_argument("--sweep", metavar="KEY", help="runs of the sweep KEY (its key, a prefix, or its suffix)")
-    group.add_argument("--remote", action="store_true", help="include the runs in storage (other machines)")
+    group.add_argument("--remote", action="store_true", help=remote_help)
     group.add_argument("--refresh", action="store_true", help="with --remote: re-read every run.json, no cache")
 
 

@@ -304,6 +304,8 @@ def _execute_locked(
         except (KeyboardInterrupt, RunKilledError):
             _print_end(project, sweep, summary(_counts(sweep)), interrupted=True)
             raise
+        executors.wait_for_mlflow(config, [p["key"] for p in points])  # once per sweep, not per point
+    executors.close_mlflow_sweep(config, sweep)
     _print_end(project, sweep, summary(counts))
     return 0 if set(counts) == {COMPLETED} else 1
 

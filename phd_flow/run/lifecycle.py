@@ -357,6 +357,10 @@ def _open_live(
     earlier = data.get("mlflow") or {}
     try:
         parent_id = parent.mlflow.run_id if parent is not None and parent.mlflow else None
+        if parent is None and data.get("sweep"):  # a sweep point: nested under the sweep's run
+            from phd_flow.feeder import sweep_run_id
+
+            parent_id = sweep_run_id(config.local_path, data.get("sweep"), uri, experiment)
         started = epoch_ms(data.get("started_at"))  # the run's real start, not MLflow's "now"
         mlflow_run.open(run_name(data), tags, param_values(args), parent_id, earlier.get("run_id"), start_time=started)
     except Exception as exc:  # MLflow down/locked: the run goes on, `sync` catches up later

@@ -15,6 +15,7 @@ from phd_flow.run.record import FINISHED, RUNNING, RunRecord, describe_process, 
 from phd_flow.runs.listing import local_records, resolve_key
 from phd_flow.runs.metrics import SUMMARY_FIELD, summary_of_dir
 from phd_flow.storage.facade import DOWNLOADED
+from phd_flow.sweeps.grid import SWEEP_KIND
 
 if TYPE_CHECKING:
     from phd_flow.config import Config
@@ -136,6 +137,8 @@ def sync_mlflow(config: Config, record: RunRecord) -> bool:
             f"(delete {mark} if it is your own run)."
         )
         return True
+    if record.data.get("kind") == SWEEP_KIND:  # not a run: its points are; it is their parent
+        return _close_sweep(config, record)
     from phd_flow.feeder import catch_up
     from phd_flow.tracking import allow_telemetry
 
@@ -148,4 +151,19 @@ def sync_mlflow(config: Config, record: RunRecord) -> bool:
         logger.error(f"{record.key}: MLflow at {uri} is still not reachable ({type(exc).__name__}: {exc}).")
         return False
     logger.info(f"{record.key}: MLflow run {record.data['mlflow']['run_id']} is up to date.")
+    return True
+
+
+def _close_sweep(config: Config, record: RunRecord) -> bool:
+    """``sync`` of a sweep record: once every point ended, its MLflow run (their parent) gets
+    the final status; a sweep never becomes an MLflow run of its own here."""
+    from phd_flow.sweeps.executors import close_mlflow_sweep
+    from phd_flow.sweeps.grid import Sweep, point_status
+
+    sweep = Sweep(record.run_dir, dict(record.data))
+    for point in sweep.points:
+        point["status"] = point_status(
+            config.local_path / point["key"], point["status"], config.runs.stale_after_seconds
+        )
+    close_mlflow_sweep(config, sweep)
     return True

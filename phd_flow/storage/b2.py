@@ -13,7 +13,9 @@ CLI uses), else from ``[storage] key_id`` / ``key`` (the seed's flat ``b2_key_id
 
 B2 keeps every version of a file: :meth:`B2Remote.delete` removes all of them. Files of more
 than one part size are uploaded as multi-part "large files" by b2sdk, which also checks SHA-1
-on upload and (for simple files) on download. b2sdk is imported only when this module is.
+on upload and (for simple files) on download. A file of
+:data:`~phd_flow.storage.progress.MIN_BYTES` or more shows a byte-level progress bar on a
+terminal (b2sdk's progress listener). b2sdk is imported only when this module is.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from b2sdk.v2 import B2Api, InMemoryAccountInfo
+from b2sdk.v2 import AbstractProgressListener, B2Api, InMemoryAccountInfo
 from b2sdk.v2 import exception as b2_exc
 
 from phd_flow.errors import (
@@ -38,6 +40,7 @@ from phd_flow.errors import (
     StorageNotFoundError,
     StorageUnavailableError,
 )
+from phd_flow.storage import progress
 from phd_flow.storage.base import Remote, RemoteFile
 
 if TYPE_CHECKING:
@@ -146,13 +149,13 @@ class B2Remote(Remote):
 
     def put(self, local: Path, key: str) -> None:
         name = self._checked_name(key)
-        with self._translate(name):
-            self._bucket_handle().upload_local_file(str(local), name)
+        with self._translate(name), progress.ByteProgress(f"↑ {key}") as bar:
+            self._bucket_handle().upload_local_file(str(local), name, progress_listener=_Listener(bar))
 
     def get(self, key: str, local: Path) -> None:
         name = self._checked_name(key)
-        with self._translate(name):
-            self._bucket_handle().download_file_by_name(name).save_to(str(local))
+        with self._translate(name), progress.ByteProgress(f"↓ {key}") as bar:
+            self._bucket_handle().download_file_by_name(name, progress_listener=_Listener(bar)).save_to(str(local))
 
     def delete(self, keys: builtins.list[str]) -> None:
         bucket = self._bucket_handle()
@@ -255,3 +258,18 @@ def b2_name_problem(name: str) -> str | None:
     if len(longest.encode("utf-8")) > _MAX_SEGMENT_BYTES:
         return f"the path segment {longest[:40]!r}... is over {_MAX_SEGMENT_BYTES} UTF-8 bytes"
     return None
+
+
+class _Listener(AbstractProgressListener):  # type: ignore[misc]
+    """b2sdk's progress listener, feeding a :class:`~phd_flow.storage.progress.ByteProgress`
+    (which draws only for a big file on a terminal)."""
+
+    def __init__(self, bar: progress.ByteProgress) -> None:
+        super().__init__()
+        self._bar = bar
+
+    def set_total_bytes(self, total_byte_count: int) -> None:
+        self._bar.set_total_bytes(total_byte_count)
+
+    def bytes_completed(self, byte_count: int) -> None:
+        self._bar.bytes_completed(byte_count)

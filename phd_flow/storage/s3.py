@@ -12,9 +12,10 @@ Credentials come only from the standard AWS chain (``AWS_ACCESS_KEY_ID`` /
 
 or ``uri = "s3://my-bucket/my_project"``. Small files go up in one ``PutObject`` (boto3 adds
 and the server checks a CRC32 of the body); files from :attr:`S3Remote.multipart_threshold`
-up use boto3's managed multipart transfer. botocore retries a request only a few times with a
-short connect timeout, so an unreachable endpoint fails fast and the sync engine's own
-retry/backoff takes over.
+up use boto3's managed multipart transfer. A file of :data:`~phd_flow.storage.progress.MIN_BYTES`
+or more shows a byte-level progress bar on a terminal (boto3's transfer ``Callback``). botocore
+retries a request only a few times with a short connect timeout, so an unreachable endpoint
+fails fast and the sync engine's own retry/backoff takes over.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from phd_flow.errors import (
     StorageNotFoundError,
     StorageUnavailableError,
 )
+from phd_flow.storage import progress
 from phd_flow.storage.base import MAX_SMALL_BYTES, Remote, RemoteFile
 
 if TYPE_CHECKING:
@@ -187,16 +189,19 @@ class S3Remote(Remote):
         return RemoteFile(key, int(head["ContentLength"]))
 
     def put(self, local: Path, key: str) -> None:
-        if local.stat().st_size >= self.multipart_threshold:
+        size = local.stat().st_size
+        if size >= self.multipart_threshold or progress.wanted(size):
             client = self.client
-            self._call(
-                client.upload_file,
-                str(local),
-                self.bucket,
-                self._key(key),
-                Config=self._transfer,
-                what=key,
-            )
+            with progress.ByteProgress(f"↑ {key}", size) as bar:
+                self._call(
+                    client.upload_file,
+                    str(local),
+                    self.bucket,
+                    self._key(key),
+                    Config=self._transfer,
+                    Callback=bar,
+                    what=key,
+                )
             return
         with open(local, "rb") as body:
             self._call(self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=body, what=key)
@@ -204,16 +209,19 @@ class S3Remote(Remote):
     def get(self, key: str, local: Path) -> None:
         response = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(key), what=key)
         body = response["Body"]
-        if int(response["ContentLength"]) >= self.multipart_threshold:
+        size = int(response["ContentLength"])
+        if size >= self.multipart_threshold or progress.wanted(size):
             body.close()  # fetch big objects as parallel ranged GETs instead
-            self._call(
-                self.client.download_file,
-                self.bucket,
-                self._key(key),
-                str(local),
-                Config=self._transfer,
-                what=key,
-            )
+            with progress.ByteProgress(f"↓ {key}", size) as bar:
+                self._call(
+                    self.client.download_file,
+                    self.bucket,
+                    self._key(key),
+                    str(local),
+                    Config=self._transfer,
+                    Callback=bar,
+                    what=key,
+                )
             return
         with open(local, "wb") as out:
             self._call(lambda: [out.write(chunk) for chunk in body.iter_chunks(1 << 20)], what=key)

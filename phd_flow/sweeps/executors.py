@@ -181,6 +181,7 @@ def run_local(
     todo = deque(points)
     running: dict[str, _Started] = {}
     total, finished = len(points), 0
+    live = _Live(total, on=out is _print and sys.stdout.isatty())
     previous = _raise_on_sigterm()
     # warm: every point runs the code the driver imported, so every point's fingerprint is of the
     # files as the driver read them at import time, not as they are when the point starts
@@ -197,7 +198,8 @@ def run_local(
                 finished += 1
                 status = _finished_status(config, started)
                 sweep.set_status([key], status)
-                out(_progress(finished, total, status, started))
+                live.clear()
+                out(_progress(finished, total, status, started) + live.eta_text(finished))
             while todo and len(running) < max_parallel:
                 point = todo.popleft()
                 argv = _point_argv(point, sweep, config_path)
@@ -207,8 +209,11 @@ def run_local(
                     running[point["key"]] = _Started(point, proc, log, time.monotonic())
                 sweep.set_status([point["key"]], RUNNING)
             if running:
+                live.show(finished, len(running))
                 time.sleep(POLL)
+        live.clear()
     except (KeyboardInterrupt, RunKilledError):
+        live.clear()
         _stop(list(running.values()))
         not_started = [p["key"] for p in todo]
         sweep.set_status(not_started, KILLED)
@@ -221,10 +226,57 @@ def run_local(
 
 
 def _point_argv(point: dict[str, Any], sweep: Sweep, config_path: str | None) -> list[str]:
-    """The CLI arguments of one point (after ``python -m <package>``)."""
+    """The CLI arguments of one point (after ``python -m <package>``).
+
+    A local point does not wait for MLflow: the one feeder of the store takes the points as they
+    end, and the sweep waits once, at its end, for all of them (:func:`wait_for_mlflow`)."""
     argv = ["--config", config_path] if config_path else []
     # run options before the node name: a field of the node may have the same name (--key)
-    return [*argv, "run", "--key", point["key"], "--sweep", sweep.key, sweep.data["node_class"], *point["argv"]]
+    run = ["run", "--key", point["key"], "--sweep", sweep.key, "--no-wait-mlflow"]
+    return [*argv, *run, sweep.data["node_class"], *point["argv"]]
+
+
+def wait_for_mlflow(config: Config, keys_: Sequence[str], out: Printer = _print) -> None:
+    """Return once MLflow has every point of ``keys_`` whole (the feeder fed them; or, with no
+    feeder running, this process feeds them). Ctrl-C stops the wait, not the feeding."""
+    if not config.mlflow.enabled:
+        return
+    from phd_flow import feeder
+
+    uri = config.tracking_uri()
+    queue = feeder.queue_dir(config.local_path, uri)
+    pending = [k for k in keys_ if _mlflow_state(config.local_path / k) == feeder.PENDING]
+    if not pending:
+        return
+    out(f"Waiting for MLflow to have the {len(pending)} point(s) (the feeder logs to {queue / 'feeder.log'}).")
+    for key in pending:
+        feeder.wait_for(queue, config.local_path / key, key, uri, config.mlflow.telemetry)
+
+
+def close_mlflow_sweep(config: Config, sweep: Sweep) -> None:
+    """Once every point of ``sweep`` ended: its MLflow run (the parent its points are nested
+    under) gets the sweep's final status. Nothing when MLflow is off or no point reached it."""
+    from phd_flow.run.record import FAILED
+
+    statuses = {p["status"] for p in sweep.points}
+    if not config.mlflow.enabled or not statuses <= {COMPLETED, FAILED, KILLED}:
+        return
+    from phd_flow import feeder
+
+    status = COMPLETED if statuses == {COMPLETED} else KILLED if KILLED in statuses else FAILED
+    uri, experiment = config.tracking_uri(), config.experiment_name(sweep.data.get("package"))
+    try:
+        feeder.close_sweep_run(config.local_path, sweep.key, uri, experiment, status)
+    except Exception as exc:  # the points are whole; `sweep --status` or `sync` closes it later
+        logger.warning(f"The MLflow run of sweep {sweep.key} could not be closed ({type(exc).__name__}: {exc}).")
+
+
+def _mlflow_state(run_dir: Path) -> str | None:
+    try:
+        section = RunRecord.load(run_dir).data.get("mlflow")
+    except Exception:  # a point that never wrote its record, or a torn one: nothing to wait for
+        return None
+    return section.get("state") if isinstance(section, dict) else None
 
 
 def _spawn(package: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -237,12 +289,12 @@ def _spawn(package: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 def warm_up(sweep: Sweep, config: Config) -> None:
     """Import, once and in the driver, what every point would import: the node's module,
-    phd_flow's run machinery and (when MLflow is enabled) mlflow with its sqlite store classes;
-    and scan the installed distributions (reproducible.json) once.
+    phd_flow's run machinery; and scan the installed distributions (reproducible.json) once.
+    Not mlflow: a point never imports it before ``_run`` (the store's feeder feeds MLflow), and a
+    module that imported mlflow would make every point open its MLflow run itself.
 
-    Only modules: no connection, file, thread or lock is opened here, so a forked point opens
-    its own MLflow store and sqlite connection. MLflow is not imported when telemetry is on
-    (its client starts threads at import, and a fork must not copy a thread's held locks).
+    Only modules: no connection, file, thread or lock is opened here, so nothing stateful is
+    inherited by a forked point.
     """
     module, _, name = _split_class(sweep.data["node_class"])  # imports the node's module
     node_cls = operator.attrgetter(name)(sys.modules[module])
@@ -252,18 +304,6 @@ def warm_up(sweep: Sweep, config: Config) -> None:
     from phd_flow.run import repro
 
     repro.packages()  # the installed distributions, scanned once for every point's reproducible.json
-    if config.mlflow.enabled and not config.mlflow.telemetry:
-        try:
-            from phd_flow.tracking import import_mlflow
-
-            import_mlflow()
-            importlib.import_module("mlflow.tracking")
-            importlib.import_module("mlflow.store.tracking.sqlalchemy_store")  # sqlalchemy, alembic, the ORM
-            from sqlalchemy.orm import configure_mappers
-
-            configure_mappers()  # in memory only; each point would otherwise redo it
-        except Exception as exc:  # each point reports (and survives) MLflow's failure itself
-            logger.debug(f"Warm-up: importing MLflow failed ({type(exc).__name__}: {exc})")
     if threading.active_count() > 1:
         names = ", ".join(sorted(t.name for t in threading.enumerate() if t is not threading.current_thread()))
         logger.warning(
@@ -378,6 +418,45 @@ def _signals_deferred() -> Iterator[set[int | signal.Signals]]:
         yield previous
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _Live:
+    """The live ``[done/total] N running  ETA ...`` line of a local sweep: on a terminal only,
+    redrawn in place at most once a second and cleared before each finished point's line. The
+    ETA is the remaining points at the pace of the points finished so far (parallelism counted)."""
+
+    def __init__(self, total: int, on: bool) -> None:
+        self.total, self.on = total, on
+        self.begun = time.monotonic()
+        self.drawn_at = 0.0
+        self.drawn = False
+
+    def eta_text(self, done: int) -> str:
+        if not done or done >= self.total:
+            return ""
+        left = (time.monotonic() - self.begun) / done * (self.total - done)
+        minutes, seconds = divmod(round(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return "  ETA " + (
+            f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+        )
+
+    def show(self, done: int, running: int) -> None:
+        now = time.monotonic()
+        if not self.on or now - self.drawn_at < 1.0:
+            return
+        self.drawn_at, self.drawn = now, True
+        eta = self.eta_text(done) or ("  ETA ?" if done < self.total else "")
+        elapsed = round(now - self.begun)
+        sys.stdout.write(f"\r\x1b[K[{done}/{self.total}] {running} running, {elapsed} s elapsed{eta}")
+        sys.stdout.flush()
+
+    def clear(self) -> None:
+        if self.drawn:
+            sys.stdout.write("\r\x1b[K")
+            sys.stdout.flush()
+            self.drawn = False
+            self.drawn_at = 0.0
 
 
 def _finished_status(config: Config, started: _Started) -> str:
@@ -742,8 +821,10 @@ __all__ = [
     "PointSpec",
     "active_points",
     "check_slurm",
+    "close_mlflow_sweep",
     "run_local",
     "slurm_parameters",
     "submit_slurm",
+    "wait_for_mlflow",
     "wait_slurm",
 ]
