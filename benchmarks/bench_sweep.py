@@ -196,7 +196,9 @@ def check_store(db: Path, experiment: str, n: int, case: str) -> None:
         SELECT r.run_uuid, r.status, COUNT(DISTINCT m.step) FROM runs r
         JOIN experiments e ON e.experiment_id = r.experiment_id
         LEFT JOIN metrics m ON m.run_uuid = r.run_uuid AND m.key = 'loss'
-        WHERE e.name = ? GROUP BY r.run_uuid"""
+        WHERE e.name = ? AND r.run_uuid NOT IN (
+            SELECT t.run_uuid FROM tags t WHERE t.key = 'phd_flow.kind' AND t.value = 'sweep')
+        GROUP BY r.run_uuid"""  # a phd_flow sweep's own (parent) run is not a point
     deadline = time.monotonic() + 30
     while True:
         with contextlib.closing(sqlite3.connect(db)) as con:
