@@ -19,6 +19,7 @@ the field matches no condition on it. Each expression is parsed once; a malforme
 from __future__ import annotations
 
 import json
+import math
 import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -44,8 +45,18 @@ STATS = ("last", "min", "max", "steps")
 
 
 def text(value: Any) -> str:
-    """How ``=`` compares values: strings as they are, the rest as JSON."""
-    return value if isinstance(value, str) else json.dumps(value)
+    """How ``=`` compares values: strings as they are, the rest as JSON (scalars without the
+    encoder: ``ls`` calls this for every arg of every run)."""
+    if isinstance(value, str):
+        return value
+    kind = type(value)
+    if kind is int:
+        return str(value)
+    if kind is float and math.isfinite(value):
+        return repr(value)  # what json.dumps writes for a finite float
+    if kind is bool or value is None:
+        return "true" if value is True else "false" if value is False else "null"
+    return json.dumps(value)
 
 
 @dataclass(frozen=True)
