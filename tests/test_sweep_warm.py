@@ -279,6 +279,8 @@ def test_a_sweep_is_one_mlflow_parent_run_with_its_points_nested_and_sync_adds_n
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert cli(project, "sync").returncode == 0
     sweep_key = sweep_record(project)["key"]
+    shown = cli(project, "show", sweep_key)
+    assert shown.returncode == 0 and "3 points" in shown.stdout and "host ?" not in shown.stdout, shown.stdout
     client = MlflowClient(f"sqlite:///{project / 'data_storage' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sweeps")
     assert experiment is not None

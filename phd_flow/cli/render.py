@@ -191,7 +191,12 @@ def _overview(run: Run) -> list[tuple[str, str]]:
                 local_time(beat) + ("  (stale: the process is gone)" if run.stale else ""),
             )
         )
-    rows.append(("host", f"{data.get('host', '?')}  pid {data.get('pid', '?')}"))
+    if data.get("kind") == "sweep":  # a sweep record: no process of its own, its points have them
+        points = data.get("points")
+        count = len(points) if isinstance(points, list) else 0
+        rows.append(("sweep", f"{count} points; `sweep --status {run.key}` shows them"))
+    elif data.get("host") or data.get("pid"):
+        rows.append(("host", f"{data.get('host', '?')}  pid {data.get('pid', '?')}"))
     slurm = data.get("slurm") or {}
     if slurm:
         rows.append(("slurm", _slurm_text(slurm)))
