@@ -26,11 +26,6 @@ _DYNAMIC = "<dynamic>"  # a require() whose node is not named by a (dotted) name
 def declared_stages(module_name: str) -> frozenset[str] | None:
     """The stage names declared in ``module_name``'s package and the packages of the nodes it
     requires, transitively; None when some are dynamic or the source cannot be read."""
-    by_file = {
-        Path(str(m.__file__)).resolve(): m
-        for m in list(sys.modules.values())
-        if isinstance(m, ModuleType) and str(getattr(m, "__file__", None) or "").endswith(".py")
-    }
     names: set[str] = set()
     todo, done = [module_name], set()
     while todo:
@@ -45,12 +40,22 @@ def declared_stages(module_name: str) -> frozenset[str] | None:
                 return None
             names |= found[0]
             for ref in found[1]:
-                required = _resolve(by_file.get(path), ref)
+                required = _resolve(_module_of(path), ref)
                 if required == _DYNAMIC:
                     return None  # a node chosen at run time: its stages are unknown
                 if required is not None:
                     todo.append(required)
     return frozenset(names)
+
+
+def _module_of(path: Path) -> ModuleType | None:
+    """The imported module whose file is ``path`` (resolved), or None. Only the modules with the
+    same file name are resolved: a run calls this per require(), not per module of the process."""
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None) if isinstance(module, ModuleType) else None
+        if isinstance(file, str) and file.endswith(path.name) and Path(file).resolve() == path:
+            return module
+    return None
 
 
 def _files(module_name: str) -> list[Path]:
