@@ -105,23 +105,33 @@ def enqueue(queue: Path, run_path: str, tracking_uri: str, telemetry: bool) -> N
 
 def ensure_feeder(queue: Path, tracking_uri: str, telemetry: bool) -> None:
     """Start a feeder on ``queue`` unless one holds its lock (a feeder that is leaving rescans
-    the queue after releasing the lock, so a marker written before this check is never missed)."""
-    with _Flock(queue / FEEDER_LOCK).held() as free:
-        if not free:
-            return
+    the queue after releasing the lock, so a marker written before this check is never missed).
+
+    This process takes the lock and hands it to the feeder it starts (the locked descriptor is
+    inherited, ``--lock-fd``): while that feeder starts up, the queue already counts as fed, so
+    runs queuing themselves meanwhile start no second feeder."""
+    lock = _Flock(queue / FEEDER_LOCK)
+    if not lock.acquire():
+        return
     here = str(Path(__file__).resolve().parent.parent)  # this phd_flow, wherever sys.path found it
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, URI_ENV: tracking_uri, "PYTHONPATH": path}
-    with open(queue / FEEDER_LOG, "ab") as log:
-        _SPAWNED[queue] = subprocess.Popen(
-            [sys.executable, "-m", "phd_flow.feeder", str(queue), *(["--telemetry"] if telemetry else [])],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=env,
-            start_new_session=True,  # Ctrl-C in the terminal does not reach it
-            close_fds=True,
-        )
+    try:
+        fd = lock.fd
+        argv = [sys.executable, "-m", "phd_flow.feeder", str(queue), "--lock-fd", str(fd)]
+        with open(queue / FEEDER_LOG, "ab") as log:
+            _SPAWNED[queue] = subprocess.Popen(
+                [*argv, *(["--telemetry"] if telemetry else [])],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,  # Ctrl-C in the terminal does not reach it
+                close_fds=True,
+                pass_fds=(fd,),
+            )
+    finally:
+        lock.release()  # our descriptor only: the feeder's copy keeps the lock
 
 
 #: The feeder this process started last, per queue (a waiting run waits for it while it starts).
@@ -569,6 +579,23 @@ class _Flock:
         self._fd = fd
         return True
 
+    @property
+    def fd(self) -> int:
+        """The locked descriptor (after a successful :meth:`acquire`)."""
+        assert self._fd is not None
+        return self._fd
+
+    def adopt(self, fd: int) -> bool:
+        """Take over a descriptor locked by the process that started this one (``--lock-fd``);
+        False when ``fd`` is not an open descriptor of this lock's file."""
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except OSError:
+            return False
+        if same:
+            self._fd = fd
+        return same
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -593,13 +620,15 @@ def _markers(queue: Path) -> list[Path]:
     return sorted(p for p in queue.iterdir() if p.name not in (FEEDER_LOCK, FEEDER_LOG))
 
 
-def serve(queue: Path, tracking_uri: str) -> None:
-    """Feed every queued run until the queue stays empty for :data:`IDLE_SECONDS`."""
+def serve(queue: Path, tracking_uri: str, lock_fd: int | None = None) -> None:
+    """Feed every queued run until the queue stays empty for :data:`IDLE_SECONDS` (``lock_fd``:
+    the queue's lock, taken by the process that started this feeder)."""
     lock = _Flock(queue / FEEDER_LOCK)
     feeding: dict[Path, Feeding] = {}
     failures: dict[Path, int] = {}
     local_path = queue.parent.parent.parent
-    while lock.acquire():
+    held = (lock_fd is not None and lock.adopt(lock_fd)) or lock.acquire()
+    while held:
         (queue / FEEDER_LOCK).write_text(f"pid {os.getpid()}\n")  # who feeds (for people and tests)
         idle_since = time.monotonic()
         while True:
@@ -621,6 +650,7 @@ def serve(queue: Path, tracking_uri: str) -> None:
         lock.release()
         if not _markers(queue):  # a run that queued itself while we were leaving is fed
             return
+        held = lock.acquire()
 
 
 def _failed(run_dir: Path, failures: dict[Path, int], feeding: dict[Path, Feeding], exc: Exception) -> str:
@@ -650,8 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli_stderr()
     allow_telemetry("--telemetry" in args)
     logger.info(f"Feeder pid {os.getpid()} on {queue}")
+    lock_fd = int(args[args.index("--lock-fd") + 1]) if "--lock-fd" in args[:-1] else None
     try:
-        serve(queue, tracking_uri)
+        serve(queue, tracking_uri, lock_fd)
     except FileNotFoundError:  # local_path was deleted under us
         return 0
     return 0

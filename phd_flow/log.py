@@ -63,6 +63,30 @@ def redact_record(record: Any) -> None:
 
 def _redact_everywhere() -> None:
     logger.configure(patcher=redact_record)
+    _memoize_lib_dirs()
+
+
+def _memoize_lib_dirs() -> None:
+    """loguru builds an exception formatter for every sink it adds, and each one expands every
+    sysconfig install scheme to find the library folders (~10-30 ms per sink; a run adds 3).
+    The answer only depends on ``sys.path``: computed once per ``sys.path``. A loguru without
+    that private helper is left as it is."""
+    from loguru import _better_exceptions
+
+    formatter: Any = getattr(_better_exceptions, "ExceptionFormatter", None)
+    compute = getattr(formatter, "_get_lib_dirs", None)
+    if compute is None or getattr(compute, "memoized", False):
+        return
+    answers: dict[tuple[str, ...], list[str]] = {}
+
+    def lib_dirs() -> list[str]:
+        key = tuple(sys.path)
+        if key not in answers:
+            answers[key] = list(compute())
+        return list(answers[key])
+
+    lib_dirs.memoized = True  # type: ignore[attr-defined]
+    formatter._get_lib_dirs = staticmethod(lib_dirs)
 
 
 class InterceptHandler(logging.Handler):

@@ -102,7 +102,7 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
         run.stages.remember_earlier(run_dir)
         earlier_mlflow = _earlier_mlflow(run_dir)
     try:
-        atomic_write_json(target, args)
+        atomic_write_json(target, args, durable=False)  # the record's first (durable) write follows
         target = run_dir / RUN_FILE
         run.record = RunRecord.create(
             run_dir,
@@ -180,7 +180,7 @@ def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any], logging
     secrets = repro.secret_values(config)
     git = repro.git_info(config.project_root, secrets)
     record.update(fingerprint=node_fingerprint(type(run.node), args))
-    atomic_write_json(run.run_dir / REPRO_FILE, repro.snapshot(config.project_root, git, secrets))
+    atomic_write_json(run.run_dir / REPRO_FILE, repro.snapshot(config.project_root, git, secrets), durable=False)
     record.update(git={k: git.get(k) for k in ("commit", "branch", "dirty")} if git else {})
     from phd_flow.tracking import MetricLog
 

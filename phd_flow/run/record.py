@@ -241,8 +241,14 @@ class RunRecord:
             os.close(fd)
 
     def _write(self, data: dict[str, Any]) -> None:
-        """Write ``data`` (a copy this object no longer changes) as run.json; it becomes ``_base``."""
-        atomic_write_json(self.run_dir / RUN_FILE, data, make_parents=False)
+        """Write ``data`` (a copy this object no longer changes) as run.json; it becomes ``_base``.
+
+        Durable (fsync) when the status changes (the first record, the final status): those
+        must outlive a crashed machine. Other updates (heartbeat, sections) are atomic only, so
+        a power cut can at worst leave the previous version of the same status.
+        """
+        durable = self._base is None or data.get("status") != self._base.get("status")
+        atomic_write_json(self.run_dir / RUN_FILE, data, make_parents=False, durable=durable)
         self._base = data
 
 

@@ -105,7 +105,9 @@ def _write(local_path: Path, run_key: str, section: str, name: str, value: str) 
                 data = {}
             data = data if isinstance(data, dict) else {}
             data.setdefault(section, {})[name] = value
-            atomic_write_json(path, data)
+            # atomic, not fsynced: an entry lost to a power cut fails closed (the result is then
+            # re-verified or recomputed), and the run's final record write is durable anyway
+            atomic_write_json(path, data, durable=False)
         except OSError as exc:  # fail closed: the result then needs a signature or --trust-remote
             logger.warning(f"Could not record run {run_key} in the ledger {folder} ({exc}).")
 
