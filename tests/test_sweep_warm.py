@@ -266,6 +266,10 @@ def test_a_local_sweep_waits_once_for_mlflow_and_returns_with_every_point_in_it(
     assert sorted(r.data.tags["phd_flow.key"] for r in fed) == sorted(runs)  # (and the sweep's own run)
     assert {r.info.status for r in fed} == {"FINISHED"}
     assert sorted(r.data.metrics["value"] for r in fed) == [3.0, 6.0, 9.0, 12.0]
+    # one feeder for the whole sweep: a point queuing itself while the feeder another point
+    # started is still starting up does not start a second one (4 points once started 3)
+    (log,) = (project / "data_storage" / ".phd_flow" / "mlflow-feed").glob("*/feeder.log")
+    assert log.read_text().count("Feeder pid") == 1, log.read_text()
 
 
 def test_a_sweep_is_one_mlflow_parent_run_with_its_points_nested_and_sync_adds_no_run(tmp_path: Path) -> None:
