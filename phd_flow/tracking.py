@@ -314,9 +314,10 @@ class MlflowRun:
                 tags = {**tags, "mlflow.parentRunId": parent_run_id}
             run = self.client.create_run(self.experiment_id, start_time=start_time, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
+            self.log_params(params, existing={})  # a run just created has none
         else:
             self.set_tags(tags)
-        self.log_params(params)
+            self.log_params(params)
         if activate:
             # set_tracking_uri also exports $MLFLOW_TRACKING_URI; close() puts both back.
             self._previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -359,11 +360,13 @@ class MlflowRun:
         kind = {"mlflow.experimentKind": "custom_model_development"}
         return str(self.client.create_experiment(self.experiment, self.artifact_location, kind))
 
-    def log_params(self, params: dict[str, str]) -> None:
-        """Log params, skipping ones already logged with the same value; warn on a change."""
+    def log_params(self, params: dict[str, str], existing: dict[str, str] | None = None) -> None:
+        """Log params, skipping ones already logged with the same value; warn on a change
+        (``existing``: the run's params when the caller knows them)."""
         from mlflow.entities import Param
 
-        existing = self.client.get_run(self.run_id).data.params
+        if existing is None:
+            existing = self.client.get_run(self.run_id).data.params
         todo = []
         for name, value in params.items():
             if name not in existing:
