@@ -367,6 +367,12 @@ def test_a_resumed_sweep_point_keeps_its_completed_stages(tmp_path: Path) -> Non
     assert_kept(project, point["key"], counter)
 
 
+def _job_logs(project: Path) -> str:
+    """The tail of every submitit log of the project's jobs (what the attempts printed)."""
+    logs = sorted((project / "data_storage" / ".slurm").glob("*/*/*_log.*"))
+    return "\n".join(f"--- {p.name}:\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:]) for p in logs)
+
+
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_lane")
 @pytest.mark.xfail(
@@ -401,7 +407,7 @@ def test_a_requeued_slurm_point_keeps_its_completed_stages(tmp_path: Path) -> No
         lambda: _nudged(job) and status_of(project, key) == "completed",
         240,
         "the requeued attempt to complete",
-        lambda: f"run {status_of(project, key)}, squeue {squeue(job)!r}",
+        lambda: f"run {status_of(project, key)}, squeue {squeue(job)!r}, job logs: {_job_logs(project)}",
     )
     assert_kept(project, key, counter)
     until(lambda: not squeue(job).strip(), 30, "the job to leave the queue")
