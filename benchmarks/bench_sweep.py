@@ -12,7 +12,13 @@ of one migrated, empty template DB, so nobody pays for creating the schema):
 * ``hydra``: ``python hydra_app.py -m seed=...`` with Hydra's basic launcher (sequential), one
   MLflow run per point whose 100 metric points go in one ``log_batch`` (the fastest way MLflow
   offers; Hydra and MLflow are installed in their own venv, ``benchmarks/.venv-hydra``, created
-  on first use with ``python -m venv`` + ``pip install hydra-core mlflow==<ours>``).
+  on first use with ``python -m venv`` + ``pip install hydra-core hydra-submitit-launcher
+  mlflow==<ours>``);
+* ``slurm`` (only when asked, ``--cases slurm,hydra-slurm``; needs a SLURM cluster, e.g.
+  ``../shared/slurm/start_slurm.sh``): ``sweep Loop ... --executor slurm --wait``, one job
+  array, at most 2 tasks at once;
+* ``hydra-slurm``: the same Hydra app with ``hydra/launcher=submitit_slurm`` (array
+  parallelism 2). Both SLURM cases are timed until MLflow shows every point complete.
 
 Each repetition runs every contender once per grid size, in alternating order; printed are the
 median and the spread (min-max) of the wall time from launching the command to its return, the
@@ -121,9 +127,8 @@ def hydra_python() -> Path:
         print(f"creating {HYDRA_VENV} (hydra-core, mlflow=={_mlflow_version()}) ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(HYDRA_VENV)], check=True)
         (HYDRA_VENV / ".gitignore").write_text("*\n")
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "hydra-core", f"mlflow=={_mlflow_version()}"], check=True
-        )
+        packages = ["hydra-core", "hydra-submitit-launcher", f"mlflow=={_mlflow_version()}"]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
     return python
 
 
@@ -168,24 +173,31 @@ def run_case(case: str, n: int, root: Path, template: Path) -> float:
     shutil.copy(template, db)
     env = _env()
     seeds = ",".join(str(i) for i in range(n))
-    if case == "hydra":
+    hydra = case.startswith("hydra")
+    if hydra:
         env["BENCH_TRACKING_URI"] = f"sqlite:///{db}"
         command = [str(hydra_python()), "hydra_app.py", "-m", f"seed={seeds}", f"hydra.sweep.dir={store / 'multirun'}"]
         command += [f"hydra.run.dir={store / 'outputs'}"]
+        if case == "hydra-slurm":
+            command += ["hydra/launcher=submitit_slurm", f"hydra.launcher.array_parallelism={PARALLEL}"]
+            command += ["hydra.launcher.timeout_min=10", "hydra.launcher.mem_gb=1", "hydra.launcher.cpus_per_task=1"]
+            command += [f"hydra.launcher.submitit_folder={store / 'submitit'}"]
     else:
+        executor = {"warm": "local", "process": "process", "slurm": "slurm"}[case]
         command = [sys.executable, "-m", "my_project", "sweep", "Loop", "--grid", f"seed={seeds}"]
-        command += ["--max-parallel", str(PARALLEL), "--executor", "local" if case == "warm" else "process"]
+        command += ["--max-parallel", str(PARALLEL), "--executor", executor, *(["--wait"] if case == "slurm" else [])]
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{case} ({n} points) failed:\n{proc.stdout}\n{proc.stderr}")
     try:
-        check_store(db, "hydra" if case == "hydra" else "bench", n, case)
+        check_store(db, "hydra" if hydra else "bench", n, case)
     except SystemExit:
         print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
         raise
-    return seconds
+    # on SLURM the figure is "until MLflow shows every point complete" (the store is polled)
+    return time.perf_counter() - started if case.endswith("slurm") else seconds
 
 
 def check_store(db: Path, experiment: str, n: int, case: str) -> None:
@@ -257,7 +269,7 @@ def main() -> None:
     opts = parser.parse_args()
     reps, sizes = (2, [6]) if opts.quick else (opts.reps, [int(p) for p in opts.points.split(",")])
     cases = opts.cases.split(",")
-    if "hydra" in cases:
+    if any(c.startswith("hydra") for c in cases):
         hydra_python()
     with tempfile.TemporaryDirectory(prefix="bench_sweep_") as tmp:
         root = Path(tmp) / "proj"
@@ -273,22 +285,23 @@ def main() -> None:
                 f"rep {rep + 1}/{reps}: " + ", ".join(f"{c}/{n} {times[c, n][-1]:.1f} s" for c, n in times), flush=True
             )
         print(f"\n{reps} alternated repetitions, {STEPS} log_metric steps per point, phd_flow max_parallel {PARALLEL}")
-        print(f"{'case':<10}" + "".join(f"{f'{n} points (median, min-max)':>34}" for n in sizes) + "   x hydra")
+        print(f"{'case':<12}" + "".join(f"{f'{n} points (median, min-max)':>34}" for n in sizes) + "   x hydra")
         medians = {key: statistics.median(values) for key, values in times.items()}
         for case in cases:
-            row = f"{case:<10}"
+            row = f"{case:<12}"
             for n in sizes:
                 values = times[case, n]
                 row += f"{f'{medians[case, n]:.2f} s ({min(values):.2f}-{max(values):.2f})':>34}"
-            if "hydra" in cases:
-                row += "   " + " / ".join(f"{medians[case, n] / medians['hydra', n]:.2f}" for n in sizes)
+            peer = "hydra-slurm" if case.endswith("slurm") else "hydra"
+            if peer in cases:
+                row += "   " + " / ".join(f"{medians[case, n] / medians[peer, n]:.2f}" for n in sizes)
             print(row)
         if len(sizes) > 1:
             small, big = min(sizes), max(sizes)
             print(f"\nmarginal wall time per point ((T{big} - T{small}) / {big - small}):")
             for case in cases:
                 per_point = (medians[case, big] - medians[case, small]) / (big - small)
-                slots = PARALLEL if case != "hydra" else 1
+                slots = 1 if case == "hydra" else PARALLEL
                 print(f"  {case:<10} {per_point:.3f} s  (x{slots} slots = {per_point * slots:.3f} s per point)")
         if opts.profile:
             print("\ncProfile of one warm point (after the driver's warm-up):")
