@@ -628,6 +628,8 @@ def serve(queue: Path, tracking_uri: str, lock_fd: int | None = None) -> None:
     failures: dict[Path, int] = {}
     local_path = queue.parent.parent.parent
     held = (lock_fd is not None and lock.adopt(lock_fd)) or lock.acquire()
+    if held:
+        _warm(tracking_uri)
     while held:
         (queue / FEEDER_LOCK).write_text(f"pid {os.getpid()}\n")  # who feeds (for people and tests)
         idle_since = time.monotonic()
@@ -651,6 +653,21 @@ def serve(queue: Path, tracking_uri: str, lock_fd: int | None = None) -> None:
         if not _markers(queue):  # a run that queued itself while we were leaving is fed
             return
         held = lock.acquire()
+
+
+def _warm(tracking_uri: str) -> None:
+    """Import mlflow and open the store before the first run needs them: a feeder started ahead
+    of its runs (a sweep starts one as it starts its points) has them ready when they end."""
+    from phd_flow.tracking import import_mlflow, store_lock
+
+    try:
+        import_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        with store_lock(tracking_uri):
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception as exc:  # the store is down or refuses: each run's feed retries and reports
+        logger.warning(f"MLflow at {redact_url(tracking_uri)} could not be opened yet ({type(exc).__name__}: {exc}).")
 
 
 def _failed(run_dir: Path, failures: dict[Path, int], feeding: dict[Path, Feeding], exc: Exception) -> str:

@@ -289,8 +289,10 @@ def _execute_locked(
             print(f"Follow it with: python -m {project.package_name} sweep --status {sweep.key}")
             print(f"Run what did not complete with: {resume_command(project, sweep)}")
             return 0
+        executors.start_feeder(config)  # ready when the first jobs' points end (they wait for it)
         counts = executors.wait_slurm(sweep, config)  # prints each end (with its error line)
     else:
+        executors.start_feeder(config)  # imports mlflow while the points run, not after the first
         try:
             counts = executors.run_local(
                 sweep,

@@ -253,6 +253,23 @@ def wait_for_mlflow(config: Config, keys_: Sequence[str], out: Printer = _print)
         feeder.wait_for(queue, config.local_path / key, key, uri, config.mlflow.telemetry)
 
 
+def start_feeder(config: Config) -> None:
+    """Start the store's MLflow feeder as the sweep starts its points: it imports mlflow and opens
+    the store meanwhile, so the first points' MLflow runs (and SLURM jobs waiting for them) do
+    not wait for that. It leaves once idle, like any feeder; a point starts another if needed."""
+    if not config.mlflow.enabled:
+        return
+    from phd_flow import feeder
+
+    uri = config.tracking_uri()
+    queue = feeder.queue_dir(config.local_path, uri)
+    try:
+        queue.mkdir(parents=True, exist_ok=True)
+        feeder.ensure_feeder(queue, uri, config.mlflow.telemetry)
+    except OSError as exc:  # only an early start is lost: every point queues itself anyway
+        logger.debug(f"No early MLflow feeder ({exc}).")
+
+
 def close_mlflow_sweep(config: Config, sweep: Sweep) -> None:
     """Once every point of ``sweep`` ended: its MLflow run (the parent its points are nested
     under) gets the sweep's final status. Nothing when MLflow is off or no point reached it."""
@@ -824,6 +841,7 @@ __all__ = [
     "close_mlflow_sweep",
     "run_local",
     "slurm_parameters",
+    "start_feeder",
     "submit_slurm",
     "wait_for_mlflow",
     "wait_slurm",
