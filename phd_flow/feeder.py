@@ -23,6 +23,7 @@ import errno
 import fcntl
 import getpass
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -34,11 +35,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from phd_flow._io import PRIVATE_PREFIX
+from phd_flow._io import PRIVATE_PREFIX, atomic_write_json
 from phd_flow.log import logger, redact_url
 from phd_flow.run.record import (
     ARGS_FILE,
     CHECKPOINT_DIR,
+    FINISHED,
     METRICS_FILE,
     OUTPUT_JSONL,
     OUTPUT_LOG,
@@ -67,6 +69,8 @@ NOT_ARTIFACTS = frozenset({RESULT_FILE, METRICS_FILE, OUTPUT_JSONL, CHECKPOINT_D
 PENDING = "pending"
 #: In a sweep's directory once its MLflow run has its final status.
 SWEEP_CLOSED = ".phd_flow-mlflow-closed"
+#: In a sweep's directory: its MLflow run is to be closed by the feeder (``{"status", "experiment"}``).
+SWEEP_CLOSE = ".phd_flow-mlflow-close"
 SYNCED = "synced"
 NOT_SYNCED = "not_synced"
 
@@ -296,6 +300,33 @@ def close_sweep_run(local_path: Path, sweep: str, tracking_uri: str, experiment:
     return True
 
 
+def request_sweep_close(
+    local_path: Path, sweep: str, tracking_uri: str, experiment: str, status: str, telemetry: bool
+) -> None:
+    """Have the store's feeder close the sweep's MLflow run, and wait until it has: the feeder
+    has mlflow imported already, so the sweep process does not pay ~2 s to import it. (With no
+    feeder running, this process does it, as :func:`wait_for` does.)"""
+    if (local_path / sweep / SWEEP_CLOSED).exists():
+        return
+    atomic_write_json(local_path / sweep / SWEEP_CLOSE, {"status": status, "experiment": experiment}, durable=False)
+    queue = queue_dir(local_path, tracking_uri)
+    enqueue(queue, sweep, tracking_uri, telemetry)
+    wait_for(queue, local_path / sweep, sweep, tracking_uri, telemetry)
+
+
+def _close_requested(run_dir: Path, tracking_uri: str) -> None:
+    """Close the sweep's MLflow run as :func:`request_sweep_close` asked (a request that is not
+    phd_flow's shape is dropped: the sweep's next `--status` or `sync` closes it)."""
+    request = run_dir / SWEEP_CLOSE
+    try:
+        asked = json.loads(request.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return
+    if isinstance(asked, dict) and asked.get("status") in FINISHED and isinstance(asked.get("experiment"), str):
+        close_sweep_run(run_dir.parent, run_dir.name, tracking_uri, asked["experiment"], asked["status"])
+    request.unlink(missing_ok=True)
+
+
 def _parent_id(run_dir: Path, data: dict[str, Any]) -> str | None:
     if not data.get("parent"):
         return None
@@ -374,8 +405,13 @@ def feed_run(run_dir: Path, tracking_uri: str, feeding: dict[Path, Feeding]) -> 
 
 
 def _feed_locked(run_dir: Path, tracking_uri: str, feeding: dict[Path, Feeding]) -> str:
+    from phd_flow.sweeps.grid import SWEEP_KIND
+
     record = RunRecord.load(run_dir)
     data = record.data
+    if data.get("kind") == SWEEP_KIND:  # a sweep is no run of its own: only its closing is queued
+        _close_requested(run_dir, tracking_uri)
+        return DONE
     section = data.get("mlflow") or {}
     if section.get("state") in (SYNCED, "disabled"):
         feeding.pop(run_dir, None)

@@ -270,6 +270,11 @@ def test_a_local_sweep_waits_once_for_mlflow_and_returns_with_every_point_in_it(
     # started is still starting up does not start a second one (4 points once started 3)
     (log,) = (project / "data_storage" / ".phd_flow" / "mlflow-feed").glob("*/feeder.log")
     assert log.read_text().count("Feeder pid") == 1, log.read_text()
+    # the sweep's own MLflow run is closed by that feeder too: the sweep never imports mlflow
+    sweep_key = sweep_record(project)["key"]
+    assert f"{sweep_key}: done" in log.read_text(), log.read_text()
+    (parent,) = [r for r in client.search_runs([experiment.experiment_id]) if "phd_flow.kind" in r.data.tags]
+    assert parent.data.tags["phd_flow.key"] == sweep_key and parent.info.status == "FINISHED"
 
 
 def test_a_sweep_is_one_mlflow_parent_run_with_its_points_nested_and_sync_adds_no_run(tmp_path: Path) -> None:

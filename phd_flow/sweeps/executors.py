@@ -283,7 +283,10 @@ def close_mlflow_sweep(config: Config, sweep: Sweep) -> None:
     status = COMPLETED if statuses == {COMPLETED} else KILLED if KILLED in statuses else FAILED
     uri, experiment = config.tracking_uri(), config.experiment_name(sweep.data.get("package"))
     try:
-        feeder.close_sweep_run(config.local_path, sweep.key, uri, experiment, status)
+        if "mlflow" in sys.modules:  # imported here already (`sync`): closed directly
+            feeder.close_sweep_run(config.local_path, sweep.key, uri, experiment, status)
+        else:  # by the feeder, which has mlflow imported: this process does not import it (~2 s)
+            feeder.request_sweep_close(config.local_path, sweep.key, uri, experiment, status, config.mlflow.telemetry)
     except Exception as exc:  # the points are whole; `sweep --status` or `sync` closes it later
         logger.warning(f"The MLflow run of sweep {sweep.key} could not be closed ({type(exc).__name__}: {exc}).")
 
