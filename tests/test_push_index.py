@@ -169,3 +169,32 @@ def test_a_failing_index_write_never_fails_the_push(tmp_path: Path) -> None:
     about = [str(line) for line in said if "Run index" in str(line)]
     assert len(about) == 1 and about[0].startswith("DEBUG")  # one debug line, nothing louder
     assert phd_flow.find_runs(remote=True, config=bucket.config(tmp_path, "machine2")).keys == [key]
+
+
+def test_an_entry_overwritten_by_a_concurrent_push_is_filed_again(tmp_path: Path) -> None:
+    """No conditional writes: a push re-reads the shard after writing it and files its entry
+    again when another push's write (made from an older read) replaced it."""
+    from phd_flow.run.record import RunRecord
+    from phd_flow.runs.index import dump_index, index_pushed, parse_index, shard_path
+    from phd_flow.storage.local import LocalRemote
+
+    (tmp_path / "template").mkdir()
+    template = RunRecord.create(tmp_path / "template", node="Add").data
+    mine, theirs = (
+        {**template, "key": f"Add_2026-01-01T0{i}-00-00.000000Z_racer00{i}", "status": "completed"} for i in (1, 2)
+    )
+    path = shard_path("2026-01-01")
+
+    class RacingRemote(LocalRemote):
+        raced = False
+
+        def write_bytes(self, key: str, data: bytes) -> None:
+            super().write_bytes(key, data)
+            if key == path and not self.raced:  # the other push read the shard before this write
+                self.raced = True
+                super().write_bytes(key, dump_index({theirs["key"]: {k: theirs[k] for k in ("key", "status")}}))
+
+    remote = RacingRemote(tmp_path / "remote")
+    assert index_pushed(remote, [mine]) == 1 and remote.raced
+    filed = parse_index(remote.read_small(path), "2026-01-01")
+    assert sorted(filed) == [mine["key"], theirs["key"]]
