@@ -105,11 +105,14 @@ def remote_records(config: Config, remote: Remote, refresh: bool = False) -> Ite
     index = {} if refresh else parse_index(local_index.read_bytes() if local_index.exists() else None)
     if not refresh and any(name not in index for name in names):
         index.update(read_index(remote, SHARED_INDEX))
+    learned = 0  # records no shared index had: the listing shares its index
     if not refresh and any(name not in index for name in names):
-        index.update({**_read_shards(remote, [n for n in names if n not in index]), **index})
+        missing = [name for name in names if name not in index]
+        found = _read_shards(remote, missing)
+        index.update({name: found[name] for name in missing if name in found})
+        learned = sum(name in found for name in missing)
     todo = [name for name in names if name not in index]
     fetched = _fetch_all(remote, todo)
-    learned = 0
     for name in names:
         if name in index:
             yield RunRecord(config.local_path / name, index[name])
@@ -205,7 +208,8 @@ def _local_index_path(config: Config, remote: Remote) -> Path:
 
 
 def _save_index(remote: Remote, local: Path, index: dict[str, dict[str, Any]], learned: int) -> None:
-    """Write the local copy; share it in the remote when this listing learned something."""
+    """Write the local copy; share it in the remote when this listing learned something (from
+    run.json or the day shards), so the next new machine reads one object."""
     raw = dump_index(index)
     try:
         atomic_write_bytes(local, raw)
