@@ -198,3 +198,27 @@ def test_an_entry_overwritten_by_a_concurrent_push_is_filed_again(tmp_path: Path
     assert index_pushed(remote, [mine]) == 1 and remote.raced
     filed = parse_index(remote.read_small(path), "2026-01-01")
     assert sorted(filed) == [mine["key"], theirs["key"]]
+
+
+def test_a_shard_that_cannot_be_read_is_never_overwritten(tmp_path: Path) -> None:
+    """A timeout reading the shard must not replace the day's entries with one push's entry."""
+    from phd_flow.errors import StorageError
+    from phd_flow.run.record import RunRecord
+    from phd_flow.runs.index import index_pushed, shard_path
+    from phd_flow.storage.local import LocalRemote
+
+    (tmp_path / "template").mkdir()
+    template = RunRecord.create(tmp_path / "template", node="Add").data
+    record = {**template, "key": "Add_2026-01-01T01-00-00.000000Z_unread01", "status": "completed"}
+    path = shard_path("2026-01-01")
+
+    class FlakyRemote(LocalRemote):
+        def read_small(self, key: str, limit: int = 1 << 20) -> bytes | None:
+            if key == path:
+                raise StorageError("read timed out")
+            return super().read_small(key, limit)
+
+    remote = FlakyRemote(tmp_path / "remote")
+    remote.write_bytes(path, b"the day's entries")
+    assert index_pushed(remote, [record]) == 0
+    assert remote.read_bytes(path) == b"the day's entries"

@@ -142,16 +142,21 @@ def index_pushed(remote: Remote, records: Iterable[dict[str, Any]]) -> int:
 def _file(remote: Remote, shard: str, entries: dict[str, dict[str, Any]]) -> int:
     """Read-modify-write one shard until it holds ``entries`` (or the attempts run out)."""
     path = shard_path(shard)
-    index = read_index(remote, path, shard)
+
+    def read() -> dict[str, dict[str, Any]]:
+        # a failed read raises (never a write over a shard that could not be read); a damaged
+        # or planted shard parses as empty and is replaced
+        return parse_index(remote.read_small(path, MAX_INDEX_BYTES), shard)
+
+    index = read()
     for attempt in range(SHARD_ATTEMPTS):
-        missing = {k: v for k, v in entries.items() if index.get(k) != v}
-        if not missing:
+        if all(index.get(k) == v for k, v in entries.items()):
             return len(entries)
         if attempt:  # a concurrent pusher overwrote the shard: let it finish, then merge again
             time.sleep(random.uniform(0.05, 0.2 * attempt))
-            index = read_index(remote, path, shard)
+            index = read()
         remote.write_bytes(path, dump_index({**index, **entries}))
-        index = read_index(remote, path, shard)
+        index = read()
     kept = sum(index.get(k) == v for k, v in entries.items())
     logger.debug(f"Run index {path}: {len(entries) - kept} entries lost to concurrent pushes (listing reads them).")
     return kept
