@@ -1100,6 +1100,57 @@ def test_hostile_poisoned_index_entry_is_dropped(seed: Seed, tmp_path: Path) -> 
     assert seed.add in proc.stdout and "Traceback" not in proc.stderr
 
 
+def _day(key: str) -> str:
+    return key.rsplit("_", 2)[1][:10]
+
+
+def _gz(text: str | bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(text.encode() if isinstance(text, str) else text)
+
+
+_FORGED = {"node": "Add", "status": "completed", "args": {"a": 777}, "sync": {"state": "synced"}}
+_OTHER_DAY = "Add_2020-01-01T00-00-00.000000Z_other001"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["well-formed", "schema", "running", "key-elsewhere", "misfiled", "not-gzip", "not-json", "deep", "bomb", "list"],
+)
+def test_hostile_day_shard_entries_are_dropped(seed: Seed, case: str, tmp_path: Path) -> None:
+    """A push-time day shard (``.phd_flow/index/<day>.json.gz``) is remote data: only an entry
+    that could be the run's own record, filed in its own day, is listed; anything else is dropped
+    (the run's run.json is read instead), never a traceback, never inflated past the cap."""
+    from phd_flow.runs.index import MAX_INDEX_BYTES
+
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)  # its true run.json says a=1
+    own, entry = f".phd_flow/index/{_day(seed.add)}.json.gz", {**_FORGED, "key": seed.add}
+    shards = {
+        "well-formed": {own: _gz(json.dumps({seed.add: entry}))},  # the control: shards are read
+        "schema": {own: _gz(json.dumps({seed.add: {**entry, "sync": 7}}))},
+        "running": {own: _gz(json.dumps({seed.add: {**entry, "status": "running"}}))},
+        "key-elsewhere": {own: _gz(json.dumps({seed.add: {**entry, "key": _OTHER_DAY}}))},
+        "misfiled": {f".phd_flow/index/{_day(_OTHER_DAY)}.json.gz": _gz(json.dumps({seed.add: entry}))},
+        "not-gzip": {own: b"{not gzip"},
+        "not-json": {own: _gz("{not json")},
+        "deep": {own: _gz("[" * 100_000 + "]" * 100_000)},
+        "bomb": {own: _gz(b" " * (MAX_INDEX_BYTES + 1))},
+        "list": {own: _gz(json.dumps([entry]))},
+    }[case]
+    if case == "misfiled":  # a run of that day, so that its shard is read
+        backend.plant_run(seed.run_dir(seed.add), _OTHER_DAY)
+    for name, data in shards.items():
+        assert backend.put(name, data)
+    proc = backend.cli(project, "ls", "--remote", "--json")
+    assert_ok(proc)
+    listed = {row["key"]: row for row in json.loads(proc.stdout)}
+    assert listed[seed.add]["args"]["a"] == (777 if case == "well-formed" else 1), case
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     "manifest",
     ['{"files": []}', '{"files": {"run.json": {"size": 1e999, "sha256": ""}}}', "[" * 100_000],

@@ -147,4 +147,8 @@ def push_run(storage: Storage, record: RunRecord, run_path: str, pending: list[s
         return False
     finally:
         storage.defer_failed_uploads = deferring
+    if "/" not in run_path and record.data.get("key") == run_path:  # a child run is not listed
+        from phd_flow.runs.index import index_pushed
+
+        index_pushed(remote, [record.data])  # the final run.json is up: `ls --remote` need not GET it
     return True

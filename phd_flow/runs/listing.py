@@ -4,18 +4,19 @@ Listing reads one small record per run and never every file:
 
 * locally, one ``os.scandir`` of ``local_path`` and one ``run.json`` per run directory;
 * remotely, one delimiter listing of the run prefixes, then one ``<key>/run.json`` per run,
-  fetched in parallel, except for finished runs (completed, failed, killed) already in the
-  index: a gzipped ``{key: record}`` kept in ``<local_path>/.phd_flow/remote_index/`` and shared
-  through the remote as ``.phd_flow/runs_index.json.gz``. The prefix listing is always fresh, so
-  runs added from other machines appear and runs deleted remotely drop out; the index only
-  saves fetches. (A finished run resumed elsewhere: ``ls --remote --refresh``.)
+  fetched in parallel, except for finished runs (completed, failed, killed) found in an index:
+  a gzipped ``{key: record}`` kept in ``<local_path>/.phd_flow/remote_index/`` and shared
+  through the remote as ``.phd_flow/runs_index.json.gz``, or the day shards every push files
+  its run in (``.phd_flow/index/<day>.json.gz``, :mod:`phd_flow.runs.index`). The prefix
+  listing is always fresh, so runs added from other machines appear and runs deleted remotely
+  drop out; the indexes only save fetches. (A finished run resumed elsewhere:
+  ``ls --remote --refresh``.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 from phd_flow._io import atomic_write_bytes
 from phd_flow.errors import CorruptRunError, InvalidKeyError, RunNotFoundError, StorageError
-from phd_flow.run.record import FINISHED, RUN_FILE, RunRecord, schema_problem
+from phd_flow.run.record import FINISHED, RUN_FILE, RunRecord
+from phd_flow.runs.index import (
+    MAX_INDEX_BYTES,
+    SHARDS,
+    dump_index,
+    entry_of,
+    parse_index,
+    read_index,
+    shard_of,
+    shard_path,
+)
 
 if TYPE_CHECKING:
     from phd_flow.config import Config
@@ -33,8 +44,6 @@ if TYPE_CHECKING:
 REMOTE_INDEX = ".phd_flow/remote_index"
 SHARED_INDEX = ".phd_flow/runs_index.json.gz"
 FETCH_WORKERS = 32
-#: The shared index is remote data: never inflated beyond this.
-MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 
 def local_run_dirs(local_path: Path) -> Iterator[Path]:
@@ -78,48 +87,32 @@ def _subdirs(path: Path) -> list[str]:
 
 # --- remote -------------------------------------------------------------------------------------
 
-# The fields of run.json that listing needs; the index keeps only these.
-INDEX_FIELDS = (
-    "key",
-    "node",
-    "status",
-    "started_at",
-    "ended_at",
-    "heartbeat_at",
-    "host",
-    "pid",
-    "args",
-    "sync",
-    "mlflow",
-    "error",
-    "sweep",
-    "kind",
-    "children",  # where child runs are found in storage (resolve_key)
-    "metrics",
-)
-
 
 def remote_records(config: Config, remote: Remote, refresh: bool = False) -> Iterator[RunRecord | CorruptRunError]:
     """The run records in the remote storage, in key order.
 
     The delimiter listing of run prefixes is always fresh, so it decides which runs exist.
-    Records of finished runs come from the index (the local copy, else the shared object
-    ``.phd_flow/runs_index.json.gz`` in the remote, which any machine's listing refreshes);
-    every other run's run.json is fetched, in parallel. Prefixes without a run.json
-    (``datasets/`` ...) are skipped. ``refresh`` ignores both indexes.
+    Records of finished runs come from the indexes: the local copy, else the shared object
+    ``.phd_flow/runs_index.json.gz`` (which any machine's listing refreshes), else the day
+    shards ``.phd_flow/index/<day>.json.gz`` that every push files its run in; every other
+    run's run.json is fetched, in parallel. Prefixes without a run.json (``datasets/`` ...) are
+    skipped. ``refresh`` ignores every index.
     """
     names, refused = remote_run_names(remote)
     for name, problem in refused:
         yield CorruptRunError(f"{remote.describe()}: skipped {name!r}, not a valid run key ({problem}).")
     local_index = _local_index_path(config, remote)
-    index = {} if refresh else _read_index(local_index.read_bytes() if local_index.exists() else None)
+    index = {} if refresh else parse_index(local_index.read_bytes() if local_index.exists() else None)
     if not refresh and any(name not in index for name in names):
-        index.update(_read_index(_read_remote_index(remote)))
-    # the shared index is remote data too: an entry counts only when its key is where it is filed
-    index = {name: data for name, data in index.items() if data.get("key", name) == name}
+        index.update(read_index(remote, SHARED_INDEX))
+    learned = 0  # records no shared index had: the listing shares its index
+    if not refresh and any(name not in index for name in names):
+        missing = [name for name in names if name not in index]
+        found = _read_shards(remote, missing)
+        index.update({name: found[name] for name in missing if name in found})
+        learned = sum(name in found for name in missing)
     todo = [name for name in names if name not in index]
     fetched = _fetch_all(remote, todo)
-    learned = 0
     for name in names:
         if name in index:
             yield RunRecord(config.local_path / name, index[name])
@@ -136,10 +129,31 @@ def remote_records(config: Config, remote: Remote, refresh: bool = False) -> Ite
             yield exc
             continue
         if record.status in FINISHED:
-            index[name] = {k: record.data[k] for k in INDEX_FIELDS if k in record.data}
+            index[name] = entry_of(record.data)
             learned += 1
         yield record
     _save_index(remote, local_index, {n: index[n] for n in names if n in index}, learned)
+
+
+def _read_shards(remote: Remote, missing: list[str]) -> dict[str, dict[str, Any]]:
+    """The entries of the day shards that could hold these run keys (one listing of the shard
+    folder, then the shards of their days, in parallel); only keys filed in their own day count."""
+    days = {shard_of(name) for name in missing} - {None}
+    if not days:
+        return {}
+    try:
+        present = {f.key for f in remote.list(SHARDS) if f.size <= MAX_INDEX_BYTES}
+    except StorageError:
+        return {}  # the shards only save time: without them the run.json are fetched
+    wanted = sorted(day for day in days if day is not None and shard_path(day) in present)
+    if not wanted:
+        return {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(FETCH_WORKERS, len(wanted), max(1, remote.max_workers))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phd_flow-ls") as pool:
+        shards = pool.map(lambda day: read_index(remote, shard_path(day), day), wanted)
+        return {name: entry for shard in shards for name, entry in shard.items()}
 
 
 def read_remote_record(config: Config, remote: Remote, key: str) -> RunRecord | None:
@@ -193,40 +207,10 @@ def _local_index_path(config: Config, remote: Remote) -> Path:
     return config.local_path / REMOTE_INDEX / f"{remote_id}.json.gz"
 
 
-def _read_index(raw: bytes | None) -> dict[str, dict[str, Any]]:
-    """Parse an index (gzipped JSON ``{key: record}``); anything unreadable is an empty index."""
-    if not raw:
-        return {}
-    import zlib
-
-    try:
-        inflate = zlib.decompressobj(wbits=31)  # gzip; never more than MAX_INDEX_BYTES in memory
-        text = inflate.decompress(raw, MAX_INDEX_BYTES)
-        if inflate.unconsumed_tail or len(text) >= MAX_INDEX_BYTES:
-            return {}  # too big for an index: it only saves time, so it is ignored
-        data = json.loads(text)
-    except (zlib.error, ValueError, RecursionError, OverflowError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    # the same shape check as every run.json: a malformed entry is dropped, never listed
-    return {
-        k: v for k, v in data.items() if isinstance(v, dict) and v.get("status") in FINISHED and not schema_problem(v)
-    }
-
-
-def _read_remote_index(remote: Remote) -> bytes | None:
-    try:
-        return remote.read_small(SHARED_INDEX, MAX_INDEX_BYTES)
-    except StorageError:
-        return None  # the index only saves time: without it every run.json is fetched
-
-
 def _save_index(remote: Remote, local: Path, index: dict[str, dict[str, Any]], learned: int) -> None:
-    """Write the local copy; share it in the remote when this listing learned something."""
-    import gzip
-
-    raw = gzip.compress(json.dumps(index, separators=(",", ":")).encode(), compresslevel=5)
+    """Write the local copy; share it in the remote when this listing learned something (from
+    run.json or the day shards), so the next new machine reads one object."""
+    raw = dump_index(index)
     try:
         atomic_write_bytes(local, raw)
     except OSError:
