@@ -1,0 +1,215 @@
+"""Resumed attempts in MLflow (issue 20): a run resumed under its key (a SLURM requeue, ``sweep
+--resume``, ``run --key``) whose new attempt logs steps an earlier attempt logged ends with one
+MLflow run holding one value per (metric, step): the newest attempt's. The earlier MLflow run is
+replaced (a new one with the same name, params, tags, parent and start time), tagged and
+soft-deleted; a pure continuation is appended as before.
+
+Real CLI subprocesses, a real sqlite store, the background feeder (``PHD_FLOW_WAIT_MLFLOW=false``)
+or a live MLflow run (mlflow imported by the node).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import cli, run_dirs
+from tests.test_feeder import BACKGROUND, client, poll, popen, record
+
+NODES = '''
+import dataclasses
+import time
+from pathlib import Path
+
+from phd_flow import Node, node
+
+
+@dataclasses.dataclass
+class ResumeArgs(node.Args):
+    hold: str = ""  # the first attempt waits here (after logging) until killed
+    overlap: bool = True  # the second attempt restarts at step 5 (else it goes on at step 21)
+
+
+def log_attempt(run, direct=None) -> None:
+    """Attempt 1: loss at steps 0..20 (value = step), acc once, lr three times at step 0.
+    Attempt 2: loss at steps 5..29 or 21..29 (value = 1000 + step), lr three times at step 0."""
+    resumed = run.resumed
+    first, last = (5 if run.args.overlap else 21, 29) if resumed else (0, 20)
+    for step in range(first, last + 1):
+        run.log_metric("loss", step + (1000 if resumed else 0), step=step)
+        if direct is not None:
+            direct.log_metric("direct", step + (1000 if resumed else 0), step=step)
+    if not resumed:
+        run.log_metric("acc", 0.5, step=0)
+    for i in range(3 if run.args.overlap else 0):
+        run.log_metric("lr", i + (10 if resumed else 0))
+    if not resumed and run.args.hold:
+        while not Path(run.args.hold).exists():
+            time.sleep(0.05)
+
+
+class Resumable(Node[ResumeArgs, int]):
+    def _run(self) -> int:
+        log_attempt(self)
+        return 1
+
+
+class ResumableDirect(Node[ResumeArgs, int]):
+    """Imports mlflow inside _run and logs a metric of its own straight to MLflow."""
+
+    def _run(self) -> int:
+        import mlflow
+
+        mlflow.log_param("direct_param", "yes")
+        log_attempt(self, mlflow)
+        return 1
+'''
+
+LIVE = '''
+import mlflow  # imported with the module: the run's MLflow run is opened in the run's process
+
+from my_project.attempt_nodes import ResumeArgs, log_attempt
+from phd_flow import Node
+
+
+class ResumableLive(Node[ResumeArgs, int]):
+    def _run(self) -> int:
+        log_attempt(self)
+        return 1
+'''
+
+LINES_ATTEMPT_1 = 21 + 1 + 3  # loss 0..20, acc, lr x3
+
+
+@pytest.fixture
+def aproject(project: Path) -> Path:
+    (project / "my_project" / "attempt_nodes.py").write_text(NODES)
+    (project / "my_project" / "attempt_live.py").write_text(LIVE)
+    return project
+
+
+def history(project: Path, run_id: str, name: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client(project).get_metric_history(run_id, name))
+
+
+def live_runs(project: Path, key: str) -> list[Any]:
+    ids = [e.experiment_id for e in client(project).search_experiments()]
+    return list(client(project).search_runs(ids, filter_string=f"tags.`phd_flow.key` = '{key}'"))
+
+
+def two_attempts(project: Path, node: str, *extra: str) -> tuple[Path, str]:
+    """Attempt 1 logs, is sent to MLflow whole and is killed (SIGTERM); attempt 2 runs under its
+    key to completion. Returns the run dir and attempt 1's MLflow run id."""
+    proc = popen(project, "run", node, "--hold", str(project / "never"), *extra)
+    try:
+        poll(lambda: run_dirs(project / "data_storage"), "the run to start")
+        (run_dir,) = run_dirs(project / "data_storage")
+        poll(
+            lambda: record(run_dir)["mlflow"].get("metrics_sent", 0) == LINES_ATTEMPT_1 - 3 * ("--no-overlap" in extra),
+            "MLflow to get attempt 1's points",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    data = record(run_dir)
+    assert data["status"] == "killed"
+    first_id = poll(lambda: record(run_dir)["mlflow"].get("state") == "synced" and record(run_dir)["mlflow"]["run_id"],
+                    "attempt 1's MLflow run to be closed")
+    again = cli(project, "run", node, "--hold", str(project / "never"), *extra, "--key", data["key"], env=BACKGROUND)
+    assert again.returncode == 0, again.stderr[-3000:]
+    poll(lambda: record(run_dir)["mlflow"].get("state") == "synced", "MLflow to get attempt 2")
+    return run_dir, str(first_id)
+
+
+NEWEST_LOSS = [(s, float(s)) for s in range(5)] + [(s, 1000.0 + s) for s in range(5, 30)]
+
+
+def assert_replaced(project: Path, run_dir: Path, first_id: str) -> Any:
+    """One live MLflow run for the key, newest-wins histories, the old run tagged and deleted."""
+    data = record(run_dir)
+    (run,) = live_runs(project, data["key"])
+    assert run.info.run_id == data["mlflow"]["run_id"] != first_id
+    assert history(project, run.info.run_id, "loss") == NEWEST_LOSS
+    assert history(project, run.info.run_id, "acc") == [(0, 0.5)]  # only attempt 1 logged it
+    assert history(project, run.info.run_id, "lr") == [(0, 10.0), (0, 11.0), (0, 12.0)]  # attempt 2's three
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["phd_flow.attempts"] == "2" and run.data.tags["phd_flow.replaces"] == first_id
+    assert run.data.params["overlap"] == "True" and run.data.params["hold"].endswith("never")
+    old = client(project).get_run(first_id)
+    assert old.info.lifecycle_stage == "deleted"
+    assert old.data.tags["phd_flow.replaced_by"] == run.info.run_id
+    assert run.info.start_time == old.info.start_time and run.info.run_name == old.info.run_name
+    assert len(data["attempts"]) == 2 and data["attempts"][1]["metrics_from"] == LINES_ATTEMPT_1
+    files = {a.path for a in client(project).list_artifacts(run.info.run_id)}
+    assert {"output.log", "args.json", "run.json"} <= files
+    return run
+
+
+def test_a_resumed_run_that_logs_its_steps_again_keeps_one_point_per_step_in_mlflow(aproject: Path) -> None:
+    run_dir, first_id = two_attempts(aproject, "Resumable")
+    assert_replaced(aproject, run_dir, first_id)
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == LINES_ATTEMPT_1 + 25 + 3  # the record keeps all
+
+
+def test_a_pure_continuation_is_appended_to_the_same_mlflow_run(aproject: Path) -> None:
+    run_dir, first_id = two_attempts(aproject, "Resumable", "--no-overlap")
+    data = record(run_dir)
+    (run,) = live_runs(aproject, data["key"])
+    assert run.info.run_id == first_id == data["mlflow"]["run_id"]
+    assert "phd_flow.replaces" not in run.data.tags and run.data.tags["phd_flow.attempts"] == "2"
+    assert history(aproject, first_id, "loss") == [(s, float(s)) for s in range(21)] + [
+        (s, 1000.0 + s) for s in range(21, 30)
+    ]
+
+
+def test_metrics_logged_straight_to_mlflow_inside_run_are_carried_over_newest_attempt_first(aproject: Path) -> None:
+    run_dir, first_id = two_attempts(aproject, "ResumableDirect")
+    run = assert_replaced(aproject, run_dir, first_id)
+    assert history(aproject, run.info.run_id, "direct") == NEWEST_LOSS
+    assert run.data.params["direct_param"] == "yes"
+
+
+def test_a_live_mlflow_run_is_replaced_at_the_end_of_the_resumed_attempt(aproject: Path) -> None:
+    run_dir, first_id = two_attempts(aproject, "ResumableLive")
+    assert_replaced(aproject, run_dir, first_id)
+
+
+def _back_to_before_the_delete(project: Path, run_dir: Path, first_id: str, new_id: str) -> None:
+    """Put MLflow and run.json where a feeder SIGKILLed between completing the new MLflow run
+    and deleting the old one leaves them (both live and tagged with the key)."""
+    mlflow = client(project)
+    mlflow.restore_run(first_id)
+    mlflow.delete_tag(first_id, "phd_flow.replaced_by")
+    data = record(run_dir)
+    data["mlflow"].update(
+        state="pending", run_id=first_id, metrics_sent=data["mlflow"]["metrics_sent"], replacement=new_id
+    )
+    del data["mlflow"]["replaced_at"]
+    (run_dir / "run.json").write_text(json.dumps(data))
+
+
+def test_a_replacement_killed_before_the_old_run_is_deleted_is_finished_by_sync(aproject: Path) -> None:
+    run_dir, first_id = two_attempts(aproject, "Resumable")
+    new_id = record(run_dir)["mlflow"]["run_id"]
+    _back_to_before_the_delete(aproject, run_dir, first_id, new_id)
+    assert len(live_runs(aproject, record(run_dir)["key"])) == 2
+    synced = cli(aproject, "sync", record(run_dir)["key"])
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    run = assert_replaced(aproject, run_dir, first_id)
+    assert run.info.run_id == new_id  # finished, not replaced again
+
+
+def test_a_replacement_killed_while_building_the_new_run_is_redone_by_sync(aproject: Path) -> None:
+    run_dir, first_id = two_attempts(aproject, "Resumable")
+    partial = record(run_dir)["mlflow"]["run_id"]
+    _back_to_before_the_delete(aproject, run_dir, first_id, partial)
+    client(aproject).delete_tag(partial, "phd_flow.key")  # not complete yet: it never claimed the key
+    synced = cli(aproject, "sync", record(run_dir)["key"])
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    run = assert_replaced(aproject, run_dir, first_id)
+    assert run.info.run_id != partial
+    assert client(aproject).get_run(partial).info.lifecycle_stage == "deleted"
