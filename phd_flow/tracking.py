@@ -33,6 +33,7 @@ from phd_flow.log import logger, redact_url, repoint_mlflow_loggers
 from phd_flow.run.record import METRICS_FILE
 
 MAX_PARAM_LENGTH = 6000
+Point = tuple[str, float, int, int]  # a metric point: name, value, timestamp (ms), step
 BATCH = 1000
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED", "running": "RUNNING"}
 
@@ -189,7 +190,9 @@ class MetricLog:
         if self._file.tell() and not _ends_with_newline(self.path):
             self._file.write("\n")  # a killed attempt's torn last line stays a line of its own
         self._send_from = self._file.tell()  # byte offset of the first point not yet sent
-        self._sender: Callable[[list[tuple[str, float, int, int]]], None] | None = None
+        self._send_line = 0  # its line number (counted from ``start``'s ``from_line``)
+        self._sender: Callable[[list[Point], int], None] | None = None
+        self._hold_back: Callable[[int, Point], bool] | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -197,12 +200,21 @@ class MetricLog:
         """Queue one point (MLflow's conventions: step 0 and "now" in ms by default)."""
         self.queue.append((name, float(value), timestamp or int(time.time() * 1000), step or 0))
 
-    def start(self, sender: Callable[[list[tuple[str, float, int, int]]], None] | None, from_byte: int = -1) -> None:
+    def start(
+        self,
+        sender: Callable[[list[Point], int], None] | None,
+        from_byte: int = -1,
+        from_line: int = 0,
+        hold_back: Callable[[int, Point], bool] | None = None,
+    ) -> None:
         """Start the writer thread and, with a ``sender`` (MLflow), the thread feeding it from
-        byte ``from_byte`` of metrics.jsonl (an earlier attempt's unsent lines; default: new ones)."""
-        self._sender = sender
+        byte ``from_byte`` (line ``from_line``) of metrics.jsonl (an earlier attempt's unsent
+        lines; default: new ones). The sender gets a batch of points and the number of lines
+        they came from; a point ``hold_back(line, point)`` is true for is left out (a step an
+        earlier attempt logged: :class:`Attempts`)."""
+        self._sender, self._hold_back = sender, hold_back
         if from_byte >= 0:
-            self._send_from = from_byte
+            self._send_from, self._send_line = from_byte, from_line
         loops = [("phd_flow-metrics", self._drain)] + ([("phd_flow-metrics-send", self._send)] if sender else [])
         for name, step in loops:
             thread = threading.Thread(target=self._loop, args=(step,), name=name, daemon=True)
@@ -242,13 +254,21 @@ class MetricLog:
                 complete = lines if not lines or lines[-1].endswith(b"\n") else lines[:-1]
                 if not complete:
                     return
-                points = []
-                for line in complete:
+                points: list[Point] = []
+                counted = 0  # lines the points come from
+                for number, line in enumerate(complete, self._send_line):
+                    counted += 1
                     with contextlib.suppress(ValueError, KeyError):  # a torn line of a killed attempt
-                        points.append(parse_metric(line))
-                for i in range(0, len(points), BATCH):
-                    self._sender(points[i : i + BATCH])
+                        point = parse_metric(line)
+                        if self._hold_back is None or not self._hold_back(number, point):
+                            points.append(point)
+                    if len(points) == BATCH:
+                        self._sender(points, counted)
+                        points, counted = [], 0
+                if counted:
+                    self._sender(points, counted)
                 self._send_from += sum(len(line) for line in complete)
+                self._send_line += len(complete)
                 if len(complete) < len(lines):
                     return  # a line still being written: the next round sends it
 
@@ -277,8 +297,6 @@ REPLACES_TAG = "phd_flow.replaces"  # on the new MLflow run: the run id it repla
 REPLACED_BY_TAG = "phd_flow.replaced_by"  # on the deleted MLflow run: the run id that replaced it
 BUILDING_TAG = "phd_flow.replacing"  # the key of a new MLflow run being filled (no KEY_TAG yet)
 LINES_TAG = "phd_flow.metrics_lines"  # metrics.jsonl lines the new MLflow run was built from
-
-Point = tuple[str, float, int, int]
 
 
 def count_lines(path: Path) -> int:
@@ -494,15 +512,17 @@ class MlflowRun:
         """Set the final status (a phd_flow status) and the run's real end time."""
         self.client.set_terminated(self.run_id, STATUS.get(status, "FAILED"), end_time=end_time)
 
-    def send_metrics(self, batch: list[tuple[str, float, int, int]]) -> None:
-        """Log one batch (<= 1,000 points) with log_batch. After the first failure nothing more is
-        sent, so ``sent`` is exactly the number of metrics.jsonl lines MLflow has."""
+    def send_metrics(self, batch: list[Point], lines: int) -> None:
+        """Log one batch (<= 1,000 points, from ``lines`` lines of metrics.jsonl) with log_batch.
+        After the first failure nothing more is sent, so ``sent`` is exactly the number of
+        metrics.jsonl lines MLflow has."""
         if self.error is not None:
             return
         from mlflow.entities import Metric
 
         try:
-            self.client.log_batch(self.run_id, metrics=[Metric(n, v, t, s) for n, v, t, s in batch])
+            if batch:
+                self.client.log_batch(self.run_id, metrics=[Metric(n, v, t, s) for n, v, t, s in batch])
         except Exception as exc:  # any MLflow failure: keep the rest for `sync`
             self.error = f"{type(exc).__name__}: {exc}"
             logger.warning(
@@ -510,7 +530,7 @@ class MlflowRun:
                 "and `sync` sends the rest later."
             )
             return
-        self.sent += len(batch)
+        self.sent += lines
 
     # --- closing ----------------------------------------------------------------------------
 

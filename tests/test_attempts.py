@@ -52,6 +52,21 @@ def log_attempt(run, direct=None) -> None:
             time.sleep(0.05)
 
 
+@dataclasses.dataclass
+class FlakyArgs(node.Args):
+    seed: int = 0
+    allow: str = ""  # fails at step 6 unless this file exists
+
+
+class Flaky(Node[FlakyArgs, int]):
+    def _run(self) -> int:
+        for step in range(10):
+            if step == 6 and not Path(self.args.allow).exists():
+                raise RuntimeError("flaky")
+            self.log_metric("loss", step + (1000 if self.resumed else 0), step=step)
+        return 1
+
+
 class Resumable(Node[ResumeArgs, int]):
     def _run(self) -> int:
         log_attempt(self)
@@ -221,3 +236,21 @@ def test_a_replacement_killed_while_building_the_new_run_is_redone_by_sync(aproj
     run = assert_replaced(aproject, run_dir, first_id)
     assert run.info.run_id != partial
     assert client(aproject).get_run(partial).info.lifecycle_stage == "deleted"
+
+
+def test_a_resumed_sweep_point_stays_nested_under_its_sweep_with_one_point_per_step(aproject: Path) -> None:
+    allow = aproject / "allow"
+    failed = cli(aproject, "sweep", "Flaky", "--allow", str(allow), "--grid", "seed=1")
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    (run_dir,) = [d for d in run_dirs(aproject / "data_storage") if record(d).get("sweep")]
+    first_id, sweep = record(run_dir)["mlflow"]["run_id"], record(run_dir)["sweep"]
+    assert history(aproject, first_id, "loss") == [(s, float(s)) for s in range(6)]
+    allow.touch()
+    resumed = cli(aproject, "sweep", "--resume", sweep)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (run,) = live_runs(aproject, record(run_dir)["key"])
+    assert run.info.run_id != first_id and run.data.tags["phd_flow.replaces"] == first_id
+    assert history(aproject, run.info.run_id, "loss") == [(s, 1000.0 + s) for s in range(10)]
+    (parent,) = live_runs(aproject, sweep)
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert client(aproject).get_run(first_id).info.lifecycle_stage == "deleted"

@@ -18,7 +18,7 @@ from typing import Any
 from phd_flow import keys, reuse
 from phd_flow._io import atomic_write_json
 from phd_flow.errors import CorruptRunError, RunFailedError, RunKilledError, UserError
-from phd_flow.feeder import offset_of_line
+from phd_flow.feeder import attempt_starts, offset_of_line
 from phd_flow.log import RunLogging, logger, redact_url
 from phd_flow.run import repro
 from phd_flow.run.active import ActiveRun
@@ -205,12 +205,15 @@ def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any], logging
     record.update(fingerprint=node_fingerprint(type(run.node), args))
     atomic_write_json(run.run_dir / REPRO_FILE, repro.snapshot(config.project_root, git, secrets), durable=False)
     record.update(git={k: git.get(k) for k in ("commit", "branch", "dirty")} if git else {})
-    from phd_flow.tracking import MetricLog
+    from phd_flow.tracking import Attempts, MetricLog
 
     metrics = run.metrics = MetricLog(run.run_dir)
     _open_mlflow(run, record, args, git.get("commit"))
     if run.mlflow is not None:  # MLflow opened in this process: its sender thread feeds it
-        metrics.start(run.mlflow.send_metrics, offset_of_line(metrics.path, run.mlflow.sent))
+        sent = run.mlflow.sent
+        attempts = Attempts(metrics.path, attempt_starts(record.data))
+        hold_back = attempts.overrides if attempts.resumed else None  # sent when the MLflow run is rebuilt
+        metrics.start(run.mlflow.send_metrics, offset_of_line(metrics.path, sent), sent, hold_back)
     else:
         metrics.start(None)
     status, error, result = run.call_user_code()
@@ -485,7 +488,7 @@ def _close_mlflow(run: ActiveRun, record: RunRecord, status: str, recorded: bool
 def _replace_overridden(run: ActiveRun, record: RunRecord, mlflow_run: Any) -> None:
     """A resumed run's live MLflow run, rebuilt newest attempt first when this attempt logged a
     step an earlier one logged (:func:`phd_flow.feeder.replace_run`)."""
-    from phd_flow.feeder import attempt_starts, replace_if_overridden
+    from phd_flow.feeder import replace_if_overridden
     from phd_flow.tracking import Attempts, count_lines
 
     path = run.run_dir / METRICS_FILE
