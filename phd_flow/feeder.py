@@ -14,6 +14,10 @@ the MLflow run id as soon as it exists (a feeder killed before that finds the ru
 ``phd_flow.key`` tag), and ``metrics_sent`` counts the metrics.jsonl lines MLflow has after
 every batch. One feed at a time per run (an flock on ``<run dir>/.phd_flow-feed.lock``), be it
 the feeder, a run waiting for MLflow (``--wait-mlflow``, ``[mlflow] wait``) or ``sync``.
+
+A resumed run shows one point per (metric, step) in MLflow, the newest attempt's: points of a
+step an earlier attempt logged are held back, and at the attempt's end the MLflow run is
+replaced by a rebuilt one (:func:`replace_run`, crash-safe through :func:`settle_replacement`).
 """
 
 from __future__ import annotations
