@@ -11,6 +11,7 @@ or a live MLflow run (mlflow imported by the node).
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import cli, run_dirs
-from tests.test_feeder import BACKGROUND, client, poll, popen, record
+from tests.test_feeder import BACKGROUND, client, feeder_pid, poll, popen, record
 
 NODES = '''
 import dataclasses
@@ -32,6 +33,7 @@ from phd_flow import Node, node
 class ResumeArgs(node.Args):
     hold: str = ""  # the first attempt waits here (after logging) until killed
     overlap: bool = True  # the second attempt restarts at step 5 (else it goes on at step 21)
+    hold_again: str = ""  # the second attempt waits here (after logging)
 
 
 def log_attempt(run, direct=None) -> None:
@@ -47,9 +49,9 @@ def log_attempt(run, direct=None) -> None:
         run.log_metric("acc", 0.5, step=0)
     for i in range(3 if run.args.overlap else 0):
         run.log_metric("lr", i + (10 if resumed else 0))
-    if not resumed and run.args.hold:
-        while not Path(run.args.hold).exists():
-            time.sleep(0.05)
+    hold = run.args.hold_again if resumed else run.args.hold
+    while hold and not Path(hold).exists():
+        time.sleep(0.05)
 
 
 @dataclasses.dataclass
@@ -150,7 +152,9 @@ def two_attempts(project: Path, node: str, *extra: str) -> tuple[Path, str]:
 NEWEST_LOSS = [(s, float(s)) for s in range(5)] + [(s, 1000.0 + s) for s in range(5, 30)]
 
 
-def assert_replaced(project: Path, run_dir: Path, first_id: str, record_files: bool = True) -> Any:
+def assert_replaced(
+    project: Path, run_dir: Path, first_id: str, record_files: bool = True, status: str = "FINISHED"
+) -> Any:
     """One live MLflow run for the key, newest-wins histories, the old run tagged and deleted."""
     data = record(run_dir)
     (run,) = live_runs(project, data["key"])
@@ -158,7 +162,7 @@ def assert_replaced(project: Path, run_dir: Path, first_id: str, record_files: b
     assert history(project, run.info.run_id, "loss") == NEWEST_LOSS
     assert history(project, run.info.run_id, "acc") == [(0, 0.5)]  # only attempt 1 logged it
     assert history(project, run.info.run_id, "lr") == [(0, 10.0), (0, 11.0), (0, 12.0)]  # attempt 2's three
-    assert run.info.status == "FINISHED"
+    assert run.info.status == status
     assert run.data.tags["phd_flow.attempts"] == "2" and run.data.tags["phd_flow.replaces"] == first_id
     assert run.data.params["overlap"] == "true" and run.data.params["hold"].endswith("never")
     old = client(project).get_run(first_id)
@@ -254,3 +258,43 @@ def test_a_resumed_sweep_point_stays_nested_under_its_sweep_with_one_point_per_s
     (parent,) = live_runs(aproject, sweep)
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert client(aproject).get_run(first_id).info.lifecycle_stage == "deleted"
+
+
+@pytest.mark.parametrize("sync_first", [True, False], ids=["sync", "ls-stale-fix"])
+def test_a_resumed_attempt_sigkilled_with_its_feeder_is_rebuilt_by_sync_or_ls_stale_fix(
+    aproject: Path, sync_first: bool
+) -> None:
+    """Attempt 2 logs (its overriding points held back), then it and the feeder are SIGKILLed:
+    `sync` rebuilds the MLflow run and `ls --stale --fix` gives it its end, or the fix does both."""
+    hold = ("--hold", str(aproject / "never"), "--hold_again", str(aproject / "never"))
+    proc = popen(aproject, "run", "Resumable", *hold)
+    try:
+        poll(lambda: run_dirs(aproject / "data_storage"), "the run to start")
+        (run_dir,) = run_dirs(aproject / "data_storage")
+        poll(lambda: record(run_dir)["mlflow"].get("metrics_sent") == LINES_ATTEMPT_1, "attempt 1 in MLflow")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    first_id = poll(
+        lambda: record(run_dir)["mlflow"].get("state") == "synced" and record(run_dir)["mlflow"]["run_id"],
+        "attempt 1 closed",
+    )
+    proc = popen(aproject, "run", "Resumable", *hold, "--key", run_dir.name)
+    try:
+        poll(lambda: record(run_dir)["mlflow"].get("metrics_sent") == LINES_ATTEMPT_1 + 28, "attempt 2 fed")
+        pid = feeder_pid(aproject)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    (run,) = live_runs(aproject, run_dir.name)
+    assert run.info.run_id == first_id  # overriding points held back: no step has two points
+    loss = history(aproject, first_id, "loss")
+    assert loss == [(s, float(s)) for s in range(21)] + [(s, 1000.0 + s) for s in range(21, 30)]
+    if sync_first:
+        synced = cli(aproject, "sync", run_dir.name)
+        assert synced.returncode in (0, 3), synced.stderr[-3000:]
+    fixed = cli(aproject, "ls", "--stale", "--fix")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert_replaced(aproject, run_dir, str(first_id), status="KILLED")
