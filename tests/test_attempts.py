@@ -69,6 +69,23 @@ class Flaky(Node[FlakyArgs, int]):
         return 1
 
 
+@dataclasses.dataclass
+class LongArgs(node.Args):
+    steps: int = 10
+    hold: str = ""  # the first attempt waits here (after logging) until killed
+
+
+class Long(Node[LongArgs, int]):
+    """Both attempts log loss at every step (attempt 2: 1000 + step); attempt 1 then holds."""
+
+    def _run(self) -> int:
+        for step in range(self.args.steps):
+            self.log_metric("loss", step + (1000 if self.resumed else 0), step=step)
+        while not self.resumed and self.args.hold and not Path(self.args.hold).exists():
+            time.sleep(0.05)
+        return 1
+
+
 class Resumable(Node[ResumeArgs, int]):
     def _run(self) -> int:
         log_attempt(self)
@@ -298,3 +315,39 @@ def test_a_resumed_attempt_sigkilled_with_its_feeder_is_rebuilt_by_sync_or_ls_st
     fixed = cli(aproject, "ls", "--stale", "--fix")
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert_replaced(aproject, run_dir, str(first_id), status="KILLED")
+
+
+def test_a_feeder_sigkilled_mid_replacement_is_finished_by_sync(aproject: Path) -> None:
+    """A real SIGKILL of the feeder while it fills the new MLflow run (60,000 points take it
+    seconds): `sync` deletes the half-built run and builds it again; one live MLflow run."""
+    steps = 60_000
+    args = ("run", "Long", "--steps", str(steps), "--hold", str(aproject / "never"))
+    proc = popen(aproject, *args)
+    try:
+        poll(lambda: run_dirs(aproject / "data_storage"), "the run to start")
+        (run_dir,) = run_dirs(aproject / "data_storage")
+        poll(lambda: record(run_dir)["mlflow"].get("metrics_sent") == steps, "attempt 1 in MLflow")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    first_id = poll(
+        lambda: record(run_dir)["mlflow"].get("state") == "synced" and record(run_dir)["mlflow"]["run_id"],
+        "attempt 1 closed",
+    )
+    again = cli(aproject, *args, "--key", run_dir.name, env=BACKGROUND)
+    assert again.returncode == 0, again.stderr[-3000:]
+    partial = poll(lambda: record(run_dir)["mlflow"].get("replacement"), "the feeder to start the replacement")
+    pid = feeder_pid(aproject)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    half = client(aproject).get_run(partial)
+    assert "phd_flow.key" not in half.data.tags, "the kill came too late: the new run was whole already"
+    synced = cli(aproject, "sync", run_dir.name)
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    (run,) = live_runs(aproject, run_dir.name)
+    assert run.info.run_id not in (first_id, partial) and run.info.status == "FINISHED"
+    points = client(aproject).get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in points) == [(s, 1000.0 + s) for s in range(steps)]
+    assert client(aproject).get_run(partial).info.lifecycle_stage == "deleted"
+    assert client(aproject).get_run(str(first_id)).info.lifecycle_stage == "deleted"
+    assert record(run_dir)["mlflow"]["run_id"] == run.info.run_id and not record(run_dir)["mlflow"]["replacement"]
