@@ -196,6 +196,8 @@ def assert_replaced(
 def test_a_resumed_run_that_logs_its_steps_again_keeps_one_point_per_step_in_mlflow(aproject: Path) -> None:
     run_dir, first_id = two_attempts(aproject, "Resumable")
     assert_replaced(aproject, run_dir, first_id)
+    shown = cli(aproject, "show", run_dir.name)
+    assert shown.returncode == 0 and "attempts  2  (earlier: killed " in shown.stdout, shown.stdout
     assert (run_dir / "metrics.jsonl").read_text().count("\n") == LINES_ATTEMPT_1 + 25 + 3  # the record keeps all
 
 
