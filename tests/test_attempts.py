@@ -86,6 +86,26 @@ class Long(Node[LongArgs, int]):
         return 1
 
 
+@dataclasses.dataclass
+class PartArgs(node.Args):
+    size: int = 3
+
+
+class Part(Node[PartArgs, int]):
+    def _run(self) -> int:
+        self.log_metric("part", 1.0)
+        return self.args.size
+
+
+class Whole(Node[ResumeArgs, int]):
+    """A pipeline: its child run is nested under its MLflow run."""
+
+    def _run(self) -> int:
+        self.require(Part, PartArgs())
+        log_attempt(self)
+        return 1
+
+
 class Resumable(Node[ResumeArgs, int]):
     def _run(self) -> int:
         log_attempt(self)
@@ -353,3 +373,12 @@ def test_a_feeder_sigkilled_mid_replacement_is_finished_by_sync(aproject: Path) 
     assert client(aproject).get_run(partial).info.lifecycle_stage == "deleted"
     assert client(aproject).get_run(str(first_id)).info.lifecycle_stage == "deleted"
     assert record(run_dir)["mlflow"]["run_id"] == run.info.run_id and not record(run_dir)["mlflow"]["replacement"]
+
+
+def test_a_replaced_pipeline_run_keeps_its_child_runs_nested(aproject: Path) -> None:
+    run_dir, first_id = two_attempts(aproject, "Whole")
+    run = assert_replaced(aproject, run_dir, first_id)
+    ids = [e.experiment_id for e in client(aproject).search_experiments()]
+    children = client(aproject).search_runs(ids, filter_string=f"tags.`phd_flow.parent_key` = '{run_dir.name}'")
+    assert children, "the pipeline made no child run"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {run.info.run_id}
