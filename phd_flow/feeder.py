@@ -14,10 +14,15 @@ the MLflow run id as soon as it exists (a feeder killed before that finds the ru
 ``phd_flow.key`` tag), and ``metrics_sent`` counts the metrics.jsonl lines MLflow has after
 every batch. One feed at a time per run (an flock on ``<run dir>/.phd_flow-feed.lock``), be it
 the feeder, a run waiting for MLflow (``--wait-mlflow``, ``[mlflow] wait``) or ``sync``.
+
+A resumed run shows one point per (metric, step) in MLflow, the newest attempt's: points of a
+step an earlier attempt logged are held back, and at the attempt's end the MLflow run is
+replaced by a rebuilt one (:func:`replace_run`, crash-safe through :func:`settle_replacement`).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -39,6 +44,7 @@ from phd_flow._io import PRIVATE_PREFIX, atomic_write_json
 from phd_flow.log import logger, redact_url
 from phd_flow.run.record import (
     ARGS_FILE,
+    ATTEMPTS_FIELD,
     CHECKPOINT_DIR,
     FINISHED,
     METRICS_FILE,
@@ -50,6 +56,16 @@ from phd_flow.run.record import (
     RUNNING,
     RunRecord,
     is_live,
+)
+from phd_flow.tracking import (
+    ATTEMPTS_TAG,
+    BUILDING_TAG,
+    KEY_TAG,
+    LINES_TAG,
+    REPLACED_BY_TAG,
+    REPLACES_TAG,
+    Attempts,
+    newest_wins,
 )
 
 FEED_DIR = Path(".phd_flow") / "mlflow-feed"
@@ -220,8 +236,10 @@ def open_live(run_dir: Path, tracking_uri: str) -> Any:
     try:
         record = RunRecord.load(run_dir)
         data = record.data
-        run = _mlflow_run(run_dir, data, tracking_uri, _parent_id(run_dir, data), activate=True)
+        run = _mlflow_run(run_dir, data, tracking_uri, _parent_id(run_dir, data), activate=False)
+        settle_replacement(record, run)
         record.update_section("mlflow", run_id=run.run_id, experiment_id=run.experiment_id)
+        run.activate()
         return run
     finally:
         lock.release()
@@ -384,6 +402,7 @@ class Feeding:
     lines: int  # metrics.jsonl lines MLflow has
     offset: int  # byte offset of the first line not sent
     tags: dict[str, str] = field(default_factory=dict)
+    attempts: Attempts | None = None  # metrics.jsonl by attempt (run.json's attempts)
 
 
 def feed_run(run_dir: Path, tracking_uri: str, feeding: dict[Path, Feeding]) -> str:
@@ -428,14 +447,19 @@ def _feed_locked(run_dir: Path, tracking_uri: str, feeding: dict[Path, Feeding])
     if changed:
         state.run.set_tags(changed)
         state.tags = tags
+    starts = attempt_starts(data)
+    if state.attempts is None or state.attempts.starts != sorted({0, *starts}):
+        state.attempts = Attempts(run_dir / METRICS_FILE, starts)
     _send_metrics(run_dir, record, state)
     if not final:
         if is_live(run_dir, data, STALE_AFTER):
             return LATER
         if RunRecord.load(run_dir).status != RUNNING:
             return LATER  # it has just ended: the next round sends its end
+        replace_if_overridden(run_dir, record, state.run, state.lines, state.attempts)  # the attempt died
         feeding.pop(run_dir, None)
         return DROPPED
+    replace_if_overridden(run_dir, record, state.run, state.lines, state.attempts)
     _log_artifacts(state.run, run_dir, data)
     status = str(data.get("status"))
     state.run.terminate(status, epoch_ms(data.get("ended_at")))
@@ -460,14 +484,18 @@ def _open(run_dir: Path, record: RunRecord, tracking_uri: str) -> Feeding | None
     experiment = str(section.get("experiment") or "phd_flow")
     recorded = section.get("run_id")
     run = _mlflow_run(run_dir, data, tracking_uri, parent_id, activate=False)
+    recorded = settle_replacement(record, run) or recorded
+    section = record.data.get("mlflow") or {}
+    fresh = {} if run.run_id == recorded else {"metrics_sent": 0, "replaced_at": 0}  # a new MLflow run
     record.update_section(
         "mlflow",
         run_id=run.run_id,
         experiment_id=run.experiment_id,
         experiment=experiment,
         tracking_uri=redact_url(tracking_uri),
+        **fresh,
     )
-    sent = int(section.get("metrics_sent") or 0) if run.run_id == recorded else 0
+    sent = int(section.get("metrics_sent") or 0) if not fresh else 0
     return Feeding(run, sent, offset_of_line(run_dir / METRICS_FILE, sent), mlflow_tags(data))
 
 
@@ -488,9 +516,11 @@ def _send_metrics(run_dir: Path, record: RunRecord, state: Feeding) -> None:
             for start in range(0, len(complete), BATCH):
                 chunk = complete[start : start + BATCH]
                 points = []
-                for line in chunk:
+                for number, line in enumerate(chunk, state.lines):
                     with contextlib.suppress(ValueError, KeyError):  # a torn line of a killed attempt
-                        points.append(parse_metric(line))
+                        point = parse_metric(line)
+                        if state.attempts is None or not state.attempts.overrides(number, point):
+                            points.append(point)  # else: held back until the attempt ends
                 if points:
                     state.run.log_points(points)
                 state.lines += len(chunk)
@@ -511,6 +541,134 @@ def offset_of_line(path: Path, lines: int) -> int:
                 break
             offset += len(line)
     return offset
+
+
+# --- a resumed run's MLflow run, rebuilt newest attempt first ------------------------------------
+
+
+def attempt_starts(data: dict[str, Any]) -> list[int]:
+    """The metrics.jsonl line each attempt of a run began at (run.json's ``attempts``)."""
+    attempts = data.get(ATTEMPTS_FIELD)
+    if not isinstance(attempts, list):
+        return [0]
+    return [int(a.get("metrics_from") or 0) for a in attempts if isinstance(a, dict)] or [0]
+
+
+def replace_if_overridden(run_dir: Path, record: RunRecord, run: Any, lines: int, attempts: Attempts) -> bool:
+    """At the end of an attempt: when one of the first ``lines`` metrics.jsonl lines logged a
+    (metric, step) an earlier attempt logged (MLflow holds the stale value, or the point was held
+    back), rebuild the MLflow run (:func:`replace_run`). True when it did."""
+    start = int((record.data.get("mlflow") or {}).get("replaced_at") or 0)
+    if not attempts.any_override(start, lines):
+        return False
+    replace_run(run_dir, record, run, lines, attempts)
+    return True
+
+
+def replace_run(run_dir: Path, record: RunRecord, run: Any, lines: int, attempts: Attempts) -> None:
+    """Replace the MLflow run of a resumed run by one showing the newest attempt of every
+    (metric, step): MLflow cannot delete metric points.
+
+    The new run gets the old one's name, start time, params, tags (its parent too), status and
+    artifacts; the newest-wins points of the first ``lines`` lines of metrics.jsonl, and of the
+    metrics logged straight to MLflow (by timestamp: the attempt running then). It claims the
+    ``phd_flow.key`` tag only once whole; then the old run is tagged ``phd_flow.replaced_by`` and
+    soft-deleted (restorable). run.json names the new run before it is filled
+    (``mlflow.replacement``), so a process killed midway is finished or undone by the next
+    feed (:func:`settle_replacement`); ``run.run_id`` becomes the new run's id.
+    """
+    from mlflow.entities import Metric, Param
+
+    client, key, old_id = run.client, record.key, str(run.run_id)
+    old = client.get_run(old_id)
+    experiment_id = old.info.experiment_id
+    for partial in client.search_runs([experiment_id], filter_string=f"tags.`{BUILDING_TAG}` = '{key}'"):
+        if KEY_TAG not in partial.data.tags:  # left half-built by a killed process
+            client.delete_run(partial.info.run_id)
+    kept = {k: v for k, v in old.data.tags.items() if k not in (KEY_TAG, REPLACED_BY_TAG, LINES_TAG, "mlflow.runName")}
+    tags = {**kept, BUILDING_TAG: key, REPLACES_TAG: old_id, ATTEMPTS_TAG: str(len(attempts.starts))}
+    made = client.create_run(experiment_id, start_time=old.info.start_time, run_name=old.info.run_name, tags=tags)
+    new_id = str(made.info.run_id)
+    record.update_section("mlflow", replacement=new_id)
+    params = [Param(k, v) for k, v in old.data.params.items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(new_id, params=params[i : i + 100])
+    points = attempts.newest_wins(lines)
+    from_file = {p[0] for p in points}
+    started = sorted(epoch_ms(a.get("started_at")) or 0 for a in record.data.get(ATTEMPTS_FIELD) or [{}])
+    for name in sorted(set(old.data.metrics) - from_file):  # logged straight to MLflow (mlflow.log_metric)
+        history = client.get_metric_history(old_id, name)
+        points += newest_wins(
+            [(bisect.bisect_right(started, m.timestamp) - 1, (m.key, m.value, m.timestamp, m.step)) for m in history]
+        )
+    for i in range(0, len(points), 1000):
+        client.log_batch(new_id, metrics=[Metric(n, v, t, s) for n, v, t, s in points[i : i + 1000]])
+    _copy_artifacts(client, old_id, new_id)
+    if old.info.status in ("FINISHED", "FAILED", "KILLED"):
+        client.set_terminated(new_id, old.info.status, end_time=old.info.end_time)
+    client.set_tag(new_id, LINES_TAG, str(lines))
+    client.set_tag(new_id, KEY_TAG, key)  # whole: it is the key's MLflow run from now on
+    client.delete_tag(new_id, BUILDING_TAG)
+    _finish_replacement(client, old_id, new_id)
+    record.update_section("mlflow", run_id=new_id, metrics_sent=lines, replaced_at=lines, replacement=None)
+    run.run_id = new_id
+    logger.info(f"{key}: MLflow run {old_id} replaced by {new_id} (one point per step, newest attempt first).")
+
+
+def settle_replacement(record: RunRecord, run: Any) -> str | None:
+    """Finish a replacement a killed process left whole but with the old MLflow run still live,
+    or delete the new run it left half-built; returns the MLflow run id run.json names now (None:
+    nothing to settle). ``run`` is the key's opened MLflow run."""
+    from mlflow.exceptions import MlflowException
+
+    section = record.data.get("mlflow") or {}
+    new_id, old_id = section.get("replacement"), section.get("run_id")
+    if not new_id:
+        return None
+    try:
+        new = run.client.get_run(new_id)
+    except MlflowException:
+        new = None
+    tags = new.data.tags if new is not None else {}
+    active = new is not None and new.info.lifecycle_stage == "active"
+    if active and tags.get(KEY_TAG) == record.key and tags.get(REPLACES_TAG) == old_id:
+        _finish_replacement(run.client, str(old_id), new_id)
+        lines = int(tags.get(LINES_TAG) or 0)
+        record.update_section("mlflow", run_id=new_id, metrics_sent=lines, replaced_at=lines, replacement=None)
+        run.run_id = new_id
+        return str(new_id)
+    if active and KEY_TAG not in tags:
+        run.client.delete_run(new_id)
+    record.update_section("mlflow", replacement=None)
+    return str(old_id) if old_id else None
+
+
+def _finish_replacement(client: Any, old_id: str, new_id: str) -> None:
+    """Tag the replaced MLflow run, nest its children under the new one, soft-delete it."""
+    old = client.get_run(old_id)
+    if old.info.lifecycle_stage == "deleted":
+        return
+    client.set_tag(old_id, REPLACED_BY_TAG, new_id)
+    children = client.search_runs([old.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{old_id}'")
+    for child in children:
+        client.set_tag(child.info.run_id, "mlflow.parentRunId", new_id)
+    client.delete_run(old_id)
+
+
+def _copy_artifacts(client: Any, old_id: str, new_id: str) -> None:
+    """The old MLflow run's artifacts into the new one (the run's own files are logged again after)."""
+    import tempfile
+
+    entries = client.list_artifacts(old_id)
+    if not entries:
+        return
+    with tempfile.TemporaryDirectory(prefix="phd_flow-replace-") as tmp:
+        for entry in entries:
+            local = client.download_artifacts(old_id, entry.path, tmp)
+            if entry.is_dir:
+                client.log_artifacts(new_id, local, entry.path)
+            else:
+                client.log_artifact(new_id, local)
 
 
 def _log_artifacts(run: Any, run_dir: Path, data: dict[str, Any]) -> None:
@@ -535,7 +693,7 @@ def mlflow_tags(data: dict[str, Any]) -> dict[str, str]:
     node_class = str(data.get("node_class") or "")
     tags.update(
         {
-            "phd_flow.key": str(data.get("key")),  # after the record's tags: no tag names another run
+            KEY_TAG: str(data.get("key")),  # after the record's tags: no tag names another run
             "phd_flow.node": str(data.get("node")),
             "host": str(data.get("host")),
             "mlflow.user": str(data.get("user") or _user()),
@@ -547,6 +705,9 @@ def mlflow_tags(data: dict[str, Any]) -> dict[str, str]:
     commit = (data.get("git") or {}).get("commit")
     if commit:
         tags["mlflow.source.git.commit"] = str(commit)
+    attempts = data.get(ATTEMPTS_FIELD)
+    if isinstance(attempts, list) and len(attempts) > 1:
+        tags[ATTEMPTS_TAG] = str(len(attempts))
     if data.get("parent"):
         tags["phd_flow.parent_key"] = str(data["parent"]).rsplit("/", 1)[-1]
     for name, value in (data.get("slurm") or {}).items():

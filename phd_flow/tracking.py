@@ -16,6 +16,7 @@ run).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import json
@@ -32,6 +33,7 @@ from phd_flow.log import logger, redact_url, repoint_mlflow_loggers
 from phd_flow.run.record import METRICS_FILE
 
 MAX_PARAM_LENGTH = 6000
+Point = tuple[str, float, int, int]  # a metric point: name, value, timestamp (ms), step
 BATCH = 1000
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED", "running": "RUNNING"}
 
@@ -188,7 +190,9 @@ class MetricLog:
         if self._file.tell() and not _ends_with_newline(self.path):
             self._file.write("\n")  # a killed attempt's torn last line stays a line of its own
         self._send_from = self._file.tell()  # byte offset of the first point not yet sent
-        self._sender: Callable[[list[tuple[str, float, int, int]]], None] | None = None
+        self._send_line = 0  # its line number (counted from ``start``'s ``from_line``)
+        self._sender: Callable[[list[Point], int], None] | None = None
+        self._hold_back: Callable[[int, Point], bool] | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -196,12 +200,21 @@ class MetricLog:
         """Queue one point (MLflow's conventions: step 0 and "now" in ms by default)."""
         self.queue.append((name, float(value), timestamp or int(time.time() * 1000), step or 0))
 
-    def start(self, sender: Callable[[list[tuple[str, float, int, int]]], None] | None, from_byte: int = -1) -> None:
+    def start(
+        self,
+        sender: Callable[[list[Point], int], None] | None,
+        from_byte: int = -1,
+        from_line: int = 0,
+        hold_back: Callable[[int, Point], bool] | None = None,
+    ) -> None:
         """Start the writer thread and, with a ``sender`` (MLflow), the thread feeding it from
-        byte ``from_byte`` of metrics.jsonl (an earlier attempt's unsent lines; default: new ones)."""
-        self._sender = sender
+        byte ``from_byte`` (line ``from_line``) of metrics.jsonl (an earlier attempt's unsent
+        lines; default: new ones). The sender gets a batch of points and the number of lines
+        they came from; a point ``hold_back(line, point)`` is true for is left out (a step an
+        earlier attempt logged: :class:`Attempts`)."""
+        self._sender, self._hold_back = sender, hold_back
         if from_byte >= 0:
-            self._send_from = from_byte
+            self._send_from, self._send_line = from_byte, from_line
         loops = [("phd_flow-metrics", self._drain)] + ([("phd_flow-metrics-send", self._send)] if sender else [])
         for name, step in loops:
             thread = threading.Thread(target=self._loop, args=(step,), name=name, daemon=True)
@@ -241,13 +254,21 @@ class MetricLog:
                 complete = lines if not lines or lines[-1].endswith(b"\n") else lines[:-1]
                 if not complete:
                     return
-                points = []
-                for line in complete:
+                points: list[Point] = []
+                counted = 0  # lines the points come from
+                for number, line in enumerate(complete, self._send_line):
+                    counted += 1
                     with contextlib.suppress(ValueError, KeyError):  # a torn line of a killed attempt
-                        points.append(parse_metric(line))
-                for i in range(0, len(points), BATCH):
-                    self._sender(points[i : i + BATCH])
+                        point = parse_metric(line)
+                        if self._hold_back is None or not self._hold_back(number, point):
+                            points.append(point)
+                    if len(points) == BATCH:
+                        self._sender(points, counted)
+                        points, counted = [], 0
+                if counted:
+                    self._sender(points, counted)
                 self._send_from += sum(len(line) for line in complete)
+                self._send_line += len(complete)
                 if len(complete) < len(lines):
                     return  # a line still being written: the next round sends it
 
@@ -267,6 +288,90 @@ def _ends_with_newline(path: Path) -> bool:
 def parse_metric(line: bytes | str) -> tuple[str, float, int, int]:
     rec = json.loads(line)
     return rec["name"], float(rec["value"]), int(rec["timestamp"]), int(rec["step"])
+
+
+#: Tags of an MLflow run that replaced an earlier one for a resumed run (see :mod:`phd_flow.feeder`).
+KEY_TAG = "phd_flow.key"
+ATTEMPTS_TAG = "phd_flow.attempts"  # attempts of the run so far (when more than one)
+REPLACES_TAG = "phd_flow.replaces"  # on the new MLflow run: the run id it replaced
+REPLACED_BY_TAG = "phd_flow.replaced_by"  # on the deleted MLflow run: the run id that replaced it
+BUILDING_TAG = "phd_flow.replacing"  # the key of a new MLflow run being filled (no KEY_TAG yet)
+LINES_TAG = "phd_flow.metrics_lines"  # metrics.jsonl lines the new MLflow run was built from
+
+
+def count_lines(path: Path) -> int:
+    """The lines of ``path`` (0 when missing), a torn last line counted: the next writer ends it."""
+    if not path.exists():
+        return 0
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")
+
+
+class Attempts:
+    """metrics.jsonl split by the attempts of the run that wrote it (``starts``: the line each
+    attempt began at, from run.json's ``attempts``), for the newest-attempt-wins MLflow view:
+    for each (metric, step) the points of the newest attempt that logged it.
+
+    A point *overrides* when an earlier attempt logged its (metric, step): MLflow then holds a
+    stale value, and the run's MLflow run is rebuilt once the attempt ends.
+    """
+
+    def __init__(self, path: Path, starts: list[int]) -> None:
+        self.path = path
+        self.starts = sorted(set([0, *starts]))
+        self._first: dict[tuple[str, int], int] | None = None  # (metric, step) -> first attempt
+
+    @property
+    def resumed(self) -> bool:
+        return len(self.starts) > 1
+
+    def attempt_of(self, line: int) -> int:
+        """The attempt (0-based) that wrote line ``line`` (0-based)."""
+        return bisect.bisect_right(self.starts, line) - 1
+
+    def overrides(self, line: int, point: Point) -> bool:
+        """True when the attempt of ``line`` logs a (metric, step) an earlier attempt logged."""
+        if not self.resumed or line < self.starts[1]:
+            return False
+        if self._first is None:
+            self._first = {}
+            for number, item in self._points(self.starts[-1]):
+                self._first.setdefault((item[0], item[3]), self.attempt_of(number))
+        attempt = self.attempt_of(line)
+        return self._first.get((point[0], point[3]), attempt) < attempt
+
+    def any_override(self, first: int, last: int) -> bool:
+        """True when a line in ``[first, last)`` overrides an earlier attempt's point."""
+        if not self.resumed or last <= self.starts[1]:
+            return False
+        return any(self.overrides(n, p) for n, p in self._points(last) if n >= first)
+
+    def newest_wins(self, lines: int) -> list[Point]:
+        """The points of the first ``lines`` lines MLflow shows: per (metric, step), the newest
+        attempt's (all of them, when that attempt logged the step more than once)."""
+        return newest_wins([(self.attempt_of(n), p) for n, p in self._points(lines)])
+
+    def _points(self, lines: int) -> Iterator[tuple[int, Point]]:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as handle:
+            for number, line in enumerate(handle):
+                if number >= lines:
+                    return
+                with contextlib.suppress(ValueError, KeyError):  # a torn line of a killed attempt
+                    yield number, parse_metric(line)
+
+
+def newest_wins(points: list[tuple[int, Point]]) -> list[Point]:
+    """``(attempt, point)`` pairs -> the points of the newest attempt of each (metric, step)."""
+    newest: dict[tuple[str, int], int] = {}
+    for attempt, (name, _, _, step) in points:
+        newest[name, step] = max(attempt, newest.get((name, step), attempt))
+    return [p for attempt, p in points if newest[p[0], p[3]] == attempt]
 
 
 class MlflowRun:
@@ -299,7 +404,7 @@ class MlflowRun:
     ) -> None:
         """Create (or reopen) the MLflow run; ``activate`` makes it the active fluent run so
         that plain ``mlflow.*`` calls in user code land in it."""
-        mlflow = self.mlflow = import_mlflow()
+        self.mlflow = import_mlflow()
         from mlflow.tracking import MlflowClient
 
         tags = {k: redact_url(str(v)) for k, v in tags.items()}  # no password in a URL reaches MLflow
@@ -319,11 +424,16 @@ class MlflowRun:
             self.set_tags(tags)
             self.log_params(params)
         if activate:
-            # set_tracking_uri also exports $MLFLOW_TRACKING_URI; close() puts both back.
-            self._previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
-            mlflow.set_tracking_uri(self.tracking_uri)
-            mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None)
-            self._fluent = True
+            self.activate()
+
+    def activate(self) -> None:
+        """Make the run the active fluent run: plain ``mlflow.*`` calls in user code land in it."""
+        mlflow = self.mlflow
+        # set_tracking_uri also exports $MLFLOW_TRACKING_URI; close() puts both back.
+        self._previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None)
+        self._fluent = True
 
     def _own_run(self, run_id: str | None, key: str | None) -> str | None:
         """``run_id`` when that MLflow run is tagged ``phd_flow.key`` = ``key``; else None (a
@@ -333,12 +443,16 @@ class MlflowRun:
         from mlflow.exceptions import MlflowException
 
         try:
-            tagged = self.client.get_run(run_id).data.tags.get("phd_flow.key")
+            found = self.client.get_run(run_id)
+            tagged, deleted = found.data.tags.get(KEY_TAG), found.info.lifecycle_stage == "deleted"
         except MlflowException:
-            tagged = None
-        if key and tagged == key:
+            tagged, deleted = None, False
+        if key and tagged == key and not deleted:
             return run_id
-        logger.warning(f"MLflow run {run_id} is not tagged phd_flow.key={key!r}: it is left alone.")
+        if deleted:  # replaced (a resumed run), or deleted by hand: the key's live run, else a new one
+            logger.info(f"MLflow run {run_id} of {key} is deleted: it is left alone.")
+        else:
+            logger.warning(f"MLflow run {run_id} is not tagged phd_flow.key={key!r}: it is left alone.")
         return None
 
     def _find_by_key(self, key: str | None) -> str | None:
@@ -398,15 +512,17 @@ class MlflowRun:
         """Set the final status (a phd_flow status) and the run's real end time."""
         self.client.set_terminated(self.run_id, STATUS.get(status, "FAILED"), end_time=end_time)
 
-    def send_metrics(self, batch: list[tuple[str, float, int, int]]) -> None:
-        """Log one batch (<= 1,000 points) with log_batch. After the first failure nothing more is
-        sent, so ``sent`` is exactly the number of metrics.jsonl lines MLflow has."""
+    def send_metrics(self, batch: list[Point], lines: int) -> None:
+        """Log one batch (<= 1,000 points, from ``lines`` lines of metrics.jsonl) with log_batch.
+        After the first failure nothing more is sent, so ``sent`` is exactly the number of
+        metrics.jsonl lines MLflow has."""
         if self.error is not None:
             return
         from mlflow.entities import Metric
 
         try:
-            self.client.log_batch(self.run_id, metrics=[Metric(n, v, t, s) for n, v, t, s in batch])
+            if batch:
+                self.client.log_batch(self.run_id, metrics=[Metric(n, v, t, s) for n, v, t, s in batch])
         except Exception as exc:  # any MLflow failure: keep the rest for `sync`
             self.error = f"{type(exc).__name__}: {exc}"
             logger.warning(
@@ -414,7 +530,7 @@ class MlflowRun:
                 "and `sync` sends the rest later."
             )
             return
-        self.sent += len(batch)
+        self.sent += lines
 
     # --- closing ----------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """MLflow off the critical path (issue 17): runs return before MLflow has them, one feeder per
 store catches up, a killed feeder is finished by the next one or by ``sync`` without duplicated
-points, resumed runs send no point twice, many parallel runs all land.
+points, resumed runs keep one point per step, many parallel runs all land.
 
 Every test runs the real CLI against a real sqlite store, in the default (background) mode:
 ``PHD_FLOW_WAIT_MLFLOW=false`` overrides the suite's wait (tests/conftest.py).
@@ -259,7 +259,8 @@ def test_a_resumed_run_sends_no_point_twice(fproject: Path) -> None:
     run = poll(lambda: finished(fproject, key), "MLflow to show the resumed run")
     points = loss_points(fproject, run.info.run_id)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(points) == len(lines) == 21 + 40  # each attempt's points once
+    assert len(lines) == 21 + 40  # the record keeps each attempt's points
+    assert points == [(s, 1.0 / (s + 1)) for s in range(40)]  # MLflow: one per step (tests/test_attempts.py)
     assert len(client(fproject).search_runs([run.info.experiment_id])) == 1
 
 

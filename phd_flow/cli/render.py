@@ -17,7 +17,7 @@ from typing import Any
 
 from phd_flow.errors import CorruptRunError, InvalidKeyError
 from phd_flow.keys import run_name
-from phd_flow.run.record import RUN_FILE, RunRecord
+from phd_flow.run.record import ATTEMPTS_FIELD, RUN_FILE, RunRecord
 from phd_flow.runs.query import Run, parse_time
 from phd_flow.runs.where import text as arg_text
 
@@ -200,6 +200,12 @@ def _overview(run: Run) -> list[tuple[str, str]]:
     slurm = data.get("slurm") or {}
     if slurm:
         rows.append(("slurm", _slurm_text(slurm)))
+    attempts = [a for a in data.get(ATTEMPTS_FIELD) or [] if isinstance(a, dict)]
+    if len(attempts) > 1:  # requeued or resumed: MLflow shows the newest attempt of each step
+        earlier = ", ".join(
+            f"{a.get('status') or '?'} {local_time(parse_time(a.get('started_at')))}" for a in attempts[:-1]
+        )
+        rows.append(("attempts", f"{len(attempts)}  (earlier: {earlier})"))
     git = data.get("git") or {}
     if git.get("commit"):
         dirty = ", dirty" if git.get("dirty") else ""

@@ -18,7 +18,7 @@ from typing import Any
 from phd_flow import keys, reuse
 from phd_flow._io import atomic_write_json
 from phd_flow.errors import CorruptRunError, RunFailedError, RunKilledError, UserError
-from phd_flow.feeder import offset_of_line
+from phd_flow.feeder import attempt_starts, offset_of_line
 from phd_flow.log import RunLogging, logger, redact_url
 from phd_flow.run import repro
 from phd_flow.run.active import ActiveRun
@@ -27,9 +27,11 @@ from phd_flow.run.pipeline import node_fingerprint, remember
 from phd_flow.run.push import push_run
 from phd_flow.run.record import (
     ARGS_FILE,
+    ATTEMPTS_FIELD,
     COMPLETED,
     FAILED,
     KILLED,
+    METRICS_FILE,
     OUTPUT_JSONL,
     OUTPUT_LOG,
     REPRO_FILE,
@@ -98,9 +100,11 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
     parent = run.parent
     target = run_dir / ARGS_FILE
     earlier_mlflow: dict[str, Any] = {}
+    attempts = [{"started_at": utcnow(), "metrics_from": 0}]
     if run.resumed:  # an earlier attempt's completed stages are kept when still valid
         run.stages.remember_earlier(run_dir)
         earlier_mlflow = _earlier_mlflow(run_dir)
+        attempts = _attempts(run_dir)
     try:
         atomic_write_json(target, args, durable=False)  # the record's first (durable) write follows
         target = run_dir / RUN_FILE
@@ -117,6 +121,7 @@ def _execute_locked(run: ActiveRun, run_dir: Path) -> Any:
             sweep=node.options.sweep,
             resumed=run.resumed,
             mlflow=earlier_mlflow,
+            **{ATTEMPTS_FIELD: attempts},
         )
     except OSError as exc:  # a full disk before the run: nothing ran, nothing to record
         with contextlib.suppress(OSError):
@@ -154,8 +159,26 @@ def _earlier_mlflow(run_dir: Path) -> dict[str, Any]:
         section = RunRecord.load(run_dir).data.get("mlflow") or {}
     except CorruptRunError:
         return {}
-    kept = ("run_id", "experiment_id", "experiment", "tracking_uri", "metrics_sent")
+    kept = ("run_id", "experiment_id", "experiment", "tracking_uri", "metrics_sent", "replaced_at", "replacement")
     return {k: section[k] for k in kept if k in section}
+
+
+def _attempts(run_dir: Path) -> list[dict[str, Any]]:
+    """run.json's attempts for a new attempt of a run: the earlier ones (their end recorded) and
+    this one, beginning at the current end of metrics.jsonl (MLflow shows the newest attempt of
+    each metric step: :func:`phd_flow.feeder.replace_run`)."""
+    from phd_flow.tracking import count_lines
+
+    try:
+        earlier = RunRecord.load(run_dir).data
+    except CorruptRunError:
+        earlier = {}
+    attempts = [a for a in earlier.get(ATTEMPTS_FIELD) or [] if isinstance(a, dict)]
+    if not attempts:  # a record from before attempts were recorded: one earlier attempt
+        attempts = [{"started_at": earlier.get("started_at"), "metrics_from": 0}]
+    attempts[-1].update(status=earlier.get("status"), ended_at=earlier.get("ended_at"))
+    attempts.append({"started_at": utcnow(), "metrics_from": count_lines(run_dir / METRICS_FILE)})
+    return attempts
 
 
 def _make_run_dir(local_path: Path, key: str, where: str) -> Path:
@@ -182,12 +205,15 @@ def _run_logged(run: ActiveRun, record: RunRecord, args: dict[str, Any], logging
     record.update(fingerprint=node_fingerprint(type(run.node), args))
     atomic_write_json(run.run_dir / REPRO_FILE, repro.snapshot(config.project_root, git, secrets), durable=False)
     record.update(git={k: git.get(k) for k in ("commit", "branch", "dirty")} if git else {})
-    from phd_flow.tracking import MetricLog
+    from phd_flow.tracking import Attempts, MetricLog
 
     metrics = run.metrics = MetricLog(run.run_dir)
     _open_mlflow(run, record, args, git.get("commit"))
     if run.mlflow is not None:  # MLflow opened in this process: its sender thread feeds it
-        metrics.start(run.mlflow.send_metrics, offset_of_line(metrics.path, run.mlflow.sent))
+        sent = run.mlflow.sent
+        attempts = Attempts(metrics.path, attempt_starts(record.data))
+        hold_back = attempts.overrides if attempts.resumed else None  # sent when the MLflow run is rebuilt
+        metrics.start(run.mlflow.send_metrics, offset_of_line(metrics.path, sent), sent, hold_back)
     else:
         metrics.start(None)
     status, error, result = run.call_user_code()
@@ -346,7 +372,7 @@ def _open_live(
     run: ActiveRun, record: RunRecord, args: dict[str, Any], commit: str | None, uri: str, experiment: str
 ) -> None:
     config = run.project.config
-    from phd_flow.feeder import artifact_location, epoch_ms, mlflow_tags, run_name
+    from phd_flow.feeder import artifact_location, epoch_ms, mlflow_tags, run_name, settle_replacement
     from phd_flow.tracking import MlflowRun, allow_telemetry, param_values, ui_url
 
     allow_telemetry(config.mlflow.telemetry)
@@ -362,7 +388,11 @@ def _open_live(
 
             parent_id = sweep_run_id(config.local_path, data.get("sweep"), uri, experiment)
         started = epoch_ms(data.get("started_at"))  # the run's real start, not MLflow's "now"
-        mlflow_run.open(run_name(data), tags, param_values(args), parent_id, earlier.get("run_id"), start_time=started)
+        run_id = earlier.get("run_id")
+        mlflow_run.open(run_name(data), tags, param_values(args), parent_id, run_id, activate=False, start_time=started)
+        settle_replacement(record, mlflow_run)  # a replacement a killed process left halfway
+        earlier = record.data.get("mlflow") or {}
+        mlflow_run.activate()
     except Exception as exc:  # MLflow down/locked: the run goes on, `sync` catches up later
         logger.warning(
             f"MLflow at {uri} could not be opened ({type(exc).__name__}: {exc}). The run goes on "
@@ -438,6 +468,8 @@ def _close_mlflow(run: ActiveRun, record: RunRecord, status: str, recorded: bool
     try:
         mlflow_run.close(status)
         ok = mlflow_run.error is None
+        if ok and record.data.get("resumed"):  # a step an earlier attempt logged: one point per step
+            _replace_overridden(run, record, mlflow_run)
     except Exception as exc:
         logger.warning(f"Closing the MLflow run failed ({type(exc).__name__}: {exc}); `sync` retries.")
         ok = False
@@ -451,6 +483,18 @@ def _close_mlflow(run: ActiveRun, record: RunRecord, status: str, recorded: bool
     except OSError as exc:
         logger.warning(f"Recording the MLflow state of {run.key} failed ({exc}); `sync {run.key}` redoes it.")
     return ok
+
+
+def _replace_overridden(run: ActiveRun, record: RunRecord, mlflow_run: Any) -> None:
+    """A resumed run's live MLflow run, rebuilt newest attempt first when this attempt logged a
+    step an earlier one logged (:func:`phd_flow.feeder.replace_run`)."""
+    from phd_flow.feeder import replace_if_overridden
+    from phd_flow.tracking import Attempts, count_lines
+
+    path = run.run_dir / METRICS_FILE
+    lines = count_lines(path)
+    if replace_if_overridden(run.run_dir, record, mlflow_run, lines, Attempts(path, attempt_starts(record.data))):
+        mlflow_run.sent = lines
 
 
 def _end_fluent(run: ActiveRun, status: str) -> None:

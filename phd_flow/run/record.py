@@ -30,6 +30,10 @@ OUTPUT_JSONL = "output.jsonl"  # the same records as JSON lines
 METRICS_FILE = "metrics.jsonl"  # every logged metric; MLflow is fed from it
 REPRO_FILE = "reproducible.json"  # git, packages, platform
 CHECKPOINT_DIR = "checkpoint"  # state a requeued run resumes from
+#: run.json's list of the run's attempts (a requeued or resumed run has several), oldest first:
+#: ``started_at``, ``metrics_from`` (the metrics.jsonl line it began at), and for an ended one
+#: its ``status`` and ``ended_at``.
+ATTEMPTS_FIELD = "attempts"
 #: Held (flock) by every writer of run.json for one read-modify-write; never synced.
 RECORD_LOCK = f"{PRIVATE_PREFIX}run.json.lock"
 #: Held (flock) by the process running the run, for the whole run; says "pid host"; never synced.

@@ -31,6 +31,7 @@ from phd_flow.errors import (
 from phd_flow.project import Project
 from phd_flow.run.record import (
     ARGS_FILE,
+    ATTEMPTS_FIELD,
     COMPLETED,
     KILLED,
     RUN_FILE,
@@ -512,7 +513,9 @@ def mark_killed(project: Project, run: Run) -> str:
         ) from None
     run.stale = False
     run_id = run.data.get("mlflow", {}).get("run_id")
-    if not run_id and run.data.get("mlflow", {}).get("state") == "pending":  # the feeder had not begun
+    state = run.data.get("mlflow", {}).get("state")
+    resumed = len(run.data.get(ATTEMPTS_FIELD) or []) > 1  # its MLflow run may need rebuilding
+    if (not run_id and state == "pending") or (resumed and state not in ("synced", "disabled")):
         from phd_flow.runs.catchup import sync_mlflow
 
         if sync_mlflow(project.config, run):
