@@ -106,7 +106,7 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config = Config(local_path=root / "runs", project_root=root, mlflow=MlflowConfig(experiment="bench"))
+        config = Config(local_path=root / "runs", project_root=root, mlflow=MlflowConfig(experiment="bench", wait=True))
         uri = config.tracking_uri()
         Loop({"n": 10}, config=config).run()  # create and migrate the DB outside the timing
         names = list(contenders)
