@@ -637,8 +637,8 @@ def settle_replacement(record: RunRecord, run: Any) -> str | None:
         record.update_section("mlflow", run_id=new_id, metrics_sent=lines, replaced_at=lines, replacement=None)
         run.run_id = new_id
         return str(new_id)
-    if active and KEY_TAG not in tags:
-        run.client.delete_run(new_id)
+    if active and KEY_TAG not in tags and tags.get(BUILDING_TAG) == record.key:
+        run.client.delete_run(new_id)  # only the half-built run of this key: run.json may come from a bucket
     record.update_section("mlflow", replacement=None)
     return str(old_id) if old_id else None
 

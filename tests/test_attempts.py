@@ -274,11 +274,28 @@ def test_a_replacement_killed_while_building_the_new_run_is_redone_by_sync(aproj
     partial = record(run_dir)["mlflow"]["run_id"]
     _back_to_before_the_delete(aproject, run_dir, first_id, partial)
     client(aproject).delete_tag(partial, "phd_flow.key")  # not complete yet: it never claimed the key
+    client(aproject).set_tag(partial, "phd_flow.replacing", record(run_dir)["key"])  # ... and was being filled
     synced = cli(aproject, "sync", record(run_dir)["key"])
     assert synced.returncode == 0, synced.stderr[-3000:]
     run = assert_replaced(aproject, run_dir, first_id)
     assert run.info.run_id != partial
     assert client(aproject).get_run(partial).info.lifecycle_stage == "deleted"
+
+
+def test_a_run_json_naming_another_mlflow_run_as_its_replacement_never_deletes_it(aproject: Path) -> None:
+    """run.json may come from a bucket: a ``mlflow.replacement`` naming some other MLflow run (one
+    a colleague logged by hand, no phd_flow tags) is dropped, never deleted."""
+    run_dir, _ = two_attempts(aproject, "Resumable")
+    mlflow = client(aproject)
+    experiment = mlflow.get_run(record(run_dir)["mlflow"]["run_id"]).info.experiment_id
+    victim = mlflow.create_run(experiment, run_name="a colleague's run").info.run_id
+    data = record(run_dir)
+    data["mlflow"].update(state="pending", replacement=victim)
+    (run_dir / "run.json").write_text(json.dumps(data))
+    synced = cli(aproject, "sync", data["key"])
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    assert mlflow.get_run(victim).info.lifecycle_stage == "active"
+    assert record(run_dir)["mlflow"].get("replacement") is None
 
 
 def test_a_resumed_sweep_point_stays_nested_under_its_sweep_with_one_point_per_step(aproject: Path) -> None:
