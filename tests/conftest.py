@@ -236,3 +236,9 @@ def _read_text(path: str) -> str:
 def run_dirs(local_path: Path) -> list[Path]:
     """Run directories (those with a run.json) directly below local_path."""
     return sorted(p for p in local_path.iterdir() if (p / "run.json").exists()) if local_path.exists() else []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (stable otherwise): xdist hands out the long ones while every worker is
+    free, so the run does not end with one worker alone on a three-minute test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -40,6 +40,7 @@ def test_example_help_from_source_is_the_imported_help(monkeypatch: pytest.Monke
     _same_help_from_source("my_project", ["FitOLS", "Prepare"])
 
 
+@pytest.mark.slow
 def test_test_nodes_help_from_source_is_the_imported_help() -> None:
     """Every node of the tests' node modules: frozen Args, fields named like run options,
     Literal fields, nested dataclasses, docstrings and comments as help."""

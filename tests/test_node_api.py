@@ -28,6 +28,7 @@ def test_node_runs_from_args_dict_or_argv(tmp_path: Path, args: object) -> None:
     assert result.total == 3
 
 
+@pytest.mark.slow
 def test_nested_dataclass_args_are_flattened_for_mlflow(tmp_path: Path) -> None:
     n = Add({"a": 1, "optim": {"lr": 0.5}}, config=local_config(tmp_path, mlflow=True))
     n.run()
@@ -150,6 +151,7 @@ def test_storage_open_upload_and_path_work_as_in_the_seed(tmp_path: Path) -> Non
     assert Path(path) == tmp_path / "store" / "datasets" / n.key / "datasets.pickle"
 
 
+@pytest.mark.slow
 def test_a_run_leaves_mlflow_global_state_as_it_found_it(tmp_path: Path) -> None:
     import os
 

@@ -26,6 +26,7 @@ def make_config(tmp_path: Path) -> Config:
     return parse_config(text, tmp_path)
 
 
+@pytest.mark.slow
 def test_ten_trials_are_ten_runs_nested_under_the_study_run(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     study = optimize(

@@ -95,6 +95,7 @@ class OutageMidRun(Node[ManyArgs, int]):
         return 120
 
 
+@pytest.mark.slow
 def test_metrics_are_replayed_without_duplicates_after_an_mlflow_outage(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     run = OutageMidRun(ManyArgs(), config=config)
@@ -183,6 +184,7 @@ class FitSklearn(Node[ManyArgs, float]):
         return float(Ridge(alpha=0.5).fit(x, y).score(x, y))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")  # sklearn/mlflow autolog chatter
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_autolog_records_sklearn_params_and_metrics(tmp_path: Path) -> None:
