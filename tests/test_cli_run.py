@@ -104,6 +104,7 @@ def test_bad_argument_value_is_a_usage_error(project: Path) -> None:
     assert proc.returncode == 2 and "invalid int value: 'abc'" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "exit_code"),
     [(["--help"], 0), (["nodes"], 0), (["run", "FitOLS", "--help"], 0), (["run", "FitOLS"], 2), (["run", "Nope"], 2)],

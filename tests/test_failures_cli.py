@@ -71,6 +71,7 @@ def _mlflow_status(project: Path, run_id: str) -> str:
     return str(MlflowClient(f"sqlite:///{project / 'data_storage' / 'mlflow.db'}").get_run(run_id).info.status)
 
 
+@pytest.mark.slow
 def test_exception_in_run_exits_1_with_one_paragraph(sproject: Path) -> None:
     proc = cli(sproject, "run", "Crash", "--message", "exploded")
     assert proc.returncode == 1

@@ -65,6 +65,7 @@ def test_two_runs_in_one_process_do_not_mix_logs(tmp_path: Path) -> None:
     assert "after both runs" not in (second.output_dir / "output.log").read_text()
 
 
+@pytest.mark.slow
 def test_failure_is_recorded_and_raised_from_the_original(tmp_path: Path) -> None:
     n = Fail({"message": "kaputt"}, config=local_config(tmp_path, mlflow=True))
     with pytest.raises(RunFailedError, match="kaputt") as info:

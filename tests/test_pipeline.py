@@ -44,6 +44,7 @@ def test_three_node_pipeline_runs_children_in_nested_dirs_and_mlflow_runs(tmp_pa
     assert "Running Train: no earlier completed Train run" in log_of(first)
 
 
+@pytest.mark.slow
 def test_second_run_reuses_and_an_args_change_recomputes(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     Evaluate(EvaluateArgs(lr=0.1), config=config).run()

@@ -492,6 +492,7 @@ def test_row5_rm_force_refuses_a_running_run(hproject: Path, tmp_path: Path) -> 
         kill(proc)
 
 
+@pytest.mark.slow
 def test_row5_the_heartbeat_never_recreates_a_deleted_run_dir(hproject: Path, tmp_path: Path) -> None:
     configure(hproject, MLFLOW_OFF + "[runs]\nheartbeat_seconds = 0.1\n")
     marker = tmp_path / "started"

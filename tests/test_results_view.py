@@ -258,6 +258,7 @@ def test_compare_aligns_marks_the_best_and_shows_deltas(lab: Path, tmp_path: Pat
     assert selected.returncode == 0 and selected.stdout.count("] Train_") == 2
 
 
+@pytest.mark.slow
 def test_plot_commands_write_pngs(lab: Path, tmp_path: Path) -> None:
     curves = tmp_path / "curves.png"
     keys = [key_of(lab, lr) for lr in LRS]

@@ -64,6 +64,7 @@ def log_of(node: Any) -> str:
 # --- loading ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("backend", "source_local"),
     [("local", True), ("local", False), ("s3", False)],

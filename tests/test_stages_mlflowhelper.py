@@ -68,6 +68,7 @@ def test_managed_artifact_is_logged_from_a_private_folder(tracking: str) -> None
     assert not path.exists() and not path.parent.exists()  # cleaned up
 
 
+@pytest.mark.slow
 def test_managed_artifact_dir(tracking: str) -> None:
     with mlflow.start_run() as run, phd_flow.managed_artifact_dir("plots") as artifact_dir:
         artifact_dir.get_path("plot1.png").write_bytes(b"\x89PNG one")

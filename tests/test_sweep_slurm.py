@@ -157,6 +157,7 @@ def test_a_grid_runs_as_a_job_array_and_records_the_slurm_ids(sproject: Path) ->
         assert result.value == 2 * point["params"]["seed"]
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @real_slurm
 def test_scancel_of_one_array_task_marks_that_run_killed(sproject: Path, tmp_path: Path) -> None:
@@ -175,6 +176,7 @@ def test_scancel_of_one_array_task_marks_that_run_killed(sproject: Path, tmp_pat
     assert "SIGTERM" in json.loads((sproject / "data_storage" / slow["key"] / "run.json").read_text())["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @real_slurm
 def test_a_preempted_job_is_requeued_and_resumes_the_same_key(sproject: Path, tmp_path: Path) -> None:

@@ -418,6 +418,7 @@ def test_row1_download_never_writes_outside_local_path(seed: Seed, remote: Backe
     assert proc.returncode != 0 and "escape.txt" in proc.stderr and seed.add in proc.stderr  # reported
 
 
+@pytest.mark.slow
 def test_row1_stage_load_never_writes_outside_local_path(seed: Seed, remote: Backend, tmp_path: Path) -> None:
     project = victim(tmp_path, remote)
     # the stage is pulled into <local_path>/<new key>/.load_data.*.phd_flow-part: 4 levels up is home/
@@ -427,6 +428,7 @@ def test_row1_stage_load_never_writes_outside_local_path(seed: Seed, remote: Bac
     assert proc.returncode != 0 and "escape.txt" in proc.stderr  # reported, nothing of the stage used
 
 
+@pytest.mark.slow
 def test_row1_latest_never_writes_outside_local_path(seed: Seed, remote: Backend, tmp_path: Path) -> None:
     project = victim(tmp_path, remote, extra='[stages.load_data]\nload_from = "latest"\n')
     remote.plant_run(seed.run_dir(seed.prep), seed.prep)
