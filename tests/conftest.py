@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import json
+import locale
 import os
 import shutil
-import subprocess
+import signal
+import socket
+import subprocess as subprocess_
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,7 +78,7 @@ def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     code = f"from mlflow.tracking import MlflowClient; MlflowClient('sqlite:///{path}').search_experiments()"
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    subprocess_.run([sys.executable, "-c", code], check=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     return path
 
 
@@ -93,23 +101,144 @@ def nothing_created(local_path: Path) -> bool:
 
 
 def cli(
-    project: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m my_project ARGS`` in ``project`` like a user would."""
+    project: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+    subprocess: bool = False,
+) -> subprocess_.CompletedProcess[str]:
+    """Run ``python -m my_project ARGS`` in ``project`` like a user would.
+
+    The call is forked from this worker's CLI fork server (tests/cli_server.py: a warm
+    interpreter, the same process a user gets minus ~2 s of imports) unless ``subprocess`` asks for
+    a new interpreter, or ``env`` changes a ``PYTHON*`` variable (read at interpreter start).
+    ``PHD_FLOW_TESTS_CLI=subprocess pytest ...`` runs every call in a new interpreter.
+    """
     full_env = {k: v for k, v in os.environ.items() if k not in _ENV_VARS and not k.startswith("PYTEST")}
     full_env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    base_env = dict(full_env)
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "my_project", *args],
-        cwd=project,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+    command = [sys.executable, "-m", "my_project", *args]
+    if not subprocess and os.environ.get("PHD_FLOW_TESTS_CLI") != "subprocess":
+        server = _CliServer.get(base_env)
+        if server.serves(full_env):
+            return server.run(command, project, full_env, timeout)
+    return subprocess_.run(
+        command, cwd=project, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+class _CliServer:
+    """This worker's fork server (tests/cli_server.py), started on the first :func:`cli` call."""
+
+    _instance: _CliServer | None = None
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="phd-cli-"))
+        self.socket = str(self.dir / "sock")
+        self.startup = {k: v for k, v in env.items() if k.startswith("PYTHON")}
+        self.log = open(self.dir / "server.log", "wb")  # noqa: SIM115 (closed by stop)
+        self.proc = subprocess_.Popen(
+            [sys.executable, str(Path(__file__).with_name("cli_server.py")), self.socket],
+            env=env,
+            stdin=subprocess_.PIPE,
+            stdout=subprocess_.PIPE,
+            stderr=self.log,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline() != b"ready\n":
+            self.proc.wait(timeout=30)
+            raise RuntimeError(f"the CLI fork server did not start: {(self.dir / 'server.log').read_text()}")
+        atexit.register(self.stop)
+
+    @classmethod
+    def get(cls, env: dict[str, str]) -> _CliServer:
+        if cls._instance is None or cls._instance.proc.poll() is not None:
+            cls._instance = cls(env)
+        return cls._instance
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # the server's signal to leave
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess_.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def serves(self, env: dict[str, str]) -> bool:
+        """Whether a child of this server starts as a new interpreter with ``env`` would."""
+        return {k: v for k, v in env.items() if k.startswith("PYTHON")} == self.startup
+
+    def run(
+        self, command: list[str], cwd: Path, env: dict[str, str], timeout: float
+    ) -> subprocess_.CompletedProcess[str]:
+        """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)``, forked."""
+        fd, out = tempfile.mkstemp(dir=self.dir, suffix=".out")
+        os.close(fd)
+        err = out[: -len(".out")] + ".err"
+        request = {
+            "package": command[2],
+            "argv": command[3:],
+            "env": env,
+            "cwd": str(cwd),
+            "stdout": out,
+            "stderr": err,
+        }
+        deadline = time.monotonic() + timeout
+        pid, code = None, None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(self.socket)
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            try:
+                for line in _lines(conn, deadline):
+                    word, value = line.split()
+                    if word == "pid":
+                        pid = int(value)
+                    else:
+                        code = int(value)
+            except TimeoutError:
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    list(_lines(conn, time.monotonic() + 10))
+                stdout, stderr = _read_text(out), _read_text(err)
+                raise subprocess_.TimeoutExpired(command, timeout, output=stdout, stderr=stderr) from None
+        if code is None:
+            raise RuntimeError(f"the CLI fork server lost the call {command}: {(self.dir / 'server.log').read_text()}")
+        return subprocess_.CompletedProcess(command, code, _read_text(out), _read_text(err))
+
+
+def _lines(conn: socket.socket, deadline: float) -> Iterator[str]:
+    """The server's answer lines until it closes the connection; TimeoutError at ``deadline``."""
+    buffer = b""
+    while True:
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = conn.recv(4096)  # socket.timeout is TimeoutError
+        if not chunk:
+            return
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        yield from (line.decode() for line in lines)
+
+
+def _read_text(path: str) -> str:
+    """A captured stream as ``subprocess.run(text=True)`` decodes it; the file is removed."""
+    data = Path(path).read_bytes()
+    Path(path).unlink()
+    return data.decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def run_dirs(local_path: Path) -> list[Path]:
     """Run directories (those with a run.json) directly below local_path."""
     return sorted(p for p in local_path.iterdir() if (p / "run.json").exists()) if local_path.exists() else []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (stable otherwise): xdist hands out the long ones while every worker is
+    free, so the run does not end with one worker alone on a three-minute test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

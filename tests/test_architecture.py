@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "phd_flow"
 
 
@@ -112,6 +114,7 @@ def test_only_the_run_object_touches_node_private_state() -> None:
         assert not hits, f"{name} reaches into a Node's private state: {hits}"
 
 
+@pytest.mark.slow
 def test_every_module_imports_alone_in_a_fresh_interpreter() -> None:
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     for name in MODULES:  # one interpreter per module: the order of earlier imports cannot help

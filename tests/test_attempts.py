@@ -21,6 +21,9 @@ import pytest
 from tests.conftest import cli, run_dirs
 from tests.test_feeder import BACKGROUND, client, feeder_pid, poll, popen, record
 
+#: Every test here runs two attempts of a run through the real CLI and MLflow (10-80 s).
+pytestmark = pytest.mark.slow
+
 NODES = '''
 import dataclasses
 import time

@@ -18,6 +18,7 @@ from tests.conftest import cli, nothing_created, run_dirs, write_config
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| (INFO|DEBUG|WARNING|ERROR)\s* \| [\w.]+:\w+:\d+ - ")
 
 
+@pytest.mark.slow
 def test_run_creates_a_complete_run_directory_and_mlflow_run(project: Path) -> None:
     proc = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
     assert proc.returncode == 0, proc.stderr
@@ -103,6 +104,7 @@ def test_bad_argument_value_is_a_usage_error(project: Path) -> None:
     assert proc.returncode == 2 and "invalid int value: 'abc'" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "exit_code"),
     [(["--help"], 0), (["nodes"], 0), (["run", "FitOLS", "--help"], 0), (["run", "FitOLS"], 2), (["run", "Nope"], 2)],
@@ -130,6 +132,7 @@ def test_help_nodes_and_argument_errors_do_not_import_heavy_sdks(
     assert f"EXIT {exit_code}\n" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_config_option_and_env_var_pick_another_config(project: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.toml"
     other.write_text(f'local_path = "{tmp_path / "elsewhere"}"\n[mlflow]\nenabled = false\n')
@@ -153,6 +156,7 @@ def test_config_option_and_env_var_pick_another_config(project: Path, tmp_path: 
     assert record["mlflow"]["state"] == "disabled"
 
 
+@pytest.mark.slow
 def test_missing_default_config_uses_defaults_and_says_so(project: Path) -> None:
     (project / "config" / "default.toml").unlink()
     proc = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
@@ -169,6 +173,7 @@ def test_config_error_exits_2_with_file_and_line(project: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_local_remote_mirrors_every_run(project: Path, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     write_config(
@@ -185,6 +190,7 @@ def test_local_remote_mirrors_every_run(project: Path, tmp_path: Path) -> None:
     assert (shared / "my_project" / "datasets" / run_dir.name / "datasets.pickle").is_file()
 
 
+@pytest.mark.slow
 def test_sync_checksum_sends_a_same_size_edit_whose_old_mtime_was_restored(project: Path, tmp_path: Path) -> None:
     """docs/storage.md: a plain sync trusts an unchanged size+mtime (like rsync); `sync --checksum`
     (alias `--verify`) re-hashes every local file of every run and sends what differs."""

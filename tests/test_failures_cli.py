@@ -71,6 +71,7 @@ def _mlflow_status(project: Path, run_id: str) -> str:
     return str(MlflowClient(f"sqlite:///{project / 'data_storage' / 'mlflow.db'}").get_run(run_id).info.status)
 
 
+@pytest.mark.slow
 def test_exception_in_run_exits_1_with_one_paragraph(sproject: Path) -> None:
     proc = cli(sproject, "run", "Crash", "--message", "exploded")
     assert proc.returncode == 1
@@ -83,6 +84,7 @@ def test_exception_in_run_exits_1_with_one_paragraph(sproject: Path) -> None:
     assert _mlflow_status(sproject, record["mlflow"]["run_id"]) == "FAILED"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_during_run_marks_killed_everywhere(sproject: Path, tmp_path: Path, sig: int, code: int) -> None:
     marker = tmp_path / "started"
@@ -115,6 +117,7 @@ def test_signal_during_run_marks_killed_everywhere(sproject: Path, tmp_path: Pat
 # Many processes at once: tests/test_load.py::test_fifty_processes_at_once_on_a_fresh_store.
 
 
+@pytest.mark.slow
 def test_mlflow_unreachable_run_completes_and_sync_catches_up(sproject: Path) -> None:
     from tests.conftest import write_config
 

@@ -134,6 +134,7 @@ def popen(project: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow
 def test_run_returns_before_mlflow_which_then_shows_the_whole_run(fproject: Path, tmp_path: Path) -> None:
     extra = tmp_path / "notes.txt"
     extra.write_text("hello")
@@ -177,6 +178,7 @@ def test_show_says_when_the_mlflow_view_is_pending(fproject: Path) -> None:
     assert state in shown.stdout, shown.stdout
 
 
+@pytest.mark.slow
 def test_a_killed_feeder_is_finished_by_the_next_one_without_duplicates(fproject: Path) -> None:
     go = fproject / "go"
     proc = popen(fproject, "run", "Probe", "--steps", "4000", "--hold", str(go))
@@ -201,6 +203,7 @@ def test_a_killed_feeder_is_finished_by_the_next_one_without_duplicates(fproject
     assert len(client(fproject).search_runs([run.info.experiment_id])) == 1
 
 
+@pytest.mark.slow
 def test_a_feeder_killed_between_sending_a_batch_and_recording_it_duplicates_nothing(fproject: Path) -> None:
     """The one window where a killed feeder's successor sends points again (MLflow has the batch,
     run.json's ``metrics_sent`` does not say so yet), made deterministic: MLflow's metric key
@@ -220,6 +223,7 @@ def test_a_feeder_killed_between_sending_a_batch_and_recording_it_duplicates_not
     assert record(run_dir)["mlflow"]["metrics_sent"] == 30
 
 
+@pytest.mark.slow
 def test_a_feeder_and_a_run_killed_midway_are_finished_by_sync(fproject: Path) -> None:
     proc = popen(fproject, "run", "Probe", "--steps", "4000", "--hold", str(fproject / "never"))
     try:
@@ -243,6 +247,7 @@ def test_a_feeder_and_a_run_killed_midway_are_finished_by_sync(fproject: Path) -
     assert mlflow_run(fproject, record(run_dir)["key"]).info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_sends_no_point_twice(fproject: Path) -> None:
     proc = popen(fproject, "run", "Probe", "--steps", "40", "--hold", str(fproject / "never"))
     try:
@@ -264,6 +269,7 @@ def test_a_resumed_run_sends_no_point_twice(fproject: Path) -> None:
     assert len(client(fproject).search_runs([run.info.experiment_id])) == 1
 
 
+@pytest.mark.slow
 def test_twenty_parallel_runs_all_land_through_one_feeder(fproject: Path) -> None:
     procs = [popen(fproject, "run", "Probe", "--steps", "50") for _ in range(20)]
     for proc in procs:
@@ -281,6 +287,7 @@ def test_twenty_parallel_runs_all_land_through_one_feeder(fproject: Path) -> Non
         assert len(loss_points(fproject, run.info.run_id)) == 50
 
 
+@pytest.mark.slow
 def test_wait_mlflow_returns_with_mlflow_complete(fproject: Path) -> None:
     proc = cli(fproject, "run", "Probe", "--wait-mlflow", "--steps", "10", env=BACKGROUND)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -290,6 +297,7 @@ def test_wait_mlflow_returns_with_mlflow_complete(fproject: Path) -> None:
     assert run is not None and len(loss_points(fproject, run.info.run_id)) == 10
 
 
+@pytest.mark.slow
 def test_plain_mlflow_calls_in_run_land_in_the_runs_mlflow_run(fproject: Path) -> None:
     proc = cli(fproject, "run", "Plain", env=BACKGROUND)
     assert proc.returncode == 0, proc.stderr[-3000:]

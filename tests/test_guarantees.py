@@ -235,6 +235,7 @@ def _assert_clean_user_error(proc: subprocess.CompletedProcess[str], code: int, 
         assert part in proc.stderr, (part, proc.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("text", "argv", "code", "parts"), BAD_CONFIG)
 def test_bad_config_is_one_clear_message(
     project: Path, text: str, argv: list[str], code: int, parts: list[str]
@@ -261,6 +262,7 @@ def project_with_a_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("argv", "code", "parts"), BAD_ARGS)
 def test_bad_arguments_are_one_clear_message(
     project_with_a_run: Path, tmp_path: Path, argv: list[str], code: int, parts: list[str]
@@ -282,6 +284,7 @@ def test_unwritable_local_path_fails_before_run(project: Path) -> None:
     assert "Got 442 samples" not in proc.stderr  # _run never started
 
 
+@pytest.mark.slow
 def test_corrupt_run_json_and_pickle_are_reported(project: Path) -> None:
     ok = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")
     assert ok.returncode == 0, ok.stderr
@@ -306,6 +309,7 @@ def test_corrupt_run_json_and_pickle_are_reported(project: Path) -> None:
 # --- faults ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_while_pickling_the_result_keeps_the_result(fproject: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pickling"
     proc = subprocess.Popen(
@@ -336,6 +340,7 @@ def test_sigterm_while_pickling_the_result_keeps_the_result(fproject: Path, tmp_
     assert "about to return" in (run_dir / "output.log").read_text()
 
 
+@pytest.mark.slow
 def test_failed_run_is_synced_whole_to_the_remote(fproject: Path, tmp_path: Path) -> None:
     remote = tmp_path / "shared"
     write_config(fproject, _shared_remote_config(remote))
@@ -347,6 +352,7 @@ def test_failed_run_is_synced_whole_to_the_remote(fproject: Path, tmp_path: Path
     assert json.loads((mirrored / "run.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_two_machines_sync_to_one_prefix_at_once(fproject: Path, tmp_path: Path) -> None:
     """Two local_paths pushing their runs (different keys) to one remote at the same moment
     overwrite nothing (one shared path: test_two_machines_write_one_shared_path_at_once)."""
@@ -529,6 +535,7 @@ def test_bucket_that_does_not_exist_is_named(project: Path, moto_server: s3_fixt
     assert (run_dir / "results.pickle").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_sync_completes_the_sync(fproject: Path, tmp_path: Path) -> None:
     remote = tmp_path / "shared"
     write_config(

@@ -193,6 +193,7 @@ def test_ls_stale_fix_never_feeds_mlflow_with_a_run_downloaded_from_the_bucket(p
 # --- the feeder's queue --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_feeder_feeds_a_run_whose_key_has_a_plus(project: Path) -> None:
     """`--key` accepts '+' (letters, digits and . _ - + ...), but the queue's marker maps '/' to '+'
     and back: the feeder looks for local_path/exp/1, gives up, and MLflow never gets run exp+1."""

@@ -28,6 +28,7 @@ def test_node_runs_from_args_dict_or_argv(tmp_path: Path, args: object) -> None:
     assert result.total == 3
 
 
+@pytest.mark.slow
 def test_nested_dataclass_args_are_flattened_for_mlflow(tmp_path: Path) -> None:
     n = Add({"a": 1, "optim": {"lr": 0.5}}, config=local_config(tmp_path, mlflow=True))
     n.run()
@@ -64,6 +65,7 @@ def test_two_runs_in_one_process_do_not_mix_logs(tmp_path: Path) -> None:
     assert "after both runs" not in (second.output_dir / "output.log").read_text()
 
 
+@pytest.mark.slow
 def test_failure_is_recorded_and_raised_from_the_original(tmp_path: Path) -> None:
     n = Fail({"message": "kaputt"}, config=local_config(tmp_path, mlflow=True))
     with pytest.raises(RunFailedError, match="kaputt") as info:
@@ -150,6 +152,7 @@ def test_storage_open_upload_and_path_work_as_in_the_seed(tmp_path: Path) -> Non
     assert Path(path) == tmp_path / "store" / "datasets" / n.key / "datasets.pickle"
 
 
+@pytest.mark.slow
 def test_a_run_leaves_mlflow_global_state_as_it_found_it(tmp_path: Path) -> None:
     import os
 

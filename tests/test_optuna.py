@@ -26,6 +26,7 @@ def make_config(tmp_path: Path) -> Config:
     return parse_config(text, tmp_path)
 
 
+@pytest.mark.slow
 def test_ten_trials_are_ten_runs_nested_under_the_study_run(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     study = optimize(
@@ -59,6 +60,7 @@ def test_ten_trials_are_ten_runs_nested_under_the_study_run(tmp_path: Path) -> N
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_study_resumes_from_its_rdb_storage_and_failed_runs_do_not_stop_it(tmp_path: Path) -> None:
     config = parse_config(f'local_path = "{tmp_path / "runs"}"\n[mlflow]\nenabled = false\n', tmp_path)
 
@@ -109,6 +111,7 @@ def test_continuing_a_seeded_study_never_runs_an_evaluated_parameter_set_again(t
     assert [t.params["seed"] for t in trials[3:]] != first_three  # reseeded: not a replay
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_study_mlflow_run_killed(tmp_path: Path) -> None:
     config = _mlflow_config(tmp_path)
 

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import cli, run_dirs
 
 NODES = """
@@ -50,6 +52,7 @@ def _project(project: Path) -> Path:
     return project
 
 
+@pytest.mark.slow
 def test_print_and_stderr_reach_output_log_and_the_terminal(project: Path) -> None:
     proc = cli(_project(project), "run", "Talk")
     assert proc.returncode == 0, proc.stderr
@@ -67,6 +70,7 @@ def test_print_and_stderr_reach_output_log_and_the_terminal(project: Path) -> No
     assert len(lines) == len(set(lines))
 
 
+@pytest.mark.slow
 def test_logs_prints_a_runs_output_log(project: Path) -> None:
     assert cli(_project(project), "run", "Talk").returncode == 0
     (run_dir,) = run_dirs(project / "data_storage")
@@ -83,6 +87,7 @@ def test_logs_of_an_unknown_key_is_one_clear_error(project: Path) -> None:
     assert "nosuchkey" in proc.stderr
 
 
+@pytest.mark.slow
 def test_logs_follow_prints_new_lines_and_stops_when_the_run_ends(project: Path, tmp_path: Path) -> None:
     go = tmp_path / "go"
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PYTEST")}

@@ -44,6 +44,7 @@ def test_three_node_pipeline_runs_children_in_nested_dirs_and_mlflow_runs(tmp_pa
     assert "Running Train: no earlier completed Train run" in log_of(first)
 
 
+@pytest.mark.slow
 def test_second_run_reuses_and_an_args_change_recomputes(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     Evaluate(EvaluateArgs(lr=0.1), config=config).run()
@@ -60,6 +61,7 @@ def test_second_run_reuses_and_an_args_change_recomputes(tmp_path: Path) -> None
     assert json.loads((train_dir / "run.json").read_text())["children"][0]["reused"] is True
 
 
+@pytest.mark.slow
 def test_rerun_forces_a_new_child_run(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     Evaluate(EvaluateArgs(), config=config).run()
@@ -69,6 +71,7 @@ def test_rerun_forces_a_new_child_run(tmp_path: Path) -> None:
     assert "--rerun Train was given" in log_of(again)
 
 
+@pytest.mark.slow
 def test_a_failing_child_fails_the_parent_with_both_statuses(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     parent = Evaluate(EvaluateArgs(fail=True), config=config)

@@ -65,6 +65,7 @@ def remote(request: pytest.FixtureRequest) -> Any:
     return Simulated().remote()
 
 
+@pytest.mark.slow
 def test_a_big_file_counts_every_byte_on_a_terminal(
     remote: Any, bars: list[Recording], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -84,6 +85,7 @@ def test_a_big_file_counts_every_byte_on_a_terminal(
     assert run_stderr.getvalue() == ""  # the bars go to the terminal only, never into output.log
 
 
+@pytest.mark.slow
 def test_no_bar_when_stderr_is_not_a_terminal_or_bars_are_off(
     remote: Any, bars: list[Recording], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -247,6 +247,7 @@ print(json.dumps({"syncs": syncs, "crashes": crashes}))
 RACE_RUNS = 50
 
 
+@pytest.mark.slow
 def test_row1_sync_racing_the_end_of_runs_never_reverts_them(hproject: Path, tmp_path: Path) -> None:
     """50 runs end while `sync KEY` is hammered at them; every one stays completed with its result."""
     # MLflow on: `sync` of a live run then spends a while in MLflow between reading and writing run.json
@@ -393,6 +394,7 @@ def _mlflow_statuses(project: Path) -> list[str]:
         return [row[0] for row in db.execute("select status from runs")]
 
 
+@pytest.mark.slow
 def test_row3_disk_full_while_the_run_writes_is_recorded_failed(hproject: Path, small_disk: Path) -> None:
     _disk_project(hproject, small_disk)
     proc = cli(hproject, "run", "Fill")
@@ -451,6 +453,7 @@ def test_row4_run_key_of_a_completed_run_is_refused(hproject: Path) -> None:
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.slow
 def test_row4_two_runs_on_one_key_the_second_is_refused(hproject: Path, tmp_path: Path) -> None:
     key = "Nap_2030-01-01T00-00-00.000000Z_samekey1"
     marker = tmp_path / "started"
@@ -489,6 +492,7 @@ def test_row5_rm_force_refuses_a_running_run(hproject: Path, tmp_path: Path) -> 
         kill(proc)
 
 
+@pytest.mark.slow
 def test_row5_the_heartbeat_never_recreates_a_deleted_run_dir(hproject: Path, tmp_path: Path) -> None:
     configure(hproject, MLFLOW_OFF + "[runs]\nheartbeat_seconds = 0.1\n")
     marker = tmp_path / "started"
@@ -613,6 +617,7 @@ def test_row8_huge_cli_values_exit_2_with_one_line(hproject: Path, argv: list[st
 CI_VARS = ("CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "TRAVIS", "BUILDKITE", "DO_NOT_TRACK")
 
 
+@pytest.mark.slow
 def test_row9_mlflow_telemetry_is_off_during_a_run(hproject: Path) -> None:
     configure(hproject, '[mlflow]\nexperiment = "test"\n')
     env = {

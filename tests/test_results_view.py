@@ -108,6 +108,7 @@ def in_lab(lab: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 # --- the summary and the Python API -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_json_holds_a_summary_of_every_metric(lab: Path) -> None:
     for key, data in records(lab).items():
         if data.get("kind") == "sweep":
@@ -257,6 +258,7 @@ def test_compare_aligns_marks_the_best_and_shows_deltas(lab: Path, tmp_path: Pat
     assert selected.returncode == 0 and selected.stdout.count("] Train_") == 2
 
 
+@pytest.mark.slow
 def test_plot_commands_write_pngs(lab: Path, tmp_path: Path) -> None:
     curves = tmp_path / "curves.png"
     keys = [key_of(lab, lr) for lr in LRS]
@@ -311,6 +313,7 @@ def test_listing_never_imports_matplotlib(lab: Path) -> None:
     assert done.stdout.strip().endswith("False")
 
 
+@pytest.mark.slow
 def test_rm_takes_the_filter_language(lab: Path, tmp_path: Path) -> None:
     copy = tmp_path / "proj"
     shutil.copytree(lab, copy)

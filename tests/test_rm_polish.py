@@ -53,6 +53,7 @@ def copy(made: tuple[Path, list[str]], tmp_path: Path) -> tuple[Path, Path, list
     return project, shared, made_keys
 
 
+@pytest.mark.slow
 def test_rm_usage_has_no_unreachable_arguments(copy: tuple[Path, Path, list[str]]) -> None:
     project, _, (key, _) = copy
     usage = cli(project, "rm", "--help")
@@ -68,6 +69,7 @@ def test_rm_usage_has_no_unreachable_arguments(copy: tuple[Path, Path, list[str]
     assert (project / "data_storage" / key).is_dir()
 
 
+@pytest.mark.slow
 def test_rm_deletes_the_runs_side_data_only_with_with_data(copy: tuple[Path, Path, list[str]]) -> None:
     project, shared, (first, second) = copy
     local = project / "data_storage"
@@ -95,6 +97,7 @@ def test_rm_deletes_the_runs_side_data_only_with_with_data(copy: tuple[Path, Pat
     assert (shared / "datasets" / second / "datasets.pickle").is_file()
 
 
+@pytest.mark.slow
 def test_rm_says_mlflow_runs_are_soft_deleted_unless_purge(copy: tuple[Path, Path, list[str]]) -> None:
     project, _, (first, second) = copy
     proc = cli(project, "rm", first, "--force")

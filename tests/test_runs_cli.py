@@ -131,6 +131,7 @@ def mlflow_children(project: Path, parent_id: str) -> list[str]:
 # --- ls -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ls_table_json_and_status_filters(history: Path) -> None:
     proc = cli(history, "ls")
     assert proc.returncode == 0, proc.stderr
@@ -301,6 +302,7 @@ def _pythonpath_without_tests(tmp_path: Path) -> dict[str, str]:
 # --- rm -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rm_asks_and_deletes_local_dir_and_mlflow_runs(project: Path) -> None:
     add1, add2, failed, evaluate = keys(project)
     proc = answer(project, "n", "rm", "--failed")
@@ -535,6 +537,7 @@ def _mlflow_gone(project: Path, run_id: str) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_gc_is_a_dry_run_by_default_and_keeps_what_kept_runs_loaded_or_reused(project: Path) -> None:
     add1, add2, failed, evaluate = keys(project)
     old = "2020-01-01T00:00:00+00:00"
@@ -567,6 +570,7 @@ def test_gc_is_a_dry_run_by_default_and_keeps_what_kept_runs_loaded_or_reused(pr
     assert _mlflow_gone(project, failed_mlflow)  # purged, not only marked deleted
 
 
+@pytest.mark.slow
 def test_rm_purge_deletes_the_mlflow_runs_for_good(project: Path) -> None:
     add1, add2, *_ = keys(project)
     soft, hard = record(project, add1)["mlflow"]["run_id"], record(project, add2)["mlflow"]["run_id"]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import cli, run_dirs
 
 DATA = Path(__file__).resolve().parent / "data"
 
 
+@pytest.mark.slow
 def test_the_seed_readme_example_runs_as_written(project: Path) -> None:
     (project / "my_project" / "fit_ols.py").write_text((DATA / "seed_fit_ols.py.txt").read_text())
     proc = cli(project, "run", "FitOLS", "--dataset", "data/diabetes.csv", "--target", "target")

@@ -238,6 +238,7 @@ enabled = false
 """
 
 
+@pytest.mark.slow
 def test_rm_remote_refuses_a_run_whose_remote_copy_another_run_relies_on(project: Path, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     write_config(project, textwrap.dedent(CONFIG.format(shared=shared)))

@@ -64,6 +64,7 @@ def test_stage_rules_of_a_pipeline_warn_only_for_stages_no_run_of_it_opened(tmp_
     assert "Reusing Prepare" in log_of(outer)
 
 
+@pytest.mark.slow
 def test_child_runs_are_found_by_key_or_prefix_and_rerun_names_are_checked(project: Path) -> None:
     import json
     import shutil
@@ -260,6 +261,7 @@ def test_rm_of_a_child_run_is_refused_naming_the_pipeline_run(project: Path) -> 
     assert not parent.exists()
 
 
+@pytest.mark.slow
 def test_a_child_run_only_in_storage_is_found_by_key_or_prefix(project: Path, tmp_path: Path) -> None:
     import json
     import shutil
@@ -373,6 +375,7 @@ def _job_logs(project: Path) -> str:
     return "\n".join(f"--- {p.name}:\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:]) for p in logs)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_lane")
 @pytest.mark.xfail(

@@ -64,6 +64,7 @@ def log_of(node: Any) -> str:
 # --- loading ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("backend", "source_local"),
     [("local", True), ("local", False), ("s3", False)],
@@ -119,6 +120,7 @@ def test_latest_loads_the_newest_completed_run_with_that_stage(tmp_path: Path, d
     assert (config.where("stages.load_data.load_from") + " [stages.load_data] load_from = 'latest'") in log_of(third)
 
 
+@pytest.mark.slow
 def test_load_by_mlflow_run_id_from_another_experiment_or_a_plain_mlflow_run(
     tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -375,6 +377,7 @@ class Dynamic(Node[DynamicArgs, int]):
 """
 
 
+@pytest.mark.slow
 def test_unused_rules_of_dynamically_named_stages_are_listed_in_a_warning_at_the_end(project: Path) -> None:
     (project / "my_project" / "dynamic.py").write_text(DYNAMIC)
     write_config(

@@ -48,6 +48,7 @@ def artifacts(run_id: str, path: str | None = None) -> list[str]:
     return sorted(f.path for f in MlflowClient().list_artifacts(run_id, path))
 
 
+@pytest.mark.slow
 def test_managed_artifact_is_logged_from_a_private_folder(tracking: str) -> None:
     import matplotlib
 
@@ -67,6 +68,7 @@ def test_managed_artifact_is_logged_from_a_private_folder(tracking: str) -> None
     assert not path.exists() and not path.parent.exists()  # cleaned up
 
 
+@pytest.mark.slow
 def test_managed_artifact_dir(tracking: str) -> None:
     with mlflow.start_run() as run, phd_flow.managed_artifact_dir("plots") as artifact_dir:
         artifact_dir.get_path("plot1.png").write_bytes(b"\x89PNG one")
@@ -167,6 +169,7 @@ def test_log_vars_logs_the_callers_parameters_and_kwargs(tracking: str, request:
     assert run.data.params == {"param1": "a", "param2": "b", "param3": "defaultvalue", "something_else": "6"}
 
 
+@pytest.mark.slow
 def test_mlflow_dict_comes_back_in_a_new_process(tracking: str) -> None:
     d = phd_flow.MlflowDict()
     d["a"] = 5

@@ -91,6 +91,7 @@ def test_a_run_is_visible_with_aws_cli_and_downloads_identically(project: Path, 
     assert files_below(other / "data_storage" / key) == files_below(run_dir)
 
 
+@pytest.mark.slow
 def test_missing_bucket_names_the_config_key(project: Path, moto_server: S3Server) -> None:
     write_config(project, s3_config(None, moto_server.endpoint_url))
     proc = cli(project, *RUN, env=moto_server.env())

@@ -193,6 +193,7 @@ def test_store_dies_mid_sync_then_resync_sends_exactly_the_missing_files(
 # --- a store answering errors for a while ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("rule", "files"),
     [
@@ -223,6 +224,7 @@ def test_s3_slow_down_errors_are_retried_and_contents_verify(
     assert sha256_tree(second.path("run_1")) == sha256_tree(storage.path("run_1"))
 
 
+@pytest.mark.slow
 def test_s3_that_keeps_failing_leaves_the_run_not_synced_and_local_files_intact(
     moto_server: S3Server, proxies: Callable[[FaultRule], FaultProxy], tmp_path: Path
 ) -> None:

@@ -69,6 +69,7 @@ def test_3x2_grid_runs_six_points_with_their_own_keys_and_a_sweep_record(sprojec
     assert "finished: 6 completed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_point_is_reported_and_resume_reruns_only_it_in_the_same_mlflow_run(tmp_path: Path) -> None:
     project = make_project(
         tmp_path / "proj", 'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nexperiment = "sweeps"\n'

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import _ENV_VARS, cli
 from tests.test_sweep_local import make_project
 
@@ -47,6 +49,7 @@ def _run_on_a_terminal(project: Path) -> tuple[int, str]:
     return proc.wait(timeout=120), b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_a_local_sweep_draws_a_live_done_total_eta_line_on_a_terminal(tmp_path: Path) -> None:
     project = make_project(tmp_path / "proj")
     code, text = _run_on_a_terminal(project)
@@ -61,6 +64,7 @@ def test_a_local_sweep_draws_a_live_done_total_eta_line_on_a_terminal(tmp_path: 
     assert "finished: 3 completed" in text.split("\r\x1b[K")[-1]  # the live line was cleared first
 
 
+@pytest.mark.slow
 def test_no_live_line_when_stdout_is_not_a_terminal(tmp_path: Path) -> None:
     project = make_project(tmp_path / "proj")
     proc = cli(project, *SWEEP)

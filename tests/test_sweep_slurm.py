@@ -138,6 +138,7 @@ def sproject(tmp_path: Path) -> Path:
     return make_project(tmp_path / "proj")
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @real_slurm
 def test_a_grid_runs_as_a_job_array_and_records_the_slurm_ids(sproject: Path) -> None:
@@ -156,6 +157,7 @@ def test_a_grid_runs_as_a_job_array_and_records_the_slurm_ids(sproject: Path) ->
         assert result.value == 2 * point["params"]["seed"]
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @real_slurm
 def test_scancel_of_one_array_task_marks_that_run_killed(sproject: Path, tmp_path: Path) -> None:
@@ -174,6 +176,7 @@ def test_scancel_of_one_array_task_marks_that_run_killed(sproject: Path, tmp_pat
     assert "SIGTERM" in json.loads((sproject / "data_storage" / slow["key"] / "run.json").read_text())["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @real_slurm
 def test_a_preempted_job_is_requeued_and_resumes_the_same_key(sproject: Path, tmp_path: Path) -> None:
@@ -240,6 +243,7 @@ def scontrol_job(job: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @real_slurm
 def test_resume_of_a_slurm_sweep_resubmits_to_slurm_with_its_options_and_keeps_the_old_job_ids(tmp_path: Path) -> None:
@@ -295,6 +299,7 @@ def test_an_unknown_slurm_option_fails_with_the_closest_name_before_anything_is_
     assert "Traceback" not in proc.stderr and nothing_created(project / "data_storage")
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @real_slurm
 def test_resume_of_a_slurm_sweep_can_be_sent_elsewhere_explicitly_and_keeps_its_slurm_ids(tmp_path: Path) -> None:

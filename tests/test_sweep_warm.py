@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import cli
 from tests.test_sweep_local import make_project, point_records, sweep_record
 
@@ -247,6 +249,7 @@ def test_a_warm_point_records_the_code_it_ran_not_an_edit_made_mid_sweep(tmp_pat
     assert code[1] == code[2], "the second point's record claims the edited code it never ran"
 
 
+@pytest.mark.slow
 def test_a_local_sweep_waits_once_for_mlflow_and_returns_with_every_point_in_it(tmp_path: Path) -> None:
     """Points end without waiting for MLflow (the one feeder takes them as they end); the sweep
     waits once, at its end: when it returns, MLflow has every point whole (issue 20)."""
@@ -277,6 +280,7 @@ def test_a_local_sweep_waits_once_for_mlflow_and_returns_with_every_point_in_it(
     assert parent.data.tags["phd_flow.key"] == sweep_key and parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_sweep_is_one_mlflow_parent_run_with_its_points_nested_and_sync_adds_no_run(tmp_path: Path) -> None:
     """MLflow shows a sweep as one parent run (grid as params, final status) with every point
     nested under it; `sync` never turns the sweep record into a run of its own (issue 16)."""

@@ -95,6 +95,7 @@ class OutageMidRun(Node[ManyArgs, int]):
         return 120
 
 
+@pytest.mark.slow
 def test_metrics_are_replayed_without_duplicates_after_an_mlflow_outage(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     run = OutageMidRun(ManyArgs(), config=config)
@@ -113,6 +114,7 @@ def test_metrics_are_replayed_without_duplicates_after_an_mlflow_outage(tmp_path
     assert run.record.__class__.load(run.output_dir).data["mlflow"]["state"] == "synced"
 
 
+@pytest.mark.slow
 def test_long_param_is_truncated_with_a_warning_and_kept_whole_in_args_json(tmp_path: Path) -> None:
     messages: list[str] = []
     sink = logger.add(messages.append, level="WARNING")
@@ -129,6 +131,7 @@ def test_long_param_is_truncated_with_a_warning_and_kept_whole_in_args_json(tmp_
     assert len(params["note"]) == 6000 and params["note"].endswith("...")
 
 
+@pytest.mark.slow
 def test_changed_param_on_an_existing_mlflow_run_is_a_warning_not_a_crash(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     run = Many(ManyArgs(n=1, note="a"), config=config)
@@ -161,6 +164,7 @@ class PlainMlflow(Node[ManyArgs, str]):
         return str(run.info.run_id)
 
 
+@pytest.mark.slow
 def test_plain_mlflow_calls_land_in_the_nodes_run(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     run = PlainMlflow(ManyArgs(n=1), config=config)
@@ -183,6 +187,7 @@ class FitSklearn(Node[ManyArgs, float]):
         return float(Ridge(alpha=0.5).fit(x, y).score(x, y))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")  # sklearn/mlflow autolog chatter
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_autolog_records_sklearn_params_and_metrics(tmp_path: Path) -> None:

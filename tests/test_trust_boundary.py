@@ -408,6 +408,7 @@ def assert_ok(proc: subprocess.CompletedProcess[str]) -> None:
 # === row 1: a remote name with '..' writes outside local_path ====================================
 
 
+@pytest.mark.slow
 def test_row1_download_never_writes_outside_local_path(seed: Seed, remote: Backend, tmp_path: Path) -> None:
     project = victim(tmp_path, remote)
     remote.plant_run(seed.run_dir(seed.add), seed.add)
@@ -417,6 +418,7 @@ def test_row1_download_never_writes_outside_local_path(seed: Seed, remote: Backe
     assert proc.returncode != 0 and "escape.txt" in proc.stderr and seed.add in proc.stderr  # reported
 
 
+@pytest.mark.slow
 def test_row1_stage_load_never_writes_outside_local_path(seed: Seed, remote: Backend, tmp_path: Path) -> None:
     project = victim(tmp_path, remote)
     # the stage is pulled into <local_path>/<new key>/.load_data.*.phd_flow-part: 4 levels up is home/
@@ -426,6 +428,7 @@ def test_row1_stage_load_never_writes_outside_local_path(seed: Seed, remote: Bac
     assert proc.returncode != 0 and "escape.txt" in proc.stderr  # reported, nothing of the stage used
 
 
+@pytest.mark.slow
 def test_row1_latest_never_writes_outside_local_path(seed: Seed, remote: Backend, tmp_path: Path) -> None:
     project = victim(tmp_path, remote, extra='[stages.load_data]\nload_from = "latest"\n')
     remote.plant_run(seed.run_dir(seed.prep), seed.prep)
@@ -467,6 +470,7 @@ def _no_file_dir_clash(names: list[str]) -> bool:
     return not any(b.startswith(a + "/") for a in names for b in names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind",
     [
@@ -655,6 +659,7 @@ def test_row4_rm_never_acts_on_the_key_a_record_claims(seed: Seed, any_remote: B
     assert proc.returncode == 2 and junk in proc.stderr and seed.add in proc.stderr
 
 
+@pytest.mark.slow
 def test_row4_rm_never_deletes_an_mlflow_run_tagged_with_another_key(seed: Seed, tmp_path: Path) -> None:
     import mlflow
 
@@ -693,6 +698,7 @@ def test_record_whose_key_disagrees_with_its_location_is_refused(
     assert not new_runs(project) or command != "load"
 
 
+@pytest.mark.slow
 def test_latest_skips_a_record_whose_key_disagrees_with_its_location(
     seed: Seed, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -711,6 +717,7 @@ def test_latest_skips_a_record_whose_key_disagrees_with_its_location(
     assert junk in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind",
     [
@@ -828,6 +835,7 @@ def test_row7_secrets_in_an_uncommitted_config_never_reach_reproducible_json(tmp
 # === row 8: a password in tracking_uri is logged ===================================================
 
 
+@pytest.mark.slow
 def test_row8_password_in_tracking_uri_is_redacted_everywhere(tmp_path: Path) -> None:
     password = "Pa55w0rdTB13"
     host = closed_port_url().removeprefix("http://")
@@ -989,6 +997,7 @@ def test_hostile_pending_uploads_outside_the_run_are_dropped(seed: Seed, tmp_pat
     assert f"{key}/run.json" in uploaded and "'private'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_hostile_sync_never_reopens_another_runs_mlflow_run(seed: Seed, tmp_path: Path) -> None:
     import mlflow
 
@@ -1016,6 +1025,7 @@ def test_hostile_sync_never_reopens_another_runs_mlflow_run(seed: Seed, tmp_path
     assert mine != precious and client.get_run(mine).data.tags["phd_flow.key"] == key
 
 
+@pytest.mark.slow
 def test_hostile_mlflow_backend_refuses_a_second_run_tagged_with_a_key(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -1214,6 +1224,7 @@ def _mlflow_run(project: Path, run_id: str) -> Any:
     return MlflowClient(f"sqlite:///{local_path(project) / 'mlflow.db'}").get_run(run_id)
 
 
+@pytest.mark.slow
 def test_hostile_stale_fix_never_kills_another_runs_mlflow_run(seed: Seed, tmp_path: Path) -> None:
     backend, project, _, victim_id = _victim_with_an_mlflow_run(tmp_path)
     evil = "Add_2026-11-01T00-00-00.000000Z_evil0010"
@@ -1231,6 +1242,7 @@ def test_hostile_stale_fix_never_kills_another_runs_mlflow_run(seed: Seed, tmp_p
     assert _mlflow_run(project, victim_id).info.status == "FINISHED", proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_hostile_rm_never_deletes_an_mlflow_run_through_a_planted_child(seed: Seed, tmp_path: Path) -> None:
     backend, project, victim_key, victim_id = _victim_with_an_mlflow_run(tmp_path)
     evil = "Add_2026-11-01T00-00-00.000000Z_evil0011"

@@ -62,6 +62,7 @@ def test_frozen_args_define_and_run_from_python_dict_argv_and_require(tmp_path: 
         FrozenArgs().x = 2  # type: ignore[misc]
 
 
+@pytest.mark.slow
 def test_frozen_args_from_the_cli_and_a_sweep(uproject: Path) -> None:
     proc = cli(uproject, "run", "Frozen", "--x", "21")
     assert proc.returncode == 0, proc.stderr

@@ -64,8 +64,8 @@ def _runtime_nodes(package: str, wanted: Any) -> dict[str, type[Node[Any, Any]]]
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        if not wanted(cls.__module__):
-            continue
+        if not wanted(cls.__module__) or cls.__module__ not in sys.modules:
+            continue  # (a class of a module dropped from sys.modules is no longer the package's)
         if getattr(cls, "args_class", None) is None or "_run" not in _defined(cls):
             continue
         found[f"{cls.__module__}.{cls.__qualname__}"] = cls
