@@ -111,10 +111,25 @@ def squeue(job: str) -> str:
     ).stdout
 
 
+#: When each job was first seen pending again after its requeue (see :func:`_nudged`).
+_PENDING_SINCE: dict[str, float] = {}
+#: How long a requeued job must have been pending before it is started early. slurmd revokes the
+#: job's credential when it kills the stopped instance, with a timestamp in whole seconds; a new
+#: instance launched within that same second carries a credential no newer than the revocation
+#: and is refused ("Killing non-startable batch JobId=N: Job credential revoked"): the job then
+#: leaves the queue for good, its run still "killed". SLURM's own requeue delay (BeginTime ~2 min
+#: later) never meets this; starting the job at once did, about 1 CI run in 4.
+REQUEUE_SETTLE_S = 3.0
+
+
 def _nudged(job: str) -> bool:
-    """Ask SLURM to start a pending (requeued) job now; always true, so it can lead a poll condition."""
+    """Ask SLURM to start a pending (requeued) job now, once it has been pending for
+    REQUEUE_SETTLE_S; always true, so it can lead a poll condition."""
     state = squeue(job)
     if "PENDING" in state:
+        since = _PENDING_SINCE.setdefault(job, time.monotonic())
+        if time.monotonic() - since < REQUEUE_SETTLE_S:
+            return True
         if "held" in state.lower():
             subprocess.run(["scontrol", "release", job.split("_")[0]], check=False, capture_output=True)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False, capture_output=True)
