@@ -34,11 +34,11 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from phd_flow._io import PRIVATE_PREFIX, atomic_write_json
 from phd_flow.log import logger, redact_url
@@ -139,23 +139,38 @@ def ensure_feeder(queue: Path, tracking_uri: str, telemetry: bool) -> None:
     try:
         fd = lock.fd
         argv = [sys.executable, "-m", "phd_flow.feeder", str(queue), "--lock-fd", str(fd)]
-        with open(queue / FEEDER_LOG, "ab") as log:
-            _SPAWNED[queue] = subprocess.Popen(
-                [*argv, *(["--telemetry"] if telemetry else [])],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-                start_new_session=True,  # Ctrl-C in the terminal does not reach it
-                close_fds=True,
-                pass_fds=(fd,),
-            )
+        _SPAWNED[queue] = spawn([*argv, *(["--telemetry"] if telemetry else [])], env, queue / FEEDER_LOG, fd)
     finally:
         lock.release()  # our descriptor only: the feeder's copy keeps the lock
 
 
+class Spawned(Protocol):
+    """A started feeder process, as :func:`wait_for` watches it."""
+
+    def poll(self) -> int | None: ...
+
+
+def _spawn_process(argv: list[str], env: dict[str, str], log: Path, lock_fd: int) -> Spawned:
+    """Start the feeder ``argv`` detached, its output appended to ``log``, ``lock_fd`` inherited."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=env,
+            start_new_session=True,  # Ctrl-C in the terminal does not reach it
+            close_fds=True,
+            pass_fds=(lock_fd,),
+        )
+
+
+#: How :func:`ensure_feeder` starts a feeder (the tests' fork server forks it from a process
+#: that has mlflow imported instead, see tests/cli_server.py).
+spawn: Callable[[list[str], dict[str, str], Path, int], Spawned] = _spawn_process
+
 #: The feeder this process started last, per queue (a waiting run waits for it while it starts).
-_SPAWNED: dict[Path, subprocess.Popen[bytes]] = {}
+_SPAWNED: dict[Path, Spawned] = {}
 
 
 def wait_for(queue: Path, run_dir: Path, run_path: str, tracking_uri: str, telemetry: bool) -> None:

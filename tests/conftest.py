@@ -114,10 +114,8 @@ def cli(
     a new interpreter, or ``env`` changes a ``PYTHON*`` variable (read at interpreter start).
     ``PHD_FLOW_TESTS_CLI=subprocess pytest ...`` runs every call in a new interpreter.
     """
-    full_env = {k: v for k, v in os.environ.items() if k not in _ENV_VARS and not k.startswith("PYTEST")}
-    full_env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    base_env = dict(full_env)
-    full_env.update(env or {})
+    base_env = _base_env()
+    full_env = {**base_env, **(env or {})}
     command = [sys.executable, "-m", "my_project", *args]
     if not subprocess and os.environ.get("PHD_FLOW_TESTS_CLI") != "subprocess":
         server = _CliServer.get(base_env)
@@ -126,6 +124,12 @@ def cli(
     return subprocess_.run(
         command, cwd=project, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def _base_env() -> dict[str, str]:
+    """The environment of a CLI call before the test's own ``env``: no developer settings."""
+    base = {k: v for k, v in os.environ.items() if k not in _ENV_VARS and not k.startswith("PYTEST")}
+    return {**base, "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 class _CliServer:
@@ -231,6 +235,26 @@ def _read_text(path: str) -> str:
     data = Path(path).read_bytes()
     Path(path).unlink()
     return data.decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace("\r", "\n")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def feeders_from_the_fork_server() -> Iterator[None]:
+    """Feeders started by in-process runs (``Node(...).run()`` in a test) are forked from this
+    worker's feeder server too, as those of :func:`cli` calls are (tests/cli_server.py)."""
+    import phd_flow.feeder
+    from tests.cli_server import spawn_feeder
+
+    real = phd_flow.feeder._spawn_process
+
+    def spawn(argv: list[str], env: dict[str, str], log: Path, lock_fd: int) -> phd_flow.feeder.Spawned:
+        if os.environ.get("PHD_FLOW_TESTS_CLI") == "subprocess":
+            return real(argv, env, log, lock_fd)
+        server = _CliServer.get(_base_env())
+        return spawn_feeder(server.socket + ".feeder", real, argv, env, log, lock_fd)  # type: ignore[no-any-return]
+
+    phd_flow.feeder.spawn = spawn
+    yield
+    phd_flow.feeder.spawn = real
 
 
 def run_dirs(local_path: Path) -> list[Path]:

@@ -192,6 +192,24 @@ def two_attempts(project: Path, node: str, *extra: str) -> tuple[Path, str]:
 NEWEST_LOSS = [(s, float(s)) for s in range(5)] + [(s, 1000.0 + s) for s in range(5, 30)]
 
 
+def terminated_attempt(project: Path, args: tuple[str, ...], lines: int) -> tuple[Path, str]:
+    """Start ``args`` as a real process, SIGTERM it once MLflow has its first ``lines`` metric
+    lines, and wait until its MLflow run is closed: (run dir, MLflow run id)."""
+    proc = popen(project, *args)
+    try:
+        poll(lambda: run_dirs(project / "data_storage"), "the run to start")
+        (run_dir,) = run_dirs(project / "data_storage")
+        poll(lambda: record(run_dir)["mlflow"].get("metrics_sent") == lines, "attempt 1 in MLflow")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    first_id = poll(
+        lambda: record(run_dir)["mlflow"].get("state") == "synced" and record(run_dir)["mlflow"]["run_id"],
+        "attempt 1 closed",
+    )
+    return run_dir, str(first_id)
+
+
 def assert_replaced(
     project: Path, run_dir: Path, first_id: str, record_files: bool = True, status: str = "FINISHED"
 ) -> Any:
@@ -326,18 +344,7 @@ def test_a_resumed_attempt_sigkilled_with_its_feeder_is_rebuilt_by_sync_or_ls_st
     """Attempt 2 logs (its overriding points held back), then it and the feeder are SIGKILLed:
     `sync` rebuilds the MLflow run and `ls --stale --fix` gives it its end, or the fix does both."""
     hold = ("--hold", str(aproject / "never"), "--hold_again", str(aproject / "never"))
-    proc = popen(aproject, "run", "Resumable", *hold)
-    try:
-        poll(lambda: run_dirs(aproject / "data_storage"), "the run to start")
-        (run_dir,) = run_dirs(aproject / "data_storage")
-        poll(lambda: record(run_dir)["mlflow"].get("metrics_sent") == LINES_ATTEMPT_1, "attempt 1 in MLflow")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=120)
-    first_id = poll(
-        lambda: record(run_dir)["mlflow"].get("state") == "synced" and record(run_dir)["mlflow"]["run_id"],
-        "attempt 1 closed",
-    )
+    run_dir, first_id = terminated_attempt(aproject, ("run", "Resumable", *hold), LINES_ATTEMPT_1)
     proc = popen(aproject, "run", "Resumable", *hold, "--key", run_dir.name)
     try:
         poll(lambda: record(run_dir)["mlflow"].get("metrics_sent") == LINES_ATTEMPT_1 + 28, "attempt 2 fed")
@@ -364,18 +371,7 @@ def test_a_feeder_sigkilled_mid_replacement_is_finished_by_sync(aproject: Path) 
     seconds): `sync` deletes the half-built run and builds it again; one live MLflow run."""
     steps = 60_000
     args = ("run", "Long", "--steps", str(steps), "--hold", str(aproject / "never"))
-    proc = popen(aproject, *args)
-    try:
-        poll(lambda: run_dirs(aproject / "data_storage"), "the run to start")
-        (run_dir,) = run_dirs(aproject / "data_storage")
-        poll(lambda: record(run_dir)["mlflow"].get("metrics_sent") == steps, "attempt 1 in MLflow")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=120)
-    first_id = poll(
-        lambda: record(run_dir)["mlflow"].get("state") == "synced" and record(run_dir)["mlflow"]["run_id"],
-        "attempt 1 closed",
-    )
+    run_dir, first_id = terminated_attempt(aproject, args, steps)
     again = cli(aproject, *args, "--key", run_dir.name, env=BACKGROUND)
     assert again.returncode == 0, again.stderr[-3000:]
     partial = poll(lambda: record(run_dir)["mlflow"].get("replacement"), "the feeder to start the replacement")
