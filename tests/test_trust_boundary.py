@@ -1287,3 +1287,61 @@ def test_hostile_downloaded_sweep_is_never_resumed(tmp_path: Path) -> None:
     proc = backend.cli(project, "sweep", "--resume", sweep)
     assert proc.returncode == 2 and "downloaded" in proc.stderr, proc.stderr[-2000:]
     assert not (local_path(project) / point).exists(), "a point of the bucket's sweep ran here"
+
+
+# --- third hostile review: the push-time index, replacement, the feeder ---------------------------
+
+
+@pytest.mark.slow
+def test_hostile_shard_status_never_picks_what_rm_deletes(seed: Seed, tmp_path: Path) -> None:
+    """``rm --remote --failed`` deletes what the runs' own run.json say failed, never what an
+    index entry claims: a day shard (planted, or stale after a resume elsewhere) saying a
+    completed run failed does not get the completed run deleted."""
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)  # its run.json: completed
+    entry = {**_FORGED, "key": seed.add, "status": "failed", "error": "forged"}
+    assert backend.put(f".phd_flow/index/{_day(seed.add)}.json.gz", _gz(json.dumps({seed.add: entry})))
+    listed = backend.cli(project, "ls", "--remote", "--json")
+    assert_ok(listed)
+    assert {row["key"]: row for row in json.loads(listed.stdout)}[seed.add]["status"] == "failed"  # a listing cache
+    proc = backend.cli(project, "rm", "--remote", "--failed", "--force")
+    assert_ok(proc)
+    assert f"{seed.add}/run.json" in backend.objects(), proc.stdout
+    shown = backend.cli(project, "show", seed.add)
+    assert_ok(shown)
+    assert "completed" in shown.stdout
+
+
+_MALFORMED_FIELDS = [
+    {"args": [1, 2]},
+    {"started_at": 12},
+    {"started_at": "yesterday", "ended_at": {"a": 1}},
+    {"heartbeat_at": [1], "pid": "abc", "host": ["h"]},
+    {"metrics": [1]},
+    {"metrics": {"loss": {"last": "x", "min": [], "steps": "y"}}},
+    {"children": [1, {"path": 5}], "sweep": 5},
+    {"kind": ["sweep"], "error": {"a": 1}, "node": 5},
+    {"mlflow": {"run_id": [1], "state": 5}, "sync": {"state": ["x"], "at": 5}},
+    {"pid": 10**300, "started_at": 1e308},
+]
+
+
+@pytest.mark.parametrize("command", [("ls", "--remote"), ("ls", "--remote", "--json", "--where", "metrics.loss<1")])
+def test_hostile_shard_entries_with_malformed_fields_are_listed_without_a_traceback(
+    seed: Seed, command: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Fields the shape check does not cover (times, args, metrics, children ...) may be anything
+    in a planted shard entry: the listing shows or filters them, never a traceback."""
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    stamp = seed.add.rsplit("_", 2)[1]
+    entries = {}
+    for i, fields in enumerate(_MALFORMED_FIELDS):
+        key = f"Add_{stamp}_mal{i:05d}"
+        backend.plant_run(seed.run_dir(seed.add), key)
+        entries[key] = {**_FORGED, "key": key, **fields}
+    assert backend.put(f".phd_flow/index/{_day(seed.add)}.json.gz", _gz(json.dumps(entries)))
+    proc = backend.cli(project, *command)
+    assert_ok(proc)
+    assert "Traceback" not in proc.stderr
