@@ -609,7 +609,7 @@ def replace_run(run_dir: Path, record: RunRecord, run: Any, lines: int, attempts
     client.set_tag(new_id, LINES_TAG, str(lines))
     client.set_tag(new_id, KEY_TAG, key)  # whole: it is the key's MLflow run from now on
     client.delete_tag(new_id, BUILDING_TAG)
-    _finish_replacement(client, old_id, new_id)
+    _finish_replacement(client, old_id, new_id, key)
     record.update_section("mlflow", run_id=new_id, metrics_sent=lines, replaced_at=lines, replacement=None)
     run.run_id = new_id
     logger.info(f"{key}: MLflow run {old_id} replaced by {new_id} (one point per step, newest attempt first).")
@@ -632,7 +632,7 @@ def settle_replacement(record: RunRecord, run: Any) -> str | None:
     tags = new.data.tags if new is not None else {}
     active = new is not None and new.info.lifecycle_stage == "active"
     if active and tags.get(KEY_TAG) == record.key and tags.get(REPLACES_TAG) == old_id:
-        _finish_replacement(run.client, str(old_id), new_id)
+        _finish_replacement(run.client, str(old_id), new_id, record.key)
         lines = int(tags.get(LINES_TAG) or 0)
         record.update_section("mlflow", run_id=new_id, metrics_sent=lines, replaced_at=lines, replacement=None)
         run.run_id = new_id
@@ -643,10 +643,17 @@ def settle_replacement(record: RunRecord, run: Any) -> str | None:
     return str(old_id) if old_id else None
 
 
-def _finish_replacement(client: Any, old_id: str, new_id: str) -> None:
-    """Tag the replaced MLflow run, nest its children under the new one, soft-delete it."""
-    old = client.get_run(old_id)
-    if old.info.lifecycle_stage == "deleted":
+def _finish_replacement(client: Any, old_id: str, new_id: str, key: str) -> None:
+    """Tag the replaced MLflow run, nest its children under the new one, soft-delete it; only
+    when it is the run of ``key`` (its ``phd_flow.key`` tag): run.json names it, and run.json may
+    come from elsewhere."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        old = client.get_run(old_id)
+    except MlflowException:
+        return  # gone: nothing to retire
+    if old.info.lifecycle_stage == "deleted" or old.data.tags.get(KEY_TAG) != key:
         return
     client.set_tag(old_id, REPLACED_BY_TAG, new_id)
     children = client.search_runs([old.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{old_id}'")
@@ -687,9 +694,14 @@ def _log_artifacts(run: Any, run_dir: Path, data: dict[str, Any]) -> None:
             run.client.log_artifact(run.run_id, str(entry))
 
 
+#: MLflow tags a run.json's ``tags`` section never sets (it may come from elsewhere).
+_NOT_FROM_RECORD = frozenset({REPLACES_TAG, REPLACED_BY_TAG, BUILDING_TAG, LINES_TAG, "mlflow.parentRunId"})
+
+
 def mlflow_tags(data: dict[str, Any]) -> dict[str, str]:
     """The MLflow tags of a run, from its run.json."""
-    tags = {k: str(v) for k, v in (data.get("tags") or {}).items()}
+    # a record's own tags never set the tags phd_flow's replacement bookkeeping trusts, nor a parent
+    tags = {k: str(v) for k, v in (data.get("tags") or {}).items() if k not in _NOT_FROM_RECORD}
     node_class = str(data.get("node_class") or "")
     tags.update(
         {

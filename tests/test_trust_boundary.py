@@ -1082,8 +1082,11 @@ def test_hostile_malformed_remote_records_never_break_latest(seed: Seed, tmp_pat
         '{"key": "K", "status": "completed", "sync": "x", "mlflow": []}',
         '{"status": ' + "[" * 100_000 + "]" * 100_000 + "}",
         '{"key": "K", "status": "completed", "result": "x"}',
+        '{"key": "K", "status": "completed", "attempts": 5}',
+        '{"key": "K", "status": "completed", "attempts": [{"metrics_from": "x"}]}',
+        '{"key": "K", "status": "completed", "mlflow": {"run_id": {"a": 1}}}',
     ],
-    ids=["sync-not-object", "deep-json", "result-not-object"],
+    ids=["sync-not-object", "deep-json", "result-not-object", "attempts-int", "attempt-start-text", "mlflow-id-object"],
 )
 def test_hostile_malformed_run_json_is_one_message(record: str, tmp_path: Path) -> None:
     backend = shared_remote(tmp_path)
@@ -1345,3 +1348,85 @@ def test_hostile_shard_entries_with_malformed_fields_are_listed_without_a_traceb
     proc = backend.cli(project, *command)
     assert_ok(proc)
     assert "Traceback" not in proc.stderr
+
+
+def _mlflow_victim(seed: Seed, tmp_path: Path) -> tuple[Backend, Path, Any, str]:
+    """A victim project on its own sqlite MLflow store holding a genuine, finished MLflow run of
+    the seed's Add run: (backend, project, client, that run's id)."""
+    import mlflow
+
+    backend = shared_remote(tmp_path)
+    db = tmp_path / "home" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    uri = f"sqlite:///{db}"
+    project = victim(tmp_path, backend, mlflow=f'enabled = true\ntracking_uri = "{uri}"\nexperiment = "victim"\n')
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("victim")
+    precious = client.create_run(experiment, tags={"phd_flow.key": seed.add}).info.run_id
+    client.set_terminated(precious, "FINISHED")
+    return backend, project, client, precious
+
+
+def _hand_over(seed: Seed, project: Path, key: str, **fields: Any) -> Path:
+    """A run directory from elsewhere, copied into the victim's local_path, its run.json edited."""
+    run_dir = local_path(project) / key
+    if not run_dir.exists():
+        shutil.copytree(seed.run_dir(seed.add), run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    record.update(key=key, sync={"state": "local"}, **fields)
+    (run_dir / "run.json").write_text(json.dumps(record))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("made_by", ["record-tags", "mlflow"])
+def test_hostile_settling_a_replacement_never_deletes_another_runs_mlflow_run(
+    seed: Seed, made_by: str, tmp_path: Path
+) -> None:
+    """A run.json naming another key's MLflow run as the run its finished replacement replaced
+    (``mlflow.run_id``), with a replacement tagged ``phd_flow.replaces`` = that run (through the
+    record's own tags, or made in the store by whoever can write to it), never gets that run
+    tagged, re-parented or deleted."""
+    backend, project, client, precious = _mlflow_victim(seed, tmp_path)
+    key = "Add_2026-11-01T00-00-00.000000Z_evil0012"
+    if made_by == "record-tags":  # phd_flow itself makes the replacement, from the record's tags
+        run_dir = _hand_over(seed, project, key, tags={"phd_flow.replaces": precious}, mlflow={"state": "pending"})
+        assert_ok(backend.cli(project, "sync"))
+        made = json.loads((run_dir / "run.json").read_text())["mlflow"]["run_id"]
+        assert "phd_flow.replaces" not in client.get_run(made).data.tags
+    else:
+        tags = {"phd_flow.key": key, "phd_flow.replaces": precious}
+        made = client.create_run(client.get_run(precious).info.experiment_id, tags=tags).info.run_id
+    assert made != precious
+    _hand_over(seed, project, key, mlflow={"state": "pending", "run_id": precious, "replacement": made})
+    proc = backend.cli(project, "sync")
+    assert_ok(proc)
+    genuine = client.get_run(precious)
+    assert genuine.info.lifecycle_stage == "active", proc.stderr[-2000:]
+    assert "phd_flow.replaced_by" not in genuine.data.tags
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"attempts": [{"metrics_from": 0}, {"metrics_from": "x"}]},
+        {"attempts": 5},
+        {"mlflow": {"state": "pending", "replacement": ["a"]}},
+    ],
+    ids=["attempt-start-text", "attempts-int", "replacement-list"],
+)
+def test_hostile_sync_names_a_malformed_record_instead_of_blaming_mlflow(
+    seed: Seed, fields: dict[str, Any], tmp_path: Path
+) -> None:
+    """A run directory from elsewhere whose run.json has attempts or MLflow ids of the wrong
+    shape: ``sync`` names that run.json (never "MLflow is not reachable", never "Everything is
+    synced.", never a traceback), and the MLflow store is left alone."""
+    backend, project, client, precious = _mlflow_victim(seed, tmp_path)
+    key = "Add_2026-11-01T00-00-00.000000Z_evil0014"
+    _hand_over(seed, project, key, **{"status": "failed", "mlflow": {"state": "pending"}, **fields})
+    proc = backend.cli(project, "sync")
+    assert "Traceback" not in proc.stderr and "not reachable" not in proc.stderr, proc.stderr[-2000:]
+    assert "Everything is synced" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{key}/run.json is not a phd_flow run record" in proc.stderr, proc.stderr[-2000:]
+    assert [r.info.run_id for r in client.search_runs([client.get_run(precious).info.experiment_id])] == [precious]
