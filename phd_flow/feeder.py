@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from phd_flow._io import PRIVATE_PREFIX, atomic_write_json
+from phd_flow.errors import InvalidKeyError
+from phd_flow.keys import safe_join
 from phd_flow.log import logger, redact_url
 from phd_flow.run.record import (
     ARGS_FILE,
@@ -796,14 +798,16 @@ class _Flock:
 
     def adopt(self, fd: int) -> bool:
         """Take over a descriptor locked by the process that started this one (``--lock-fd``);
-        False when ``fd`` is not an open descriptor of this lock's file."""
+        False when ``fd`` is not an open descriptor of this lock's file or another process holds
+        the lock (the descriptor then holds none: this is no second feeder)."""
         try:
-            same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            if not os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                return False
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a no-op on the handed, locked descriptor
         except OSError:
             return False
-        if same:
-            self._fd = fd
-        return same
+        self._fd = fd
+        return True
 
     def release(self) -> None:
         if self._fd is not None:
@@ -845,7 +849,12 @@ def serve(queue: Path, tracking_uri: str, lock_fd: int | None = None) -> None:
         while True:
             markers = _markers(queue)
             for marker in markers:
-                run_dir = local_path / urllib.parse.unquote(marker.name)
+                try:  # a run path below local_path (a shared local_path: anyone may write the queue)
+                    run_dir = safe_join(local_path, urllib.parse.unquote(marker.name))
+                except InvalidKeyError as exc:
+                    logger.warning(f"{marker.name}: not a run in {local_path} ({exc}): dropped.")
+                    marker.unlink(missing_ok=True)
+                    continue
                 try:
                     result = feed_run(run_dir, tracking_uri, feeding)
                 except Exception as exc:  # MLflow refused: retried, then left to `sync`
@@ -906,7 +915,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli_stderr()
     allow_telemetry("--telemetry" in args)
     logger.info(f"Feeder pid {os.getpid()} on {queue}")
-    lock_fd = int(args[args.index("--lock-fd") + 1]) if "--lock-fd" in args[:-1] else None
+    given = args[args.index("--lock-fd") + 1] if "--lock-fd" in args[:-1] else ""
+    lock_fd = int(given) if given.isdigit() else None  # else the lock is taken here
     try:
         serve(queue, tracking_uri, lock_fd)
     except FileNotFoundError:  # local_path was deleted under us

@@ -25,6 +25,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -1430,3 +1431,88 @@ def test_hostile_sync_names_a_malformed_record_instead_of_blaming_mlflow(
     assert "Everything is synced" not in proc.stderr, proc.stderr[-2000:]
     assert f"{key}/run.json is not a phd_flow run record" in proc.stderr, proc.stderr[-2000:]
     assert [r.info.run_id for r in client.search_runs([client.get_run(precious).info.experiment_id])] == [precious]
+
+
+def _serve_queue(queue: Path, uri: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The store's feeder on ``queue``, as a run starts it, until its queue stays empty."""
+    env = {**os.environ, "PHD_FLOW_FEED_URI": uri, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.run(
+        [sys.executable, "-m", "phd_flow.feeder", str(queue), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_hostile_feed_marker_naming_a_path_outside_local_path_is_dropped(seed: Seed, tmp_path: Path) -> None:
+    """A co-user who can write the feed queue (a shared local_path) plants a marker naming
+    ``../<dir>``: the feeder never feeds, locks or writes a run.json outside local_path."""
+    from phd_flow.feeder import queue_dir
+
+    _, project, client, precious = _mlflow_victim(seed, tmp_path)
+    uri = client.tracking_uri
+    outside = tmp_path / "home" / "theirs" / "Add_2026-11-01T00-00-00.000000Z_evil0015"
+    shutil.copytree(seed.run_dir(seed.add), outside)
+    record = json.loads((outside / "run.json").read_text())
+    record.update(key=outside.name, mlflow={"state": "pending"})
+    (outside / "run.json").write_text(json.dumps(record))
+    before = (outside / "run.json").read_bytes()
+    queue = queue_dir(local_path(project), uri)
+    queue.mkdir(parents=True)
+    (queue / urllib.parse.quote(f"../../theirs/{outside.name}", safe="")).touch()
+    proc = _serve_queue(queue, uri)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (outside / "run.json").read_bytes() == before, proc.stderr[-2000:]
+    assert not (outside / ".phd_flow-feed.lock").exists()
+    assert [r.info.run_id for r in client.search_runs([client.get_run(precious).info.experiment_id])] == [precious]
+    assert not list(queue.glob("..*")), "the marker stays queued"
+
+
+@pytest.mark.slow
+def test_hostile_feeder_never_adopts_a_lock_descriptor_it_does_not_hold(tmp_path: Path) -> None:
+    """``--lock-fd`` names a descriptor of the queue's feeder.lock that holds no lock while
+    another feeder holds it: the new feeder does not feed (no second feeder), it leaves."""
+    import fcntl
+
+    queue = tmp_path / "data_storage" / ".phd_flow" / "mlflow-feed" / "0123456789abcdef"
+    queue.mkdir(parents=True)
+    lock = queue / "feeder.lock"
+    running = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)  # the running feeder's lock
+    fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    unlocked = os.open(lock, os.O_RDWR)
+    try:
+        env = {**os.environ, "PHD_FLOW_FEED_URI": f"sqlite:///{tmp_path / 'm.db'}", "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "phd_flow.feeder", str(queue), "--lock-fd", str(unlocked)],
+            env=env,
+            pass_fds=(unlocked,),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.close(unlocked)
+        os.close(running)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"pid {proc.pid}" not in lock.read_text(), "a second feeder ran on the queue"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", ["abc", "99999"])
+def test_hostile_feeder_with_a_lock_fd_that_is_no_descriptor_takes_the_lock_itself(given: str, tmp_path: Path) -> None:
+    queue = tmp_path / "data_storage" / ".phd_flow" / "mlflow-feed" / "0123456789abcdef"
+    queue.mkdir(parents=True)
+    env = {**os.environ, "PHD_FLOW_FEED_URI": f"sqlite:///{tmp_path / 'm.db'}", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "phd_flow.feeder", str(queue), "--lock-fd", given],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
