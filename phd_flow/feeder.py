@@ -335,15 +335,24 @@ def request_sweep_close(
 
 
 def _close_requested(run_dir: Path, tracking_uri: str) -> None:
-    """Close the sweep's MLflow run as :func:`request_sweep_close` asked (a request that is not
-    phd_flow's shape is dropped: the sweep's next `--status` or `sync` closes it)."""
+    """Close the sweep's MLflow run as :func:`request_sweep_close` asked, with the status its
+    points' own run.json give (a request is a file anyone who can write the sweep directory may
+    plant: one of another shape, or asking for another status, is dropped with a warning; the
+    sweep's next `--status` or `sync` closes it)."""
+    from phd_flow.sweeps.grid import ended_status
+
     request = run_dir / SWEEP_CLOSE
     try:
         asked = json.loads(request.read_bytes())
     except (FileNotFoundError, ValueError):
         return
     if isinstance(asked, dict) and asked.get("status") in FINISHED and isinstance(asked.get("experiment"), str):
-        close_sweep_run(run_dir.parent, run_dir.name, tracking_uri, asked["experiment"], asked["status"])
+        status = ended_status(run_dir, STALE_AFTER)
+        if status == asked["status"]:
+            close_sweep_run(run_dir.parent, run_dir.name, tracking_uri, asked["experiment"], status)
+        else:
+            said = f"asked to close as {asked['status']!r}, its points say {status!r}"
+            logger.warning(f"{run_dir.name}: {said}: its MLflow run is not closed.")
     request.unlink(missing_ok=True)
 
 

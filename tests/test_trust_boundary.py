@@ -1516,3 +1516,27 @@ def test_hostile_feeder_with_a_lock_fd_that_is_no_descriptor_takes_the_lock_itse
         check=False,
     )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_hostile_close_request_never_marks_a_failed_sweep_finished(seed: Seed, tmp_path: Path) -> None:
+    """A close request planted in a failed sweep's directory (a co-user of a shared local_path)
+    asking for ``completed``: the feeder closes a sweep's MLflow run only with the status its
+    points' own run.json give, so MLflow never shows a failed sweep FINISHED."""
+    from phd_flow.feeder import queue_dir
+
+    backend, project, client, _ = _mlflow_victim(seed, tmp_path)
+    proc = backend.cli(project, "sweep", "Fail", "--grid", "message=a,b")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (sweep,) = [p for p in new_runs(project) if json.loads((p / "run.json").read_text()).get("kind") == "sweep"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (made,) = client.search_runs(experiments, filter_string=f"tags.`phd_flow.key` = '{sweep.name}'")
+    assert made.info.status == "FAILED"
+    (sweep / ".phd_flow-mlflow-closed").unlink()
+    experiment = client.get_experiment(made.info.experiment_id).name
+    (sweep / ".phd_flow-mlflow-close").write_text(json.dumps({"status": "completed", "experiment": experiment}))
+    queue = queue_dir(local_path(project), client.tracking_uri)
+    (queue / sweep.name).touch()
+    served = _serve_queue(queue, client.tracking_uri)
+    assert served.returncode == 0, served.stderr[-2000:]
+    assert client.get_run(made.info.run_id).info.status == "FAILED", served.stderr[-2000:]
