@@ -349,7 +349,7 @@ def _close_requested(run_dir: Path, tracking_uri: str) -> None:
     if isinstance(asked, dict) and asked.get("status") in FINISHED and isinstance(asked.get("experiment"), str):
         status = ended_status(run_dir, STALE_AFTER)
         if status == asked["status"]:
-            close_sweep_run(run_dir.parent, run_dir.name, tracking_uri, asked["experiment"], status)
+            close_sweep_run(run_dir.parent, run_dir.name, tracking_uri, asked["experiment"], asked["status"])
         else:
             said = f"asked to close as {asked['status']!r}, its points say {status!r}"
             logger.warning(f"{run_dir.name}: {said}: its MLflow run is not closed.")
