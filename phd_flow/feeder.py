@@ -706,12 +706,12 @@ def _log_artifacts(run: Any, run_dir: Path, data: dict[str, Any]) -> None:
 
 
 #: MLflow tags a run.json's ``tags`` section never sets (it may come from elsewhere).
-_NOT_FROM_RECORD = frozenset({REPLACES_TAG, REPLACED_BY_TAG, BUILDING_TAG, LINES_TAG, "mlflow.parentRunId"})
+_NOT_FROM_RECORD = frozenset({REPLACES_TAG, REPLACED_BY_TAG, BUILDING_TAG, LINES_TAG})
 
 
 def mlflow_tags(data: dict[str, Any]) -> dict[str, str]:
     """The MLflow tags of a run, from its run.json."""
-    # a record's own tags never set the tags phd_flow's replacement bookkeeping trusts, nor a parent
+    # a record's own tags never set the tags phd_flow's replacement bookkeeping trusts
     tags = {k: str(v) for k, v in (data.get("tags") or {}).items() if k not in _NOT_FROM_RECORD}
     node_class = str(data.get("node_class") or "")
     tags.update(

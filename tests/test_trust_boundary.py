@@ -1540,3 +1540,21 @@ def test_hostile_close_request_never_marks_a_failed_sweep_finished(seed: Seed, t
     served = _serve_queue(queue, client.tracking_uri)
     assert served.returncode == 0, served.stderr[-2000:]
     assert client.get_run(made.info.run_id).info.status == "FAILED", served.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_hostile_child_run_is_never_nested_under_an_mlflow_run_of_another_key(seed: Seed, tmp_path: Path) -> None:
+    """A pipeline run directory from elsewhere whose run.json names another key's MLflow run:
+    syncing its child run never nests the child under that MLflow run."""
+    backend, project, client, precious = _mlflow_victim(seed, tmp_path)
+    key, child = "Add_2026-11-01T00-00-00.000000Z_evil0016", "Add_2026-11-01T00-00-00.000000Z_evil0017"
+    _hand_over(seed, project, key, status="completed", mlflow={"state": "synced", "run_id": precious})
+    shutil.copytree(seed.run_dir(seed.add), local_path(project) / key / child)
+    record = json.loads((local_path(project) / key / child / "run.json").read_text())
+    record.update(key=child, parent=key, path=f"{key}/{child}", sync={"state": "local"}, mlflow={"state": "pending"})
+    (local_path(project) / key / child / "run.json").write_text(json.dumps(record))
+    proc = backend.cli(project, "sync", child)
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    experiment = client.get_run(precious).info.experiment_id
+    nested = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{precious}'")
+    assert not nested, proc.stderr[-2000:]
