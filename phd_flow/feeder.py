@@ -706,7 +706,9 @@ def _log_artifacts(run: Any, run_dir: Path, data: dict[str, Any]) -> None:
 
 
 #: MLflow tags a run.json's ``tags`` section never sets (it may come from elsewhere).
-_NOT_FROM_RECORD = frozenset({REPLACES_TAG, REPLACED_BY_TAG, BUILDING_TAG, LINES_TAG})
+_NOT_FROM_RECORD = frozenset(
+    {REPLACES_TAG, REPLACED_BY_TAG, BUILDING_TAG, LINES_TAG, ATTEMPTS_TAG, "phd_flow.parent_key"}
+)
 
 
 def mlflow_tags(data: dict[str, Any]) -> dict[str, str]:

@@ -1391,10 +1391,11 @@ def test_hostile_settling_a_replacement_never_deletes_another_runs_mlflow_run(
     backend, project, client, precious = _mlflow_victim(seed, tmp_path)
     key = "Add_2026-11-01T00-00-00.000000Z_evil0012"
     if made_by == "record-tags":  # phd_flow itself makes the replacement, from the record's tags
-        run_dir = _hand_over(seed, project, key, tags={"phd_flow.replaces": precious}, mlflow={"state": "pending"})
+        tags = {"phd_flow.replaces": precious, "phd_flow.attempts": "9", "phd_flow.parent_key": seed.add}
+        run_dir = _hand_over(seed, project, key, tags=tags, mlflow={"state": "pending"})
         assert_ok(backend.cli(project, "sync"))
         made = json.loads((run_dir / "run.json").read_text())["mlflow"]["run_id"]
-        assert "phd_flow.replaces" not in client.get_run(made).data.tags
+        assert not set(tags) & set(client.get_run(made).data.tags)
     else:
         tags = {"phd_flow.key": key, "phd_flow.replaces": precious}
         made = client.create_run(client.get_run(precious).info.experiment_id, tags=tags).info.run_id
