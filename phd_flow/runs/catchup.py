@@ -99,7 +99,8 @@ def sync_one(project: Project, record: RunRecord) -> bool:
         record.update(**{SUMMARY_FIELD: summary_of_dir(record.run_dir)})
     ok = sync_mlflow(project.config, record)
     pending = _own_pending(record)  # uploads that failed in the run
-    return push_run(project.storage, record, record.key, pending) and ok
+    run_path = record.run_dir.relative_to(project.config.local_path).as_posix()  # <parent>/<child> for a child
+    return push_run(project.storage, record, run_path, pending) and ok
 
 
 def downloaded(config: Config, record: RunRecord) -> Path | None:
