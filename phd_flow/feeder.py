@@ -266,14 +266,16 @@ def _mlflow_run(run_dir: Path, data: dict[str, Any], tracking_uri: str, parent_i
     return run
 
 
-#: Sweep key -> its MLflow run id, per process (a sweep's points find their parent once).
-_SWEEP_RUNS: dict[tuple[str, str], str] = {}
+#: Sweep key -> its MLflow run id and its points' keys, per process (a sweep's points find their
+#: parent once).
+_SWEEP_RUNS: dict[tuple[str, str], tuple[str, frozenset[str]]] = {}
 
 
-def sweep_run_id(local_path: Path, sweep: object, tracking_uri: str, experiment: object) -> str | None:
+def sweep_run_id(local_path: Path, sweep: object, tracking_uri: str, experiment: object, point: str) -> str | None:
     """The MLflow run of sweep ``sweep`` (created on first use, found again by its
-    ``phd_flow.key`` tag): the parent its points are nested under. None when ``sweep`` is not a
-    sweep record in ``local_path``."""
+    ``phd_flow.key`` tag): the parent its point ``point`` is nested under. None when ``sweep``
+    is not a sweep record in ``local_path`` listing ``point`` (a record naming a sweep is data:
+    only the sweep's own points are nested in its MLflow run)."""
     from phd_flow.keys import is_run_key
     from phd_flow.sweeps.grid import SWEEP_KIND
     from phd_flow.tracking import MlflowRun
@@ -282,12 +284,15 @@ def sweep_run_id(local_path: Path, sweep: object, tracking_uri: str, experiment:
         return None
     cached = _SWEEP_RUNS.get((tracking_uri, sweep))
     if cached:
-        return cached
+        return cached[0] if point in cached[1] else None
     try:
         data = RunRecord.load(local_path / sweep).data  # the key is checked against its location
     except Exception:  # no record here (another machine's sweep), or a torn one: not nested
         return None
-    if data.get("kind") != SWEEP_KIND:
+    points = data.get("points")
+    listed = points if isinstance(points, list) else []
+    keys = frozenset(str(p.get("key")) for p in listed if isinstance(p, dict))
+    if data.get("kind") != SWEEP_KIND or point not in keys:
         return None
     grid: Any = data.get("grid")
     grid = grid if isinstance(grid, dict) else {}
@@ -301,7 +306,7 @@ def sweep_run_id(local_path: Path, sweep: object, tracking_uri: str, experiment:
     run = MlflowRun(tracking_uri, str(experiment or "phd_flow"))
     run.open(run_name(data), tags, params, activate=False, start_time=epoch_ms(data.get("created_at")))
     assert run.run_id is not None
-    _SWEEP_RUNS[(tracking_uri, sweep)] = run.run_id
+    _SWEEP_RUNS[(tracking_uri, sweep)] = (run.run_id, keys)
     return run.run_id
 
 
@@ -491,7 +496,7 @@ def _open(run_dir: Path, record: RunRecord, tracking_uri: str) -> Feeding | None
         if not parent_id and parent.get("state") == PENDING:
             return None
     elif data.get("sweep"):
-        parent_id = sweep_run_id(run_dir.parent, data.get("sweep"), tracking_uri, section.get("experiment"))
+        parent_id = sweep_run_id(run_dir.parent, data.get("sweep"), tracking_uri, section.get("experiment"), record.key)
     experiment = str(section.get("experiment") or "phd_flow")
     recorded = section.get("run_id")
     run = _mlflow_run(run_dir, data, tracking_uri, parent_id, activate=False)

@@ -1559,3 +1559,22 @@ def test_hostile_child_run_is_never_nested_under_an_mlflow_run_of_another_key(se
     experiment = client.get_run(precious).info.experiment_id
     nested = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{precious}'")
     assert not nested, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_hostile_run_claiming_a_sweep_is_never_nested_under_its_mlflow_run(seed: Seed, tmp_path: Path) -> None:
+    """A run directory from elsewhere whose run.json names one of the user's sweeps (``sweep``):
+    MLflow never shows it as a point of that sweep, only the sweep's own points are nested."""
+    backend, project, client, _ = _mlflow_victim(seed, tmp_path)
+    proc = backend.cli(project, "sweep", "Fail", "--grid", "message=a")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (sweep,) = [p for p in new_runs(project) if json.loads((p / "run.json").read_text()).get("kind") == "sweep"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(experiments, filter_string=f"tags.`phd_flow.key` = '{sweep.name}'")
+    key = "Add_2026-11-01T00-00-00.000000Z_evil0018"
+    _hand_over(seed, project, key, status="completed", sweep=sweep.name, mlflow={"state": "pending"})
+    proc = backend.cli(project, "sync")
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    nested = client.search_runs(experiments, filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert key not in {r.data.tags.get("phd_flow.key") for r in nested}, proc.stderr[-2000:]
+    assert len(nested) == 1  # the sweep's own point
