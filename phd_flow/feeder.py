@@ -341,9 +341,9 @@ def request_sweep_close(
 
 def _close_requested(run_dir: Path, tracking_uri: str) -> None:
     """Close the sweep's MLflow run as :func:`request_sweep_close` asked, with the status its
-    points' own run.json give (a request is a file anyone who can write the sweep directory may
-    plant: one of another shape, or asking for another status, is dropped with a warning; the
-    sweep's next `--status` or `sync` closes it)."""
+    points' own run.json give, in the experiment they name (a request is a file anyone who can
+    write the sweep directory may plant: one of another shape, status or experiment is dropped
+    with a warning; the sweep's next `--status` or `sync` closes it)."""
     from phd_flow.sweeps.grid import ended_status
 
     request = run_dir / SWEEP_CLOSE
@@ -352,11 +352,11 @@ def _close_requested(run_dir: Path, tracking_uri: str) -> None:
     except (FileNotFoundError, ValueError):
         return
     if isinstance(asked, dict) and asked.get("status") in FINISHED and isinstance(asked.get("experiment"), str):
-        status = ended_status(run_dir, STALE_AFTER)
-        if status == asked["status"]:
+        status, experiments = ended_status(run_dir, STALE_AFTER)
+        if status == asked["status"] and asked["experiment"] in experiments:
             close_sweep_run(run_dir.parent, run_dir.name, tracking_uri, asked["experiment"], asked["status"])
         else:
-            said = f"asked to close as {asked['status']!r}, its points say {status!r}"
+            said = f"asked to close as {asked['status']!r} in {asked['experiment']!r}, its points say {status!r}"
             logger.warning(f"{run_dir.name}: {said}: its MLflow run is not closed.")
     request.unlink(missing_ok=True)
 

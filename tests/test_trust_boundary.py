@@ -1520,10 +1520,12 @@ def test_hostile_feeder_with_a_lock_fd_that_is_no_descriptor_takes_the_lock_itse
 
 
 @pytest.mark.slow
-def test_hostile_close_request_never_marks_a_failed_sweep_finished(seed: Seed, tmp_path: Path) -> None:
+@pytest.mark.parametrize("asked", ["completed", "elsewhere"])
+def test_hostile_close_request_never_marks_a_failed_sweep_finished(seed: Seed, asked: str, tmp_path: Path) -> None:
     """A close request planted in a failed sweep's directory (a co-user of a shared local_path)
-    asking for ``completed``: the feeder closes a sweep's MLflow run only with the status its
-    points' own run.json give, so MLflow never shows a failed sweep FINISHED."""
+    asking for ``completed``, or naming another experiment: the feeder closes a sweep's MLflow
+    run only with the status its points' own run.json give, in their experiment, so MLflow never
+    shows a failed sweep FINISHED, nor gets a sweep run elsewhere (the real one left open)."""
     from phd_flow.feeder import queue_dir
 
     backend, project, client, _ = _mlflow_victim(seed, tmp_path)
@@ -1535,12 +1537,16 @@ def test_hostile_close_request_never_marks_a_failed_sweep_finished(seed: Seed, t
     assert made.info.status == "FAILED"
     (sweep / ".phd_flow-mlflow-closed").unlink()
     experiment = client.get_experiment(made.info.experiment_id).name
-    (sweep / ".phd_flow-mlflow-close").write_text(json.dumps({"status": "completed", "experiment": experiment}))
+    request = {"status": "completed", "experiment": experiment}
+    if asked == "elsewhere":
+        request = {"status": "failed", "experiment": "elsewhere"}
+    (sweep / ".phd_flow-mlflow-close").write_text(json.dumps(request))
     queue = queue_dir(local_path(project), client.tracking_uri)
     (queue / sweep.name).touch()
     served = _serve_queue(queue, client.tracking_uri)
     assert served.returncode == 0, served.stderr[-2000:]
     assert client.get_run(made.info.run_id).info.status == "FAILED", served.stderr[-2000:]
+    assert client.get_experiment_by_name("elsewhere") is None, served.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -301,18 +301,27 @@ def mlflow_close_status(statuses: set[str]) -> str | None:
     return COMPLETED if statuses == {COMPLETED} else KILLED if KILLED in statuses else FAILED
 
 
-def ended_status(sweep_dir: Path, stale_after: float) -> str | None:
+def ended_status(sweep_dir: Path, stale_after: float) -> tuple[str | None, set[str]]:
     """:func:`mlflow_close_status` of the sweep record in ``sweep_dir``, every point's status
-    read from its own run.json; None for a record that is not a sweep of valid points."""
+    read from its own run.json, and the MLflow experiments its points' run.json name; (None, {})
+    for a record that is not a sweep of valid points."""
     try:
         data = RunRecord.load(sweep_dir).data
     except CorruptRunError:
-        return None
+        return None, set()
     points = data.get("points")
     if data.get("kind") != SWEEP_KIND or not isinstance(points, list) or not all(_valid_point(p) for p in points):
-        return None
-    recorded = (point_status(sweep_dir.parent / p["key"], p.get("status", PENDING), stale_after) for p in points)
-    return mlflow_close_status(set(recorded))
+        return None, set()
+    recorded = {point_status(sweep_dir.parent / p["key"], p.get("status", PENDING), stale_after) for p in points}
+    experiments = set()
+    for point in points:
+        try:
+            section = RunRecord.load(sweep_dir.parent / point["key"]).data.get("mlflow") or {}
+        except CorruptRunError:
+            continue
+        if isinstance(section.get("experiment"), str):
+            experiments.add(section["experiment"])
+    return mlflow_close_status(recorded), experiments
 
 
 def point_status(run_dir: Path, recorded: str, stale_after: float) -> str:
