@@ -43,6 +43,9 @@ class RunNotFoundError(UserError):
 class CorruptRunError(UserError):
     """A run's record (run.json) or result (results.pickle) cannot be read."""
 
+    #: The run directory's name, when a listing of local_path found it.
+    run_name: str | None = None
+
 
 class UntrustedResultError(UserError):
     """A result from a remote is not known to be authentic (not made here, not validly signed,

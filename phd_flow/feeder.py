@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from phd_flow._io import PRIVATE_PREFIX, atomic_write_json
+from phd_flow.errors import InvalidKeyError
+from phd_flow.keys import safe_join
 from phd_flow.log import logger, redact_url
 from phd_flow.run.record import (
     ARGS_FILE,
@@ -279,14 +281,16 @@ def _mlflow_run(run_dir: Path, data: dict[str, Any], tracking_uri: str, parent_i
     return run
 
 
-#: Sweep key -> its MLflow run id, per process (a sweep's points find their parent once).
-_SWEEP_RUNS: dict[tuple[str, str], str] = {}
+#: Sweep key -> its MLflow run id and its points' keys, per process (a sweep's points find their
+#: parent once).
+_SWEEP_RUNS: dict[tuple[str, str], tuple[str, frozenset[str]]] = {}
 
 
-def sweep_run_id(local_path: Path, sweep: object, tracking_uri: str, experiment: object) -> str | None:
+def sweep_run_id(local_path: Path, sweep: object, tracking_uri: str, experiment: object, point: str) -> str | None:
     """The MLflow run of sweep ``sweep`` (created on first use, found again by its
-    ``phd_flow.key`` tag): the parent its points are nested under. None when ``sweep`` is not a
-    sweep record in ``local_path``."""
+    ``phd_flow.key`` tag): the parent its point ``point`` is nested under. None when ``sweep``
+    is not a sweep record in ``local_path`` listing ``point`` (a record naming a sweep is data:
+    only the sweep's own points are nested in its MLflow run)."""
     from phd_flow.keys import is_run_key
     from phd_flow.sweeps.grid import SWEEP_KIND
     from phd_flow.tracking import MlflowRun
@@ -295,12 +299,15 @@ def sweep_run_id(local_path: Path, sweep: object, tracking_uri: str, experiment:
         return None
     cached = _SWEEP_RUNS.get((tracking_uri, sweep))
     if cached:
-        return cached
+        return cached[0] if point in cached[1] else None
     try:
         data = RunRecord.load(local_path / sweep).data  # the key is checked against its location
     except Exception:  # no record here (another machine's sweep), or a torn one: not nested
         return None
-    if data.get("kind") != SWEEP_KIND:
+    points = data.get("points")
+    listed = points if isinstance(points, list) else []
+    keys = frozenset(str(p.get("key")) for p in listed if isinstance(p, dict))
+    if data.get("kind") != SWEEP_KIND or point not in keys:
         return None
     grid: Any = data.get("grid")
     grid = grid if isinstance(grid, dict) else {}
@@ -314,7 +321,7 @@ def sweep_run_id(local_path: Path, sweep: object, tracking_uri: str, experiment:
     run = MlflowRun(tracking_uri, str(experiment or "phd_flow"))
     run.open(run_name(data), tags, params, activate=False, start_time=epoch_ms(data.get("created_at")))
     assert run.run_id is not None
-    _SWEEP_RUNS[(tracking_uri, sweep)] = run.run_id
+    _SWEEP_RUNS[(tracking_uri, sweep)] = (run.run_id, keys)
     return run.run_id
 
 
@@ -348,15 +355,24 @@ def request_sweep_close(
 
 
 def _close_requested(run_dir: Path, tracking_uri: str) -> None:
-    """Close the sweep's MLflow run as :func:`request_sweep_close` asked (a request that is not
-    phd_flow's shape is dropped: the sweep's next `--status` or `sync` closes it)."""
+    """Close the sweep's MLflow run as :func:`request_sweep_close` asked, with the status its
+    points' own run.json give, in the experiment they name (a request is a file anyone who can
+    write the sweep directory may plant: one of another shape, status or experiment is dropped
+    with a warning; the sweep's next `--status` or `sync` closes it)."""
+    from phd_flow.sweeps.grid import ended_status
+
     request = run_dir / SWEEP_CLOSE
     try:
         asked = json.loads(request.read_bytes())
     except (FileNotFoundError, ValueError):
         return
     if isinstance(asked, dict) and asked.get("status") in FINISHED and isinstance(asked.get("experiment"), str):
-        close_sweep_run(run_dir.parent, run_dir.name, tracking_uri, asked["experiment"], asked["status"])
+        status, experiments = ended_status(run_dir, STALE_AFTER)
+        if status == asked["status"] and asked["experiment"] in experiments:
+            close_sweep_run(run_dir.parent, run_dir.name, tracking_uri, asked["experiment"], asked["status"])
+        else:
+            said = f"asked to close as {asked['status']!r} in {asked['experiment']!r}, its points say {status!r}"
+            logger.warning(f"{run_dir.name}: {said}: its MLflow run is not closed.")
     request.unlink(missing_ok=True)
 
 
@@ -495,7 +511,7 @@ def _open(run_dir: Path, record: RunRecord, tracking_uri: str) -> Feeding | None
         if not parent_id and parent.get("state") == PENDING:
             return None
     elif data.get("sweep"):
-        parent_id = sweep_run_id(run_dir.parent, data.get("sweep"), tracking_uri, section.get("experiment"))
+        parent_id = sweep_run_id(run_dir.parent, data.get("sweep"), tracking_uri, section.get("experiment"), record.key)
     experiment = str(section.get("experiment") or "phd_flow")
     recorded = section.get("run_id")
     run = _mlflow_run(run_dir, data, tracking_uri, parent_id, activate=False)
@@ -624,7 +640,7 @@ def replace_run(run_dir: Path, record: RunRecord, run: Any, lines: int, attempts
     client.set_tag(new_id, LINES_TAG, str(lines))
     client.set_tag(new_id, KEY_TAG, key)  # whole: it is the key's MLflow run from now on
     client.delete_tag(new_id, BUILDING_TAG)
-    _finish_replacement(client, old_id, new_id)
+    _finish_replacement(client, old_id, new_id, key)
     record.update_section("mlflow", run_id=new_id, metrics_sent=lines, replaced_at=lines, replacement=None)
     run.run_id = new_id
     logger.info(f"{key}: MLflow run {old_id} replaced by {new_id} (one point per step, newest attempt first).")
@@ -647,7 +663,7 @@ def settle_replacement(record: RunRecord, run: Any) -> str | None:
     tags = new.data.tags if new is not None else {}
     active = new is not None and new.info.lifecycle_stage == "active"
     if active and tags.get(KEY_TAG) == record.key and tags.get(REPLACES_TAG) == old_id:
-        _finish_replacement(run.client, str(old_id), new_id)
+        _finish_replacement(run.client, str(old_id), new_id, record.key)
         lines = int(tags.get(LINES_TAG) or 0)
         record.update_section("mlflow", run_id=new_id, metrics_sent=lines, replaced_at=lines, replacement=None)
         run.run_id = new_id
@@ -658,10 +674,17 @@ def settle_replacement(record: RunRecord, run: Any) -> str | None:
     return str(old_id) if old_id else None
 
 
-def _finish_replacement(client: Any, old_id: str, new_id: str) -> None:
-    """Tag the replaced MLflow run, nest its children under the new one, soft-delete it."""
-    old = client.get_run(old_id)
-    if old.info.lifecycle_stage == "deleted":
+def _finish_replacement(client: Any, old_id: str, new_id: str, key: str) -> None:
+    """Tag the replaced MLflow run, nest its children under the new one, soft-delete it; only
+    when it is the run of ``key`` (its ``phd_flow.key`` tag): run.json names it, and run.json may
+    come from elsewhere."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        old = client.get_run(old_id)
+    except MlflowException:
+        return  # gone: nothing to retire
+    if old.info.lifecycle_stage == "deleted" or old.data.tags.get(KEY_TAG) != key:
         return
     client.set_tag(old_id, REPLACED_BY_TAG, new_id)
     children = client.search_runs([old.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{old_id}'")
@@ -702,9 +725,16 @@ def _log_artifacts(run: Any, run_dir: Path, data: dict[str, Any]) -> None:
             run.client.log_artifact(run.run_id, str(entry))
 
 
+#: MLflow tags a run.json's ``tags`` section never sets (it may come from elsewhere).
+_NOT_FROM_RECORD = frozenset(
+    {REPLACES_TAG, REPLACED_BY_TAG, BUILDING_TAG, LINES_TAG, ATTEMPTS_TAG, "phd_flow.parent_key"}
+)
+
+
 def mlflow_tags(data: dict[str, Any]) -> dict[str, str]:
     """The MLflow tags of a run, from its run.json."""
-    tags = {k: str(v) for k, v in (data.get("tags") or {}).items()}
+    # a record's own tags never set the tags phd_flow's replacement bookkeeping trusts
+    tags = {k: str(v) for k, v in (data.get("tags") or {}).items() if k not in _NOT_FROM_RECORD}
     node_class = str(data.get("node_class") or "")
     tags.update(
         {
@@ -799,14 +829,16 @@ class _Flock:
 
     def adopt(self, fd: int) -> bool:
         """Take over a descriptor locked by the process that started this one (``--lock-fd``);
-        False when ``fd`` is not an open descriptor of this lock's file."""
+        False when ``fd`` is not an open descriptor of this lock's file or another process holds
+        the lock (the descriptor then holds none: this is no second feeder)."""
         try:
-            same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            if not os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                return False
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a no-op on the handed, locked descriptor
         except OSError:
             return False
-        if same:
-            self._fd = fd
-        return same
+        self._fd = fd
+        return True
 
     def release(self) -> None:
         if self._fd is not None:
@@ -848,7 +880,12 @@ def serve(queue: Path, tracking_uri: str, lock_fd: int | None = None) -> None:
         while True:
             markers = _markers(queue)
             for marker in markers:
-                run_dir = local_path / urllib.parse.unquote(marker.name)
+                try:  # a run path below local_path (a shared local_path: anyone may write the queue)
+                    run_dir = safe_join(local_path, urllib.parse.unquote(marker.name))
+                except InvalidKeyError as exc:
+                    logger.warning(f"{marker.name}: not a run in {local_path} ({exc}): dropped.")
+                    marker.unlink(missing_ok=True)
+                    continue
                 try:
                     result = feed_run(run_dir, tracking_uri, feeding)
                 except Exception as exc:  # MLflow refused: retried, then left to `sync`
@@ -909,7 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli_stderr()
     allow_telemetry("--telemetry" in args)
     logger.info(f"Feeder pid {os.getpid()} on {queue}")
-    lock_fd = int(args[args.index("--lock-fd") + 1]) if "--lock-fd" in args[:-1] else None
+    given = args[args.index("--lock-fd") + 1] if "--lock-fd" in args[:-1] else ""
+    lock_fd = int(given) if given.isdigit() else None  # else the lock is taken here
     try:
         serve(queue, tracking_uri, lock_fd)
     except FileNotFoundError:  # local_path was deleted under us

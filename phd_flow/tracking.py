@@ -415,6 +415,9 @@ class MlflowRun:
         key = tags.get("phd_flow.key")
         self.run_id = self._own_run(existing_run_id, key) or self._find_by_key(key)
         if self.run_id is None:
+            parent_key = tags.get("phd_flow.parent_key")
+            if parent_run_id and parent_key and self._own_run(parent_run_id, parent_key) is None:
+                parent_run_id = None  # the parent's record names another key's MLflow run
             if parent_run_id:
                 tags = {**tags, "mlflow.parentRunId": parent_run_id}
             run = self.client.create_run(self.experiment_id, start_time=start_time, run_name=run_name, tags=tags)

@@ -91,3 +91,20 @@ def test_a_failing_child_fails_the_parent_with_both_statuses(tmp_path: Path) -> 
     retry = Evaluate(EvaluateArgs(fail=False), config=config)
     retry.run()
     assert retry.record.data["children"][0]["reused"] is False
+
+
+def test_sync_of_a_child_run_pushes_it_where_it_lives(tmp_path: Path) -> None:
+    """``sync <child key>`` pushes the child run at ``<parent>/<child>``, its place in storage
+    (it pushed ``<child>``, a directory that does not exist: 'not synced')."""
+    from phd_flow.config import StorageConfig
+    from phd_flow.project import Project
+    from phd_flow.runs.catchup import sync_runs
+
+    config = make_config(tmp_path)
+    config.storage = StorageConfig(backend="local", remote=str(tmp_path / "shared"))
+    config.mlflow = MlflowConfig(enabled=False)
+    first = Evaluate(EvaluateArgs(lr=0.1), config=config)
+    first.run()
+    child = first.record.data["children"][0]["path"]
+    assert sync_runs(Project.of(config), [child.rsplit("/", 1)[-1]]) == {child.rsplit("/", 1)[-1]: True}
+    assert (tmp_path / "shared" / child / "run.json").is_file()

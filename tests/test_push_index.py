@@ -222,3 +222,16 @@ def test_a_shard_that_cannot_be_read_is_never_overwritten(tmp_path: Path) -> Non
     remote.write_bytes(path, b"the day's entries")
     assert index_pushed(remote, [record]) == 0
     assert remote.read_bytes(path) == b"the day's entries"
+
+
+def test_to_frame_loads_the_results_of_runs_listed_from_the_shards(tmp_path: Path) -> None:
+    """An index entry is a listing's record, not the run's: ``to_frame(results=True)`` loads the
+    result of every completed run listed from the shards (through load_result, which reads the
+    run's own run.json)."""
+    bucket = Bucket("local", tmp_path, None)
+    keys = [run_add(bucket.config(tmp_path, "machine1"), 1)]
+    assert sorted(shard_entries(bucket)) == keys
+    runs = phd_flow.find_runs(remote=True, config=bucket.config(tmp_path, "machine2"))
+    assert [r.where for r in runs] == ["remote"]
+    frame = runs.to_frame(results=True, trust_remote=True)
+    assert list(frame["result.total"]) == [3]

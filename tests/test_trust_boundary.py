@@ -25,6 +25,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -1082,8 +1083,11 @@ def test_hostile_malformed_remote_records_never_break_latest(seed: Seed, tmp_pat
         '{"key": "K", "status": "completed", "sync": "x", "mlflow": []}',
         '{"status": ' + "[" * 100_000 + "]" * 100_000 + "}",
         '{"key": "K", "status": "completed", "result": "x"}',
+        '{"key": "K", "status": "completed", "attempts": 5}',
+        '{"key": "K", "status": "completed", "attempts": [{"metrics_from": "x"}]}',
+        '{"key": "K", "status": "completed", "mlflow": {"run_id": {"a": 1}}}',
     ],
-    ids=["sync-not-object", "deep-json", "result-not-object"],
+    ids=["sync-not-object", "deep-json", "result-not-object", "attempts-int", "attempt-start-text", "mlflow-id-object"],
 )
 def test_hostile_malformed_run_json_is_one_message(record: str, tmp_path: Path) -> None:
     backend = shared_remote(tmp_path)
@@ -1287,3 +1291,296 @@ def test_hostile_downloaded_sweep_is_never_resumed(tmp_path: Path) -> None:
     proc = backend.cli(project, "sweep", "--resume", sweep)
     assert proc.returncode == 2 and "downloaded" in proc.stderr, proc.stderr[-2000:]
     assert not (local_path(project) / point).exists(), "a point of the bucket's sweep ran here"
+
+
+# --- third hostile review: the push-time index, replacement, the feeder ---------------------------
+
+
+@pytest.mark.slow
+def test_hostile_shard_status_never_picks_what_rm_deletes(seed: Seed, tmp_path: Path) -> None:
+    """``rm --remote --failed`` deletes what the runs' own run.json say failed, never what an
+    index entry claims: a day shard (planted, or stale after a resume elsewhere) saying a
+    completed run failed does not get the completed run deleted."""
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    backend.plant_run(seed.run_dir(seed.add), seed.add)  # its run.json: completed
+    entry = {**_FORGED, "key": seed.add, "status": "failed", "error": "forged"}
+    assert backend.put(f".phd_flow/index/{_day(seed.add)}.json.gz", _gz(json.dumps({seed.add: entry})))
+    listed = backend.cli(project, "ls", "--remote", "--json")
+    assert_ok(listed)
+    assert {row["key"]: row for row in json.loads(listed.stdout)}[seed.add]["status"] == "failed"  # a listing cache
+    proc = backend.cli(project, "rm", "--remote", "--failed", "--force")
+    assert_ok(proc)
+    assert f"{seed.add}/run.json" in backend.objects(), proc.stdout
+    shown = backend.cli(project, "show", seed.add)
+    assert_ok(shown)
+    assert "completed" in shown.stdout
+
+
+_MALFORMED_FIELDS = [
+    {"args": [1, 2]},
+    {"started_at": 12},
+    {"started_at": "yesterday", "ended_at": {"a": 1}},
+    {"heartbeat_at": [1], "pid": "abc", "host": ["h"]},
+    {"metrics": [1]},
+    {"metrics": {"loss": {"last": "x", "min": [], "steps": "y"}}},
+    {"children": [1, {"path": 5}], "sweep": 5},
+    {"kind": ["sweep"], "error": {"a": 1}, "node": 5},
+    {"mlflow": {"run_id": [1], "state": 5}, "sync": {"state": ["x"], "at": 5}},
+    {"pid": 10**300, "started_at": 1e308},
+]
+
+
+@pytest.mark.parametrize("command", [("ls", "--remote"), ("ls", "--remote", "--json", "--where", "metrics.loss<1")])
+def test_hostile_shard_entries_with_malformed_fields_are_listed_without_a_traceback(
+    seed: Seed, command: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Fields the shape check does not cover (times, args, metrics, children ...) may be anything
+    in a planted shard entry: the listing shows or filters them, never a traceback."""
+    backend = shared_remote(tmp_path)
+    project = victim(tmp_path, backend)
+    stamp = seed.add.rsplit("_", 2)[1]
+    entries = {}
+    for i, fields in enumerate(_MALFORMED_FIELDS):
+        key = f"Add_{stamp}_mal{i:05d}"
+        backend.plant_run(seed.run_dir(seed.add), key)
+        entries[key] = {**_FORGED, "key": key, **fields}
+    assert backend.put(f".phd_flow/index/{_day(seed.add)}.json.gz", _gz(json.dumps(entries)))
+    proc = backend.cli(project, *command)
+    assert_ok(proc)
+    assert "Traceback" not in proc.stderr
+
+
+def _mlflow_victim(seed: Seed, tmp_path: Path) -> tuple[Backend, Path, Any, str]:
+    """A victim project on its own sqlite MLflow store holding a genuine, finished MLflow run of
+    the seed's Add run: (backend, project, client, that run's id)."""
+    import mlflow
+
+    backend = shared_remote(tmp_path)
+    db = tmp_path / "home" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    uri = f"sqlite:///{db}"
+    project = victim(tmp_path, backend, mlflow=f'enabled = true\ntracking_uri = "{uri}"\nexperiment = "victim"\n')
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("victim")
+    precious = client.create_run(experiment, tags={"phd_flow.key": seed.add}).info.run_id
+    client.set_terminated(precious, "FINISHED")
+    return backend, project, client, precious
+
+
+def _hand_over(seed: Seed, project: Path, key: str, **fields: Any) -> Path:
+    """A run directory from elsewhere, copied into the victim's local_path, its run.json edited."""
+    run_dir = local_path(project) / key
+    if not run_dir.exists():
+        shutil.copytree(seed.run_dir(seed.add), run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    record.update(key=key, sync={"state": "local"}, **fields)
+    (run_dir / "run.json").write_text(json.dumps(record))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("made_by", ["record-tags", "mlflow"])
+def test_hostile_settling_a_replacement_never_deletes_another_runs_mlflow_run(
+    seed: Seed, made_by: str, tmp_path: Path
+) -> None:
+    """A run.json naming another key's MLflow run as the run its finished replacement replaced
+    (``mlflow.run_id``), with a replacement tagged ``phd_flow.replaces`` = that run (through the
+    record's own tags, or made in the store by whoever can write to it), never gets that run
+    tagged, re-parented or deleted."""
+    backend, project, client, precious = _mlflow_victim(seed, tmp_path)
+    key = "Add_2026-11-01T00-00-00.000000Z_evil0012"
+    if made_by == "record-tags":  # phd_flow itself makes the replacement, from the record's tags
+        tags = {"phd_flow.replaces": precious, "phd_flow.attempts": "9", "phd_flow.parent_key": seed.add}
+        run_dir = _hand_over(seed, project, key, tags=tags, mlflow={"state": "pending"})
+        assert_ok(backend.cli(project, "sync"))
+        made = json.loads((run_dir / "run.json").read_text())["mlflow"]["run_id"]
+        assert not set(tags) & set(client.get_run(made).data.tags)
+    else:
+        tags = {"phd_flow.key": key, "phd_flow.replaces": precious}
+        made = client.create_run(client.get_run(precious).info.experiment_id, tags=tags).info.run_id
+    assert made != precious
+    _hand_over(seed, project, key, mlflow={"state": "pending", "run_id": precious, "replacement": made})
+    proc = backend.cli(project, "sync")
+    assert_ok(proc)
+    genuine = client.get_run(precious)
+    assert genuine.info.lifecycle_stage == "active", proc.stderr[-2000:]
+    assert "phd_flow.replaced_by" not in genuine.data.tags
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"attempts": [{"metrics_from": 0}, {"metrics_from": "x"}]},
+        {"attempts": 5},
+        {"mlflow": {"state": "pending", "replacement": ["a"]}},
+    ],
+    ids=["attempt-start-text", "attempts-int", "replacement-list"],
+)
+def test_hostile_sync_names_a_malformed_record_instead_of_blaming_mlflow(
+    seed: Seed, fields: dict[str, Any], tmp_path: Path
+) -> None:
+    """A run directory from elsewhere whose run.json has attempts or MLflow ids of the wrong
+    shape: ``sync`` names that run.json (never "MLflow is not reachable", never "Everything is
+    synced.", never a traceback), and the MLflow store is left alone."""
+    backend, project, client, precious = _mlflow_victim(seed, tmp_path)
+    key = "Add_2026-11-01T00-00-00.000000Z_evil0014"
+    _hand_over(seed, project, key, **{"status": "failed", "mlflow": {"state": "pending"}, **fields})
+    proc = backend.cli(project, "sync")
+    assert "Traceback" not in proc.stderr and "not reachable" not in proc.stderr, proc.stderr[-2000:]
+    assert "Everything is synced" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{key}/run.json is not a phd_flow run record" in proc.stderr, proc.stderr[-2000:]
+    assert [r.info.run_id for r in client.search_runs([client.get_run(precious).info.experiment_id])] == [precious]
+
+
+def _serve_queue(queue: Path, uri: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The store's feeder on ``queue``, as a run starts it, until its queue stays empty."""
+    env = {**os.environ, "PHD_FLOW_FEED_URI": uri, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.run(
+        [sys.executable, "-m", "phd_flow.feeder", str(queue), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_hostile_feed_marker_naming_a_path_outside_local_path_is_dropped(seed: Seed, tmp_path: Path) -> None:
+    """A co-user who can write the feed queue (a shared local_path) plants a marker naming
+    ``../<dir>``: the feeder never feeds, locks or writes a run.json outside local_path."""
+    from phd_flow.feeder import queue_dir
+
+    _, project, client, precious = _mlflow_victim(seed, tmp_path)
+    uri = client.tracking_uri
+    outside = tmp_path / "home" / "theirs" / "Add_2026-11-01T00-00-00.000000Z_evil0015"
+    shutil.copytree(seed.run_dir(seed.add), outside)
+    record = json.loads((outside / "run.json").read_text())
+    record.update(key=outside.name, mlflow={"state": "pending"})
+    (outside / "run.json").write_text(json.dumps(record))
+    before = (outside / "run.json").read_bytes()
+    queue = queue_dir(local_path(project), uri)
+    queue.mkdir(parents=True)
+    (queue / urllib.parse.quote(f"../../theirs/{outside.name}", safe="")).touch()
+    proc = _serve_queue(queue, uri)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (outside / "run.json").read_bytes() == before, proc.stderr[-2000:]
+    assert not (outside / ".phd_flow-feed.lock").exists()
+    assert [r.info.run_id for r in client.search_runs([client.get_run(precious).info.experiment_id])] == [precious]
+    assert not list(queue.glob("..*")), "the marker stays queued"
+
+
+@pytest.mark.slow
+def test_hostile_feeder_never_adopts_a_lock_descriptor_it_does_not_hold(tmp_path: Path) -> None:
+    """``--lock-fd`` names a descriptor of the queue's feeder.lock that holds no lock while
+    another feeder holds it: the new feeder does not feed (no second feeder), it leaves."""
+    import fcntl
+
+    queue = tmp_path / "data_storage" / ".phd_flow" / "mlflow-feed" / "0123456789abcdef"
+    queue.mkdir(parents=True)
+    lock = queue / "feeder.lock"
+    running = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)  # the running feeder's lock
+    fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    unlocked = os.open(lock, os.O_RDWR)
+    try:
+        env = {**os.environ, "PHD_FLOW_FEED_URI": f"sqlite:///{tmp_path / 'm.db'}", "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "phd_flow.feeder", str(queue), "--lock-fd", str(unlocked)],
+            env=env,
+            pass_fds=(unlocked,),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.close(unlocked)
+        os.close(running)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"pid {proc.pid}" not in lock.read_text(), "a second feeder ran on the queue"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", ["abc", "99999"])
+def test_hostile_feeder_with_a_lock_fd_that_is_no_descriptor_takes_the_lock_itself(given: str, tmp_path: Path) -> None:
+    queue = tmp_path / "data_storage" / ".phd_flow" / "mlflow-feed" / "0123456789abcdef"
+    queue.mkdir(parents=True)
+    env = {**os.environ, "PHD_FLOW_FEED_URI": f"sqlite:///{tmp_path / 'm.db'}", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "phd_flow.feeder", str(queue), "--lock-fd", given],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("asked", ["completed", "elsewhere"])
+def test_hostile_close_request_never_marks_a_failed_sweep_finished(seed: Seed, asked: str, tmp_path: Path) -> None:
+    """A close request planted in a failed sweep's directory (a co-user of a shared local_path)
+    asking for ``completed``, or naming another experiment: the feeder closes a sweep's MLflow
+    run only with the status its points' own run.json give, in their experiment, so MLflow never
+    shows a failed sweep FINISHED, nor gets a sweep run elsewhere (the real one left open)."""
+    from phd_flow.feeder import queue_dir
+
+    backend, project, client, _ = _mlflow_victim(seed, tmp_path)
+    proc = backend.cli(project, "sweep", "Fail", "--grid", "message=a,b")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (sweep,) = [p for p in new_runs(project) if json.loads((p / "run.json").read_text()).get("kind") == "sweep"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (made,) = client.search_runs(experiments, filter_string=f"tags.`phd_flow.key` = '{sweep.name}'")
+    assert made.info.status == "FAILED"
+    (sweep / ".phd_flow-mlflow-closed").unlink()
+    experiment = client.get_experiment(made.info.experiment_id).name
+    request = {"status": "completed", "experiment": experiment}
+    if asked == "elsewhere":
+        request = {"status": "failed", "experiment": "elsewhere"}
+    (sweep / ".phd_flow-mlflow-close").write_text(json.dumps(request))
+    queue = queue_dir(local_path(project), client.tracking_uri)
+    (queue / sweep.name).touch()
+    served = _serve_queue(queue, client.tracking_uri)
+    assert served.returncode == 0, served.stderr[-2000:]
+    assert client.get_run(made.info.run_id).info.status == "FAILED", served.stderr[-2000:]
+    assert client.get_experiment_by_name("elsewhere") is None, served.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_hostile_child_run_is_never_nested_under_an_mlflow_run_of_another_key(seed: Seed, tmp_path: Path) -> None:
+    """A pipeline run directory from elsewhere whose run.json names another key's MLflow run:
+    syncing its child run never nests the child under that MLflow run."""
+    backend, project, client, precious = _mlflow_victim(seed, tmp_path)
+    key, child = "Add_2026-11-01T00-00-00.000000Z_evil0016", "Add_2026-11-01T00-00-00.000000Z_evil0017"
+    _hand_over(seed, project, key, status="completed", mlflow={"state": "synced", "run_id": precious})
+    shutil.copytree(seed.run_dir(seed.add), local_path(project) / key / child)
+    record = json.loads((local_path(project) / key / child / "run.json").read_text())
+    record.update(key=child, parent=key, path=f"{key}/{child}", sync={"state": "local"}, mlflow={"state": "pending"})
+    (local_path(project) / key / child / "run.json").write_text(json.dumps(record))
+    proc = backend.cli(project, "sync", child)
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    experiment = client.get_run(precious).info.experiment_id
+    nested = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{precious}'")
+    assert not nested, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_hostile_run_claiming_a_sweep_is_never_nested_under_its_mlflow_run(seed: Seed, tmp_path: Path) -> None:
+    """A run directory from elsewhere whose run.json names one of the user's sweeps (``sweep``):
+    MLflow never shows it as a point of that sweep, only the sweep's own points are nested."""
+    backend, project, client, _ = _mlflow_victim(seed, tmp_path)
+    proc = backend.cli(project, "sweep", "Fail", "--grid", "message=a")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (sweep,) = [p for p in new_runs(project) if json.loads((p / "run.json").read_text()).get("kind") == "sweep"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(experiments, filter_string=f"tags.`phd_flow.key` = '{sweep.name}'")
+    key = "Add_2026-11-01T00-00-00.000000Z_evil0018"
+    _hand_over(seed, project, key, status="completed", sweep=sweep.name, mlflow={"state": "pending"})
+    proc = backend.cli(project, "sync")
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    nested = client.search_runs(experiments, filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert key not in {r.data.tags.get("phd_flow.key") for r in nested}, proc.stderr[-2000:]
+    assert len(nested) == 1  # the sweep's own point

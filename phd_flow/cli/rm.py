@@ -113,6 +113,9 @@ def _targets(project: Project, args: argparse.Namespace) -> list[Run]:
     has_filter = bool(args.statuses or args.last or args.where or args.sweep or args.prefix)
     if not args.keys and not has_filter:
         raise ArgsError("rm needs run keys or a filter (e.g. `rm --failed`); it never deletes everything.")
+    # what goes is chosen by the runs' own run.json, never by an index (a listing cache: stale
+    # after a resume elsewhere, or planted by anyone who can write to the bucket)
+    args.refresh = args.refresh or args.remote
     if not args.keys:
         return list(select(project, args))
     runs = {run.key: run for run in (get_run(project, key) for key in args.keys)}

@@ -386,7 +386,7 @@ def _open_live(
         if parent is None and data.get("sweep"):  # a sweep point: nested under the sweep's run
             from phd_flow.feeder import sweep_run_id
 
-            parent_id = sweep_run_id(config.local_path, data.get("sweep"), uri, experiment)
+            parent_id = sweep_run_id(config.local_path, data.get("sweep"), uri, experiment, record.key)
         started = epoch_ms(data.get("started_at"))  # the run's real start, not MLflow's "now"
         run_id = earlier.get("run_id")
         mlflow_run.open(run_name(data), tags, param_values(args), parent_id, run_id, activate=False, start_time=started)

@@ -100,7 +100,27 @@ def schema_problem(data: Any) -> str:
     if data.get("key") is not None and not isinstance(data["key"], str):
         return "its key is not a string"
     bad = [name for name in _SECTIONS if name in data and not isinstance(data[name], dict)]
-    return f"{bad[0]!r} is not an object" if bad else ""
+    if bad:
+        return f"{bad[0]!r} is not an object"
+    mlflow = data.get("mlflow") or {}
+    ids = [name for name in ("run_id", "replacement") if mlflow.get(name) is not None]
+    bad = [name for name in ids if not isinstance(mlflow[name], str)]
+    if bad:  # MLflow run ids: the feeder looks them up and checks their tags
+        return f"'mlflow.{bad[0]}' is not a string"
+    return _attempts_problem(data.get(ATTEMPTS_FIELD))
+
+
+def _attempts_problem(attempts: Any) -> str:
+    """Why run.json's ``attempts`` is not a list of objects each starting at a metrics.jsonl
+    line (a count), or ""."""
+    if attempts is None:
+        return ""
+    if not isinstance(attempts, list) or not all(isinstance(a, dict) for a in attempts):
+        return f"{ATTEMPTS_FIELD!r} is not a list of objects"
+    starts = [a.get("metrics_from") for a in attempts]
+    if any(s is not None and (type(s) is not int or s < 0) for s in starts):
+        return f"'{ATTEMPTS_FIELD}[].metrics_from' is not a line count"
+    return ""
 
 
 class RunRecord:

@@ -53,6 +53,7 @@ def sync_runs(project: Project, keys: list[str]) -> dict[str, bool]:
     """
     config = project.config
     local_path, stale_after = config.local_path, config.runs.stale_after_seconds
+    results: dict[str, bool] = {}
     if keys:
         records = [RunRecord.load(local_path / resolve_key(project, k)) for k in keys]
     else:
@@ -66,8 +67,13 @@ def sync_runs(project: Project, keys: list[str]) -> dict[str, bool]:
                 record.run_dir, record.data, stale_after
             )
 
-        records = [r for r in local_records(local_path) if isinstance(r, RunRecord) and wanted(r)]
-    results = {}
+        records = []
+        for item in local_records(local_path):
+            if isinstance(item, RunRecord):
+                records += [item] if wanted(item) else []
+            else:  # never "Everything is synced." past a run it could not read
+                logger.warning(f"{item} Not synced: fix or delete that run.json.")
+                results[item.run_name or str(item)] = False
     for record in records:
         if is_live(record.run_dir, record.data, stale_after):
             logger.warning(
@@ -93,7 +99,8 @@ def sync_one(project: Project, record: RunRecord) -> bool:
         record.update(**{SUMMARY_FIELD: summary_of_dir(record.run_dir)})
     ok = sync_mlflow(project.config, record)
     pending = _own_pending(record)  # uploads that failed in the run
-    return push_run(project.storage, record, record.key, pending) and ok
+    run_path = record.run_dir.relative_to(project.config.local_path).as_posix()  # <parent>/<child> for a child
+    return push_run(project.storage, record, run_path, pending) and ok
 
 
 def downloaded(config: Config, record: RunRecord) -> Path | None:

@@ -68,11 +68,14 @@ def local_records(local_path: Path) -> Iterator[RunRecord | CorruptRunError]:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            yield CorruptRunError(f"{path} is unreadable ({exc.strerror or exc}).")
+            error = CorruptRunError(f"{path} is unreadable ({exc.strerror or exc}).")
+            error.run_name = name
+            yield error
             continue
         try:
             yield RunRecord.from_bytes(local_path / name, raw, path)
         except CorruptRunError as exc:
+            exc.run_name = name
             yield exc
 
 

@@ -199,8 +199,14 @@ class Runs(list[Run]):
                     **{f"metrics.{k}": v for k, v in last_values(run.metrics).items()},
                 }
             )
-            if results and run.status == COMPLETED and (run.data.get("result") or {}):
-                value = load_result(run.key, self.project, trust_remote=trust_remote)
+            if results and run.status == COMPLETED and (run.data.get("result") or run.where == "remote"):
+                # a run listed from an index has no result section: load_result reads its run.json
+                try:
+                    value = load_result(run.key, self.project, trust_remote=trust_remote)
+                except NoResultError:
+                    if run.where != "remote":
+                        raise
+                    continue  # its own record says it has none (the index entry was stale)
                 rows[-1].update({f"result{k}": v for k, v in scalar_fields(value).items()})
         return pandas.DataFrame(rows).set_index("key") if rows else pandas.DataFrame(rows)
 

@@ -273,14 +273,13 @@ def start_feeder(config: Config) -> None:
 def close_mlflow_sweep(config: Config, sweep: Sweep) -> None:
     """Once every point of ``sweep`` ended: its MLflow run (the parent its points are nested
     under) gets the sweep's final status. Nothing when MLflow is off or no point reached it."""
-    from phd_flow.run.record import FAILED
+    from phd_flow.sweeps.grid import mlflow_close_status
 
-    statuses = {p["status"] for p in sweep.points}
-    if not config.mlflow.enabled or not statuses <= {COMPLETED, FAILED, KILLED}:
+    status = mlflow_close_status({p["status"] for p in sweep.points})
+    if not config.mlflow.enabled or status is None:
         return
     from phd_flow import feeder
 
-    status = COMPLETED if statuses == {COMPLETED} else KILLED if KILLED in statuses else FAILED
     uri, experiment = config.tracking_uri(), config.experiment_name(sweep.data.get("package"))
     try:
         if "mlflow" in sys.modules:  # imported here already (`sync`): closed directly

@@ -293,6 +293,37 @@ def _valid_point(point: Any) -> bool:
     return isinstance(point.get("status", PENDING), str)
 
 
+def mlflow_close_status(statuses: set[str]) -> str | None:
+    """The final status of a sweep's MLflow run from its points' statuses, or None while a point
+    has not ended."""
+    if not statuses <= {COMPLETED, FAILED, KILLED}:
+        return None
+    return COMPLETED if statuses == {COMPLETED} else KILLED if KILLED in statuses else FAILED
+
+
+def ended_status(sweep_dir: Path, stale_after: float) -> tuple[str | None, set[str]]:
+    """:func:`mlflow_close_status` of the sweep record in ``sweep_dir``, every point's status
+    read from its own run.json, and the MLflow experiments its points' run.json name; (None, {})
+    for a record that is not a sweep of valid points."""
+    try:
+        data = RunRecord.load(sweep_dir).data
+    except CorruptRunError:
+        return None, set()
+    points = data.get("points")
+    if data.get("kind") != SWEEP_KIND or not isinstance(points, list) or not all(_valid_point(p) for p in points):
+        return None, set()
+    recorded = {point_status(sweep_dir.parent / p["key"], p.get("status", PENDING), stale_after) for p in points}
+    experiments = set()
+    for point in points:
+        try:
+            section = RunRecord.load(sweep_dir.parent / point["key"]).data.get("mlflow") or {}
+        except CorruptRunError:
+            continue
+        if isinstance(section.get("experiment"), str):
+            experiments.add(section["experiment"])
+    return mlflow_close_status(recorded), experiments
+
+
 def point_status(run_dir: Path, recorded: str, stale_after: float) -> str:
     """A point's status: its run.json's, ``stale`` for a running run whose heartbeat stopped,
     else what the sweep recorded (``pending``, ``submitted``, ``killed`` ...)."""
