@@ -22,6 +22,7 @@ replaced by a rebuilt one (:func:`replace_run`, crash-safe through :func:`settle
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import contextlib
 import errno
@@ -38,7 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from phd_flow._io import PRIVATE_PREFIX, atomic_write_json
 from phd_flow.errors import InvalidKeyError
@@ -955,5 +956,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit(code: int) -> NoReturn:
+    """Leave without the interpreter's teardown of mlflow's and sqlalchemy's modules (≈0.7 s of
+    CPU per feeder, measured): the feeder runs no user code, and everything it wrote is closed."""
+    atexit._run_exitfuncs()
+    logger.complete()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

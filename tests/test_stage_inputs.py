@@ -378,13 +378,6 @@ def _job_logs(project: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_lane")
-@pytest.mark.xfail(
-    strict=False,
-    reason="flake (issue 19), cause found in stop 13's CI: the test started the requeued job within "
-    "the second slurmd revoked its credential, so SLURM killed it ('Job credential revoked') and the "
-    "run stayed killed. tests.test_sweep_slurm._nudged now waits 3 s first; kept non-strict until "
-    "CI runs confirm it.",
-)
 def test_a_requeued_slurm_point_keeps_its_completed_stages(tmp_path: Path) -> None:
     """SLURM preempts the point after load_data completed; the requeued attempt keeps it."""
     import subprocess
