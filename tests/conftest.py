@@ -262,6 +262,12 @@ def run_dirs(local_path: Path) -> list[Path]:
     return sorted(p for p in local_path.iterdir() if (p / "run.json").exists()) if local_path.exists() else []
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker more than CPUs. Part of every test is waiting (on a subprocess, a
+    server, SLURM's queue); on 2 cores 3 workers took the suite from 8 min 06 s to 7 min 04 s."""
+    return (os.cpu_count() or 1) + 1
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first (stable otherwise): xdist hands out the long ones while every worker is
     free, so the run does not end with one worker alone on a three-minute test."""
