@@ -1000,17 +1000,7 @@ def test_hostile_pending_uploads_outside_the_run_are_dropped(seed: Seed, tmp_pat
 
 @pytest.mark.slow
 def test_hostile_sync_never_reopens_another_runs_mlflow_run(seed: Seed, tmp_path: Path) -> None:
-    import mlflow
-
-    backend = shared_remote(tmp_path)
-    db = tmp_path / "home" / "mlflow.db"
-    db.parent.mkdir(parents=True)
-    uri = f"sqlite:///{db}"
-    project = victim(tmp_path, backend, mlflow=f'enabled = true\ntracking_uri = "{uri}"\nexperiment = "victim"\n')
-    client = mlflow.MlflowClient(uri)
-    experiment = client.create_experiment("victim")
-    precious = client.create_run(experiment, tags={"phd_flow.key": seed.add}).info.run_id
-    client.set_terminated(precious, "FINISHED")
+    backend, project, client, precious = _mlflow_victim(seed, tmp_path)
     key = "Add_2026-11-01T00-00-00.000000Z_evil0004"  # a record naming the genuine MLflow run
     shutil.copytree(seed.run_dir(seed.add), local_path(project) / key)
     record = json.loads((local_path(project) / key / "run.json").read_text())
