@@ -251,3 +251,15 @@ def test_resume_keeps_the_recorded_executor_options_unless_overridden_and_hints_
     assert resumed.returncode == 0, resumed.stderr
     assert "on local" in resumed.stdout
     assert sweep_record(project)["executor"] == {"kind": "local", "max_parallel": 3}
+
+
+@pytest.mark.parametrize(
+    "statuses",
+    [{"completed"}, {"failed"}, {"killed"}, {"completed", "failed"}, {"completed", "killed"}, {"failed", "killed"}],
+)
+def test_a_sweeps_mlflow_status_is_the_status_of_its_record(statuses: set[str]) -> None:
+    """A sweep whose points ended says the same in its record and in MLflow (one failed and one
+    killed point: the record said failed, MLflow said KILLED)."""
+    from phd_flow.sweeps.grid import mlflow_close_status, overall_status
+
+    assert mlflow_close_status(statuses) == overall_status(dict.fromkeys(statuses, 1), "running")

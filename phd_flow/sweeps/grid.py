@@ -298,7 +298,8 @@ def mlflow_close_status(statuses: set[str]) -> str | None:
     has not ended."""
     if not statuses <= {COMPLETED, FAILED, KILLED}:
         return None
-    return COMPLETED if statuses == {COMPLETED} else KILLED if KILLED in statuses else FAILED
+    # as overall_status: one failed point makes the sweep failed, not killed
+    return COMPLETED if statuses == {COMPLETED} else FAILED if FAILED in statuses else KILLED
 
 
 def ended_status(sweep_dir: Path, stale_after: float) -> tuple[str | None, set[str]]:
