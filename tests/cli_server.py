@@ -21,7 +21,8 @@ asked for telemetry, or a feeder server that is not there, gets a real ``python 
 phd_flow.feeder`` (``phd_flow.feeder._spawn_process``).
 
 Protocol: the client sends one JSON line ``{"argv", "env", "cwd", "stdout", "stderr"}`` (and
-``"main"``, ``"append"`` for a feeder; its lock descriptor rides along); a reporter process
+``"main"``, ``"append"`` for a feeder; its lock descriptor rides along; or ``"stdio": true`` with
+the caller's descriptors 0, 1 and 2 riding along instead of the two paths, see tests/cli_client.py); a reporter process
 forked for the request answers ``pid <child pid>`` and, when the child is gone, ``exit
 <returncode>`` (``-N`` for a signal, as ``subprocess`` reports it). The servers exit when their
 stdin (a pipe from the pytest worker) closes.
@@ -170,14 +171,20 @@ def run_child(request: dict[str, Any], fds: list[int]) -> NoReturn:
     interrupted = False
     try:
         os.setsid()
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
-        mode = os.O_APPEND if request.get("append") else os.O_TRUNC
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            out = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
-            os.dup2(out, fd)
-            os.close(out)
+        if request.get("stdio"):  # a shell's command (tests/cli_client.py): its own 0, 1 and 2
+            for fd, sent in enumerate(fds):
+                os.dup2(sent, fd)
+                os.close(sent)
+            fds = []
+        else:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+            mode = os.O_APPEND if request.get("append") else os.O_TRUNC
+            for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+                out = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
+                os.dup2(out, fd)
+                os.close(out)
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_client import shim
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Before any test module imports mlflow (collection runs before fixtures): with telemetry on,
@@ -124,6 +126,17 @@ def cli(
     return subprocess_.run(
         command, cwd=project, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def with_cli_shim(env: dict[str, str], directory: Path) -> dict[str, str]:
+    """``env`` for a shell script whose ``python -m my_project ARGS`` calls are forked from this
+    worker's CLI fork server (a ``python`` first on PATH, written to ``directory``: see
+    tests/cli_client.py); ``env`` itself when ``PHD_FLOW_TESTS_CLI=subprocess``."""
+    if os.environ.get("PHD_FLOW_TESTS_CLI") == "subprocess":
+        return env
+    server = _CliServer.get(_base_env())
+    shimmed = {**env, **shim(directory, server.socket, server.startup)}
+    return {**shimmed, "PATH": f"{directory}{os.pathsep}{env.get('PATH', '')}"}
 
 
 def _base_env() -> dict[str, str]:

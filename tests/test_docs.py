@@ -3,7 +3,9 @@
 A doc example that fails is a bug. Each page's blocks run in order, in one bash, in a fresh copy
 of ``examples/`` (``. .venv/bin/activate && cd examples`` becomes "this venv, in the copy"). A
 command annotated ``# exit N`` (or ``(exit N)``) must exit with N, every other one with 0.
-Left out, by rule: blocks that install (``pip install``), run the test suite or linters, need an
+Every page but the README runs ``python -m my_project`` through this worker's CLI fork server
+(tests/cli_client.py: the same process minus ~1.5 s of imports per call); the README's commands
+run in new interpreters, as on a fresh clone. Left out, by rule: blocks that install (``pip install``), run the test suite or linters, need an
 account (``aws``, ``b2``), and the long-running ``ui`` command.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, with_cli_shim
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 _FENCE = re.compile(r"^```sh\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -104,6 +106,8 @@ def test_every_command_block_runs_as_written(page: Path, tmp_path: Path) -> None
         HOME=str(tmp_path / "home"),
     )
     (tmp_path / "home").mkdir()
+    if page.name != "README.md":  # the README's commands run in new interpreters: the fresh-clone path
+        env = with_cli_shim(env, tmp_path / "bin")
     blocks = [(0, first_command_run()), *runnable_blocks(page)]
     for line, block in blocks:
         script = "set -u\n" + as_script(block, tmp_path)
