@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,14 @@ def terminated_attempt(project: Path, args: tuple[str, ...], lines: int) -> tupl
     return run_dir, str(first_id)
 
 
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def assert_replaced(
     project: Path, run_dir: Path, first_id: str, record_files: bool = True, status: str = "FINISHED"
 ) -> Any:
@@ -367,17 +376,25 @@ def test_a_resumed_attempt_sigkilled_with_its_feeder_is_rebuilt_by_sync_or_ls_st
 
 
 def test_a_feeder_sigkilled_mid_replacement_is_finished_by_sync(aproject: Path) -> None:
-    """A real SIGKILL of the feeder while it fills the new MLflow run (60,000 points take it
-    seconds): `sync` deletes the half-built run and builds it again; one live MLflow run."""
-    steps = 60_000
+    """A real SIGKILL of the feeder while it fills the new MLflow run: `sync` deletes the
+    half-built run and builds it again; one live MLflow run. The feeder is caught mid-way by an
+    exclusive lock on the store, taken as soon as the record names the replacement (12,000 points
+    take it ~2 s to copy, 10 polls), so it cannot finish before the kill."""
+    steps = 12_000
     args = ("run", "Long", "--steps", str(steps), "--hold", str(aproject / "never"))
     run_dir, first_id = terminated_attempt(aproject, args, steps)
     again = cli(aproject, *args, "--key", run_dir.name, env=BACKGROUND)
     assert again.returncode == 0, again.stderr[-3000:]
     partial = poll(lambda: record(run_dir)["mlflow"].get("replacement"), "the feeder to start the replacement")
-    pid = feeder_pid(aproject)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
+    store = sqlite3.connect(aproject / "data_storage" / "mlflow.db", timeout=60, isolation_level=None)
+    try:
+        store.execute("BEGIN EXCLUSIVE")  # the feeder's next write waits here
+        pid = feeder_pid(aproject)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        poll(lambda: not is_alive(pid), "the feeder to die")
+    finally:
+        store.close()
     half = client(aproject).get_run(partial)
     assert "phd_flow.key" not in half.data.tags, "the kill came too late: the new run was whole already"
     synced = cli(aproject, "sync", run_dir.name)
