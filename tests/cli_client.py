@@ -3,7 +3,8 @@
 test_docs puts a ``python`` first on the doc scripts' PATH (:func:`shim`): ``python -m my_project
 ARGS`` runs ``python -I -S tests/cli_client.py -m my_project ARGS`` (a bare interpreter, ~20 ms),
 which sends the request with its own descriptors 0, 1 and 2 to the server (tests/cli_server.py),
-forwards SIGINT and SIGTERM to the child and exits as the child did. Everything else, and any
+forwards SIGINT and SIGTERM to the child and exits as the child did (killed by the same signal
+when the child was). :class:`tests.conftest.ForkedPopen` starts it directly and signals the child. Everything else, and any
 call whose ``PYTHON*`` variables differ from the server's start-up ones (read at interpreter
 start, so a fork would not honour them), runs the real interpreter.
 """
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 SOCKET, STARTUP, REAL = "PHD_FLOW_TESTS_CLI_SOCKET", "PHD_FLOW_TESTS_CLI_STARTUP", "PHD_FLOW_TESTS_CLI_PYTHON"
+#: A descriptor the client writes the child's pid to, then closes (:class:`tests.conftest.ForkedPopen`).
+PIDFD = "PHD_FLOW_TESTS_CLI_PIDFD"
 
 
 def shim(directory: Path, server_socket: str, startup: dict[str, str]) -> dict[str, str]:
@@ -56,7 +59,11 @@ def main() -> None:
             if word == "pid":
                 pid = int(value)
                 for sig in (signal.SIGINT, signal.SIGTERM):
-                    signal.signal(sig, lambda number, _, pid=pid: os.killpg(pid, number))
+                    signal.signal(sig, lambda number, _, pid=pid: os.kill(pid, number))
+                if PIDFD in os.environ:
+                    fd = int(os.environ[PIDFD])
+                    os.write(fd, value.encode())
+                    os.close(fd)
                 continue
             code = int(value)
             if code < 0:  # killed by a signal: so is this process, as the shell would see it

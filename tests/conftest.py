@@ -16,10 +16,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.cli_client import shim
+from tests.cli_client import PIDFD, shim
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -126,6 +127,50 @@ def cli(
     return subprocess_.run(
         command, cwd=project, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def popen_cli(project: Path, *args: str, env: dict[str, str]) -> subprocess_.Popen[str]:
+    """``subprocess.Popen([python, "-m", "my_project", *args], cwd=project, env=env)`` with text
+    pipes for stdout and stderr, forked from this worker's CLI fork server (a :class:`ForkedPopen`)
+    unless ``PHD_FLOW_TESTS_CLI=subprocess`` or ``env`` changes a ``PYTHON*`` variable."""
+    command = [sys.executable, "-m", "my_project", *args]
+    kwargs: dict[str, Any] = {"cwd": project, "stdout": subprocess_.PIPE, "stderr": subprocess_.PIPE, "text": True}
+    if os.environ.get("PHD_FLOW_TESTS_CLI") != "subprocess":
+        server = _CliServer.get(_base_env())
+        if server.serves(env):
+            return ForkedPopen(command, server, env, **kwargs)
+    return subprocess_.Popen(command, env=env, **kwargs)
+
+
+class ForkedPopen(subprocess_.Popen[str]):
+    """A ``python -m my_project`` process forked from the fork server, driven like a Popen.
+
+    The Popen is tests/cli_client.py, which hands its stdin, stdout and stderr to the forked child
+    and ends as the child ends (its return code, or killed by the same signal). Signals sent with
+    :meth:`send_signal`, :meth:`terminate` and :meth:`kill` go to the child, whose pid is
+    :attr:`child_pid` (``pid`` stays the client's: it is the one to wait for).
+    """
+
+    def __init__(self, command: list[str], server: _CliServer, env: dict[str, str], **kwargs: Any) -> None:
+        read, write = os.pipe()
+        client = [sys.executable, "-I", "-S", str(REPO / "tests" / "cli_client.py"), *command[1:]]
+        env = {**env, **shim(server.dir / "bin", server.socket, server.startup), PIDFD: str(write)}
+        try:
+            super().__init__(client, env=env, pass_fds=(write,), **kwargs)
+        finally:
+            os.close(write)
+        with os.fdopen(read) as pid:  # EOF once the client wrote the pid, or ended without one
+            text = pid.read()
+        if not text:
+            self.wait(timeout=30)
+            raise RuntimeError(f"the CLI fork server did not start {command}: {self.stderr and self.stderr.read()}")
+        self.child_pid = int(text)
+
+    def send_signal(self, sig: int) -> None:
+        self.poll()
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.child_pid, sig)
 
 
 def with_cli_shim(env: dict[str, str], directory: Path) -> dict[str, str]:

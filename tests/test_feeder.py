@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import cli, run_dirs
+from tests.conftest import cli, popen_cli, run_dirs
 
 PROBE = '''
 import dataclasses
@@ -121,9 +121,13 @@ def feeder_pid(project: Path) -> int | None:
     return None
 
 
-def popen(project: Path, *args: str) -> subprocess.Popen[str]:
+def popen(project: Path, *args: str, fresh: bool = False) -> subprocess.Popen[str]:
+    """The CLI in the background (the run's feeder too): forked from the fork server, or a new
+    interpreter when ``fresh`` (processes started side by side, as a user's are)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(BACKGROUND)
+    if not fresh:
+        return popen_cli(project, *args, env=env)
     return subprocess.Popen(
         [sys.executable, "-m", "my_project", *args],
         cwd=project,
@@ -271,7 +275,7 @@ def test_a_resumed_run_sends_no_point_twice(fproject: Path) -> None:
 
 @pytest.mark.slow
 def test_twenty_parallel_runs_all_land_through_one_feeder(fproject: Path) -> None:
-    procs = [popen(fproject, "run", "Probe", "--steps", "50") for _ in range(20)]
+    procs = [popen(fproject, "run", "Probe", "--steps", "50", fresh=True) for _ in range(20)]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]

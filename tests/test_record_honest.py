@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import phd_flow
-from tests.conftest import cli, run_dirs, write_config
+from tests.conftest import cli, popen_cli, run_dirs, write_config
 
 # Node module copied into the example project as my_project/honest.py.
 HONEST_NODES = '''
@@ -160,14 +160,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def popen(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "my_project", *args],
-        cwd=project,
-        env=env or clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """The CLI in the background, forked from the fork server (tests/conftest.py: popen_cli)."""
+    return popen_cli(project, *args, env=env or clean_env())
 
 
 def wait_for(
