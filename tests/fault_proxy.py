@@ -51,6 +51,7 @@ class FaultProxy:
         self.faults = 0  #: requests answered with an error status or dropped
         self.stopped = threading.Event()
         self._generation = 0
+        self._down = False  # from a "down" request until start(): nothing is forwarded
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -66,6 +67,7 @@ class FaultProxy:
         with self._lock:
             self._server = server
             self._generation += 1
+            self._down = False
             self.port = server.server_address[1]
             self.stopped.clear()
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -85,14 +87,16 @@ class FaultProxy:
         """What to do with the next request on a connection accepted in ``generation``."""
         with self._lock:
             self.requests += 1
-            if generation != self._generation:
+            if self._down or generation != self._generation:
                 self.faults += 1
                 return "drop"
             action = self.rule(self.requests)
             if action is not None:
                 self.faults += 1
             if action == "down":
-                self._generation += 1  # at once: no request after this one is forwarded
+                # at once: no request after this one is forwarded, not even on a connection the
+                # listener accepts before stop() (in a thread, late on a busy machine) closes it
+                self._down = True
         if action == "down":
             threading.Thread(target=self.stop, daemon=True).start()
             return "drop"

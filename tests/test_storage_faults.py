@@ -10,9 +10,12 @@ injected into b2sdk's RawSimulator through its ``upload_errors`` queue.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import http.client
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -146,6 +149,33 @@ def test_store_down_for_the_whole_run_then_sync_is_byte_identical(moto_server: S
 
 
 # --- storage going down in the middle of a sync ----------------------------------------------------
+
+
+def test_a_downed_proxy_forwards_nothing_even_on_a_connection_accepted_before_it_stops(
+    moto_server: S3Server, proxies: Callable[[FaultRule], FaultProxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault proxy itself: once a request took it down, a new connection accepted while its
+    stop() is still on its way (late on a busy machine: the test's store then 'died' after
+    more files than requests arrived) is dropped, not forwarded."""
+    bucket = make_bucket(moto_server)
+    proxy = proxies(lambda n: "down" if n == 2 else None)
+    real_stop, go = proxy.stop, threading.Event()
+    monkeypatch.setattr(proxy, "stop", lambda: (go.wait(10), real_stop()))
+
+    def put(name: str) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        with contextlib.suppress(http.client.HTTPException, OSError):
+            conn.request("PUT", f"/{bucket}/{name}", body=b"x", headers={"Content-Length": "1"})
+            conn.getresponse().read()
+        conn.close()
+
+    put("forwarded")
+    put("down")  # the store goes down on it
+    put("late")  # a new connection, accepted before stop() closes the listener
+    go.set()
+    assert proxy.stopped.wait(10)
+    listed = moto_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+    assert [obj["Key"] for obj in listed] == ["forwarded"]
 
 
 @pytest.mark.slow
