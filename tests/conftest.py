@@ -14,7 +14,7 @@ import subprocess as subprocess_
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +73,31 @@ def write_config(project: Path, text: str) -> Path:
 
 @pytest.fixture(scope="session")
 def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty MLflow sqlite DB, created and migrated once per session.
+    """An empty MLflow sqlite DB, created and migrated once per session (worker).
 
-    A fresh store costs every CLI run ~3 s of alembic migrations; the ``project`` fixture copies
-    this one instead. Tests about creating a store (``test_fifty_processes_at_once_on_a_fresh_store``)
-    delete the copy first.
+    A fresh store costs ~2 core-seconds of alembic migrations; the ``project`` fixture and
+    :func:`migrated_store` copy this one instead. Tests about creating a store
+    (``test_fifty_processes_at_once_on_a_fresh_store``, the README's commands in test_docs) start
+    without one.
     """
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     code = f"from mlflow.tracking import MlflowClient; MlflowClient('sqlite:///{path}').search_experiments()"
     subprocess_.run([sys.executable, "-c", code], check=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     return path
+
+
+@pytest.fixture
+def migrated_store(mlflow_db_template: Path) -> Callable[[Path], str]:
+    """``migrated_store(db)`` copies the session's empty migrated MLflow DB to ``db`` (its folder
+    created) and returns its ``sqlite:///`` URI: an empty store as MLflow creates it, without the
+    migrations' cost."""
+
+    def copy(db: Path) -> str:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(mlflow_db_template, db)
+        return f"sqlite:///{db}"
+
+    return copy
 
 
 @pytest.fixture

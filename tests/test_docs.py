@@ -5,7 +5,8 @@ of ``examples/`` (``. .venv/bin/activate && cd examples`` becomes "this venv, in
 command annotated ``# exit N`` (or ``(exit N)``) must exit with N, every other one with 0.
 Every page but the README runs ``python -m my_project`` through this worker's CLI fork server
 (tests/cli_client.py: the same process minus ~1.5 s of imports per call); the README's commands
-run in new interpreters, as on a fresh clone. Left out, by rule: blocks that install (``pip install``), run the test suite or linters, need an
+run in new interpreters and create the MLflow store, as on a fresh clone (the other pages start
+with an empty migrated store in place). Left out, by rule: blocks that install (``pip install``), run the test suite or linters, need an
 account (``aws``, ``b2``), and the long-running ``ui`` command.
 """
 
@@ -16,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -95,7 +97,7 @@ def test_the_runnable_pages_are_found() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES_WITH_BLOCKS, ids=lambda p: p.name)
-def test_every_command_block_runs_as_written(page: Path, tmp_path: Path) -> None:
+def test_every_command_block_runs_as_written(page: Path, tmp_path: Path, migrated_store: Callable[[Path], str]) -> None:
     root = tmp_path / "repo"
     shutil.copytree(REPO / "examples", root / "examples", ignore=shutil.ignore_patterns("__pycache__", "data_storage"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MLFLOW_", "PHD_FLOW_"))}
@@ -106,8 +108,9 @@ def test_every_command_block_runs_as_written(page: Path, tmp_path: Path) -> None
         HOME=str(tmp_path / "home"),
     )
     (tmp_path / "home").mkdir()
-    if page.name != "README.md":  # the README's commands run in new interpreters: the fresh-clone path
+    if page.name != "README.md":  # the README's commands run in new interpreters on a new store: a fresh clone
         env = with_cli_shim(env, tmp_path / "bin")
+        migrated_store(root / "examples" / "data_storage" / "mlflow.db")
     blocks = [(0, first_command_run()), *runnable_blocks(page)]
     for line, block in blocks:
         script = "set -u\n" + as_script(block, tmp_path)

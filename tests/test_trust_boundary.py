@@ -27,7 +27,7 @@ import subprocess
 import sys
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -661,13 +661,13 @@ def test_row4_rm_never_acts_on_the_key_a_record_claims(seed: Seed, any_remote: B
 
 
 @pytest.mark.slow
-def test_row4_rm_never_deletes_an_mlflow_run_tagged_with_another_key(seed: Seed, tmp_path: Path) -> None:
+def test_row4_rm_never_deletes_an_mlflow_run_tagged_with_another_key(
+    seed: Seed, tmp_path: Path, migrated_store: Callable[[Path], str]
+) -> None:
     import mlflow
 
     backend = Backend("shared", tmp_path / "remote-side")
-    db = tmp_path / "home" / "mlflow.db"
-    db.parent.mkdir(parents=True)
-    uri = f"sqlite:///{db}"
+    uri = migrated_store(tmp_path / "home" / "mlflow.db")
     project = victim(tmp_path, backend, mlflow=f'enabled = true\ntracking_uri = "{uri}"\n')
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("victim")
@@ -999,8 +999,10 @@ def test_hostile_pending_uploads_outside_the_run_are_dropped(seed: Seed, tmp_pat
 
 
 @pytest.mark.slow
-def test_hostile_sync_never_reopens_another_runs_mlflow_run(seed: Seed, tmp_path: Path) -> None:
-    backend, project, client, precious = _mlflow_victim(seed, tmp_path)
+def test_hostile_sync_never_reopens_another_runs_mlflow_run(
+    seed: Seed, tmp_path: Path, migrated_store: Callable[[Path], str]
+) -> None:
+    backend, project, client, precious = _mlflow_victim(seed, tmp_path, migrated_store)
     key = "Add_2026-11-01T00-00-00.000000Z_evil0004"  # a record naming the genuine MLflow run
     shutil.copytree(seed.run_dir(seed.add), local_path(project) / key)
     record = json.loads((local_path(project) / key / "run.json").read_text())
@@ -1341,15 +1343,13 @@ def test_hostile_shard_entries_with_malformed_fields_are_listed_without_a_traceb
     assert "Traceback" not in proc.stderr
 
 
-def _mlflow_victim(seed: Seed, tmp_path: Path) -> tuple[Backend, Path, Any, str]:
+def _mlflow_victim(seed: Seed, tmp_path: Path, migrated_store: Callable[[Path], str]) -> tuple[Backend, Path, Any, str]:
     """A victim project on its own sqlite MLflow store holding a genuine, finished MLflow run of
     the seed's Add run: (backend, project, client, that run's id)."""
     import mlflow
 
     backend = shared_remote(tmp_path)
-    db = tmp_path / "home" / "mlflow.db"
-    db.parent.mkdir(parents=True)
-    uri = f"sqlite:///{db}"
+    uri = migrated_store(tmp_path / "home" / "mlflow.db")
     project = victim(tmp_path, backend, mlflow=f'enabled = true\ntracking_uri = "{uri}"\nexperiment = "victim"\n')
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("victim")
@@ -1372,13 +1372,13 @@ def _hand_over(seed: Seed, project: Path, key: str, **fields: Any) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("made_by", ["record-tags", "mlflow"])
 def test_hostile_settling_a_replacement_never_deletes_another_runs_mlflow_run(
-    seed: Seed, made_by: str, tmp_path: Path
+    seed: Seed, made_by: str, tmp_path: Path, migrated_store: Callable[[Path], str]
 ) -> None:
     """A run.json naming another key's MLflow run as the run its finished replacement replaced
     (``mlflow.run_id``), with a replacement tagged ``phd_flow.replaces`` = that run (through the
     record's own tags, or made in the store by whoever can write to it), never gets that run
     tagged, re-parented or deleted."""
-    backend, project, client, precious = _mlflow_victim(seed, tmp_path)
+    backend, project, client, precious = _mlflow_victim(seed, tmp_path, migrated_store)
     key = "Add_2026-11-01T00-00-00.000000Z_evil0012"
     if made_by == "record-tags":  # phd_flow itself makes the replacement, from the record's tags
         tags = {"phd_flow.replaces": precious, "phd_flow.attempts": "9", "phd_flow.parent_key": seed.add}
@@ -1409,12 +1409,12 @@ def test_hostile_settling_a_replacement_never_deletes_another_runs_mlflow_run(
     ids=["attempt-start-text", "attempts-int", "replacement-list"],
 )
 def test_hostile_sync_names_a_malformed_record_instead_of_blaming_mlflow(
-    seed: Seed, fields: dict[str, Any], tmp_path: Path
+    seed: Seed, fields: dict[str, Any], tmp_path: Path, migrated_store: Callable[[Path], str]
 ) -> None:
     """A run directory from elsewhere whose run.json has attempts or MLflow ids of the wrong
     shape: ``sync`` names that run.json (never "MLflow is not reachable", never "Everything is
     synced.", never a traceback), and the MLflow store is left alone."""
-    backend, project, client, precious = _mlflow_victim(seed, tmp_path)
+    backend, project, client, precious = _mlflow_victim(seed, tmp_path, migrated_store)
     key = "Add_2026-11-01T00-00-00.000000Z_evil0014"
     _hand_over(seed, project, key, **{"status": "failed", "mlflow": {"state": "pending"}, **fields})
     proc = backend.cli(project, "sync")
@@ -1438,12 +1438,14 @@ def _serve_queue(queue: Path, uri: str, *extra: str) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
-def test_hostile_feed_marker_naming_a_path_outside_local_path_is_dropped(seed: Seed, tmp_path: Path) -> None:
+def test_hostile_feed_marker_naming_a_path_outside_local_path_is_dropped(
+    seed: Seed, tmp_path: Path, migrated_store: Callable[[Path], str]
+) -> None:
     """A co-user who can write the feed queue (a shared local_path) plants a marker naming
     ``../<dir>``: the feeder never feeds, locks or writes a run.json outside local_path."""
     from phd_flow.feeder import queue_dir
 
-    _, project, client, precious = _mlflow_victim(seed, tmp_path)
+    _, project, client, precious = _mlflow_victim(seed, tmp_path, migrated_store)
     uri = client.tracking_uri
     outside = tmp_path / "home" / "theirs" / "Add_2026-11-01T00-00-00.000000Z_evil0015"
     shutil.copytree(seed.run_dir(seed.add), outside)
@@ -1511,14 +1513,16 @@ def test_hostile_feeder_with_a_lock_fd_that_is_no_descriptor_takes_the_lock_itse
 
 @pytest.mark.slow
 @pytest.mark.parametrize("asked", ["completed", "elsewhere"])
-def test_hostile_close_request_never_marks_a_failed_sweep_finished(seed: Seed, asked: str, tmp_path: Path) -> None:
+def test_hostile_close_request_never_marks_a_failed_sweep_finished(
+    seed: Seed, asked: str, tmp_path: Path, migrated_store: Callable[[Path], str]
+) -> None:
     """A close request planted in a failed sweep's directory (a co-user of a shared local_path)
     asking for ``completed``, or naming another experiment: the feeder closes a sweep's MLflow
     run only with the status its points' own run.json give, in their experiment, so MLflow never
     shows a failed sweep FINISHED, nor gets a sweep run elsewhere (the real one left open)."""
     from phd_flow.feeder import queue_dir
 
-    backend, project, client, _ = _mlflow_victim(seed, tmp_path)
+    backend, project, client, _ = _mlflow_victim(seed, tmp_path, migrated_store)
     proc = backend.cli(project, "sweep", "Fail", "--grid", "message=a,b")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (sweep,) = [p for p in new_runs(project) if json.loads((p / "run.json").read_text()).get("kind") == "sweep"]
@@ -1540,10 +1544,12 @@ def test_hostile_close_request_never_marks_a_failed_sweep_finished(seed: Seed, a
 
 
 @pytest.mark.slow
-def test_hostile_child_run_is_never_nested_under_an_mlflow_run_of_another_key(seed: Seed, tmp_path: Path) -> None:
+def test_hostile_child_run_is_never_nested_under_an_mlflow_run_of_another_key(
+    seed: Seed, tmp_path: Path, migrated_store: Callable[[Path], str]
+) -> None:
     """A pipeline run directory from elsewhere whose run.json names another key's MLflow run:
     syncing its child run never nests the child under that MLflow run."""
-    backend, project, client, precious = _mlflow_victim(seed, tmp_path)
+    backend, project, client, precious = _mlflow_victim(seed, tmp_path, migrated_store)
     key, child = "Add_2026-11-01T00-00-00.000000Z_evil0016", "Add_2026-11-01T00-00-00.000000Z_evil0017"
     _hand_over(seed, project, key, status="completed", mlflow={"state": "synced", "run_id": precious})
     shutil.copytree(seed.run_dir(seed.add), local_path(project) / key / child)
@@ -1558,10 +1564,12 @@ def test_hostile_child_run_is_never_nested_under_an_mlflow_run_of_another_key(se
 
 
 @pytest.mark.slow
-def test_hostile_run_claiming_a_sweep_is_never_nested_under_its_mlflow_run(seed: Seed, tmp_path: Path) -> None:
+def test_hostile_run_claiming_a_sweep_is_never_nested_under_its_mlflow_run(
+    seed: Seed, tmp_path: Path, migrated_store: Callable[[Path], str]
+) -> None:
     """A run directory from elsewhere whose run.json names one of the user's sweeps (``sweep``):
     MLflow never shows it as a point of that sweep, only the sweep's own points are nested."""
-    backend, project, client, _ = _mlflow_victim(seed, tmp_path)
+    backend, project, client, _ = _mlflow_victim(seed, tmp_path, migrated_store)
     proc = backend.cli(project, "sweep", "Fail", "--grid", "message=a")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (sweep,) = [p for p in new_runs(project) if json.loads((p / "run.json").read_text()).get("kind") == "sweep"]
