@@ -4,9 +4,10 @@ test_docs puts a ``python`` first on the doc scripts' PATH (:func:`shim`): ``pyt
 ARGS`` runs ``python -I -S tests/cli_client.py -m my_project ARGS`` (a bare interpreter, ~20 ms),
 which sends the request with its own descriptors 0, 1 and 2 to the server (tests/cli_server.py),
 forwards SIGINT and SIGTERM to the child and exits as the child did (killed by the same signal
-when the child was). :class:`tests.conftest.ForkedPopen` starts it directly and signals the child. Everything else, and any
-call whose ``PYTHON*`` variables differ from the server's start-up ones (read at interpreter
-start, so a fork would not honour them), runs the real interpreter.
+when the child was). :class:`tests.conftest.ForkedPopen` starts it directly and signals the
+child. Everything else, and any call whose ``PYTHON*`` variables differ from the server's
+start-up ones (read at interpreter start, so a fork would not honour them), runs the real
+interpreter.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ SOCKET, STARTUP, REAL = "PHD_FLOW_TESTS_CLI_SOCKET", "PHD_FLOW_TESTS_CLI_STARTUP
 PIDFD = "PHD_FLOW_TESTS_CLI_PIDFD"
 
 
+def client_env(server_socket: str, startup: dict[str, str]) -> dict[str, str]:
+    """The variables that make the client reach ``server_socket`` (``startup``: its ``PYTHON*``)."""
+    return {SOCKET: server_socket, STARTUP: json.dumps(startup), REAL: sys.executable}
+
+
 def shim(directory: Path, server_socket: str, startup: dict[str, str]) -> dict[str, str]:
     """Write ``directory/python`` and return the variables that make it reach ``server_socket``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -35,7 +41,7 @@ def shim(directory: Path, server_socket: str, startup: dict[str, str]) -> dict[s
         f'exec "${REAL}" "$@"\n'
     )
     script.chmod(0o755)
-    return {SOCKET: server_socket, STARTUP: json.dumps(startup), REAL: sys.executable}
+    return client_env(server_socket, startup)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli_client import PIDFD, shim
+from tests.cli_client import PIDFD, client_env, shim
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -169,7 +169,7 @@ class ForkedPopen(subprocess_.Popen[str]):
     def __init__(self, command: list[str], server: _CliServer, env: dict[str, str], **kwargs: Any) -> None:
         read, write = os.pipe()
         client = [sys.executable, "-I", "-S", str(REPO / "tests" / "cli_client.py"), *command[1:]]
-        env = {**env, **shim(server.dir / "bin", server.socket, server.startup), PIDFD: str(write)}
+        env = {**env, **client_env(server.socket, server.startup), PIDFD: str(write)}
         try:
             super().__init__(client, env=env, pass_fds=(write,), **kwargs)
         finally:
@@ -350,10 +350,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     6 min 54 s, one worker busy for the last 90 s). A file weighs what its tests announce: a
     ``timeout`` mark's seconds, else 10 for a ``slow`` test and 1 for any other.
     """
-    weight: dict[str, float] = {}
+    weight: dict[Path, float] = {}
     for item in items:
         timeout = item.get_closest_marker("timeout")
         cost = float(timeout.args[0]) if timeout else 10.0 if item.get_closest_marker("slow") else 1.0
-        weight[item.nodeid.split("::")[0]] = weight.get(item.nodeid.split("::")[0], 0.0) + cost
-    position = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (-weight[item.nodeid.split("::")[0]], position[id(item)]))
+        weight[item.path] = weight.get(item.path, 0.0) + cost
+    items.sort(key=lambda item: -weight[item.path])  # stable: a file's tests keep their order
