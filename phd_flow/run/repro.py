@@ -111,8 +111,8 @@ def _git(cwd: Path, *args: str) -> str | None:
 
 
 def packages() -> dict[str, str]:
-    """Installed distributions and their versions (scanned once per state of ``sys.path``: a
-    scan reads ~300 METADATA files, 0.1-0.8 s, and a sweep's warm driver does it for every point)."""
+    """Installed distributions and their versions (scanned once per state of ``sys.path``; a
+    sweep's warm driver asks for every point)."""
     state = tuple((entry, _mtime(entry)) for entry in sys.path)
     if _PACKAGES.get("state") != state:
         _PACKAGES.update(state=state, found=_scan_packages())
@@ -132,12 +132,32 @@ def _mtime(entry: str) -> int:
 
 
 def _scan_packages() -> dict[str, str]:
+    """Name and version of every distribution on ``sys.path``; where two share a name, the one
+    that imports (the first on ``sys.path``). Only the metadata's header lines are read:
+    ``Distribution.metadata`` parses each whole file with the email parser, twice with
+    ``.version``, which took 0.1-0.4 s of every run for ~300 distributions (measured)."""
     found: dict[str, str] = {}
     for dist in metadata.distributions():
-        name = dist.metadata.get("Name", None)  # type: ignore[attr-defined]
+        name, version = _name_and_version(dist)
         if name:
-            found[name] = dist.version
+            found.setdefault(name, version)
     return dict(sorted(found.items(), key=lambda item: item[0].lower()))
+
+
+def _name_and_version(dist: metadata.Distribution) -> tuple[str, str]:
+    """The ``Name`` and ``Version`` headers, read as ``Distribution.metadata`` finds its file."""
+    try:
+        text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or dist.read_text("") or ""
+    except (OSError, UnicodeDecodeError):
+        return "", ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():  # the headers end at the first empty line
+            break
+        field, colon, value = line.partition(":")
+        if colon and field in ("Name", "Version"):
+            fields.setdefault(field, value.strip())
+    return fields.get("Name", ""), fields.get("Version", "")
 
 
 def hardware() -> dict[str, Any]:
