@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -1049,7 +1050,9 @@ def test_hostile_planted_names_never_win_a_key_prefix(seed: Seed, tmp_path: Path
     backend.plant_run(seed.run_dir(seed.add), f"{seed.add}x")  # a longer name the full key prefixes
     proc = backend.cli(project, "show", suffix)
     assert_ok(proc)
-    assert seed.add in proc.stdout and "666" not in proc.stdout, proc.stdout
+    # the victim's run (args a = 1), not the planted one (a = 666; "666" alone can be in a pid)
+    assert seed.add in proc.stdout and "_evil" not in proc.stdout, proc.stdout
+    assert re.search(r"^ +a +1$", proc.stdout, re.M) and not re.search(r"^ +a +666$", proc.stdout, re.M), proc.stdout
     assert_ok(backend.cli(project, "download", seed.add))
     assert (local_path(project) / seed.add / "run.json").is_file()
 
