@@ -132,6 +132,10 @@ def cli(
     interpreter, the same process a user gets minus ~2 s of imports) unless ``subprocess`` asks for
     a new interpreter, or ``env`` changes a ``PYTHON*`` variable (read at interpreter start).
     ``PHD_FLOW_TESTS_CLI=subprocess pytest ...`` runs every call in a new interpreter.
+
+    ``rm`` and ``sync`` are forked from the feeder server instead (mlflow imported with phd_flow's
+    telemetry default): they import mlflow themselves whenever MLflow holds a run they touch
+    (deleting it, catching it up), ~2 core-s a call that tests the same code either way.
     """
     base_env = _base_env()
     full_env = {**base_env, **(env or {})}
@@ -139,7 +143,10 @@ def cli(
     if not subprocess and os.environ.get("PHD_FLOW_TESTS_CLI") != "subprocess":
         server = _CliServer.get(base_env)
         if server.serves(full_env):
-            return server.run(command, project, full_env, timeout)
+            warm = args[:1] in (("rm",), ("sync",))
+            return server.run(
+                command, project, full_env, timeout, socket_path=server.socket + ".feeder" if warm else None
+            )
     return subprocess_.run(
         command, cwd=project, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -254,9 +261,10 @@ class _CliServer:
         return {k: v for k, v in env.items() if k.startswith("PYTHON")} == self.startup
 
     def run(
-        self, command: list[str], cwd: Path, env: dict[str, str], timeout: float
+        self, command: list[str], cwd: Path, env: dict[str, str], timeout: float, socket_path: str | None = None
     ) -> subprocess_.CompletedProcess[str]:
-        """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)``, forked."""
+        """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)``, forked
+        (from the server listening on ``socket_path``: this one's feeder server, say)."""
         fd, out = tempfile.mkstemp(dir=self.dir, suffix=".out")
         os.close(fd)
         err = out[: -len(".out")] + ".err"
@@ -271,7 +279,10 @@ class _CliServer:
         deadline = time.monotonic() + timeout
         pid, code = None, None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(self.socket)
+            try:
+                conn.connect(socket_path or self.socket)
+            except ConnectionRefusedError:  # no feeder server (its preload failed: see its log)
+                conn.connect(self.socket)
             conn.sendall(json.dumps(request).encode() + b"\n")
             try:
                 for line in _lines(conn, deadline):
