@@ -53,16 +53,16 @@ def _dom(browser: str, url: str, tmp_path: Path, must_show: list[str], screensho
     profile = tmp_path / "chromium-profile"  # a fresh profile: no saved UI state
     base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
     base += [f"--user-data-dir={profile}", "--window-size=1400,2200", "--virtual-time-budget=20000"]
+    if screenshot is not None:  # taken by the same browser, of the page the DOM below is read from
+        base.append(f"--screenshot={screenshot}")
     while True:
-        proc = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=False)
+        proc = subprocess.run(
+            [*base, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=False, cwd=tmp_path
+        )
         if proc.returncode != 0 and not proc.stdout:
             pytest.skip(f"Chromium cannot start here: {proc.stderr.strip().splitlines()[-1:]}")
         if all(word in proc.stdout for word in must_show) or time.monotonic() > deadline:
             break
-    if screenshot is not None:
-        subprocess.run(
-            [*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=180, check=False, cwd=tmp_path
-        )
     return proc.stdout
 
 
