@@ -133,9 +133,10 @@ def cli(
     a new interpreter, or ``env`` changes a ``PYTHON*`` variable (read at interpreter start).
     ``PHD_FLOW_TESTS_CLI=subprocess pytest ...`` runs every call in a new interpreter.
 
-    ``rm`` and ``sync`` are forked from the feeder server instead (mlflow imported with phd_flow's
-    telemetry default): they import mlflow themselves whenever MLflow holds a run they touch
-    (deleting it, catching it up), ~2 core-s a call that tests the same code either way.
+    ``rm``, ``gc``, ``sync`` and ``ls --fix`` are forked from the feeder server instead (mlflow
+    imported with phd_flow's telemetry default): they import mlflow themselves whenever MLflow
+    holds a run they touch (deleting it, catching it up, marking it killed), ~2 core-s a call
+    that tests the same code either way.
     """
     base_env = _base_env()
     full_env = {**base_env, **(env or {})}
@@ -143,7 +144,7 @@ def cli(
     if not subprocess and os.environ.get("PHD_FLOW_TESTS_CLI") != "subprocess":
         server = _CliServer.get(base_env)
         if server.serves(full_env):
-            warm = args[:1] in (("rm",), ("sync",))
+            warm = args[:1] in (("rm",), ("sync",), ("gc",)) or (args[:1] == ("ls",) and "--fix" in args)
             return server.run(
                 command, project, full_env, timeout, socket_path=server.socket + ".feeder" if warm else None
             )
