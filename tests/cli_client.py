@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 SOCKET, STARTUP, REAL = "PHD_FLOW_TESTS_CLI_SOCKET", "PHD_FLOW_TESTS_CLI_STARTUP", "PHD_FLOW_TESTS_CLI_PYTHON"
@@ -27,6 +28,26 @@ PIDFD = "PHD_FLOW_TESTS_CLI_PIDFD"
 def client_env(server_socket: str, startup: dict[str, str]) -> dict[str, str]:
     """The variables that make the client reach ``server_socket`` (``startup``: its ``PYTHON*``)."""
     return {SOCKET: server_socket, STARTUP: json.dumps(startup), REAL: sys.executable}
+
+
+def server_for(server_socket: str, argv: Sequence[str]) -> str:
+    """The socket a call of ``my_project ARGV`` goes to: ``rm``, ``gc``, ``sync`` and ``ls
+    --fix`` import mlflow themselves whenever MLflow holds a run they touch (deleting it, catching
+    it up, marking it killed), so they are forked from the feeder server next to
+    ``server_socket``, which has mlflow imported (telemetry off, as phd_flow leaves it); the same
+    code runs either way, minus ~2 core-s of imports a call."""
+    command = argv[0] if argv else ""
+    warm = command in ("rm", "gc", "sync") or (command == "ls" and "--fix" in argv)
+    return server_socket + ".feeder" if warm else server_socket
+
+
+def connect(conn: socket.socket, server_socket: str, argv: Sequence[str]) -> None:
+    """Connect ``conn`` to :func:`server_for`'s socket, or to ``server_socket`` itself when no
+    feeder server listens (its preload failed: the server's log says why)."""
+    try:
+        conn.connect(server_for(server_socket, argv))
+    except ConnectionRefusedError:
+        conn.connect(server_socket)
 
 
 def shim(directory: Path, server_socket: str, startup: dict[str, str]) -> dict[str, str]:
@@ -51,7 +72,7 @@ def main() -> None:
         os.execve(python, [python, *sys.argv[1:]], os.environ)
     request = {"package": sys.argv[2], "argv": sys.argv[3:], "env": env, "cwd": os.getcwd(), "stdio": True}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.connect(os.environ[SOCKET])
+    connect(conn, os.environ[SOCKET], sys.argv[3:])
     socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
     buffer = b""
     while True:

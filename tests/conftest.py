@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli_client import PIDFD, client_env, shim
+from tests.cli_client import PIDFD, client_env, connect, shim
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,10 +133,8 @@ def cli(
     a new interpreter, or ``env`` changes a ``PYTHON*`` variable (read at interpreter start).
     ``PHD_FLOW_TESTS_CLI=subprocess pytest ...`` runs every call in a new interpreter.
 
-    ``rm``, ``gc``, ``sync`` and ``ls --fix`` are forked from the feeder server instead (mlflow
-    imported with phd_flow's telemetry default): they import mlflow themselves whenever MLflow
-    holds a run they touch (deleting it, catching it up, marking it killed), ~2 core-s a call
-    that tests the same code either way.
+    ``rm``, ``gc``, ``sync`` and ``ls --fix`` are forked from the feeder server instead, which
+    has mlflow imported (:func:`tests.cli_client.server_for`).
     """
     base_env = _base_env()
     full_env = {**base_env, **(env or {})}
@@ -144,10 +142,7 @@ def cli(
     if not subprocess and os.environ.get("PHD_FLOW_TESTS_CLI") != "subprocess":
         server = _CliServer.get(base_env)
         if server.serves(full_env):
-            warm = args[:1] in (("rm",), ("sync",), ("gc",)) or (args[:1] == ("ls",) and "--fix" in args)
-            return server.run(
-                command, project, full_env, timeout, socket_path=server.socket + ".feeder" if warm else None
-            )
+            return server.run(command, project, full_env, timeout)
     return subprocess_.run(
         command, cwd=project, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -262,10 +257,10 @@ class _CliServer:
         return {k: v for k, v in env.items() if k.startswith("PYTHON")} == self.startup
 
     def run(
-        self, command: list[str], cwd: Path, env: dict[str, str], timeout: float, socket_path: str | None = None
+        self, command: list[str], cwd: Path, env: dict[str, str], timeout: float
     ) -> subprocess_.CompletedProcess[str]:
         """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)``, forked
-        (from the server listening on ``socket_path``: this one's feeder server, say)."""
+        (by this server or its feeder server: :func:`tests.cli_client.server_for`)."""
         fd, out = tempfile.mkstemp(dir=self.dir, suffix=".out")
         os.close(fd)
         err = out[: -len(".out")] + ".err"
@@ -280,10 +275,7 @@ class _CliServer:
         deadline = time.monotonic() + timeout
         pid, code = None, None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            try:
-                conn.connect(socket_path or self.socket)
-            except ConnectionRefusedError:  # no feeder server (its preload failed: see its log)
-                conn.connect(self.socket)
+            connect(conn, self.socket, command[3:])
             conn.sendall(json.dumps(request).encode() + b"\n")
             try:
                 for line in _lines(conn, deadline):
