@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from phd_flow import RunFailedError, load_config
-from tests.conftest import EXAMPLES, REPO, cli, write_config
+from tests.conftest import EXAMPLES, REPO, cli, popen_cli, write_config
 
 CONFIG = (
     'local_path = "${PROJECT_ROOT}/data_storage"\n[mlflow]\nexperiment = "test"\n'
@@ -75,17 +75,11 @@ def project(history: Path, tmp_path: Path) -> Path:
 
 
 def answer(project: Path, reply: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the CLI with ``reply`` (and a newline) on its stdin."""
+    """Run the CLI with ``reply`` (and a newline) on its stdin (a pipe, as when a user types it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MLFLOW_TRACKING"))}
-    return subprocess.run(
-        [sys.executable, "-m", "my_project", *args],
-        cwd=project,
-        input=reply + "\n",
-        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = popen_cli(project, *args, env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"}, stdin=subprocess.PIPE)
+    out, err = proc.communicate(reply + "\n", timeout=180)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def keys(project: Path, *filters: str) -> list[str]:
