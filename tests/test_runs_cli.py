@@ -570,6 +570,8 @@ def test_rm_purge_deletes_the_mlflow_runs_for_good(project: Path) -> None:
     soft, hard = record(project, add1)["mlflow"]["run_id"], record(project, add2)["mlflow"]["run_id"]
     assert cli(project, "rm", add1, "--force").returncode == 0
     assert mlflow_run(project, soft).info.lifecycle_stage == "deleted"  # MLflow's soft delete
-    proc = cli(project, "rm", add2, "--force", "--purge")
+    # a new interpreter, as a user's: rm imports mlflow itself (every other rm is forked from a
+    # server that has it imported, tests/cli_client.py:server_for)
+    proc = cli(project, "rm", add2, "--force", "--purge", subprocess=True)
     assert proc.returncode == 0, proc.stderr
     assert _mlflow_gone(project, hard)
