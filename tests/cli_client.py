@@ -35,7 +35,9 @@ def server_for(server_socket: str, argv: Sequence[str]) -> str:
     --fix`` import mlflow themselves whenever MLflow holds a run they touch (deleting it, catching
     it up, marking it killed), so they are forked from the feeder server next to
     ``server_socket``, which has mlflow imported (telemetry off, as phd_flow leaves it); the same
-    code runs either way, minus ~2 core-s of imports a call."""
+    code runs either way, minus ~2 core-s of imports a call. One path differs: ``sync`` of a sweep
+    whose MLflow run is still open closes it directly when mlflow is imported, through the feeder
+    otherwise (phd_flow/sweeps/executors.py); a test of that path must use ``subprocess=True``."""
     command = argv[0] if argv else ""
     warm = command in ("rm", "gc", "sync") or (command == "ls" and "--fix" in argv)
     return server_socket + ".feeder" if warm else server_socket

@@ -191,6 +191,9 @@ def run_child(request: dict[str, Any], fds: list[int]) -> NoReturn:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         os.environ.clear()
         os.environ.update(request["env"])
+        tracking = sys.modules.get("phd_flow.tracking")
+        if tracking is not None:  # as a new interpreter: phd_flow has set no telemetry variable yet
+            tracking._TELEMETRY.update(allowed=False, env_set=False)
         os.chdir(request["cwd"])
         tempfile.tempdir = None  # TMPDIR is read again, as a new process would
         argv = list(request["argv"])

@@ -1,14 +1,16 @@
 """Issue 14 row 9: ``autolog = true`` never hangs (MLflow's telemetry thread against autolog's
 import hook once deadlocked on the import lock). 20 runs, two at a time, each in a process that
-has never imported mlflow: forked from the CLI fork server (tests/cli_server.py: phd_flow, pandas
-and scikit-learn imported, mlflow never), so each run imports mlflow, starts or skips its
-telemetry and sets up autolog's import hooks as a new interpreter does, and logs its model with
-MLflow's requirement inference (a new interpreter of its own) as a user's run does."""
+has never imported mlflow. The first two are new interpreters, start-up and exit included; the
+other 18 are forked from the CLI fork server (tests/cli_server.py: phd_flow, pandas and
+scikit-learn imported, mlflow never), so each still imports mlflow, starts or skips its telemetry
+and sets up autolog's import hooks as a new interpreter does. Every run logs its model with
+MLflow's requirement inference (a new interpreter of its own), as a user's run does."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +39,7 @@ class AutoFit(Node[FitArgs, float]):
         return float(sklearn.linear_model.Ridge(alpha=self.args.alpha).fit(x, y).score(x, y))
 """
 
-RUNS, AT_ONCE, TIMEOUT = 20, 2, 240
+RUNS, AT_ONCE, TIMEOUT, NEW_INTERPRETERS = 20, 2, 240, 2
 CI_VARS = ("CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "TRAVIS", "BUILDKITE", "DO_NOT_TRACK")
 
 
@@ -57,7 +59,13 @@ def test_row9_autolog_runs_twenty_times_without_a_hang(project: Path) -> None:
     started = 0
     while started < RUNS or running:
         while started < RUNS and len(running) < AT_ONCE:
-            proc = popen_cli(project, "run", "AutoFit", env=env, stdout=subprocess.DEVNULL)
+            if started < NEW_INTERPRETERS:
+                command = [sys.executable, "-m", "my_project", "run", "AutoFit"]
+                proc = subprocess.Popen(
+                    command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                )
+            else:
+                proc = popen_cli(project, "run", "AutoFit", env=env, stdout=subprocess.DEVNULL)
             running.append((proc, time.monotonic()))
             started += 1
         for proc, since in list(running):
