@@ -921,11 +921,18 @@ def _warm(tracking_uri: str) -> None:
 
 
 def _failed(run_dir: Path, failures: dict[Path, int], feeding: dict[Path, Feeding], exc: Exception) -> str:
-    """Three failures in a row for a run: ``not_synced`` in run.json, ``sync`` redoes it."""
+    """Three failures in a row for a run, or one when MLflow's server cannot be reached:
+    ``not_synced`` in run.json, ``sync`` redoes it.
+
+    An unreachable server has had MLflow's own HTTP retries already (with their backoff, ~4-5 s
+    a request here, up to 30 s a try when a firewall drops the packets); two more rounds only
+    kept a run that waits for MLflow (``[mlflow] wait``, SLURM jobs and sweeps) waiting, ~19 s
+    against a closed port. Other errors (a locked sqlite store, a refused request) get three.
+    """
     failures[run_dir] = failures.get(run_dir, 0) + 1
     logger.warning(f"Feeding MLflow for {run_dir.name} failed ({type(exc).__name__}: {exc}).")
     feeding.pop(run_dir, None)  # reopened from run.json next time
-    if failures[run_dir] < 3:
+    if failures[run_dir] < 3 and not unreachable(exc):
         return LATER
     failures.pop(run_dir)
     with contextlib.suppress(Exception):
@@ -933,6 +940,23 @@ def _failed(run_dir: Path, failures: dict[Path, int], feeding: dict[Path, Feedin
             "mlflow", state=NOT_SYNCED, error=redact_url(f"{type(exc).__name__}: {exc}")
         )
     return DONE
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (MLflow's own exception, raised while handling requests' error) comes from
+    a server that could not be connected to: refused, no route, name not resolved, connect
+    timeout. A read timeout is not one: the server answered the connection."""
+    requests = sys.modules.get("requests")
+    if requests is None:  # no HTTP store was used in this process
+        return False
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, requests.exceptions.ConnectionError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

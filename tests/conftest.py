@@ -343,7 +343,8 @@ def run_dirs(local_path: Path) -> list[Path]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Byte-compile phd_flow and the tests' helper modules once, before any worker starts.
+    """Ctrl-C reaches the processes the tests start; byte-compile phd_flow and the tests' helper
+    modules once, before any worker starts.
 
     A user's interpreter caches bytecode in ``__pycache__`` the first time; with
     ``PYTHONDONTWRITEBYTECODE`` set (as on this project's VMs) nothing is cached, so every new
@@ -352,6 +353,11 @@ def pytest_configure(config: pytest.Config) -> None:
     files whatever that variable says; the projects the tests copy stay uncompiled (a test that
     edits their code never meets a stale cache).
     """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started in the background without job control (`(pytest &)`): SIGINT is ignored, and
+        # every process a test starts would inherit that, so the Ctrl-C tests' runs would never
+        # see their signal. A terminal or CI starts pytest with Python's own handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if not hasattr(config, "workerinput"):  # the controller (or the only process under -n 0)
         for folder in ("phd_flow", "tests"):
             compileall.compile_dir(REPO / folder, quiet=1)

@@ -337,3 +337,31 @@ def test_mlflow_tags_and_run_name_from_a_record() -> None:
     assert tags["phd_flow.parent_key"] == "Pipeline_2026-11-30T09-15-20.000000Z_aaaaaaaa"
     assert run_name(data) == "FitOLS_2026-11-30T09-15_x7k2m9qa"
     assert run_name({"key": "my-own-key", "node": "FitOLS"}) == "my-own-key"
+
+
+def test_unreachable_means_mlflow_could_not_connect_to_its_server() -> None:
+    """The feeder tries a run once when MLflow's server cannot be connected to (its HTTP retries
+    already ran), three times otherwise (test_failures_cli's unreachable test counts the tries)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    from phd_flow.feeder import unreachable
+
+    def as_mlflow_raises(cause: Exception) -> MlflowException:
+        try:  # mlflow.utils.rest_utils.http_request: raised while handling requests' error
+            try:
+                raise cause
+            except Exception as e:
+                raise MlflowException(f"API request to http://h/api failed with exception {e}")  # noqa: B904
+        except MlflowException as wrapped:
+            return wrapped
+
+    assert unreachable(as_mlflow_raises(requests.exceptions.ConnectionError("refused")))
+    assert unreachable(as_mlflow_raises(requests.exceptions.ConnectTimeout("dropped")))
+    assert not unreachable(as_mlflow_raises(requests.exceptions.ReadTimeout("slow answer")))
+    assert not unreachable(as_mlflow_raises(requests.exceptions.RetryError("500, 500, 500")))
+    assert not unreachable(MlflowException("database is locked"))
+    looped = MlflowException("a cycle")
+    looped.__context__ = MlflowException("back")
+    looped.__context__.__context__ = looped
+    assert not unreachable(looped)
