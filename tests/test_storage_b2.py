@@ -33,8 +33,8 @@ SECRET = "K000-this-is-not-the-real-key"
 class Simulated:
     """A RawSimulator account with one bucket, and B2 APIs logged into it."""
 
-    def __init__(self) -> None:
-        self.api = simulator_api()
+    def __init__(self, raw_class: type[RawSimulator] = RawSimulator) -> None:
+        self.api = simulator_api(raw_class)
         self.raw: Any = self.api.session.raw_api
         self.key_id, self.key = self.raw.create_account()
         self.api.authorize_account("production", self.key_id, self.key)
@@ -54,8 +54,8 @@ class Simulated:
         return sorted(v.file_name for v, _ in bucket.ls("", latest_only=False, recursive=True))
 
 
-def simulator_api() -> B2Api:
-    return B2Api(InMemoryAccountInfo(), api_config=B2HttpApiConfig(_raw_api_class=RawSimulator))
+def simulator_api(raw_class: type[RawSimulator] = RawSimulator) -> B2Api:
+    return B2Api(InMemoryAccountInfo(), api_config=B2HttpApiConfig(_raw_api_class=raw_class))
 
 
 @pytest.fixture
