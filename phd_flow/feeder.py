@@ -889,6 +889,7 @@ def serve(queue: Path, tracking_uri: str, lock_fd: int | None = None) -> None:
                     continue
                 try:
                     result = feed_run(run_dir, tracking_uri, feeding)
+                    failures.pop(run_dir, None)  # "in a row": a live run outlives separate blips
                 except Exception as exc:  # MLflow refused: retried, then left to `sync`
                     result = _failed(run_dir, failures, feeding, exc)
                 if result != LATER:
@@ -921,18 +922,20 @@ def _warm(tracking_uri: str) -> None:
 
 
 def _failed(run_dir: Path, failures: dict[Path, int], feeding: dict[Path, Feeding], exc: Exception) -> str:
-    """Three failures in a row for a run, or one when MLflow's server cannot be reached:
-    ``not_synced`` in run.json, ``sync`` redoes it.
+    """Three failures in a row for a run, or one for a run that has ended when MLflow's server
+    cannot be reached: ``not_synced`` in run.json, ``sync`` redoes it.
 
-    An unreachable server has had MLflow's own HTTP retries already (with their backoff, ~4-5 s
-    a request here, up to 30 s a try when a firewall drops the packets); two more rounds only
-    kept a run that waits for MLflow (``[mlflow] wait``, SLURM jobs and sweeps) waiting, ~19 s
-    against a closed port. Other errors (a locked sqlite store, a refused request) get three.
+    An unreachable server has had MLflow's own HTTP retries already (phd_flow sets 2, with
+    MLflow's backoff: ~4.5 s a request against a closed port, ~94 s when a firewall drops the
+    packets and each connect waits its 30 s). For an ended run, two more rounds only kept a run
+    that waits for MLflow (``[mlflow] wait``, SLURM jobs and sweeps) waiting: ~19 s against a
+    closed port, now ~9. A live run keeps its three tries, so a server restart during a run does
+    not end its feed. Other errors (a locked sqlite store, a refused request) get three.
     """
     failures[run_dir] = failures.get(run_dir, 0) + 1
     logger.warning(f"Feeding MLflow for {run_dir.name} failed ({type(exc).__name__}: {exc}).")
     feeding.pop(run_dir, None)  # reopened from run.json next time
-    if failures[run_dir] < 3 and not unreachable(exc):
+    if failures[run_dir] < 3 and not (unreachable(exc) and _ended(run_dir)):
         return LATER
     failures.pop(run_dir)
     with contextlib.suppress(Exception):
@@ -942,10 +945,20 @@ def _failed(run_dir: Path, failures: dict[Path, int], feeding: dict[Path, Feedin
     return DONE
 
 
+def _ended(run_dir: Path) -> bool:
+    """Whether run.json says the run is over (False when it cannot be read)."""
+    try:
+        return RunRecord.load(run_dir).status != RUNNING
+    except Exception:
+        return False
+
+
 def unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` (MLflow's own exception, raised while handling requests' error) comes from
-    a server that could not be connected to: refused, no route, name not resolved, connect
-    timeout. A read timeout is not one: the server answered the connection."""
+    """Whether ``exc`` (MLflow's own exception, raised while handling requests' error) is requests'
+    ``ConnectionError``, which MLflow's session raises once its retries are spent on a server that
+    could not be connected to (refused, no route, name not resolved, connect timeout), that
+    reset or never answered the connection (read timeouts are retried, then end as one), or
+    that failed TLS or a proxy. A 5xx answer retried to the end (``RetryError``) is not one."""
     requests = sys.modules.get("requests")
     if requests is None:  # no HTTP store was used in this process
         return False

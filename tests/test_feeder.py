@@ -339,29 +339,66 @@ def test_mlflow_tags_and_run_name_from_a_record() -> None:
     assert run_name({"key": "my-own-key", "node": "FitOLS"}) == "my-own-key"
 
 
-def test_unreachable_means_mlflow_could_not_connect_to_its_server() -> None:
-    """The feeder tries a run once when MLflow's server cannot be connected to (its HTTP retries
-    already ran), three times otherwise (test_failures_cli's unreachable test counts the tries)."""
+def _as_mlflow_raises(cause: Exception) -> Exception:
+    """``cause`` wrapped as mlflow.utils.rest_utils.http_request wraps it: raised while handling."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        try:
+            raise cause
+        except Exception as e:
+            raise MlflowException(f"API request to http://h/api failed with exception {e}")  # noqa: B904
+    except MlflowException as wrapped:
+        return wrapped
+
+
+def _refused() -> Exception:
+    """The error requests raises for a closed port (no retries: plain requests)."""
+    import requests
+
+    from tests.s3_fixtures import closed_port_url
+
+    try:
+        requests.get(closed_port_url(), timeout=5)
+    except requests.exceptions.ConnectionError as exc:
+        return exc
+    raise AssertionError("something listens on the closed port")
+
+
+def test_unreachable_means_requests_could_not_keep_a_connection_to_the_server() -> None:
+    """What counts as an unreachable server: requests' ConnectionError anywhere in the chain
+    (MLflow's read timeouts, retried, end as one too); a 5xx retried to the end does not."""
     import requests
     from mlflow.exceptions import MlflowException
 
     from phd_flow.feeder import unreachable
 
-    def as_mlflow_raises(cause: Exception) -> MlflowException:
-        try:  # mlflow.utils.rest_utils.http_request: raised while handling requests' error
-            try:
-                raise cause
-            except Exception as e:
-                raise MlflowException(f"API request to http://h/api failed with exception {e}")  # noqa: B904
-        except MlflowException as wrapped:
-            return wrapped
-
-    assert unreachable(as_mlflow_raises(requests.exceptions.ConnectionError("refused")))
-    assert unreachable(as_mlflow_raises(requests.exceptions.ConnectTimeout("dropped")))
-    assert not unreachable(as_mlflow_raises(requests.exceptions.ReadTimeout("slow answer")))
-    assert not unreachable(as_mlflow_raises(requests.exceptions.RetryError("500, 500, 500")))
+    assert unreachable(_as_mlflow_raises(_refused()))
+    assert unreachable(_as_mlflow_raises(requests.exceptions.ConnectTimeout("dropped")))
+    assert not unreachable(_as_mlflow_raises(requests.exceptions.RetryError("500, 500, 500")))
     assert not unreachable(MlflowException("database is locked"))
     looped = MlflowException("a cycle")
     looped.__context__ = MlflowException("back")
     looped.__context__.__context__ = looped
     assert not unreachable(looped)
+
+
+def test_an_unreachable_server_ends_the_feed_of_an_ended_run_at_once_of_a_live_run_after_three(
+    fproject: Path,
+) -> None:
+    """An ended run (a waiting run waits for this) is left to `sync` after one unreachable try;
+    a live run keeps three tries in a row, so a server restarting mid-run does not end its feed."""
+    from phd_flow.feeder import DONE, LATER, _failed
+
+    proc = cli(fproject, "run", "Probe", "--steps", "2")
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_dirs(fproject / "data_storage")
+    down = _as_mlflow_raises(_refused())
+    assert _failed(run_dir, {}, {}, down) == DONE  # completed: one try
+    assert record(run_dir)["mlflow"]["state"] == "not_synced"
+    assert _failed(run_dir, {}, {}, RuntimeError("database is locked")) == LATER  # other errors: three
+    data = record(run_dir)
+    (run_dir / "run.json").write_text(json.dumps({**data, "status": "running", "mlflow": {"state": "pending"}}))
+    failures: dict[Path, int] = {}
+    assert [_failed(run_dir, failures, {}, down) for _ in range(3)] == [LATER, LATER, DONE]
+    assert record(run_dir)["mlflow"]["state"] == "not_synced"
