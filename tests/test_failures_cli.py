@@ -128,10 +128,12 @@ def test_mlflow_unreachable_run_completes_and_sync_catches_up(sproject: Path) ->
     (run_dir,) = run_dirs(sproject / "data_storage")
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["mlflow"]["state"] == "not_synced"
-    # one try at the run, not three: MLflow's HTTP retries (with their backoff) already ran, and
-    # the run waited for every try (the suite waits for MLflow, as SLURM jobs and sweeps do)
+    # one try at the ended run, not three: MLflow's HTTP retries (with their backoff) already
+    # ran, and the run waited for every try (the suite waits for MLflow, as SLURM jobs and sweeps
+    # do). The feeder's first try comes after its ~4.5 s "could not be opened yet"; should the
+    # run still be live then (a very loaded machine), that try is one more.
     (log,) = (sproject / "data_storage" / ".phd_flow" / "mlflow-feed").glob("*/feeder.log")
-    assert log.read_text().count(f"Feeding MLflow for {run_dir.name} failed") == 1, log.read_text()
+    assert log.read_text().count(f"Feeding MLflow for {run_dir.name} failed") in (1, 2), log.read_text()
     write_config(sproject, '[mlflow]\nexperiment = "test"\n')
     # a new interpreter first, as a user's (sync imports mlflow itself; other syncs are forked from
     # a server that has it imported, tests/cli_client.py:server_for); a second sync duplicates nothing

@@ -402,3 +402,29 @@ def test_an_unreachable_server_ends_the_feed_of_an_ended_run_at_once_of_a_live_r
     failures: dict[Path, int] = {}
     assert [_failed(run_dir, failures, {}, down) for _ in range(3)] == [LATER, LATER, DONE]
     assert record(run_dir)["mlflow"]["state"] == "not_synced"
+
+
+def test_a_live_run_whose_feed_was_given_up_is_fed_again_when_it_ends(fproject: Path, tmp_path: Path) -> None:
+    """MLflow away three tries in a row during a run: the feeder leaves it (not_synced, marker
+    gone). When the run ends, without waiting for MLflow, it queues itself again and says so,
+    so MLflow gets the whole run once it is back, without a `sync`."""
+    from phd_flow.run.record import RunRecord
+
+    hold = tmp_path / "hold"
+    proc = popen(fproject, "run", "Probe", "--steps", "10", "--hold", str(hold))
+    run_dir = poll(lambda: (run_dirs(fproject / "data_storage") or [None])[0], "the run directory")
+    poll(lambda: (record(run_dir).get("mlflow") or {}).get("metrics_sent") == 6, "the first points in MLflow")
+    (queue,) = (fproject / "data_storage" / ".phd_flow" / "mlflow-feed").glob("*/")
+    # what serve() does after the third failure in a row: not_synced, marker removed
+    RunRecord.load(run_dir).update_section("mlflow", state="not_synced", error="ConnectionError: (test)")
+    for marker in queue.iterdir():
+        if marker.name not in ("feeder.lock", "feeder.log"):
+            marker.unlink()
+    hold.touch()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "MLflow was away during the run; the feeder tries" in err
+    poll(lambda: record(run_dir)["mlflow"]["state"] == "synced", "run.json to say synced")
+    run = finished(fproject, record(run_dir)["key"])
+    assert run is not None and loss_points(fproject, run.info.run_id) == [(s, 1.0 / (s + 1)) for s in range(10)]
+    assert record(run_dir)["mlflow"].get("error") is None
