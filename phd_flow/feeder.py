@@ -891,7 +891,10 @@ def serve(queue: Path, tracking_uri: str, lock_fd: int | None = None) -> None:
                     result = feed_run(run_dir, tracking_uri, feeding)
                     failures.pop(run_dir, None)  # "in a row": a live run outlives separate blips
                 except Exception as exc:  # MLflow refused: retried, then left to `sync`
-                    result = _failed(run_dir, failures, feeding, exc)
+                    result = _failed(run_dir, marker, failures, feeding, exc)
+                    if result != LATER:  # the marker is gone already (a run may have queued itself anew)
+                        logger.info(f"{marker.name}: {result}")
+                    continue
                 if result != LATER:
                     logger.info(f"{marker.name}: {result}")
                     marker.unlink(missing_ok=True)
@@ -921,7 +924,9 @@ def _warm(tracking_uri: str) -> None:
         logger.warning(f"MLflow at {redact_url(tracking_uri)} could not be opened yet ({type(exc).__name__}: {exc}).")
 
 
-def _failed(run_dir: Path, failures: dict[Path, int], feeding: dict[Path, Feeding], exc: Exception) -> str:
+def _failed(
+    run_dir: Path, marker: Path, failures: dict[Path, int], feeding: dict[Path, Feeding], exc: Exception
+) -> str:
     """Three failures in a row for a run, or one for a run that has ended when MLflow's server
     cannot be reached: ``not_synced`` in run.json, ``sync`` redoes it.
 
@@ -930,7 +935,10 @@ def _failed(run_dir: Path, failures: dict[Path, int], feeding: dict[Path, Feedin
     packets and each connect waits its 30 s). For an ended run, two more rounds only kept a run
     that waits for MLflow (``[mlflow] wait``, SLURM jobs and sweeps) waiting: ~19 s against a
     closed port, now ~9. A live run keeps its three tries, so a server restart during a run does
-    not end its feed. Other errors (a locked sqlite store, a refused request) get three.
+    not end its feed (and one left anyway queues itself again when it ends, :func:`requeue_left`:
+    ``not_synced`` and the marker's removal happen under the run's feed lock, which that takes
+    too, so a new marker is never removed here, and a waiting run that sees the marker gone reads
+    ``not_synced``). Other errors (a locked sqlite store, a refused request) get three.
     """
     failures[run_dir] = failures.get(run_dir, 0) + 1
     logger.warning(f"Feeding MLflow for {run_dir.name} failed ({type(exc).__name__}: {exc}).")
@@ -938,11 +946,43 @@ def _failed(run_dir: Path, failures: dict[Path, int], feeding: dict[Path, Feedin
     if failures[run_dir] < 3 and not (unreachable(exc) and _ended(run_dir)):
         return LATER
     failures.pop(run_dir)
-    with contextlib.suppress(Exception):
-        RunRecord.load(run_dir).update_section(
-            "mlflow", state=NOT_SYNCED, error=redact_url(f"{type(exc).__name__}: {exc}")
-        )
+    with _feed_lock_held(run_dir):
+        with contextlib.suppress(Exception):
+            RunRecord.load(run_dir).update_section(
+                "mlflow", state=NOT_SYNCED, error=redact_url(f"{type(exc).__name__}: {exc}")
+            )
+        marker.unlink(missing_ok=True)
     return DONE
+
+
+@contextlib.contextmanager
+def _feed_lock_held(run_dir: Path) -> Iterator[None]:
+    """The run's feed lock, waited for (none when the run directory is gone: ``rm``)."""
+    try:
+        lock = _Flock(run_dir / FEED_LOCK)
+        while not lock.acquire():
+            time.sleep(0.02)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def requeue_left(run_dir: Path, queue: Path, run_path: str, tracking_uri: str, telemetry: bool) -> str | None:
+    """Queue an ended run again if the feeder gave it up while it ran (three failed tries in a
+    row): ``pending`` again, its marker back, a feeder running. Returns the recorded error when
+    it did, else None. Under the run's feed lock, as the feeder gives a run up."""
+    with _feed_lock_held(run_dir):
+        record = RunRecord.load(run_dir)
+        section = record.data.get("mlflow") or {}
+        if section.get("state") != NOT_SYNCED:
+            return None
+        record.update_section("mlflow", state=PENDING)
+        enqueue(queue, run_path, tracking_uri, telemetry)
+        return str(section.get("error"))
 
 
 def _ended(run_dir: Path) -> bool:

@@ -394,14 +394,18 @@ def test_an_unreachable_server_ends_the_feed_of_an_ended_run_at_once_of_a_live_r
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(fproject / "data_storage")
     down = _as_mlflow_raises(_refused())
-    assert _failed(run_dir, {}, {}, down) == DONE  # completed: one try
-    assert record(run_dir)["mlflow"]["state"] == "not_synced"
-    assert _failed(run_dir, {}, {}, RuntimeError("database is locked")) == LATER  # other errors: three
+    marker = fproject / "marker"  # stands for the run's queue marker: removed when given up
+    marker.touch()
+    assert _failed(run_dir, marker, {}, {}, down) == DONE  # completed: one try
+    assert record(run_dir)["mlflow"]["state"] == "not_synced" and not marker.exists()
+    marker.touch()
+    assert _failed(run_dir, marker, {}, {}, RuntimeError("database is locked")) == LATER  # others: three
+    assert marker.exists()
     data = record(run_dir)
     (run_dir / "run.json").write_text(json.dumps({**data, "status": "running", "mlflow": {"state": "pending"}}))
     failures: dict[Path, int] = {}
-    assert [_failed(run_dir, failures, {}, down) for _ in range(3)] == [LATER, LATER, DONE]
-    assert record(run_dir)["mlflow"]["state"] == "not_synced"
+    assert [_failed(run_dir, marker, failures, {}, down) for _ in range(3)] == [LATER, LATER, DONE]
+    assert record(run_dir)["mlflow"]["state"] == "not_synced" and not marker.exists()
 
 
 def test_a_live_run_whose_feed_was_given_up_is_fed_again_when_it_ends(fproject: Path, tmp_path: Path) -> None:
@@ -415,15 +419,19 @@ def test_a_live_run_whose_feed_was_given_up_is_fed_again_when_it_ends(fproject: 
     run_dir = poll(lambda: (run_dirs(fproject / "data_storage") or [None])[0], "the run directory")
     poll(lambda: (record(run_dir).get("mlflow") or {}).get("metrics_sent") == 6, "the first points in MLflow")
     (queue,) = (fproject / "data_storage" / ".phd_flow" / "mlflow-feed").glob("*/")
-    # what serve() does after the third failure in a row: not_synced, marker removed
-    RunRecord.load(run_dir).update_section("mlflow", state="not_synced", error="ConnectionError: (test)")
+    # what serve() does after the third failure in a row (marker removed, then not_synced), and
+    # the feeder gone with what it held in memory: the next one reopens the run from run.json
+    pid = feeder_pid(fproject)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
     for marker in queue.iterdir():
         if marker.name not in ("feeder.lock", "feeder.log"):
             marker.unlink()
+    RunRecord.load(run_dir).update_section("mlflow", state="not_synced", error="ConnectionError: (test)")
     hold.touch()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert "MLflow was away during the run; the feeder tries" in err
+    assert "Feeding MLflow failed during the run (ConnectionError: (test)); the feeder tries" in err
     poll(lambda: record(run_dir)["mlflow"]["state"] == "synced", "run.json to say synced")
     run = finished(fproject, record(run_dir)["key"])
     assert run is not None and loss_points(fproject, run.info.run_id) == [(s, 1.0 / (s + 1)) for s in range(10)]

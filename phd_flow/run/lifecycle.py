@@ -529,12 +529,12 @@ def _close_queued(run: ActiveRun, record: RunRecord, status: str, recorded: bool
     try:
         # the MLflow-artifacts storage uploads into the run's MLflow run right after: it must exist
         storage_in_mlflow = config.storage.backend == "mlflow"
-        if (RunRecord.load(run.run_dir).data.get("mlflow") or {}).get("state") == feeder.NOT_SYNCED:
-            # the feeder gave the live run up (MLflow away three tries in a row): once more, now
-            # that it has ended; `sync` is still there if MLflow is not back
-            record.update_section("mlflow", state=feeder.PENDING)
-            feeder.enqueue(queue, run.run_path, uri, config.mlflow.telemetry)
-            logger.warning(f"MLflow was away during the run; the feeder tries {run.key} again now.")
+        # the feeder gave the live run up (three failed tries in a row): once more, now that it
+        # has ended; `sync` is still there if MLflow is not back. A killed job has no time to wait.
+        if status != KILLED:
+            error = feeder.requeue_left(run.run_dir, queue, run.run_path, uri, config.mlflow.telemetry)
+            if error is not None:
+                logger.warning(f"Feeding MLflow failed during the run ({error}); the feeder tries {run.key} again now.")
         if not storage_in_mlflow and not feeder.wait_requested(config.mlflow.wait, run.node.options.wait_mlflow):
             feeder.ensure_feeder(queue, uri, config.mlflow.telemetry)  # still there (it may have died)
             return False
